@@ -1,0 +1,40 @@
+"""Backends: one module each (``eager``, ``flex``, ``fa4``), each with one entry point
+``attention(q, k, v, plan) -> (out, lse)``; ``run`` dispatches, and ``select`` says which one "auto" picks."""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import AttnLangError
+from ..plan import CallPlan
+
+__all__ = ["run", "select", "NAMES"]
+
+NAMES = ("eager", "flex", "fa4")
+
+
+def select(q, plan: CallPlan) -> tuple[str, str]:
+    """(backend, reason) that ``backend="auto"`` picks for this call."""
+    reasons = []
+    for name in ("fa4", "flex"):
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ImportError as e:  # a backend whose optional dependency is missing
+            reasons.append(f"{name}: {e}")
+            continue
+        why_not = module.unsupported(q, plan)
+        if why_not is None:
+            return name, f"{name} runs this call" + (f" ({'; '.join(reasons)})" if reasons else "")
+        reasons.append(f"{name}: {why_not}")
+    return "eager", "; ".join(reasons) or "eager"
+
+
+def run(backend: str, q, k, v, plan: CallPlan):
+    if backend == "auto":
+        backend, _ = select(q, plan)
+    module = importlib.import_module(f"{__name__}.{backend}")
+    if backend != "eager":
+        why_not = module.unsupported(q, plan)
+        if why_not is not None:
+            raise AttnLangError(f"backend {backend!r} cannot run this call: {why_not}")
+    return module.attention(q, k, v, plan)

@@ -1,0 +1,353 @@
+"""Names and types: untyped AST -> typed AST, every error of LANGUAGE.md as an AttnLangError with a caret.
+
+Two passes share one type rule table (``_infer``):
+- ``check(score, mask, params)`` at compile time: names resolved, scalar parameters substituted as constants,
+  tensor element types still UNKNOWN (they are known only at call time);
+- ``bind(checked, tensor_dtypes)`` at call time: the same rules with the tensors' element types, so every node
+  gets INT, FLOAT or BOOL and the backends never derive a type themselves.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from .ast import (ARITHMETIC, BUILTIN_VARS, COMPARISONS, FUNCTIONS, LOGICAL, Binary, Call, Const, DType, Expr,
+                  Index, Op, Unary, Var, children, const, walk, with_children)
+from .errors import AttnLangError
+from .intervals import Interval, bounds
+from .parse import parse
+
+__all__ = ["Checked", "check", "bind", "check_index_bounds", "CALL_KEYWORDS", "RESERVED_NAMES", "dtype_of_torch"]
+
+# Keywords of Variant.__call__ and al.reference; they can never name a scalar or a tensor.
+CALL_KEYWORDS = ("scale", "backend", "return_lse", "kernel_options")
+RESERVED_NAMES = frozenset(CALL_KEYWORDS) | frozenset(FUNCTIONS) | frozenset(BUILTIN_VARS) | {
+    "True", "False", "inf", "and", "or", "not"}
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+_NUMERIC = (DType.INT, DType.FLOAT, DType.UNKNOWN)
+_FLOAT_FUNCS = frozenset({"exp", "exp2", "log", "log2", "sqrt", "tanh", "sigmoid"})
+_SAME_TYPE_FUNCS = frozenset({"abs", "floor", "ceil", "sign"})
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A checked pair of expressions.
+
+    score, mask: typed ASTs (parameters substituted; tensor reads UNKNOWN until ``bind``).
+    tensors: name -> number of indices of every tensor the expressions read.
+    sources: {"score": text, "mask": text}, for error carets.
+    """
+
+    score: Expr
+    mask: Expr
+    tensors: Mapping[str, int]
+    sources: Mapping[str, str] = field(compare=False)
+
+    def expr(self, where: str) -> Expr:
+        return self.score if where == "score" else self.mask
+
+
+def dtype_of_torch(t) -> DType | None:
+    """The attnlang element type of a torch dtype, or None when attnlang cannot read it."""
+    import torch
+    if t == torch.bool:
+        return DType.BOOL
+    if t.is_floating_point:
+        return DType.FLOAT
+    if t.is_complex:
+        return None
+    return DType.INT
+
+
+def _param_const(name: str, value) -> Const:
+    if isinstance(value, bool):
+        return const(value)
+    if isinstance(value, numbers.Integral):
+        return const(int(value))
+    if isinstance(value, numbers.Real):
+        v = float(value)
+        if math.isnan(v):
+            raise AttnLangError(f"parameter {name!r} is NaN; give a number")
+        return const(v)
+    kind = type(value).__name__
+    hint = " (tensors are passed by name when calling the variant, not in params)" if kind == "Tensor" else ""
+    raise AttnLangError(f"parameter {name!r} must be an int, float or bool, got {kind}{hint}")
+
+
+def _validate_params(params) -> dict[str, Const]:
+    if params is None:
+        return {}
+    if not isinstance(params, Mapping):
+        raise AttnLangError(f"params must be a dict of name -> scalar, got {type(params).__name__}")
+    out = {}
+    for name, value in params.items():
+        if not isinstance(name, str) or not _IDENTIFIER.match(name):
+            raise AttnLangError(f"parameter name {name!r} is not an identifier")
+        if name in RESERVED_NAMES:
+            raise AttnLangError(f"parameter {name!r} uses a reserved name; built-in names, function names and "
+                                f"the call's keywords ({', '.join(CALL_KEYWORDS)}) cannot name a parameter")
+        out[name] = _param_const(name, value)
+    return out
+
+
+def check(score: str = "score", mask: str = "True", params=None) -> Checked:
+    """Parse and check a variant's two expressions.
+
+    Raises:
+        AttnLangError: syntax errors, unknown functions or names, wrong arity, type errors, ``score`` in the mask,
+            a mask that is not bool, a tensor used without an index, a parameter given but unused, a reserved
+            name used as a parameter or tensor.
+    """
+    sources = {"score": score, "mask": mask}
+    trees = {w: parse(sources[w], where=w) for w in ("score", "mask")}
+    consts = _validate_params(params)
+
+    tensors: dict[str, int] = {}
+    first_use: dict[str, tuple[str, object]] = {}
+    for where, tree in trees.items():
+        for node in walk(tree):
+            if isinstance(node, Index):
+                _check_tensor_name(node, where, sources, consts)
+                n = len(node.indices)
+                if tensors.setdefault(node.tensor, n) != n:
+                    raise AttnLangError.at(f"tensor {node.tensor!r} is indexed with {n} indices here and "
+                                           f"{tensors[node.tensor]} elsewhere", sources[where], node.span, where)
+                first_use.setdefault(node.tensor, (where, node.span))
+    for where, tree in trees.items():
+        for node in walk(tree):
+            if isinstance(node, Var):
+                _check_var(node, where, sources, consts, tensors)
+            elif isinstance(node, Call):
+                _check_call(node, where, sources)
+
+    unused = sorted(set(consts) - {n.name for t in trees.values() for n in walk(t) if isinstance(n, Var)})
+    if unused:
+        raise AttnLangError(f"parameter {unused[0]!r} is given but neither expression uses it"
+                            + (f" (also unused: {', '.join(map(repr, unused[1:]))})" if unused[1:] else ""))
+
+    typed = {w: _infer(_substitute(t, consts), None, sources[w], w) for w, t in trees.items()}
+    _check_roles(typed, sources)
+    return Checked(typed["score"], typed["mask"], dict(tensors), sources)
+
+
+def bind(checked: Checked, tensor_dtypes: Mapping[str, DType]) -> Checked:
+    """Re-type a checked variant with the element types of the tensors given at call time."""
+    typed = {w: _infer(checked.expr(w), tensor_dtypes, checked.sources[w], w) for w in ("score", "mask")}
+    _check_roles(typed, checked.sources, final=True)
+    return Checked(typed["score"], typed["mask"], checked.tensors, checked.sources)
+
+
+def check_index_bounds(checked: Checked, env: Mapping[str, object], shapes: Mapping[str, tuple]) -> None:
+    """Raise if any tensor index can fall outside its tensor.
+
+    env: intervals of the built-in names (b, h, q_idx, kv_idx, q_len, kv_len) and of each tensor's values.
+    shapes: tensor name -> shape.
+    """
+    for where in ("score", "mask"):
+        for node in walk(checked.expr(where)):
+            if not isinstance(node, Index):
+                continue
+            shape = shapes[node.tensor]
+            for axis, (index, size) in enumerate(zip(node.indices, shape)):
+                r = bounds(index, env)
+                if r.lo < 0 or r.hi > size - 1:
+                    got = _fmt_interval(r)
+                    raise AttnLangError.at(
+                        f"index {axis} of {node.tensor!r} (size {size}) can take values in {got} for these "
+                        f"lengths; it must stay in [0, {size - 1}] (wrap it in clamp(...) to bound it)",
+                        checked.sources[where], index.span or node.span, where)
+        _check_divisors(checked.expr(where), env, checked, where)
+
+
+def _check_divisors(tree: Expr, env, checked: Checked, where: str) -> None:
+    for node in walk(tree):
+        if isinstance(node, Binary) and node.op in (Op.FLOORDIV, Op.MOD) and node.dtype is DType.INT:
+            r = bounds(node.right, env)
+            if r.contains(0):
+                raise AttnLangError.at(f"integer {'division' if node.op is Op.FLOORDIV else 'modulo'} by a "
+                                       f"value that can be 0 (it ranges over {_fmt_interval(r)})",
+                                       checked.sources[where], node.right.span or node.span, where)
+
+
+def _fmt_interval(r: Interval) -> str:
+    def f(x):
+        return str(int(x)) if math.isfinite(x) and float(x).is_integer() else str(x)
+    return f"[{f(r.lo)}, {f(r.hi)}]"
+
+
+def _check_tensor_name(node: Index, where, sources, consts) -> None:
+    name = node.tensor
+    if name in BUILTIN_VARS:
+        raise AttnLangError.at(f"{name!r} is a built-in {BUILTIN_VARS[name].value}, not a tensor; it cannot be "
+                               f"indexed", sources[where], node.span, where)
+    if name in consts:
+        raise AttnLangError.at(f"{name!r} is a scalar parameter; it cannot be indexed", sources[where], node.span,
+                               where)
+    if name in RESERVED_NAMES:
+        raise AttnLangError.at(f"{name!r} is a reserved name and cannot name a tensor", sources[where], node.span,
+                               where)
+
+
+def _check_var(node: Var, where, sources, consts, tensors) -> None:
+    name = node.name
+    if name == "score" and where == "mask":
+        raise AttnLangError.at("'score' cannot be used in a mask: the mask decides which pairs attend, before "
+                               "scores exist", sources[where], node.span, where)
+    if name in BUILTIN_VARS or name in consts:
+        return
+    if name in tensors:
+        raise AttnLangError.at(f"tensor {name!r} used without an index; read it as {name}[...]", sources[where],
+                               node.span, where)
+    if name in FUNCTIONS:
+        raise AttnLangError.at(f"function {name!r} used without arguments; call it as {name}(...)",
+                               sources[where], node.span, where)
+    if name in RESERVED_NAMES:
+        raise AttnLangError.at(f"{name!r} is a keyword of the call and cannot name a scalar", sources[where],
+                               node.span, where)
+    raise AttnLangError.at(f"scalar parameter {name!r} was not given; pass it in params={{{name!r}: ...}} "
+                           f"(or index it, if it is a tensor)", sources[where], node.span, where)
+
+
+def _check_call(node: Call, where, sources) -> None:
+    if node.func not in FUNCTIONS:
+        known = ", ".join(sorted(FUNCTIONS))
+        raise AttnLangError.at(f"unknown function {node.func!r}; known functions: {known}", sources[where],
+                               _name_span(node), where)
+    want = FUNCTIONS[node.func]
+    if len(node.args) != want:
+        raise AttnLangError.at(f"{node.func}() takes {want} argument{'s' if want != 1 else ''}, got "
+                               f"{len(node.args)}", sources[where], node.span, where)
+
+
+def _name_span(node):
+    from .ast import Span
+    s = node.span
+    if s is None:
+        return None
+    return Span(s.line, s.column, s.start, s.start + len(node.func))
+
+
+def _substitute(tree: Expr, consts: Mapping[str, Const]) -> Expr:
+    if not consts:
+        return tree
+
+    def sub(node):
+        if isinstance(node, Var) and node.name in consts:
+            c = consts[node.name]
+            return Const(c.value, c.dtype, node.span)
+        kids = children(node)
+        return with_children(node, tuple(sub(k) for k in kids)) if kids else node
+    return sub(tree)
+
+
+def _check_roles(typed, sources, final: bool = False) -> None:
+    s, m = typed["score"], typed["mask"]
+    if s.dtype is DType.BOOL:
+        raise AttnLangError.at("the score expression must be a number (float), but it is bool; a condition "
+                               "belongs in the mask, or use where(cond, score, -inf)", sources["score"], s.span,
+                               "score")
+    if m.dtype in (DType.INT, DType.FLOAT):
+        raise AttnLangError.at(f"the mask must be bool, but it is {m.dtype.value}; compare it, e.g. "
+                               f"'... != 0'", sources["mask"], m.span, "mask")
+
+
+def _join(a: DType, b: DType) -> DType:
+    if DType.UNKNOWN in (a, b):
+        return DType.UNKNOWN
+    return DType.FLOAT if DType.FLOAT in (a, b) else DType.INT
+
+
+def _infer(tree: Expr, tensor_dtypes, source: str, where: str) -> Expr:
+    """Type every node bottom-up. ``tensor_dtypes`` None means compile time (tensor reads UNKNOWN)."""
+
+    def fail(msg, node):
+        raise AttnLangError.at(msg, source, node.span, where)
+
+    def want_numeric(node, what):
+        if node.dtype is DType.BOOL:
+            fail(f"{what} expects a number, but this is bool (use float(...) or int(...) to convert)", node)
+
+    def want_bool(node, what):
+        if node.dtype in (DType.INT, DType.FLOAT):
+            fail(f"{what} expects a bool, but this is {node.dtype.value}", node)
+
+    def visit(node):
+        if isinstance(node, Const):
+            return node
+        kids = tuple(visit(k) for k in children(node))
+        if isinstance(node, Var):
+            return with_children(node, (), BUILTIN_VARS[node.name])
+        if isinstance(node, Index):
+            for k in kids:
+                if k.dtype in (DType.BOOL, DType.FLOAT):
+                    fail(f"an index of {node.tensor!r} must be an int, but this is {k.dtype.value} "
+                         f"(use int(...) to truncate)", k)
+            dt = DType.UNKNOWN if tensor_dtypes is None else tensor_dtypes[node.tensor]
+            return with_children(node, kids, dt)
+        if isinstance(node, Unary):
+            (x,) = kids
+            if node.op is Op.NEG:
+                want_numeric(x, "unary '-'")
+                return with_children(node, kids, x.dtype)
+            want_bool(x, "'~' (not)")
+            return with_children(node, kids, DType.BOOL)
+        if isinstance(node, Binary):
+            x, y = kids
+            op = node.op
+            if op in LOGICAL:
+                name = "'&' (and)" if op is Op.AND else "'|' (or)"
+                want_bool(x, name)
+                want_bool(y, name)
+                return with_children(node, kids, DType.BOOL)
+            if op in COMPARISONS:
+                if op in (Op.EQ, Op.NE):
+                    bx, by = x.dtype is DType.BOOL, y.dtype is DType.BOOL
+                    kx, ky = x.dtype is not DType.UNKNOWN, y.dtype is not DType.UNKNOWN
+                    if kx and ky and bx != by:
+                        fail(f"'{op.value}' compares a bool with a number; convert one side", node)
+                else:
+                    want_numeric(x, f"'{op.value}'")
+                    want_numeric(y, f"'{op.value}'")
+                return with_children(node, kids, DType.BOOL)
+            assert op in ARITHMETIC
+            want_numeric(x, f"'{op.value}'")
+            want_numeric(y, f"'{op.value}'")
+            if op is Op.TRUEDIV:
+                return with_children(node, kids, DType.FLOAT)
+            if op is Op.POW and x.dtype is DType.INT and isinstance(y, Const) and y.dtype is DType.INT \
+                    and y.value < 0:
+                fail("an int raised to a negative int power; write a float, e.g. 2.0 ** -1", y)
+            return with_children(node, kids, _join(x.dtype, y.dtype))
+        assert isinstance(node, Call)
+        f = node.func
+        if f == "where":
+            c, a, b = kids
+            want_bool(c, "where()'s condition")
+            if DType.UNKNOWN in (a.dtype, b.dtype):
+                dt = DType.UNKNOWN  # an unknown branch decides the type at call time
+            elif (a.dtype is DType.BOOL) != (b.dtype is DType.BOOL):
+                fail("where() branches must both be numbers or both be bool", node)
+            else:
+                dt = DType.BOOL if a.dtype is DType.BOOL else _join(a.dtype, b.dtype)
+            return with_children(node, kids, dt)
+        if f == "float":
+            return with_children(node, kids, DType.FLOAT)
+        if f == "int":
+            return with_children(node, kids, DType.INT)
+        for k in kids:
+            want_numeric(k, f"{f}()")
+        if f in _FLOAT_FUNCS:
+            return with_children(node, kids, DType.FLOAT)
+        if f in _SAME_TYPE_FUNCS:
+            return with_children(node, kids, kids[0].dtype)
+        dt = kids[0].dtype
+        for k in kids[1:]:
+            dt = _join(dt, k.dtype)
+        return with_children(node, kids, dt)
+
+    return visit(tree)

@@ -1,0 +1,124 @@
+"""Typed AST -> PyTorch operations, with LANGUAGE.md's exact semantics.
+
+Shared by the eager backend (on broadcast position grids) and the Flex backend (inside score_mod / mask_mod,
+where every value is a 0-d tensor). One spelling table, one dispatcher: both backends compute the same function.
+Every operand is first converted to the node's own type, so torch's promotion rules never decide a result type.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from .ast import Binary, Call, Const, DType, Expr, Index, Op, Unary, Var
+
+__all__ = ["evaluate"]
+
+_INT = torch.int64
+
+
+def _cast(x: torch.Tensor, dtype: DType, float_dtype: torch.dtype) -> torch.Tensor:
+    if dtype is DType.FLOAT:
+        return x if x.dtype == float_dtype else x.to(float_dtype)
+    if dtype is DType.INT:
+        return x if x.dtype == _INT else x.to(_INT)
+    return x if x.dtype == torch.bool else x.to(torch.bool)
+
+
+def _join(a: DType, b: DType) -> DType:
+    if a is DType.BOOL and b is DType.BOOL:
+        return DType.BOOL
+    return DType.FLOAT if DType.FLOAT in (a, b) else DType.INT
+
+
+_ARITH = {
+    Op.ADD: torch.add,
+    Op.SUB: torch.sub,
+    Op.MUL: torch.mul,
+    Op.TRUEDIV: torch.true_divide,
+    Op.FLOORDIV: lambda a, b: torch.div(a, b, rounding_mode="floor"),  # Python's floor division
+    Op.MOD: torch.remainder,                                            # Python's sign: that of the divisor
+    Op.POW: torch.pow,
+}
+_COMPARE = {Op.LT: torch.lt, Op.LE: torch.le, Op.GT: torch.gt, Op.GE: torch.ge, Op.EQ: torch.eq, Op.NE: torch.ne}
+_LOGIC = {Op.AND: torch.logical_and, Op.OR: torch.logical_or}
+_FLOAT_FUNCS = {
+    "exp": torch.exp, "exp2": torch.exp2, "log": torch.log, "log2": torch.log2, "sqrt": torch.sqrt,
+    "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+}
+
+
+def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor],
+             float_dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """Evaluate a bound (fully typed) expression.
+
+    Args:
+        expr: a typed AST from ``check.bind`` (every node INT, FLOAT or BOOL).
+        names: tensors for the built-in names used (``score``, ``b``, ``h``, ``q_idx``, ``kv_idx``, ``q_len``,
+            ``kv_len``), mutually broadcastable.
+        tensors: the tensors bound by name.
+        float_dtype: the dtype of float values (float32, or float64 for a float64 reference).
+        device: where constants live (defaults to the device of the first name).
+    Returns:
+        a tensor of the broadcast shape of the names used (0-d if none), int64, float_dtype or bool.
+    """
+    if device is None:
+        device = next(iter(names.values())).device if names else None
+
+    def const(node: Const) -> torch.Tensor:
+        dt = {DType.FLOAT: float_dtype, DType.INT: _INT, DType.BOOL: torch.bool}[node.dtype]
+        return torch.tensor(node.value, dtype=dt, device=device)
+
+    def visit(node: Expr) -> torch.Tensor:
+        if isinstance(node, Const):
+            return const(node)
+        if isinstance(node, Var):
+            return _cast(names[node.name], node.dtype, float_dtype)
+        if isinstance(node, Index):
+            idx = tuple(_cast(visit(i), DType.INT, float_dtype) for i in node.indices)
+            return _cast(tensors[node.tensor][idx], node.dtype, float_dtype)
+        if isinstance(node, Unary):
+            x = visit(node.operand)
+            return torch.logical_not(x) if node.op is Op.NOT else torch.neg(_cast(x, node.dtype, float_dtype))
+        if isinstance(node, Binary):
+            a, b = visit(node.left), visit(node.right)
+            if node.op in _LOGIC:
+                return _LOGIC[node.op](a, b)
+            if node.op in _COMPARE:
+                common = _join(node.left.dtype, node.right.dtype)
+                return _COMPARE[node.op](_cast(a, common, float_dtype), _cast(b, common, float_dtype))
+            return _ARITH[node.op](_cast(a, node.dtype, float_dtype), _cast(b, node.dtype, float_dtype))
+        return _call(node, [visit(a) for a in node.args])
+
+    def _call(node: Call, args) -> torch.Tensor:
+        f, dt = node.func, node.dtype
+        if f == "where":
+            return torch.where(args[0], _cast(args[1], dt, float_dtype), _cast(args[2], dt, float_dtype))
+        if f == "float":
+            return _cast(args[0], DType.FLOAT, float_dtype)
+        if f == "int":
+            x = args[0]
+            if x.is_floating_point():
+                x = torch.trunc(x)  # toward zero
+            return _cast(x, DType.INT, float_dtype)
+        xs = [_cast(a, dt if dt is not DType.BOOL else DType.FLOAT, float_dtype) for a in args]
+        if f in _FLOAT_FUNCS:
+            return _FLOAT_FUNCS[f](xs[0])
+        if f == "abs":
+            return torch.abs(xs[0])
+        if f == "sign":
+            return torch.sign(xs[0])
+        if f in ("floor", "ceil"):
+            if dt is DType.INT:
+                return xs[0]
+            return torch.floor(xs[0]) if f == "floor" else torch.ceil(xs[0])
+        if f == "min":
+            return torch.minimum(xs[0], xs[1])
+        if f == "max":
+            return torch.maximum(xs[0], xs[1])
+        if f == "clamp":
+            return torch.minimum(torch.maximum(xs[0], xs[1]), xs[2])
+        raise AssertionError(f"unchecked function {f!r}")
+
+    return visit(expr)

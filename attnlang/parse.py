@@ -1,0 +1,196 @@
+"""Text -> untyped AST, with errors that point at the column.
+
+The Lark grammar (``grammar/attnlang.lark``) is the single source of truth for the syntax. The LALR parser runs
+without recursion and the tree builder is Lark's non-recursive transformer, so long input never overflows Python's
+stack; expressions nested deeper than MAX_DEPTH are refused before any later stage walks them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from importlib import resources
+
+from lark import Lark, v_args
+from lark.visitors import Transformer_NonRecursive
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+
+from .ast import Binary, Call, Const, DType, Index, Op, Span, Unary, Var, depth
+from .errors import AttnLangError
+
+__all__ = ["parse", "MAX_DEPTH", "MAX_LENGTH"]
+
+MAX_DEPTH = 100        # deeper expressions are refused: every later stage walks the tree
+MAX_LENGTH = 20_000    # characters
+
+_TOKEN_NAMES = {
+    "NAME": "a name", "INT": "an integer", "FLOAT": "a number", "COMPARE_OP": "a comparison",
+    "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "COMMA": "','", "PLUS": "'+'",
+    "MINUS": "'-'", "STAR": "'*'", "SLASH": "'/'", "PERCENT": "'%'", "VBAR": "'|'", "AMPERSAND": "'&'",
+    "TILDE": "'~'", "$END": "the end of the expression",
+}
+
+_COMPARE = {"<": Op.LT, "<=": Op.LE, ">": Op.GT, ">=": Op.GE, "==": Op.EQ, "!=": Op.NE}
+
+
+def _span(meta) -> Span:
+    return Span(meta.line, meta.column, meta.start_pos, meta.end_pos)
+
+
+def _token_span(tok) -> Span:
+    return Span(tok.line, tok.column, tok.start_pos, tok.end_pos)
+
+
+def _binary(op):
+    return lambda self, meta, children: Binary(op, children[0], children[1], _span(meta))
+
+
+@v_args(meta=True)
+class _Builder(Transformer_NonRecursive):
+    """Builds AST nodes; one line per grammar alias."""
+
+    def int_literal(self, meta, c):
+        return Const(int(c[0]), DType.INT, _token_span(c[0]))
+
+    def float_literal(self, meta, c):
+        return Const(float(c[0]), DType.FLOAT, _token_span(c[0]))
+
+    def inf_literal(self, meta, c):
+        return Const(math.inf, DType.FLOAT, _span(meta))
+
+    def true_literal(self, meta, c):
+        return Const(True, DType.BOOL, _span(meta))
+
+    def false_literal(self, meta, c):
+        return Const(False, DType.BOOL, _span(meta))
+
+    def name(self, meta, c):
+        return Var(str(c[0]), _token_span(c[0]))
+
+    def arguments(self, meta, c):
+        return tuple(x for x in c if x is not None)
+
+    def call(self, meta, c):
+        return Call(str(c[0]), c[1] or (), _span(meta))
+
+    def index(self, meta, c):
+        return Index(str(c[0]), c[1], _span(meta))
+
+    def neg(self, meta, c):
+        # A minus sign on a numeric literal is part of the literal, so canonical printing of -3 round-trips.
+        x = c[0]
+        if isinstance(x, Const) and x.dtype in (DType.INT, DType.FLOAT) and not _is_negative(x.value):
+            return Const(-x.value, x.dtype, _span(meta))
+        return Unary(Op.NEG, x, _span(meta))
+
+    def not_(self, meta, c):
+        return Unary(Op.NOT, c[-1], _span(meta))
+
+    def compare(self, meta, c):
+        # a < b < c  ->  (a < b) & (b < c), as Python's chained comparisons
+        operands, ops = c[0::2], c[1::2]
+        pairs = [Binary(_COMPARE[str(op)], lhs, rhs, _pair_span(lhs, rhs))
+                 for lhs, op, rhs in zip(operands, ops, operands[1:])]
+        out = pairs[0]
+        for p in pairs[1:]:
+            out = Binary(Op.AND, out, p, _span(meta))
+        return out
+
+    add = _binary(Op.ADD)
+    sub = _binary(Op.SUB)
+    mul = _binary(Op.MUL)
+    truediv = _binary(Op.TRUEDIV)
+    floordiv = _binary(Op.FLOORDIV)
+    mod = _binary(Op.MOD)
+    pow = _binary(Op.POW)
+
+    def and_(self, meta, c):
+        return Binary(Op.AND, c[0], c[-1], _span(meta))
+
+    def or_(self, meta, c):
+        return Binary(Op.OR, c[0], c[-1], _span(meta))
+
+
+def _is_negative(x) -> bool:
+    return x < 0 or (x == 0 and math.copysign(1.0, x) < 0)
+
+
+def _pair_span(lhs, rhs) -> Span | None:
+    if lhs.span is None or rhs.span is None:
+        return None
+    return Span(lhs.span.line, lhs.span.column, lhs.span.start, rhs.span.end)
+
+
+@functools.lru_cache(maxsize=1)
+def _parser() -> Lark:
+    grammar = resources.files("attnlang").joinpath("grammar/attnlang.lark").read_text()
+    return Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True)
+
+
+def _expected(tokens) -> str:
+    names = set()
+    for t in tokens:
+        if t in _TOKEN_NAMES:
+            names.add(_TOKEN_NAMES[t])
+            continue
+        try:
+            pattern = _parser().get_terminal(t).pattern
+        except KeyError:
+            names.add(t)
+            continue
+        names.add(repr(pattern.value) if pattern.type == "str" else t.lower())
+    names = sorted(names)
+    return ", ".join(names[:10]) + (" or more" if len(names) > 10 else "")
+
+
+def parse(text: str, where: str | None = None):
+    """Parse one expression into an untyped AST.
+
+    Args:
+        text: the expression, e.g. ``"q_idx >= kv_idx"``.
+        where: a word for error messages ("score" or "mask").
+    Raises:
+        AttnLangError: a syntax error, an over-long or over-deep expression, with line, column and a caret.
+    """
+    if not isinstance(text, str):
+        raise AttnLangError(f"{where or 'an'} expression must be a string, got {type(text).__name__}")
+    if len(text) > MAX_LENGTH:
+        raise AttnLangError(f"expression is {len(text)} characters long; at most {MAX_LENGTH} are allowed",
+                            text, 1, 1, where=where)
+    if not text.strip():
+        raise AttnLangError("empty expression", text, 1, 1, where=where)
+    try:
+        tree = _Builder().transform(_parser().parse(text))
+    except UnexpectedCharacters as e:
+        raise AttnLangError(f"unexpected character {text[e.pos_in_stream]!r}", text, e.line, e.column,
+                            where=where) from None
+    except UnexpectedEOF as e:
+        line, column = _end_position(text)
+        raise AttnLangError(f"unexpected end of expression; expected {_expected(e.expected)}", text, line, column,
+                            where=where) from None
+    except UnexpectedToken as e:
+        tok = e.token
+        if tok.type == "$END":
+            line, column = _end_position(text)
+            raise AttnLangError(f"unexpected end of expression; expected {_expected(e.expected)}", text, line,
+                                column, where=where) from None
+        raise AttnLangError(f"unexpected {str(tok)!r}; expected {_expected(e.expected)}", text, tok.line,
+                            tok.column, len(str(tok)), where=where) from None
+    except UnexpectedInput as e:  # pragma: no cover - every subclass is handled above
+        raise AttnLangError(f"syntax error: {e}", text, getattr(e, "line", 1), getattr(e, "column", 1),
+                            where=where) from None
+    except VisitError as e:
+        raise AttnLangError(f"cannot read expression: {e.orig_exc}", text, 1, 1, where=where) from None
+    except RecursionError:
+        raise AttnLangError(f"expression nested too deeply; at most {MAX_DEPTH} levels", text, 1, 1,
+                            where=where) from None
+    d = depth(tree)
+    if d > MAX_DEPTH:
+        raise AttnLangError(f"expression nested too deeply ({d} levels; at most {MAX_DEPTH})", text, 1, 1,
+                            len(text), where=where)
+    return tree
+
+
+def _end_position(text: str) -> tuple[int, int]:
+    lines = text.split("\n")
+    return len(lines), len(lines[-1]) + 1

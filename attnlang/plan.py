@@ -1,0 +1,41 @@
+"""CallPlan: everything a backend needs for one call, checked and bound; backends take nothing else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Mapping
+
+import torch
+
+from .ast import Expr
+
+if TYPE_CHECKING:
+    from .variant import Variant
+
+__all__ = ["CallPlan"]
+
+
+@dataclass(frozen=True, eq=False)
+class CallPlan:
+    """One checked call of a variant.
+
+    score, mask: the simplified expressions, fully typed for this call's tensor dtypes.
+    lse_shift: a per-row term the simplifier dropped from the score (None if none); backends add it to lse.
+    scale: multiplies q·k before the score expression.
+    tensors: the named tensors the simplified expressions (and lse_shift) read, on q's device.
+    variant: the Variant being called (for its canonical key and block sparsity).
+    q_len, kv_len, batch, q_heads, kv_heads: this call's sizes.
+    """
+
+    score: Expr
+    mask: Expr
+    lse_shift: Expr | None
+    scale: float
+    tensors: Mapping[str, torch.Tensor]
+    variant: "Variant" = field(repr=False)
+    q_len: int
+    kv_len: int
+    batch: int
+    q_heads: int
+    kv_heads: int
+    options: Mapping[str, object] = field(default_factory=dict)

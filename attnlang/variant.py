@@ -1,0 +1,367 @@
+"""Variant: a compiled attention variant, and the call-time checks that stand before every backend."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import numbers
+from typing import Any, Mapping
+
+import torch
+
+from .ast import DType, names_used, walk, Index
+from .check import CALL_KEYWORDS, Checked, bind, check, check_index_bounds, dtype_of_torch
+from .errors import AttnLangError
+from .intervals import Interval
+from .plan import CallPlan
+from .printer import to_source
+from .simplify import Simplified, simplify_variant
+
+__all__ = ["Variant", "compile", "from_config", "reference", "BACKENDS"]
+
+BACKENDS = ("auto", "eager", "flex", "fa4")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+CONFIG_KEYS = ("score", "mask", "params")
+
+
+class Variant:
+    """An attention variant: a score expression and a mask expression, checked and simplified.
+
+    Immutable and hashable; two variants are equal when their canonical (simplified) forms are equal.
+    Build one with ``attnlang.compile``. Call it like attention: ``out = v(q, k, v_, **tensors)``.
+    """
+
+    __slots__ = ("_score_source", "_mask_source", "_params", "_checked", "_simplified", "_key", "_bind_cache",
+                 "__weakref__")
+
+    def __init__(self, score: str = "score", mask: str = "True", params: Mapping[str, Any] | None = None):
+        checked = check(score, mask, params)
+        simplified = simplify_variant(checked.score, checked.mask)
+        object.__setattr__(self, "_score_source", score)
+        object.__setattr__(self, "_mask_source", mask)
+        object.__setattr__(self, "_params", dict(params or {}))
+        object.__setattr__(self, "_checked", checked)
+        object.__setattr__(self, "_simplified", simplified)
+        shift = "" if simplified.lse_shift is None else to_source(simplified.lse_shift)
+        object.__setattr__(self, "_key", (to_source(simplified.score), to_source(simplified.mask), shift))
+        object.__setattr__(self, "_bind_cache", {})
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Variant is immutable")
+
+    # ----- identity -----
+    @property
+    def score(self) -> str:
+        """The score expression as written."""
+        return self._score_source
+
+    @property
+    def mask(self) -> str:
+        """The mask expression as written."""
+        return self._mask_source
+
+    @property
+    def params(self) -> dict:
+        """The compile-time scalar parameters (a copy)."""
+        return dict(self._params)
+
+    @property
+    def checked(self) -> Checked:
+        """The checked, typed expressions before simplification."""
+        return self._checked
+
+    @property
+    def simplified(self) -> Simplified:
+        """The simplified expressions, the lse correction and the trace of rules that fired."""
+        return self._simplified
+
+    @property
+    def canonical(self) -> tuple[str, str, str]:
+        """(score, mask, lse shift) in canonical text: what equality and hashing use."""
+        return self._key
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        """Names of the tensors a call must bind, sorted."""
+        return tuple(sorted(self._checked.tensors))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Variant) and self._key == other._key
+
+    def __hash__(self) -> int:
+        return hash(("attnlang.Variant",) + self._key)
+
+    def __repr__(self) -> str:
+        parts = [f"score={self._score_source!r}", f"mask={self._mask_source!r}"]
+        if self._params:
+            parts.append(f"params={self._params!r}")
+        return f"Variant({', '.join(parts)})"
+
+    def __reduce__(self):
+        return (Variant, (self._score_source, self._mask_source, self._params))
+
+    # ----- configs -----
+    def to_config(self) -> dict:
+        """A JSON-serialisable dict {"score", "mask", "params"}; ``attnlang.from_config(d) == self``."""
+        return {"score": self._score_source, "mask": self._mask_source, "params": dict(self._params)}
+
+    # ----- explain -----
+    def explain(self, q_len: int | None = None, kv_len: int | None = None) -> str:
+        """A human-readable report: parsed and simplified forms, types, tensors, rules that fired."""
+        from .explain import explain
+        return explain(self, q_len=q_len, kv_len=kv_len)
+
+    def block_sparsity(self, q_len: int, kv_len: int, batch: int = 1, heads: int = 1,
+                       block_size: tuple[int, int] | int = (128, 128), **tensors):
+        """Classify every (query block, key block) tile as empty / partial / full; see attnlang.sparsity."""
+        from .sparsity import block_sparsity
+        return block_sparsity(self, q_len=q_len, kv_len=kv_len, batch=batch, heads=heads, block_size=block_size,
+                              **tensors)
+
+    # ----- calling -----
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, *, scale: float | None = None,
+                 backend: str = "auto", return_lse: bool = False, kernel_options: Mapping | None = None,
+                 **tensors: torch.Tensor):
+        """Attention with this variant.
+
+        Args:
+            q: [B, Hq, Sq, D]; k: [B, Hkv, Skv, D]; v: [B, Hkv, Skv, Dv]. One floating dtype (float16, bfloat16,
+                float32, float64), one device; Hq a multiple of Hkv (grouped-query attention).
+            scale: multiplies q·k before the score expression; default 1/sqrt(D).
+            backend: "auto" (default), "eager", "flex" or "fa4".
+            return_lse: also return lse, float32 [B, Hq, Sq], natural log (-inf for rows with no allowed key).
+            kernel_options: backend options (e.g. {"BACKEND": "TRITON"} for flex).
+            **tensors: every tensor the expressions read, by name.
+        Returns:
+            out [B, Hq, Sq, Dv] in q's dtype, or (out, lse) with return_lse.
+        Raises:
+            AttnLangError: bad shapes, dtypes or devices; missing, extra or mis-shaped tensors; an index that can
+                fall outside its tensor; a backend that cannot run this variant here.
+        """
+        plan = self._plan(q, k, v, scale, backend, return_lse, kernel_options, tensors)
+        from .backends import run
+        out, lse = run(backend, q, k, v, plan)
+        return (out, lse) if return_lse else out
+
+    def _plan(self, q, k, v, scale, backend, return_lse, kernel_options, tensors) -> CallPlan:
+        _check_qkv(q, k, v)
+        if backend not in BACKENDS:
+            raise AttnLangError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+        if not isinstance(return_lse, bool):
+            raise AttnLangError(f"return_lse must be True or False, got {return_lse!r}")
+        if kernel_options is not None and not isinstance(kernel_options, Mapping):
+            raise AttnLangError(f"kernel_options must be a dict, got {type(kernel_options).__name__}")
+        scale = _check_scale(scale, q.shape[-1])
+        self._check_tensors(tensors, q.device)
+        B, Hq, Sq, _ = q.shape
+        Hkv, Skv = k.shape[1], k.shape[2]
+        dtypes = {n: dtype_of_torch(t.dtype) for n, t in tensors.items()}
+        bound_original, bound_simple, bound_shift = self._bind(dtypes)
+        env: dict[str, object] = {
+            "b": Interval(0, B - 1), "h": Interval(0, Hq - 1), "q_idx": Interval(0, Sq - 1),
+            "kv_idx": Interval(0, Skv - 1), "q_len": Interval(Sq, Sq), "kv_len": Interval(Skv, Skv),
+        }
+        env.update({n: _value_range(t) for n, t in tensors.items()})
+        shapes = {n: tuple(t.shape) for n, t in tensors.items()}
+        check_index_bounds(bound_original, env, shapes)
+        used = names_used(bound_simple.score) | names_used(bound_simple.mask)
+        if return_lse and bound_shift is not None:
+            used |= names_used(bound_shift)
+        return CallPlan(
+            score=bound_simple.score, mask=bound_simple.mask, lse_shift=bound_shift if return_lse else None,
+            scale=scale, tensors={n: t for n, t in tensors.items() if n in used}, variant=self, q_len=Sq,
+            kv_len=Skv, batch=B, q_heads=Hq, kv_heads=Hkv, options=dict(kernel_options or {}))
+
+    def _bind(self, dtypes: Mapping[str, DType]):
+        key = tuple(sorted((n, d.value) for n, d in dtypes.items()))
+        got = self._bind_cache.get(key)
+        if got is None:
+            original = bind(self._checked, dtypes)
+            simple = bind(Checked(self._simplified.score, self._simplified.mask, self._checked.tensors,
+                                  self._checked.sources), dtypes)
+            shift = None
+            if self._simplified.lse_shift is not None:
+                shift = bind(Checked(self._simplified.score, self._simplified.lse_shift, self._checked.tensors,
+                                     self._checked.sources), dtypes).mask
+            got = (original, simple, shift)
+            self._bind_cache[key] = got
+        return got
+
+    def _check_tensors(self, tensors: Mapping[str, Any], device) -> None:
+        wanted = self._checked.tensors
+        for name, t in tensors.items():
+            if name not in wanted:
+                used = ", ".join(sorted(wanted)) or "none"
+                raise AttnLangError(f"tensor {name!r} is given but neither expression reads it (tensors read: "
+                                    f"{used})")
+            if not isinstance(t, torch.Tensor):
+                raise AttnLangError(f"tensor {name!r} must be a torch.Tensor, got {type(t).__name__}")
+            if dtype_of_torch(t.dtype) is None:
+                raise AttnLangError(f"tensor {name!r} has dtype {t.dtype}; attnlang reads int, float and bool "
+                                    f"tensors")
+            if t.device != device:
+                raise AttnLangError(f"tensor {name!r} is on {t.device} but q is on {device}")
+            if t.dim() != wanted[name]:
+                raise AttnLangError(f"tensor {name!r} has {t.dim()} dimensions (shape {tuple(t.shape)}) but the "
+                                    f"expressions index it with {wanted[name]}")
+        for name in sorted(wanted):
+            if name not in tensors:
+                where, node = _first_read(self._checked, name)
+                raise AttnLangError.at(f"tensor {name!r} is read here but was not given; pass it as "
+                                       f"{name}=<tensor> when calling the variant", self._checked.sources[where],
+                                       node.span, where)
+
+
+def _first_read(checked: Checked, name: str):
+    for where in ("score", "mask"):
+        for node in walk(checked.expr(where)):
+            if isinstance(node, Index) and node.tensor == name:
+                return where, node
+    raise KeyError(name)
+
+
+def _value_range(t: torch.Tensor) -> Interval:
+    if t.numel() == 0:
+        return Interval(0, 0)
+    x = t.detach()
+    if x.dtype == torch.bool:
+        x = x.to(torch.int8)
+    lo, hi = float(x.min()), float(x.max())
+    if math.isnan(lo) or math.isnan(hi):
+        return Interval(-math.inf, math.inf)
+    return Interval(lo, hi)
+
+
+def _check_qkv(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise AttnLangError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise AttnLangError(f"{name} must have 4 dimensions [batch, heads, seq_len, head_dim], got shape "
+                                f"{tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise AttnLangError(f"{name} has dtype {t.dtype}; expected float16, bfloat16, float32 or float64")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise AttnLangError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise AttnLangError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, Hq, Sq, D = q.shape
+    Bk, Hkv, Skv, Dk = k.shape
+    Bv, Hv, Sv, _ = v.shape
+    if not (B == Bk == Bv):
+        raise AttnLangError(f"batch sizes differ: q {B}, k {Bk}, v {Bv} (layout [B, H, S, D])")
+    if Hkv != Hv or Skv != Sv:
+        raise AttnLangError(f"k and v must have the same heads and length: k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if Dk != D:
+        raise AttnLangError(f"q and k head dims differ: {D} and {Dk}")
+    if Hkv == 0 or Hq % Hkv:
+        raise AttnLangError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv}); layout is "
+                            f"[B, H, S, D]")
+    if min(B, Hq, Sq, Skv, D) < 1:
+        raise AttnLangError(f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}; every size must be at least 1")
+
+
+def _check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise AttnLangError(f"scale must be a real number, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise AttnLangError(f"scale must be finite, got {scale}")
+    return scale
+
+
+@functools.lru_cache(maxsize=1024)
+def _compile_cached(score: str, mask: str, params: tuple) -> Variant:
+    return Variant(score, mask, {name: value for name, (_, value) in params})
+
+
+def compile(score: str = "score", mask: str = "True", params: Mapping[str, Any] | None = None) -> Variant:
+    """Compile an attention variant from a score expression and a mask expression (LANGUAGE.md).
+
+    Args:
+        score: how each pre-softmax score is modified; float; default "score".
+        mask: which (q_idx, kv_idx) pairs may attend; bool; default "True".
+        params: compile-time scalars (int, float or bool) by name.
+    Returns:
+        an immutable, hashable Variant.
+    Raises:
+        AttnLangError: any syntax, name or type error, with line, column and a caret under the token.
+    """
+    if not isinstance(score, str):
+        raise AttnLangError(f"score must be a string, got {type(score).__name__}")
+    if not isinstance(mask, str):
+        raise AttnLangError(f"mask must be a string, got {type(mask).__name__}")
+    if params is not None and not isinstance(params, Mapping):
+        raise AttnLangError(f"params must be a dict of name -> scalar, got {type(params).__name__}")
+    try:
+        key = tuple(sorted((k, (type(v).__name__, v)) for k, v in (params or {}).items()))
+        hash(key)
+    except TypeError:
+        return Variant(score, mask, params)
+    return _compile_cached(score, mask, key)  # the type names keep 1, 1.0 and True apart
+
+
+def from_config(config) -> Variant:
+    """A Variant from ``Variant.to_config()``'s dict, its JSON text, or a YAML document with the same keys.
+
+    Raises:
+        AttnLangError: not a mapping, unknown keys, wrong types, or a bad expression (naming the key).
+    """
+    if isinstance(config, (str, bytes)):
+        config = _load_text(config)
+    if not isinstance(config, Mapping):
+        raise AttnLangError(f"a variant config must be a mapping with keys {', '.join(CONFIG_KEYS)}, got "
+                            f"{type(config).__name__}")
+    unknown = [k for k in config if k not in CONFIG_KEYS]
+    if unknown:
+        raise AttnLangError(f"unknown key {unknown[0]!r} in variant config; expected keys: {', '.join(CONFIG_KEYS)}")
+    score = config.get("score", "score")
+    mask = config.get("mask", "True")
+    params = config.get("params", {})
+    for key, value in (("score", score), ("mask", mask)):
+        if not isinstance(value, str):
+            raise AttnLangError(f"config key {key!r} must be a string expression, got {type(value).__name__}")
+    if params is None:
+        params = {}
+    if not isinstance(params, Mapping):
+        raise AttnLangError(f"config key 'params' must be a mapping of name -> scalar, got {type(params).__name__}")
+    for name, value in params.items():
+        if isinstance(value, bool) or isinstance(value, (int, float)):
+            continue
+        raise AttnLangError(f"config key 'params.{name}' must be an int, float or bool, got {type(value).__name__}")
+    return compile(score, mask, params)
+
+
+def _load_text(text) -> Any:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    try:
+        import yaml
+    except ImportError:  # pragma: no cover - PyYAML is a dependency
+        raise AttnLangError("variant config text is not JSON, and PyYAML is not installed to read YAML") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None:
+            raise AttnLangError(f"variant config is neither JSON nor YAML: {getattr(e, 'problem', e)}", text,
+                                mark.line + 1, mark.column + 1, where="config") from None
+        raise AttnLangError(f"variant config is neither JSON nor YAML: {e}") from None
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: Variant, /, *,
+              scale: float | None = None, return_lse: bool = False, **tensors):
+    """The eager reference: ``variant(q, k, v, backend="eager", ...)``.
+
+    Shapes and errors as ``Variant.__call__``.
+    """
+    if not isinstance(variant, Variant):
+        raise AttnLangError(f"reference() takes a Variant as its fourth argument, got {type(variant).__name__}")
+    return variant(q, k, v, scale=scale, backend="eager", return_lse=return_lse, **tensors)
