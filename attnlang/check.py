@@ -30,6 +30,7 @@ RESERVED_NAMES = frozenset(CALL_KEYWORDS) | frozenset(FUNCTIONS) | frozenset(BUI
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 _NUMERIC = (DType.INT, DType.FLOAT, DType.UNKNOWN)
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1  # ints are evaluated as torch.int64
 _FLOAT_FUNCS = frozenset({"exp", "exp2", "log", "log2", "sqrt", "tanh", "sigmoid"})
 _SAME_TYPE_FUNCS = frozenset({"abs", "floor", "ceil", "sign"})
 
@@ -68,6 +69,8 @@ def _param_const(name: str, value) -> Const:
     if isinstance(value, bool):
         return const(value)
     if isinstance(value, numbers.Integral):
+        if not _INT64_MIN <= int(value) <= _INT64_MAX:
+            raise AttnLangError(f"parameter {name!r} = {int(value)} does not fit in 64 bits; give a float")
         return const(int(value))
     if isinstance(value, numbers.Real):
         v = float(value)
@@ -278,6 +281,8 @@ def _infer(tree: Expr, tensor_dtypes, source: str, where: str) -> Expr:
 
     def visit(node):
         if isinstance(node, Const):
+            if node.dtype is DType.INT and not _INT64_MIN <= node.value <= _INT64_MAX:
+                fail(f"integer {node.value} does not fit in 64 bits; write it as a float", node)
             return node
         kids = tuple(visit(k) for k in children(node))
         if isinstance(node, Var):

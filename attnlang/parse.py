@@ -172,9 +172,10 @@ def parse(text: str, where: str | None = None):
         tok = e.token
         if tok.type == "$END":
             line, column = _end_position(text)
-            raise AttnLangError(f"unexpected end of expression; expected {_expected(e.expected)}", text, line,
-                                column, where=where) from None
-        raise AttnLangError(f"unexpected {str(tok)!r}; expected {_expected(e.expected)}", text, tok.line,
+            raise AttnLangError(f"unexpected end of expression; expected {_expected(e.accepts or e.expected)}",
+                                text, line, column, where=where) from None
+        # `accepts` also lists the keyword terminals (not, inf, True, ...) that `expected` leaves out
+        raise AttnLangError(f"unexpected {str(tok)!r}; expected {_expected(e.accepts or e.expected)}", text, tok.line,
                             tok.column, len(str(tok)), where=where) from None
     except UnexpectedInput as e:  # pragma: no cover - every subclass is handled above
         raise AttnLangError(f"syntax error: {e}", text, getattr(e, "line", 1), getattr(e, "column", 1),

@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import numbers
+import weakref
 from typing import Any, Mapping
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from .ast import DType, names_used, walk, Index
 from .check import CALL_KEYWORDS, Checked, bind, check, check_index_bounds, dtype_of_torch
 from .errors import AttnLangError
-from .intervals import Interval
+from .intervals import Interval, bounds
 from .plan import CallPlan
 from .printer import to_source
 from .simplify import Simplified, simplify_variant
@@ -165,11 +166,15 @@ class Variant:
         env.update({n: _value_range(t) for n, t in tensors.items()})
         shapes = {n: tuple(t.shape) for n, t in tensors.items()}
         check_index_bounds(bound_original, env, shapes)
-        used = names_used(bound_simple.score) | names_used(bound_simple.mask)
+        score = bound_simple.score
+        if bound_shift is not None and not _finite_rows(bound_shift, env, q, B, Hq, Sq, Skv, tensors):
+            # A row term that is not finite masks its whole row: dropping it would change the result.
+            score, bound_shift = self._bind_unshifted(dtypes), None
+        used = names_used(score) | names_used(bound_simple.mask)
         if return_lse and bound_shift is not None:
             used |= names_used(bound_shift)
         return CallPlan(
-            score=bound_simple.score, mask=bound_simple.mask, lse_shift=bound_shift if return_lse else None,
+            score=score, mask=bound_simple.mask, lse_shift=bound_shift if return_lse else None,
             scale=scale, tensors={n: t for n, t in tensors.items() if n in used}, variant=self, q_len=Sq,
             kv_len=Skv, batch=B, q_heads=Hq, kv_heads=Hkv, options=dict(kernel_options or {}))
 
@@ -187,6 +192,11 @@ class Variant:
             got = (original, simple, shift)
             self._bind_cache[key] = got
         return got
+
+    def _bind_unshifted(self, dtypes: Mapping[str, DType]):
+        unshifted = getattr(self._simplified, "score_unshifted", None) or self._checked.score
+        return bind(Checked(unshifted, self._simplified.mask, self._checked.tensors, self._checked.sources),
+                    dtypes).score
 
     def _check_tensors(self, tensors: Mapping[str, Any], device) -> None:
         wanted = self._checked.tensors
@@ -221,7 +231,39 @@ def _first_read(checked: Checked, name: str):
     raise KeyError(name)
 
 
+def _finite_rows(shift, env, q, B, Hq, Sq, Skv, tensors) -> bool:
+    """Whether the dropped row term is finite for every (b, h, q_idx): by intervals when they can tell, else by
+    evaluating it on the [B, Hq, Sq] grid."""
+    r = bounds(shift, env)
+    if math.isfinite(r.lo) and math.isfinite(r.hi):
+        return True
+    from .lower_torch import evaluate
+    names = {"b": torch.arange(B, device=q.device).view(B, 1, 1), "h": torch.arange(Hq, device=q.device).view(1, Hq, 1),
+             "q_idx": torch.arange(Sq, device=q.device).view(1, 1, Sq), "q_len": torch.tensor(Sq, device=q.device),
+             "kv_len": torch.tensor(Skv, device=q.device)}
+    used = names_used(shift)
+    with torch.no_grad():
+        val = evaluate(shift, {n: t for n, t in names.items() if n in used}, tensors, torch.float64, q.device)
+    return bool(torch.isfinite(val).all())
+
+
+_RANGES: dict = {}
+
+
 def _value_range(t: torch.Tensor) -> Interval:
+    """min/max of a tensor's values, cached per tensor object and version (a GPU read syncs the device)."""
+    key = (id(t), t._version, t.data_ptr(), tuple(t.shape), t.dtype)
+    hit = _RANGES.get(key)
+    if hit is not None and hit[0]() is t:
+        return hit[1]
+    r = _compute_range(t)
+    if len(_RANGES) > 256:
+        _RANGES.clear()
+    _RANGES[key] = (weakref.ref(t), r)
+    return r
+
+
+def _compute_range(t: torch.Tensor) -> Interval:
     if t.numel() == 0:
         return Interval(0, 0)
     x = t.detach()

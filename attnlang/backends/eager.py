@@ -18,7 +18,7 @@ from ..plan import CallPlan
 
 __all__ = ["attention"]
 
-_SCORE_BUDGET = 1 << 25  # elements of one [B, Hq, chunk, Skv] block
+_SCORE_BUDGET = 1 << 22  # elements of one [B, Hq, chunk, Skv] block
 
 
 def _compute_dtype(q: torch.Tensor) -> torch.dtype:
@@ -52,6 +52,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan,
         return _block(qc, kk, vv, score, mask, start, scale, fd, bound, Sq, Skv, B, Hq, Hkv)
 
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *values))
+    k, v = k.to(fd), v.to(fd)  # once, not per chunk
     outs, lses = [], []
     for start in range(0, Sq, chunk_size):
         qc = q[:, :, start:start + chunk_size]
@@ -85,12 +86,19 @@ def _row_values(expr, B, Hq, Sq, Skv, device, fd, tensors):
     return val.to(fd).expand(B, Hq, Sq, 1)[..., 0]
 
 
+def _raise_bad_score(s3: torch.Tensor, start: int):
+    bad = torch.isnan(s3) | (s3 == math.inf)
+    b, h, i, j = (int(x) for x in bad.nonzero()[0])
+    raise AttnLangError(f"the score expression gives {float(s3[b, h, i, j])} at b={b}, h={h}, q_idx={start + i}, "
+                        f"kv_idx={j}, an allowed position; scores must be finite or -inf")
+
+
 def _block(qc, k, v, score_expr, mask_expr, start, scale, fd, tensors, Sq, Skv, B, Hq, Hkv):
     rows = qc.shape[2]
     group = Hq // Hkv
     # [B, Hkv, group, rows, D] @ [B, Hkv, 1, D, Skv]: GQA without copying k and v per query head
     qg = qc.to(fd).reshape(B, Hkv, group, rows, qc.shape[-1])
-    s = torch.matmul(qg, k.to(fd).unsqueeze(2).transpose(-1, -2)).reshape(B, Hq, rows, Skv) * scale
+    s = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)).reshape(B, Hq, rows, Skv) * scale
     names = _positions(B, Hq, start, rows, Skv, qc.device)
     names.update(score=s, q_len=torch.tensor(Sq, device=qc.device), kv_len=torch.tensor(Skv, device=qc.device))
     used_s = names_used(score_expr)
@@ -98,21 +106,17 @@ def _block(qc, k, v, score_expr, mask_expr, start, scale, fd, tensors, Sq, Skv, 
     s2 = evaluate(score_expr, {n: t for n, t in names.items() if n in used_s}, tensors, fd, qc.device)
     s2 = s2.to(fd).expand(B, Hq, rows, Skv)
     allowed = evaluate(mask_expr, {n: t for n, t in names.items() if n in used_m}, tensors, fd, qc.device)
-    allowed = allowed.expand(B, Hq, rows, Skv)
-    bad = (torch.isnan(s2) | (s2 == math.inf)) & allowed
-    if bool(bad.any()):
-        b, h, i, j = (int(x) for x in bad.nonzero()[0])
-        value = float(s2[b, h, i, j])
-        raise AttnLangError(f"the score expression gives {value} at b={b}, h={h}, q_idx={start + i}, kv_idx={j}, "
-                            f"an allowed position; scores must be finite or -inf")
     s3 = torch.where(allowed, s2, torch.tensor(-math.inf, dtype=fd, device=qc.device))
     m = s3.amax(dim=-1, keepdim=True)
+    # amax propagates NaN and +inf, so one small reduction tells whether any allowed score is bad
+    if not bool(torch.isfinite(m).logical_or(m == -math.inf).all()):
+        _raise_bad_score(s3, start)
     m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     p = torch.exp(s3 - m_safe)
     total = p.sum(dim=-1, keepdim=True)
     empty = total == 0
     total_safe = torch.where(empty, torch.ones_like(total), total)
-    pv = torch.matmul(p.reshape(B, Hkv, group, rows, Skv), v.to(fd).unsqueeze(2)).reshape(B, Hq, rows, -1)
+    pv = torch.matmul(p.reshape(B, Hkv, group, rows, Skv), v.unsqueeze(2)).reshape(B, Hq, rows, -1)
     out = pv / total_safe
     lse = torch.where(empty, torch.full_like(total, -math.inf), m_safe + torch.log(total_safe))
     return out, lse[..., 0]

@@ -1,0 +1,99 @@
+"""Variant.explain(): what attnlang knows about a variant, as text."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from .ast import DType, names_used
+from .printer import to_source
+
+if TYPE_CHECKING:
+    from .variant import Variant
+
+__all__ = ["explain"]
+
+
+def _native(variant: "Variant") -> str | None:
+    try:
+        from .patterns import recognize
+    except ImportError:
+        return None
+    s = variant.simplified
+    return recognize(s.score, s.mask).description()
+
+
+def _depends(expr) -> str:
+    used = sorted(names_used(expr) & {"b", "h", "q_idx", "kv_idx", "q_len", "kv_len"})
+    return ", ".join(used) or "nothing"
+
+
+def _auto_policy() -> str:
+    lines = []
+    try:
+        import torch
+        cuda = torch.cuda.is_available()
+        if cuda:
+            major, minor = torch.cuda.get_device_capability()
+            lines.append(f"this machine: CUDA device {torch.cuda.get_device_name()} (sm{major}{minor})")
+        else:
+            lines.append("this machine: no CUDA device")
+    except Exception:  # pragma: no cover - torch is a dependency
+        cuda = False
+    for name in ("fa4", "flex"):
+        try:
+            importlib.import_module(f"attnlang.backends.{name}")
+            lines.append(f"{name} backend: available")
+        except ImportError as e:
+            lines.append(f"{name} backend: not available ({e})")
+    return "; ".join(lines)
+
+
+def explain(variant: "Variant", q_len: int | None = None, kv_len: int | None = None) -> str:
+    """A report: the variant as written, parsed, simplified (with the rules that fired), its types and tensors,
+    its mask's structure (native lowering, block density for given lengths) and the backend "auto" would pick."""
+    checked, simple = variant.checked, variant.simplified
+    out = ["attnlang variant", "  as written:"]
+    out.append(f"    score: {variant.score}")
+    out.append(f"    mask:  {variant.mask}")
+    if variant.params:
+        out.append("    params: " + ", ".join(f"{k}={v!r}" for k, v in sorted(variant.params.items())))
+    out.append("  parsed (canonical):")
+    out.append(f"    score: {to_source(checked.score)}")
+    out.append(f"    mask:  {to_source(checked.mask)}")
+    out.append("  simplified:")
+    out.append(f"    score: {to_source(simple.score)}")
+    out.append(f"    mask:  {to_source(simple.mask)}")
+    if simple.lse_shift is not None:
+        out.append(f"    lse shift (dropped from the score, added back to lse): {to_source(simple.lse_shift)}")
+    if simple.trace:
+        out.append("    rules that fired: " + ", ".join(simple.trace))
+    else:
+        out.append("    rules that fired: none")
+    out.append("  types:")
+    st = checked.score.dtype
+    out.append(f"    score: {'float' if st in (DType.FLOAT, DType.INT) else 'set by tensor dtypes at call time'}"
+               f"; depends on {_depends(checked.score)}")
+    out.append(f"    mask:  bool; depends on {_depends(checked.mask)}")
+    if checked.tensors:
+        out.append("    tensors (bound at call time): " + ", ".join(
+            f"{n} ({d} index{'es' if d != 1 else ''})" for n, d in sorted(checked.tensors.items())))
+    else:
+        out.append("    tensors: none")
+    native = _native(variant)
+    if native is not None:
+        out.append(f"  native lowering: {native}")
+    if q_len is not None and kv_len is not None and not checked.tensors:
+        try:
+            bs = variant.block_sparsity(q_len=q_len, kv_len=kv_len)
+            kinds = bs.kind
+            total = kinds.numel()
+            counts = [int((kinds == k).sum()) for k in (0, 1, 2)]
+            out.append(f"  block sparsity at q_len={q_len}, kv_len={kv_len}, blocks {tuple(bs.block_size)}: "
+                       f"{counts[0]} empty, {counts[1]} partial, {counts[2]} full of {total}; "
+                       f"density {bs.density:.4f}")
+        except ImportError:
+            pass
+    out.append(f"  backend auto: fa4 on a Hopper GPU when it supports the call, else flex, else eager "
+               f"({_auto_policy()})")
+    return "\n".join(out)

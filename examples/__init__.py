@@ -1,0 +1,1 @@
+"""The gallery: one attention variant per file (see README)."""
