@@ -74,8 +74,9 @@ def _param_const(name: str, value) -> Const:
         return const(int(value))
     if isinstance(value, numbers.Real):
         v = float(value)
-        if math.isnan(v):
-            raise AttnLangError(f"parameter {name!r} is NaN; give a number")
+        if not math.isfinite(v):  # configs must stay plain JSON; write `inf` in the expression instead
+            raise AttnLangError(f"parameter {name!r} is {v}; parameters must be finite (write inf or -inf in the "
+                                f"expression itself)")
         return const(v)
     kind = type(value).__name__
     hint = " (tensors are passed by name when calling the variant, not in params)" if kind == "Tensor" else ""
@@ -165,6 +166,26 @@ def check_index_bounds(checked: Checked, env: Mapping[str, object], shapes: Mapp
                         f"lengths; it must stay in [0, {size - 1}] (wrap it in clamp(...) to bound it)",
                         checked.sources[where], index.span or node.span, where)
         _check_divisors(checked.expr(where), env, checked, where)
+        _check_int_range(checked.expr(where), env, checked, where)
+
+
+# int64 wraps around; for these operations the wrapped result is still right whenever the final value fits, so
+# only an int that leaves such a chain (into a comparison, //, float(), an index, ...) must fit in 64 bits.
+_RING_OPS = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.POW, Op.NEG})
+
+
+def _check_int_range(tree: Expr, env, checked: Checked, where: str) -> None:
+    def ring(n) -> bool:
+        return isinstance(n, (Binary, Unary)) and n.op in _RING_OPS and n.dtype is DType.INT
+
+    leaving = [tree] + [kid for node in walk(tree) if not ring(node) for kid in children(node)]
+    for kid in leaving:
+        if not ring(kid):
+            continue
+        r = bounds(kid, env)
+        if (math.isfinite(r.hi) and r.hi > _INT64_MAX) or (math.isfinite(r.lo) and r.lo < _INT64_MIN):
+            raise AttnLangError.at(f"this integer can reach {_fmt_interval(r)}, outside 64 bits; compute it "
+                                   f"in float (e.g. 2.0 ** 70)", checked.sources[where], kid.span, where)
 
 
 def _check_divisors(tree: Expr, env, checked: Checked, where: str) -> None:

@@ -48,7 +48,8 @@ class AttnLangError(ValueError):
             shown = ("..." if lo else "") + text[lo:lo + _WIDTH] + ("..." if lo + _WIDTH < len(text) else "")
             start = start - lo + (3 if lo else 0)
             text, length = shown, min(length, _WIDTH - (start - (3 if lo else 0)))
-        caret = " " * start + "^" * max(1, length)
+        # keep the source's tabs in the indent, so the caret lines up however a terminal renders a tab
+        caret = "".join("\t" if c == "\t" else " " for c in text[:start]).ljust(start) + "^" * max(1, length)
         return f"{head}line {self.line}, column {self.column}: {self.message}\n    {text}\n    {caret}"
 
 

@@ -165,7 +165,12 @@ class Variant:
         }
         env.update({n: _value_range(t) for n, t in tensors.items()})
         shapes = {n: tuple(t.shape) for n, t in tensors.items()}
-        check_index_bounds(bound_original, env, shapes)
+        bounds_key = (id(bound_original), tuple(env.items()), tuple(shapes.items()))
+        if _BOUNDS_OK.get(bounds_key) is not bound_original:  # the interval walk costs ~0.1 ms per call
+            check_index_bounds(bound_original, env, shapes)
+            if len(_BOUNDS_OK) > 1024:
+                _BOUNDS_OK.clear()
+            _BOUNDS_OK[bounds_key] = bound_original
         score = bound_simple.score
         if bound_shift is not None and not _finite_rows(bound_shift, env, q, B, Hq, Sq, Skv, tensors):
             # A row term that is not finite masks its whole row: dropping it would change the result.
@@ -187,8 +192,9 @@ class Variant:
                                   self._checked.sources), dtypes)
             shift = None
             if self._simplified.lse_shift is not None:
-                shift = bind(Checked(self._simplified.score, self._simplified.lse_shift, self._checked.tensors,
-                                     self._checked.sources), dtypes).mask
+                # the shift is numeric: bind it in the score's place (the mask's place must be bool)
+                shift = bind(Checked(self._simplified.lse_shift, self._simplified.mask, self._checked.tensors,
+                                     self._checked.sources), dtypes).score
             got = (original, simple, shift)
             self._bind_cache[key] = got
         return got
@@ -248,6 +254,7 @@ def _finite_rows(shift, env, q, B, Hq, Sq, Skv, tensors) -> bool:
 
 
 _RANGES: dict = {}
+_BOUNDS_OK: dict = {}  # (bound expressions, sizes and value ranges) that passed check_index_bounds
 
 
 def _value_range(t: torch.Tensor) -> Interval:
@@ -377,11 +384,31 @@ def from_config(config) -> Variant:
     return compile(score, mask, params)
 
 
+def _no_duplicates(pairs) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:  # JSON and YAML keep the last silently; a config with two masks is a mistake
+            raise AttnLangError(f"key {key!r} appears twice in the variant config")
+        out[key] = value
+    return out
+
+
+def _yaml_loader():
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            pairs = [(self.construct_object(k, deep=deep), self.construct_object(v, deep=deep))
+                     for k, v in node.value]
+            return _no_duplicates(pairs)
+    return UniqueKeyLoader
+
+
 def _load_text(text) -> Any:
     if isinstance(text, bytes):
         text = text.decode("utf-8", errors="replace")
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError:
         pass
     try:
@@ -389,7 +416,7 @@ def _load_text(text) -> Any:
     except ImportError:  # pragma: no cover - PyYAML is a dependency
         raise AttnLangError("variant config text is not JSON, and PyYAML is not installed to read YAML") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_yaml_loader())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         if mark is not None:

@@ -2,8 +2,10 @@
 
 With ``q_len < kv_len`` (a few new tokens against a cache of ``kv_len - q_len`` earlier ones), query ``i`` sits at
 absolute position ``i + kv_len - q_len`` and may see every key up to there. With ``q_len == kv_len`` it is plain
-causal attention. This is FlashAttention-2's causal convention (Dao, 2023, "FlashAttention-2", the bottom-right
-alignment) and what every KV-cache decoder (Hugging Face transformers, vLLM) computes.
+causal attention.
+
+From: FlashAttention-2's causal convention (Dao, 2023, "FlashAttention-2", bottom-right alignment since v2.1),
+which is what every KV-cache decoder (Hugging Face transformers, vLLM) computes.
 
 Run it with ``q_len < kv_len``: ``demo_lengths(seq_len)`` gives the lengths the gallery demo uses.
 """

@@ -11,7 +11,7 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..ast import Expr, names_used
+from ..ast import Binary, Call, Const, DType, Expr, Index, Op, names_used, walk
 from ..errors import AttnLangError
 from ..lower_torch import evaluate
 from ..plan import CallPlan
@@ -49,9 +49,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan,
 
     def block(start: int, qc: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, *vals):
         bound = dict(zip(names, vals))
-        return _block(qc, kk, vv, score, mask, start, scale, fd, bound, Sq, Skv, B, Hq, Hkv)
+        return _block(qc, kk, vv, score, mask, start, scale, fd, bound, Sq, Skv, B, Hq, Hkv, guard)
 
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *values))
+    guard = needs_grad and _may_leak_nan(score, tensors)
     k, v = k.to(fd), v.to(fd)  # once, not per chunk
     outs, lses = [], []
     for start in range(0, Sq, chunk_size):
@@ -93,7 +94,50 @@ def _raise_bad_score(s3: torch.Tensor, start: int):
                         f"kv_idx={j}, an allowed position; scores must be finite or -inf")
 
 
-def _block(qc, k, v, score_expr, mask_expr, start, scale, fd, tensors, Sq, Skv, B, Hq, Hkv):
+# Functions whose derivative stays finite wherever their value is finite; anything else (log, sqrt, exp, ...)
+# can meet a masked position's zero gradient with an infinite derivative there.
+_TAME_CALLS = frozenset({"tanh", "sigmoid", "abs", "min", "max", "clamp", "where", "float", "int", "floor", "ceil",
+                         "sign"})
+
+
+def _nonzero_const(node) -> bool:
+    return isinstance(node, Const) and node.value != 0 and math.isfinite(node.value)
+
+
+def _may_leak_nan(score_expr, tensors) -> bool:
+    """Whether the backward pass through the score expression, evaluated on the whole grid, could give NaN at a
+    masked or -inf position (then only the kept positions are evaluated with autograd)."""
+    for node in walk(score_expr):
+        if isinstance(node, Call) and node.func not in _TAME_CALLS:
+            return True
+        if isinstance(node, Binary) and node.dtype is DType.FLOAT:
+            if node.op in (Op.TRUEDIV, Op.FLOORDIV, Op.MOD) and not _nonzero_const(node.right):
+                return True
+            if node.op is Op.POW and not (isinstance(node.right, Const) and node.right.dtype is DType.INT
+                                          and node.right.value >= 0):
+                return True
+        if isinstance(node, Index) and node.dtype is DType.FLOAT:
+            with torch.no_grad():
+                if not bool(torch.isfinite(tensors[node.tensor]).all()):
+                    return True
+    return False
+
+
+def _differentiable_scores(score_expr, names, tensors, fd, s3, full, device):
+    """The masked scores ``s3`` again, with autograd, evaluating the score expression only where s3 > -inf.
+
+    Evaluating it at masked (or -inf) positions too would let their zero gradient meet an infinite local
+    derivative there (log(0), x * inf) and turn into NaN in the backward pass.
+    """
+    keep = s3 > -math.inf
+    if bool(keep.all()):
+        return evaluate(score_expr, names, tensors, fd, device).to(fd).expand(full)
+    picked = {n: t.expand(full)[keep] for n, t in names.items()}
+    values = evaluate(score_expr, picked, tensors, fd, device).to(fd).expand(int(keep.sum()))
+    return torch.full(full, -math.inf, dtype=fd, device=device).masked_scatter(keep, values)
+
+
+def _block(qc, k, v, score_expr, mask_expr, start, scale, fd, tensors, Sq, Skv, B, Hq, Hkv, guard=True):
     rows = qc.shape[2]
     group = Hq // Hkv
     # [B, Hkv, group, rows, D] @ [B, Hkv, 1, D, Skv]: GQA without copying k and v per query head
@@ -103,20 +147,32 @@ def _block(qc, k, v, score_expr, mask_expr, start, scale, fd, tensors, Sq, Skv, 
     names.update(score=s, q_len=torch.tensor(Sq, device=qc.device), kv_len=torch.tensor(Skv, device=qc.device))
     used_s = names_used(score_expr)
     used_m = names_used(mask_expr)
-    s2 = evaluate(score_expr, {n: t for n, t in names.items() if n in used_s}, tensors, fd, qc.device)
-    s2 = s2.to(fd).expand(B, Hq, rows, Skv)
+    full = (B, Hq, rows, Skv)
+    score_names = {n: t for n, t in names.items() if n in used_s}
     allowed = evaluate(mask_expr, {n: t for n, t in names.items() if n in used_m}, tensors, fd, qc.device)
-    s3 = torch.where(allowed, s2, torch.tensor(-math.inf, dtype=fd, device=qc.device))
-    m = s3.amax(dim=-1, keepdim=True)
+    grad = torch.is_grad_enabled() and (s.requires_grad or any(t.requires_grad for t in tensors.values()))
+    with torch.no_grad():
+        s2 = evaluate(score_expr, score_names, tensors, fd, qc.device).to(fd).expand(full)
+        s3 = torch.where(allowed, s2, torch.tensor(-math.inf, dtype=fd, device=qc.device))
+        # the softmax does not depend on m, so it carries no gradient
+        m = s3.amax(dim=-1, keepdim=True)
     # amax propagates NaN and +inf, so one small reduction tells whether any allowed score is bad
     if not bool(torch.isfinite(m).logical_or(m == -math.inf).all()):
         _raise_bad_score(s3, start)
-    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    p = torch.exp(s3 - m_safe)
-    total = p.sum(dim=-1, keepdim=True)
-    empty = total == 0
-    total_safe = torch.where(empty, torch.ones_like(total), total)
-    pv = torch.matmul(p.reshape(B, Hkv, group, rows, Skv), v.unsqueeze(2)).reshape(B, Hq, rows, -1)
-    out = pv / total_safe
-    lse = torch.where(empty, torch.full_like(total, -math.inf), m_safe + torch.log(total_safe))
+    if grad and not guard:
+        s2 = evaluate(score_expr, score_names, tensors, fd, qc.device).to(fd).expand(full)
+        s3 = torch.where(allowed, s2, torch.tensor(-math.inf, dtype=fd, device=qc.device))
+    elif grad:
+        s3 = _differentiable_scores(score_expr, score_names, tensors, fd, s3, full, qc.device)
+    empty = m == -math.inf  # rows with no allowed key
+    any_empty = bool(empty.any())
+    if any_empty:  # give such rows finite scores, so softmax and its gradient stay finite; zeroed below
+        s3 = torch.where(empty, torch.zeros((), dtype=fd, device=qc.device), s3)
+    p = torch.softmax(s3, dim=-1)  # one fused pass
+    lse = torch.logsumexp(s3, dim=-1, keepdim=True)
+    out = torch.matmul(p.reshape(B, Hkv, group, rows, Skv), v.unsqueeze(2)).reshape(B, Hq, rows, -1)
+    if any_empty:
+        zero = torch.zeros((), dtype=fd, device=qc.device)
+        out = torch.where(empty, zero, out)
+        lse = torch.where(empty, torch.full((), -math.inf, dtype=fd, device=qc.device), lse)
     return out, lse[..., 0]

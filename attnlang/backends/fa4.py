@@ -1,0 +1,428 @@
+"""The FlashAttention-4 backend: the variant's expressions emitted as CuTeDSL modifiers for flash_attn.cute.
+
+One entry point, ``attention(q, k, v, plan)``. Per call:
+1. lowering (cached per variant, tensor dtypes and lengths): masks that ``attnlang.patterns.recognize`` maps onto
+   the kernel's own causal / sliding-window flags use them (FA4 aligns windows bottom-right; a top-left window is
+   shifted by kv_len - q_len, and used only when the shifted sizes stay >= 0); any other mask becomes a
+   ``mask_mod``; a score other than ``score`` becomes a ``score_mod`` and its symbolic derivative
+   (``attnlang.diff``) the ``score_mod_bwd``;
+2. the modifiers are emitted by ``attnlang.emit_cute`` into a real module under the cache directory
+   (``$ATTNLANG_CACHE_DIR`` or ``~/.cache/attnlang``, subfolder ``fa4``) and imported, so tracebacks show the
+   generated code; each function carries ``__cute_hash__`` = its source hash, so FA4's compile caches never mix
+   two variants, and FA4's on-disk kernel cache (enabled here unless the environment says otherwise) lets a second
+   process skip compilation;
+3. with a mask_mod, block sparsity from ``Variant.block_sparsity`` (128x128 tiles, the Hopper forward tile) is
+   passed for the forward (kv direction) and backward (q direction), so empty tiles are skipped and full ones need
+   no mask_mod call; cached per lengths and mask tensors;
+4. q/k/v [B, H, S, D] go in as transposed views [B, S, H, D] (no copy: FA4 accepts any 16-byte-aligned strides);
+   GQA uses the kernel's own head grouping; lse is FA4's natural-log lse plus ``plan.lse_shift``.
+
+Options (``kernel_options=`` of a call): ``fastmath`` (default True: MUFU tanh / ex2 in the modifiers), ``bake``
+(default True: small b/h-indexed tensors become constants), ``dense`` (default False: True skips block sparsity),
+``keep_mask_mod`` (default False: True keeps the mask_mod even when every tile is full or empty; the environment
+variable ATTNLANG_FA4_KEEP_MASK_MOD=1 does the same for every call).
+
+Gradients flow to q, k and v through FA4's backward. Gradients to floating tensors bound by name are not computed
+by the kernel: ``unsupported`` declines such calls (grad enabled and a named tensor requiring grad), so "auto"
+runs them on flex, which computes them exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import sys
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..ast import Const, DType, Expr, Index, Var, names_used, walk
+from ..errors import AttnLangError
+from ..plan import CallPlan
+
+__all__ = ["unsupported", "attention", "cache_dir", "lowering", "Lowering"]
+
+_TILE = (128, 128)          # Hopper forward tile for head dims up to 128: block-sparsity granularity
+_SPARSE_MAX_HEAD_DIM = 128  # larger head dims use other tile widths; they run with the mask_mod alone
+_TABLE_MAX = 64             # tensors of at most this many elements, read at b/h-only indices, are baked in
+_TABLE_VERSIONS = 8         # distinct baked value sets per variant before falling back to aux_tensors loads
+_LOCK = threading.Lock()
+
+
+class _TensorMemo:
+    """Values derived from a tensor (its values as a tuple, an int32 copy...), kept while that very tensor object
+    is alive and unmodified (``_version`` unchanged): a later call with the same tensor pays no device sync."""
+
+    def __init__(self, size: int = 128):
+        self._entries: OrderedDict = OrderedDict()
+        self._size = size
+
+    def get(self, t: torch.Tensor, tag: str, fn):
+        try:
+            version = t._version
+        except RuntimeError:  # inference-mode tensors keep no version counter: nothing can be cached for them
+            return fn(t)
+        key = (id(t), tag)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0]() is t and hit[1] == version:
+            self._entries.move_to_end(key)
+            return hit[2]
+        value = fn(t)
+        self._entries[key] = (weakref.ref(t), version, value)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+        return value
+
+    def token(self, t: torch.Tensor):
+        """A cache-key part that is only ever equal for the same live, unmodified tensor."""
+        return self.get(t, "token", lambda _: object())
+
+
+_MEMO = _TensorMemo()
+_BAKED: dict = {}  # variant canonical -> set of baked value sets seen
+
+
+def cache_dir() -> Path:
+    """Where generated modules (``fa4/<key>.py``) and compiled kernels (``fa4/kernels``) are kept."""
+    root = os.environ.get("ATTNLANG_CACHE_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "attnlang"
+    return base / "fa4"
+
+
+@functools.lru_cache(maxsize=1)
+def _flash():
+    """flash_attn.cute's interface, imported on first use with its persistent kernel cache switched on."""
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(cache_dir() / "kernels"))
+    from flash_attn.cute import interface
+    return interface
+
+
+# ----- lowering: which kernel flags, which generated modifiers -----
+
+@dataclass(frozen=True, slots=True)
+class Lowering:
+    """What the kernel is asked to do for one (variant, tensor dtypes, lengths).
+
+    window: FA4's (window_size_left, window_size_right), bottom-right aligned; (None, None) for none.
+    module: the generated CuteModule (None when neither a score_mod nor a mask_mod is needed).
+    score_mod, mask_mod: whether the module defines them. tensors: names passed as aux_tensors, in order.
+    mask_tensors / score_tensors: the aux tensors each expression reads (block sparsity needs the mask's).
+    native: a human-readable summary (for explain() and the benchmark's notes).
+    """
+
+    window: tuple
+    module: object
+    score_mod: bool
+    mask_mod: bool
+    tensors: tuple
+    mask_tensors: tuple
+    score_tensors: tuple
+    native: str
+
+
+def _native_window(score: Expr, mask: Expr, q_len: int, kv_len: int):
+    """FA4's (left, right) window when the whole mask is a causal / window pattern, else None."""
+    try:
+        from ..patterns import recognize
+    except ImportError:
+        return None
+    try:
+        nl = recognize(score, mask)
+    except Exception:  # the recogniser is an optimisation: anything it cannot read stays a mask_mod
+        return None
+    if nl is None or getattr(nl, "residual_mask", None) is not None:
+        return None
+    left, right = nl.window_left, nl.window_right
+    causal = nl.causal
+    alignment = causal or getattr(nl, "alignment", None) or "top_left"
+    if causal is not None:
+        right = 0 if right is None else min(right, 0)
+    if left is None and right is None:
+        return (None, None)
+    offset = (kv_len - q_len) if alignment == "bottom_right" else 0
+    fa_offset = kv_len - q_len  # FA4: allowed iff q + fa_offset - left <= kv <= q + fa_offset + right
+    fa_left = None if left is None else left - offset + fa_offset
+    fa_right = None if right is None else right + offset - fa_offset
+    if (fa_left is not None and fa_left < 0) or (fa_right is not None and fa_right < 0):
+        return None
+    return (fa_left, fa_right)
+
+
+@functools.lru_cache(maxsize=256)
+def _lowering_cached(score: Expr, mask: Expr, dtypes: tuple, q_len: int, kv_len: int, fastmath: bool,
+                     tables: tuple = ()):
+    from ..diff import derivative
+    from ..emit_cute import emit_module
+    from ..printer import to_source
+    identity = isinstance(score, Var) and score.name == "score"
+    no_mask = isinstance(mask, Const) and mask.value is True
+    window = (None, None)
+    mask_expr = None if no_mask else mask
+    native = "no mask" if no_mask else "mask_mod"
+    if not no_mask:
+        w = _native_window(score, mask, q_len, kv_len)
+        if w is not None:
+            window, mask_expr = w, None
+            native = f"kernel window flags {w}"
+    score_expr = None if identity else score
+    dscore = None if identity else derivative(score)
+    used = set()
+    for e in (score_expr, mask_expr):
+        if e is not None:
+            used |= {n.tensor for n in walk(e) if isinstance(n, Index)}
+    tables = {name: (shape, values) for name, shape, values in tables}
+    tensors = tuple(sorted(used - set(tables)))
+    mask_tensors = tuple(sorted({n.tensor for n in walk(mask_expr) if isinstance(n, Index)})) if mask_expr else ()
+    module = None
+    if score_expr is not None or mask_expr is not None:
+        header = f"score: {to_source(score)} | mask: {to_source(mask)}"
+        module = emit_module(score_expr, mask_expr, dscore, tensors, fastmath=fastmath, header=header,
+                             tables=tables)
+    score_tensors = tuple(sorted({n.tensor for n in walk(score_expr) if isinstance(n, Index)} - set(tables))) \
+        if score_expr is not None else ()
+    return Lowering(window, module, score_expr is not None, mask_expr is not None, tensors, mask_tensors,
+                    score_tensors, native)
+
+
+_READS: dict = {}
+
+
+def _bakeable_reads(score: Expr, mask: Expr) -> dict:
+    """tensor name -> whether every read of it is indexed by b, h and constants only (cached per AST object:
+    the bound expressions of a variant are the same objects call after call)."""
+    key = (id(score), id(mask))
+    hit = _READS.get(key)
+    if hit is not None and hit[0] is score and hit[1] is mask:
+        return hit[2]
+    reads: dict = {}
+    for expr in (score, mask):
+        for node in walk(expr):
+            if isinstance(node, Index):
+                ok = all(names_used(i) <= {"b", "h"} for i in node.indices)
+                reads[node.tensor] = reads.get(node.tensor, True) and ok
+    if len(_READS) > 256:
+        _READS.clear()
+    _READS[key] = (score, mask, reads)
+    return reads
+
+
+def _tables(plan: CallPlan) -> tuple:
+    """Small tensors read only at indices built from b, h and constants (``slope[h]``, ``gate[b, h]``): their
+    values are baked into the generated module as constants, so the kernel never loads them (and needs no
+    aux_tensors, which also lets it keep its wider score vectors). One device sync per tensor version."""
+    if not plan.options.get("bake", True) or not plan.tensors:
+        return ()
+    reads = _bakeable_reads(plan.score, plan.mask)
+    seen = _BAKED.setdefault(plan.variant.canonical, set())
+    out = []
+    for name, ok in sorted(reads.items()):
+        t = plan.tensors[name]
+        if not ok or t.numel() > _TABLE_MAX or t.is_complex() or (torch.is_grad_enabled() and t.requires_grad):
+            continue
+        values = _MEMO.get(t, "values", lambda x: tuple(
+            int(v) if isinstance(v, bool) else v for v in x.detach().flatten().tolist()))
+        if not t.is_floating_point() and any(not -(1 << 31) <= v < (1 << 31) for v in values):
+            continue
+        entry = (name, tuple(t.shape), values)
+        if entry not in seen and len(seen) >= _TABLE_VERSIONS:
+            continue  # values that change from call to call: load them instead of recompiling each time
+        seen.add(entry)
+        out.append(entry)
+    return tuple(out)
+
+
+_LOWERED: dict = {}
+
+
+def lowering(plan: CallPlan) -> Lowering:
+    """The (cached) lowering of one call. Raises emit_cute.Unsupported for what the kernel cannot compute."""
+    dtypes = tuple(sorted((n, str(t.dtype)) for n, t in plan.tensors.items()))
+    fastmath = bool(plan.options.get("fastmath", True))
+    tables = _tables(plan)
+    # a first, identity-keyed level: hashing the AST (recursively) on every call costs more than the lookup
+    key = (id(plan.score), id(plan.mask), dtypes, plan.q_len, plan.kv_len, fastmath, tables)
+    hit = _LOWERED.get(key)
+    if hit is not None and hit[0] is plan.score and hit[1] is plan.mask:
+        return hit[2]
+    low = _lowering_cached(plan.score, plan.mask, dtypes, plan.q_len, plan.kv_len, fastmath, tables)
+    if len(_LOWERED) > 256:
+        _LOWERED.clear()
+    _LOWERED[key] = (plan.score, plan.mask, low)
+    return low
+
+
+# ----- generated modules -----
+
+_MODULES: dict = {}
+
+
+def _load(module):
+    """Write the generated source to ``cache_dir()/<key>.py`` (once) and import it."""
+    got = _MODULES.get(module.key)
+    if got is not None:
+        return got
+    with _LOCK:
+        folder = cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{module.key}.py"
+        if not path.exists() or path.read_text() != module.source:
+            tmp = folder / f".{module.key}.{os.getpid()}.tmp"
+            tmp.write_text(module.source)
+            os.replace(tmp, path)
+        name = f"attnlang_fa4_{module.key}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+        _MODULES[module.key] = mod
+    return mod
+
+
+# ----- block sparsity -----
+
+_SPARSITY: OrderedDict = OrderedDict()
+_SPARSITY_SIZE = 16
+
+
+def _kv_lists(kind: torch.Tensor, which: int):
+    hit = kind == which
+    cnt = hit.sum(-1, dtype=torch.int32).contiguous()
+    idx = torch.argsort((~hit).to(torch.int8), dim=-1, stable=True).to(torch.int32).contiguous()
+    return cnt, idx
+
+
+def _block_sparse(plan: CallPlan, low: Lowering, device):
+    """(forward, backward, has_partial): BlockSparseTensorsTorch for the mask_mod's kernel in each direction, and
+    whether any tile is partial (needs the mask_mod at all)."""
+    uses = names_used(plan.mask)
+    key = (plan.variant.canonical, plan.q_len, plan.kv_len,
+           plan.batch if "b" in uses else 1, plan.q_heads if "h" in uses else 1,
+           tuple((n, _MEMO.token(plan.tensors[n])) for n in low.mask_tensors))
+    got = _SPARSITY.get(key)
+    if got is not None:
+        _SPARSITY.move_to_end(key)
+        return got
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+    bs = plan.variant.block_sparsity(plan.q_len, plan.kv_len, batch=key[3], heads=key[4], block_size=_TILE,
+                                     **{n: plan.tensors[n] for n in low.mask_tensors})
+    kind = bs.kind.to(device)
+    fwd_m, fwd_f = _kv_lists(kind, 1), _kv_lists(kind, 2)
+    kind_t = kind.transpose(-1, -2)
+    bwd_m, bwd_f = _kv_lists(kind_t, 1), _kv_lists(kind_t, 2)
+    fwd = BlockSparseTensorsTorch(mask_block_cnt=fwd_m[0], mask_block_idx=fwd_m[1], full_block_cnt=fwd_f[0],
+                                  full_block_idx=fwd_f[1], block_size=_TILE)
+    bwd = BlockSparseTensorsTorch(mask_block_cnt=bwd_m[0], mask_block_idx=bwd_m[1], full_block_cnt=bwd_f[0],
+                                  full_block_idx=bwd_f[1], block_size=_TILE)
+    _SPARSITY[key] = (fwd, bwd, bool((kind == 1).any()))
+    while len(_SPARSITY) > _SPARSITY_SIZE:
+        _SPARSITY.popitem(last=False)
+    return fwd, bwd
+
+
+# ----- the backend contract -----
+
+def _aux(t: torch.Tensor) -> torch.Tensor:
+    """A named tensor as the kernel reads it: int32 / float32 / 16-bit floats, contiguous."""
+    if t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    elif t.dtype == torch.float64:
+        t = t.to(torch.float32)
+    elif not t.is_floating_point() and t.dtype != torch.int32:
+        t = t.to(torch.int32)
+    return t.contiguous()
+
+
+def unsupported(q: torch.Tensor, plan: CallPlan) -> str | None:
+    """None when FA4 can run this call, else why not (so "auto" falls back to flex)."""
+    if not torch.cuda.is_available() or not q.is_cuda:
+        return "FA4 needs a CUDA GPU (q is on the CPU or CUDA is unavailable)"
+    major, minor = torch.cuda.get_device_capability(q.device)
+    if major < 9:
+        return f"FA4 needs a Hopper (sm90) or newer GPU; this one is sm{major}{minor}"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"FA4 computes in float16 / bfloat16; q is {q.dtype}"
+    D = q.shape[-1]
+    if not (8 <= D <= 256 and D % 8 == 0):
+        return f"FA4 takes head dims that are multiples of 8 in [8, 256]; got {D}"
+    try:
+        _flash()
+    except Exception as e:  # ImportError, or a broken CUDA / CUTLASS install
+        return f"flash_attn.cute (flash-attn-4) is not importable: {e}"
+    if torch.is_grad_enabled():
+        needing = sorted(n for n, t in plan.tensors.items() if t.requires_grad)
+        if needing:
+            return (f"gradients to named tensors ({', '.join(needing)}) are not computed by the FA4 kernel; "
+                    f"flex computes them")
+    from ..emit_cute import Unsupported
+    try:
+        low = lowering(plan)
+    except Unsupported as e:
+        return f"the expression cannot be emitted as CuTeDSL: {e}"
+    for name in low.tensors:
+        t = plan.tensors[name]
+        if t.is_complex():
+            return f"tensor {name!r} has a complex dtype"
+        if not t.is_floating_point() and t.dtype != torch.bool and t.numel():
+            lo, hi = _MEMO.get(t, "range", lambda x: (int(x.min()), int(x.max())))
+            if lo < -(1 << 31) or hi >= (1 << 31):
+                return f"tensor {name!r} holds values outside int32 ({lo}..{hi}); the kernel computes in int32"
+    return None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan):
+    """Attention for one checked call on FlashAttention-4.
+
+    Args:
+        q: [B, Hq, Sq, D]; k: [B, Hkv, Skv, D]; v: [B, Hkv, Skv, Dv]; float16 / bfloat16 on an sm90+ GPU.
+        plan: the bound, simplified call (see attnlang.plan.CallPlan).
+    Returns:
+        out [B, Hq, Sq, Dv] in q's dtype (a transposed view of FA4's [B, Sq, Hq, Dv] output), lse float32
+        [B, Hq, Sq] (natural log, -inf for rows with no allowed key; plus plan.lse_shift).
+    Raises:
+        AttnLangError: a value head dim FA4 does not take.
+    """
+    fa = _flash()
+    Dv = v.shape[-1]
+    if not (8 <= Dv <= 256 and Dv % 8 == 0):
+        raise AttnLangError(f"FA4 takes value head dims that are multiples of 8 in [8, 256]; got {Dv}")
+    low = lowering(plan)
+    mod = _load(low.module) if low.module is not None else None
+    score_mod = getattr(mod, "score_mod", None) if low.score_mod else None
+    score_mod_bwd = getattr(mod, "score_mod_bwd", None) if low.score_mod else None
+    mask_mod = getattr(mod, "mask_mod", None) if low.mask_mod else None
+    aux = [_MEMO.get(plan.tensors[n], "aux", _aux) for n in low.tensors] or None
+    grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if grads and k.shape[1] != q.shape[1] and low.module is not None:
+        # FA4 4.0.0b36's backward gave wrong dq for grouped-query attention with an aux-reading score_mod
+        # (GPU test test_gqa[alibi]); with modifiers and gradients, k / v go in expanded to the query heads
+        # (h_kv = h // group, as repeat_interleave lays them out) and autograd sums dk / dv back over the group.
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    sparse_fwd = sparse_bwd = None
+    if mask_mod is not None and max(q.shape[-1], Dv) <= _SPARSE_MAX_HEAD_DIM and not plan.options.get("dense"):
+        sparse_fwd, sparse_bwd, partial = _block_sparse(plan, low, q.device)
+        if (not partial and plan.q_len % _TILE[0] == 0 and plan.kv_len % _TILE[1] == 0
+                and not plan.options.get("keep_mask_mod") and os.environ.get("ATTNLANG_FA4_KEEP_MASK_MOD") != "1"):
+            # every tile is empty or full (documents on tile boundaries): the tile lists say everything, so the
+            # kernel is built without the mask_mod and without the tensors only the mask reads
+            mask_mod = None
+            if not low.score_tensors:
+                aux = None
+    out, lse = fa.flash_attn_func(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        softmax_scale=plan.scale, causal=False, window_size=low.window,
+        score_mod=score_mod, score_mod_bwd=score_mod_bwd, mask_mod=mask_mod, aux_tensors=aux,
+        block_sparse_tensors=sparse_fwd, block_sparse_tensors_bwd=sparse_bwd, return_lse=True)
+    out = out.transpose(1, 2)
+    if plan.lse_shift is not None:
+        from .eager import _row_values
+        shift = _row_values(plan.lse_shift, plan.batch, plan.q_heads, plan.q_len, plan.kv_len, q.device,
+                            torch.float32, plan.tensors)
+        lse = lse + shift
+    return out, lse

@@ -1,0 +1,490 @@
+"""The FlexAttention backend: a variant becomes a score_mod / mask_mod pair plus attnlang's analytic BlockMask,
+run through ``torch.compile(flex_attention)``.
+
+- score_mod / mask_mod are printed from the bound, simplified AST by ``attnlang.lower_torch.evaluate`` (the same
+  dispatcher the eager reference uses), so both backends compute one function: tensor reads, Python-sign ``//``
+  and ``%``, ``int()`` truncation.
+- The BlockMask comes from ``Variant.block_sparsity(...).to_flex(mask_mod=...)`` (never ``create_block_mask``) and
+  is cached per (variant, lengths, batch/heads, block size, identity and version of the tensors the mask reads).
+- One compiled callable per (variant, shapes, dtypes, device, kernel options, ...): each gets its own code object,
+  so Dynamo's per-code recompile limit is never reached by calling many variants, and calls with new tensors of
+  the same shapes reuse it (q, k, v, the block-mask tensors and the named tensors are graph inputs).
+- Kernel (``kernel_options={"BACKEND": ...}``): on CUDA "FLASH" (flash_attn.cute, FlashAttention-4) where it fits
+  (Hopper or newer, fp16/bf16, head dims 64/96/128, no gradients), else "TRITON"; a user's ``kernel_options``
+  override. An automatically chosen FLASH that fails to compile falls back to TRITON once and is remembered.
+- On the CPU (torch 2.11-2.13) compiled flex runs only inference without lse and in float32/bf16/fp16: calls that
+  need lse (``plan.return_lse``, assumed when the plan does not say) or float64 run flex's unfused implementation
+  (exact, materialises the [B, Hq, Sq, Skv] scores); calls needing gradients are refused (flex has no CPU
+  backward).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import types
+import warnings
+from collections import OrderedDict
+
+import torch
+
+from ..ast import Binary, Const, DType, Expr, Index, Op, Var, children, names_used, walk, with_children
+from ..errors import AttnLangError
+from ..lower_torch import evaluate
+from ..plan import CallPlan
+
+__all__ = ["attention", "unsupported", "kernel_for", "cache_info", "clear_caches", "BLOCK_SIZE", "FLASH_HEAD_DIMS"]
+
+BLOCK_SIZE = (128, 128)              # (query rows, key columns) per BlockMask block: the flex kernels' tile
+FLASH_HEAD_DIMS = (64, 96, 128)      # head dims the FLASH (FlashAttention-4) kernel is chosen for automatically
+_UNFUSED_BUDGET = 1 << 27            # score elements the unfused (CPU lse / float64) path may materialise
+_MAX_COMPILED = 256                  # compiled callables kept (LRU); each distinct variant x shapes holds one
+_MAX_BLOCK_MASKS = 64                # block masks kept (LRU)
+_RECOMPILE_LIMIT = 64                # Dynamo's per-code-object limit, raised once, for stride / grad-mode changes
+
+_compiled: "OrderedDict[tuple, object]" = OrderedDict()
+_block_masks: "OrderedDict[tuple, tuple]" = OrderedDict()
+_flash_failed: dict[tuple, str] = {}
+_stats = {"compiled": 0, "graphs": 0, "block_masks": 0, "flash_fallbacks": 0}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what can run where
+
+def _grad_needed(q, k, v, plan: CallPlan) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return any(t.requires_grad for t in (q, k, v, *plan.tensors.values()))
+
+
+def _named_grad(plan: CallPlan) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in plan.tensors.values())
+
+
+def _want_lse(plan: CallPlan) -> bool:
+    # Compiled CPU flex cannot return lse; a plan that says it needs none may take that path.
+    return bool(getattr(plan, "return_lse", True)) or plan.lse_shift is not None
+
+
+@functools.lru_cache(maxsize=1)
+def _flash_importable() -> bool:
+    try:
+        import flash_attn.cute  # noqa: F401
+    except Exception:  # ImportError, or a broken CUDA toolchain raising at import
+        return False
+    return True
+
+
+def _flash_fits(q, plan: CallPlan, dv: int, grads: bool) -> str | None:
+    """None if the FLASH kernel suits this CUDA call, else why not."""
+    if torch.cuda.get_device_capability(q.device) < (9, 0):
+        return "FLASH needs Hopper (sm90) or newer"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"FLASH takes float16/bfloat16, not {q.dtype}"
+    if q.shape[-1] not in FLASH_HEAD_DIMS or dv != q.shape[-1]:
+        return f"FLASH is chosen for head dims {FLASH_HEAD_DIMS} with Dv == D, got D={q.shape[-1]}, Dv={dv}"
+    if grads:
+        # The FLASH backward does not take gradients to captured tensors and is young; TRITON is the safe default
+        # for training. kernel_options={"BACKEND": "FLASH"} still forces it.
+        return "FLASH is chosen automatically for inference only"
+    if not _flash_importable():
+        return "flash_attn.cute (flash-attn-4) is not importable"
+    return None
+
+
+def kernel_for(q, plan: CallPlan, dv: int | None = None, grads: bool = False) -> str | None:
+    """The flex kernel (kernel_options["BACKEND"]) this call uses: plan.options' choice, else "FLASH" or "TRITON"
+    on CUDA, None (flex's own choice) elsewhere."""
+    chosen = plan.options.get("BACKEND") if plan.options else None
+    if chosen is not None:
+        return str(chosen)
+    if q.device.type != "cuda":
+        return None
+    dv = q.shape[-1] if dv is None else dv
+    if _flash_fits(q, plan, dv, grads) is None:
+        key = (plan.variant.canonical, tuple(q.shape), q.dtype, str(q.device))
+        if key not in _flash_failed:
+            return "FLASH"
+    return "TRITON"
+
+
+def unsupported(q, plan: CallPlan) -> str | None:
+    """None if flex can run this call here, else the reason (shown by ``backend="auto"`` and in errors)."""
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError as e:  # pragma: no cover - torch >= 2.5 has it
+        return f"torch.nn.attention.flex_attention is not importable: {e}"
+    dev = q.device.type
+    D = q.shape[-1]
+    named_grad = _named_grad(plan)
+    if dev == "cpu":
+        if torch.is_grad_enabled() and (q.requires_grad or named_grad):
+            return ("FlexAttention has no backward pass on the CPU (torch raises NotImplementedError); use "
+                    "backend='eager' for gradients on the CPU")
+        unfused = _want_lse(plan) or q.dtype == torch.float64
+        if unfused:
+            n = plan.batch * plan.q_heads * plan.q_len * plan.kv_len
+            if n > _UNFUSED_BUDGET:
+                why = "lse" if q.dtype != torch.float64 else "float64"
+                return (f"on the CPU, flex with {why} runs only unfused and would materialise {n} scores "
+                        f"(limit {_UNFUSED_BUDGET}); use backend='eager'")
+        return None
+    if dev != "cuda":
+        return f"attnlang's flex backend runs on CPU and CUDA, not {dev}"
+    if q.dtype == torch.float64:
+        return "FlexAttention's GPU kernels take float16, bfloat16 or float32, not float64"
+    if D < 16:
+        return f"FlexAttention's GPU kernels need head dim >= 16, got {D}"
+    kernel = kernel_for(q, plan, grads=torch.is_grad_enabled() and (q.requires_grad or named_grad))
+    if kernel == "FLASH":
+        if named_grad:
+            return ("kernel FLASH cannot give gradients to tensors bound by name (flex's FLASH backward: captured "
+                    "grads NYI); use kernel_options={'BACKEND': 'TRITON'}")
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            return f"kernel FLASH takes float16/bfloat16, not {q.dtype}"
+        if plan.options.get("BACKEND") == "FLASH" and not _flash_importable():
+            return "kernel FLASH needs flash_attn.cute (flash-attn-4), which is not importable"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generated score_mod / mask_mod
+
+def _slug(plan: CallPlan) -> str:
+    """A Python identifier naming the generated code after the canonical expression."""
+    text = " ".join(plan.variant.canonical)
+    word = "".join(c if c.isalnum() else "_" for c in text)[:40].strip("_")
+    return f"{word}_{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+
+
+def _is_plain_score(expr: Expr) -> bool:
+    return isinstance(expr, Var) and expr.name == "score"
+
+
+def _is_true(expr: Expr) -> bool:
+    return isinstance(expr, Const) and expr.dtype is DType.BOOL and expr.value is True
+
+
+_GRID = frozenset({"b", "h", "q_idx", "kv_idx"})
+
+
+def _prepare(expr: Expr, q_len: int, kv_len: int, fd: torch.dtype) -> Expr:
+    """The expression as the mods evaluate it: the same values, friendlier to flex's tracing.
+
+    - Every subexpression of literals, ``q_len`` and ``kv_len`` only is folded into one literal (with this call's
+      lengths, by ``evaluate`` itself, so the value is the one eager computes).
+    - ``t[c]`` becomes ``t[c + 0 * q_idx]`` for every index c that depends on no position, and a literal operand
+      of ``**`` becomes ``c + 0 * q_idx``.
+    Tracing specialises constant-only ops and reads at constant indices, leaving dead constant tensors in the
+    mod's graph, which compiled CPU flex cannot lower (torch 2.13: "'Tensor' object has no attribute
+    'get_dtype'"). Expressions are at most a hundred levels deep (the parser's limit), so recursion is fine.
+    """
+    lengths = {"q_len": torch.tensor(q_len), "kv_len": torch.tensor(kv_len)}
+
+    def constant_only(node: Expr) -> bool:
+        return all(isinstance(n, Const) or (isinstance(n, Var) and n.name in lengths) or
+                   (not isinstance(n, (Var, Index)) and bool(children(n))) for n in walk(node))
+
+    def fold(node: Expr) -> Const:
+        value = evaluate(node, lengths, {}, fd, torch.device("cpu"))
+        v = bool(value) if node.dtype is DType.BOOL else int(value) if node.dtype is DType.INT else float(value)
+        return Const(v, node.dtype)
+
+    def anchor(ix: Expr) -> Expr:
+        if names_used(ix) & _GRID:
+            return ix
+        zero = Binary(Op.MUL, Const(0, DType.INT), Var("q_idx", dtype=DType.INT), dtype=DType.INT)
+        return Binary(Op.ADD, ix, zero, dtype=DType.INT)
+
+    def tied(c: Expr) -> Expr:
+        zero = Binary(Op.MUL, Const(0, DType.INT), Var("q_idx", dtype=DType.INT), dtype=DType.INT)
+        return Binary(Op.ADD, c, zero, dtype=c.dtype)
+
+    def visit(node: Expr) -> Expr:
+        if isinstance(node, Const):
+            return node
+        if constant_only(node):
+            return fold(node)
+        if isinstance(node, Index):
+            return with_children(node, tuple(anchor(visit(ix)) for ix in node.indices))
+        if isinstance(node, Binary) and node.op is Op.POW:
+            # tracing specialises pow at a literal (x ** 2 -> x * x) and leaves the literal dead
+            return with_children(node, tuple(tied(c) if isinstance(c, Const) else c
+                                             for c in (visit(node.left), visit(node.right))))
+        kids = children(node)
+        return with_children(node, tuple(visit(c) for c in kids)) if kids else node
+
+    return visit(expr)
+
+
+def _mods(score: Expr, mask: Expr, names: tuple[str, ...], values, q_len: int, kv_len: int, fd: torch.dtype,
+          tie_to_score: bool = False):
+    """score_mod and mask_mod of ``_prepare``-d expressions over the tensors ``values`` (bound by ``names``):
+    closures over the caller's own arguments, so inside a compiled function the tensors are graph inputs, not
+    constants.
+
+    tie_to_score: add ``0 * score`` to a score expression that ignores the score. Compiled CPU flex (torch 2.13)
+    returns wrong values for a score_mod whose result does not depend on the score; the score is finite there
+    (q and k are), so the term is exactly 0.
+    """
+    tensors = dict(zip(names, values))
+    used_s, used_m = names_used(score), names_used(mask)
+    tie = tie_to_score and "score" not in used_s
+
+    def grid(dev, used, b, h, q_idx, kv_idx):
+        out = {"b": b, "h": h, "q_idx": q_idx, "kv_idx": kv_idx}
+        if "q_len" in used:
+            out["q_len"] = torch.tensor(q_len, device=dev)
+        if "kv_len" in used:
+            out["kv_len"] = torch.tensor(kv_len, device=dev)
+        return out
+
+    score_mod = None
+    if not _is_plain_score(score):
+        def score_mod(s, b, h, q_idx, kv_idx):
+            names_ = grid(s.device, used_s, b, h, q_idx, kv_idx)
+            names_["score"] = s
+            # float32 (float64 for float64 inputs) whatever s's dtype: compiled CPU flex miscomputes a score_mod
+            # that casts back to bf16/fp16 (torch 2.13), and every kernel accumulates scores in float32 anyway
+            out = evaluate(score, names_, tensors, fd, s.device)
+            return out + s.to(fd) * 0.0 if tie else out
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return evaluate(mask, grid(q_idx.device, used_m, b, h, q_idx, kv_idx), tensors, fd, q_idx.device)
+
+    return score_mod, mask_mod
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# block masks
+
+def _block_mask(q, plan: CallPlan, mask_names: tuple[str, ...], fd):
+    """The analytic BlockMask (cached) and its mask_mod over the current tensors."""
+    mask_tensors = {n: plan.tensors[n] for n in mask_names}
+    ident = tuple((n, id(t), t._version, tuple(t.shape), t.dtype) for n, t in mask_tensors.items())
+    key = (plan.variant.canonical, plan.q_len, plan.kv_len, plan.batch, plan.q_heads, BLOCK_SIZE, str(q.device),
+           ident)
+    hit = _block_masks.get(key)
+    if hit is not None:
+        _block_masks.move_to_end(key)
+        return hit[1]
+    _, mask_mod = _mods(plan.score, _prepare(plan.mask, plan.q_len, plan.kv_len, fd), mask_names, tuple(mask_tensors.values()), plan.q_len, plan.kv_len,
+                        fd)
+    bs = plan.variant.block_sparsity(plan.q_len, plan.kv_len, plan.batch, plan.q_heads, BLOCK_SIZE,
+                                     **{n: t.detach() for n, t in mask_tensors.items()})
+    bm = bs.to_flex(mask_mod=mask_mod, device=q.device)
+    # the entry holds the tensors, so their ids cannot be reused by other tensors while it lives
+    _block_masks[key] = (tuple(mask_tensors.values()), bm)
+    _stats["block_masks"] += 1
+    while len(_block_masks) > _MAX_BLOCK_MASKS:
+        _block_masks.popitem(last=False)
+    return bm
+
+
+def _block_tensors(bm) -> tuple:
+    return (bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, bm.q_num_blocks,
+            bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the flex call, compiled once per key
+
+def _make_body(plan: CallPlan, names: tuple[str, ...], fd, kernel_options, want_lse: bool, gqa: bool, seq_lengths,
+               block_size, tie_to_score: bool):
+    """f(q, k, v, *block_mask_tensors, *named) -> (out, lse or None), building its mods from its own arguments."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:  # pragma: no cover - older torch: return_lse only
+        AuxRequest = None
+    q_len, kv_len, scale = plan.q_len, plan.kv_len, plan.scale
+    # prepared here, outside the traced function: folding evaluates on the host
+    score, mask = _prepare(plan.score, q_len, kv_len, fd), _prepare(plan.mask, q_len, kv_len, fd)
+    options = dict(kernel_options) if kernel_options else None
+
+    def body(q, k, v, kv_num, kv_idx, full_num, full_idx, q_num, q_idx_, full_q_num, full_q_idx, *named):
+        score_mod, mask_mod = _mods(score, mask, names, named, q_len, kv_len, fd, tie_to_score)
+        bm = BlockMask(seq_lengths, kv_num, kv_idx, full_num, full_idx, q_num, q_idx_, full_q_num, full_q_idx,
+                       BLOCK_SIZE=block_size, mask_mod=mask_mod)
+        kwargs = dict(score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=gqa, kernel_options=options)
+        if not want_lse:
+            return flex_attention(q, k, v, **kwargs), None
+        if AuxRequest is not None:
+            out, aux = flex_attention(q, k, v, return_aux=AuxRequest(lse=True), **kwargs)
+            return out, aux.lse
+        return flex_attention(q, k, v, return_lse=True, **kwargs)
+
+    return body
+
+
+def _renamed(fn, name: str):
+    """A copy of ``fn`` with its own code object named ``name``: Dynamo caches (and counts recompiles) per code
+    object, so every distinct key gets a fresh budget and the generated code reads as its variant in traces."""
+    code = fn.__code__.replace(co_name=name)
+    if hasattr(code, "co_qualname"):
+        code = code.replace(co_qualname=name)
+    out = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    return out
+
+
+def _counting_inductor(gm, example_inputs):
+    """Inductor, counting the graphs Dynamo hands it: cache_info()["graphs"] rises on every (re)compile."""
+    from torch._dynamo.backends.registry import lookup_backend
+    _stats["graphs"] += 1
+    return lookup_backend("inductor")(gm, example_inputs)
+
+
+def _raise_limits() -> None:
+    cfg = torch._dynamo.config
+    for attr in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, attr) and getattr(cfg, attr) < _RECOMPILE_LIMIT:
+            setattr(cfg, attr, _RECOMPILE_LIMIT)
+
+
+def _callable(q, k, v, plan: CallPlan, names, named, fd, kernel, compiled: bool, want_lse: bool, bm):
+    kernel_options = dict(plan.options or {})
+    kernel_options.pop("BACKEND", None)
+    if kernel is not None:
+        kernel_options["BACKEND"] = kernel
+    gqa = plan.q_heads != plan.kv_heads
+    key = (plan.variant.canonical, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, str(q.device),
+           tuple((n, tuple(t.shape), t.dtype, t.requires_grad) for n, t in zip(names, named)),
+           tuple(sorted((str(a), repr(b)) for a, b in kernel_options.items())), plan.scale, compiled, want_lse,
+           tuple(bm.kv_num_blocks.shape), bm.full_kv_num_blocks is None, torch.is_grad_enabled(),
+           q.requires_grad, k.requires_grad, v.requires_grad)
+    fn = _compiled.get(key)
+    if fn is not None:
+        _compiled.move_to_end(key)
+        return fn
+    body = _make_body(plan, names, fd, kernel_options or None, want_lse, gqa, (plan.q_len, plan.kv_len),
+                      tuple(bm.BLOCK_SIZE), tie_to_score=compiled and q.device.type == "cpu")
+    if compiled:
+        _raise_limits()
+        fn = torch.compile(_renamed(body, f"flex_{_slug(plan)}"), backend=_counting_inductor, dynamic=False,
+                           fullgraph=True)
+        _stats["compiled"] += 1
+    else:
+        fn = body
+    _compiled[key] = fn
+    while len(_compiled) > _MAX_COMPILED:
+        _compiled.popitem(last=False)
+    return fn
+
+
+def _row_values(expr, B, Hq, Sq, Skv, device, fd, tensors):
+    names = {
+        "b": torch.arange(B, device=device).view(B, 1, 1),
+        "h": torch.arange(Hq, device=device).view(1, Hq, 1),
+        "q_idx": torch.arange(Sq, device=device).view(1, 1, Sq),
+        "q_len": torch.tensor(Sq, device=device),
+        "kv_len": torch.tensor(Skv, device=device),
+    }
+    used = names_used(expr)
+    val = evaluate(expr, {n: t for n, t in names.items() if n in used}, tensors, fd, device)
+    return val.to(fd).expand(B, Hq, Sq)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention for one checked call through FlexAttention.
+
+    Args:
+        q: [B, Hq, Sq, D]; k: [B, Hkv, Skv, D]; v: [B, Hkv, Skv, Dv]; one device. CUDA: float16/bfloat16/float32;
+            CPU: float32/bfloat16/float16 compiled (inference without lse), any float dtype unfused.
+        plan: the bound, simplified expressions, scale, named tensors and options (``attnlang.plan.CallPlan``);
+            plan.options are flex kernel_options ({"BACKEND": "TRITON" | "FLASH" | ...} picks the kernel).
+    Returns:
+        out [B, Hq, Sq, Dv] in q's dtype; lse float32 [B, Hq, Sq], natural log, -inf for rows with no allowed key
+        (zeros of that shape on the compiled CPU path when the plan asks for no lse).
+    Raises:
+        AttnLangError: ``unsupported`` gives a reason; the kernel asked for in kernel_options fails to compile;
+            the score is NaN or +inf at an allowed position.
+    """
+    why = unsupported(q, plan)
+    if why is not None:
+        raise AttnLangError(f"backend 'flex' cannot run this call: {why}")
+    fd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    cpu = q.device.type == "cpu"
+    want_lse = _want_lse(plan)
+    compiled = not (cpu and (want_lse or q.dtype == torch.float64))
+    grads = _grad_needed(q, k, v, plan)
+    if cpu and grads:
+        raise AttnLangError("backend 'flex' cannot run this call: FlexAttention has no backward pass on the CPU "
+                            "(k or v requires grad); use backend='eager' for gradients on the CPU")
+    if not cpu and v.shape[-1] < 16:
+        raise AttnLangError(f"backend 'flex' cannot run this call: FlexAttention's GPU kernels need a value head dim "
+                            f">= 16, got {v.shape[-1]}")
+    kernel = kernel_for(q, plan, v.shape[-1], grads)
+    # the tensors score and mask read, in a fixed order: these become graph inputs
+    names = tuple(sorted(_tensor_names(plan.score) | _tensor_names(plan.mask)))
+    mask_names = tuple(sorted(_tensor_names(plan.mask)))
+    named = tuple(plan.tensors[n] for n in names)
+    if not grads:
+        # torch's flex refuses CPU inputs that require grad even under no_grad; nothing needs their graph here
+        q, k, v, named = q.detach(), k.detach(), v.detach(), tuple(t.detach() for t in named)
+    q, k, v = (t if t.is_contiguous() else t.contiguous() for t in (q, k, v))
+    bm = _block_mask(q, plan, mask_names, fd)
+
+    def run(kern):
+        fn = _callable(q, k, v, plan, names, named, fd, kern, compiled, want_lse or not compiled, bm)
+        with warnings.catch_warnings():
+            # the unfused path warns that it is unfused, and return_lse is deprecated on newer torch
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            return fn(q, k, v, *_block_tensors(bm), *named)
+
+    explicit = bool(plan.options) and "BACKEND" in plan.options
+    try:
+        out, lse = run(kernel)
+    except AttnLangError:
+        raise
+    except Exception as e:  # compile failures surface as BackendCompilerFailed / InductorError / RuntimeError
+        if kernel == "FLASH" and not explicit:
+            _flash_failed[(plan.variant.canonical, tuple(q.shape), q.dtype, str(q.device))] = str(e)[:500]
+            _stats["flash_fallbacks"] += 1
+            out, lse = run("TRITON")
+        else:
+            what = f"kernel {kernel}" if kernel else "FlexAttention"
+            raise AttnLangError(f"backend 'flex': {what} failed on this call: {type(e).__name__}: "
+                                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+    B, Hq, Sq = q.shape[0], q.shape[1], q.shape[2]
+    if lse is None:
+        # compiled CPU flex returns no lse; the plan said it needs none, so zeros keep the contract's shape
+        lse = torch.zeros(B, Hq, Sq, dtype=torch.float32, device=q.device)
+        if bool(torch.isnan(out).any()):
+            raise AttnLangError("the score expression gives NaN or +inf at an allowed position; scores must be "
+                                "finite or -inf")
+        return out, lse
+    lse = lse.to(torch.float32)
+    # a NaN or +inf score at an allowed position poisons its row's lse: an error, as on the eager reference
+    # (one reduction and one host sync per call)
+    bad = torch.isnan(lse) | (lse == math.inf)
+    if bool(bad.any()):
+        b, h, i = (int(x) for x in bad.nonzero()[0])
+        raise AttnLangError(f"the score expression gives NaN or +inf at an allowed position in row b={b}, h={h}, "
+                            f"q_idx={i}; scores must be finite or -inf")
+    # rows with no allowed key: out 0 and lse -inf whatever the kernel wrote into out there
+    empty = lse == -math.inf
+    lse = torch.where(empty, torch.full_like(lse, -math.inf), lse)
+    out = torch.where(empty.unsqueeze(-1), torch.zeros((), dtype=out.dtype, device=out.device), out)
+    if plan.lse_shift is not None:
+        shift = _row_values(plan.lse_shift, B, Hq, Sq, plan.kv_len, q.device, fd, plan.tensors)
+        lse = lse + shift.to(torch.float32)
+    return out.to(q.dtype), lse
+
+
+def _tensor_names(expr: Expr) -> set[str]:
+    return {n.tensor for n in walk(expr) if isinstance(n, Index)}
+
+
+def cache_info() -> dict:
+    """Counters: callables created (compiled), graphs Dynamo compiled (graphs: equal to compiled unless something
+    recompiled), block masks built, FLASH fallbacks; sizes of the caches."""
+    return dict(_stats, compiled_cached=len(_compiled), block_masks_cached=len(_block_masks))
+
+
+def clear_caches() -> None:
+    """Forget every compiled callable, block mask and FLASH fallback (tests; after changing torch settings)."""
+    _compiled.clear()
+    _block_masks.clear()
+    _flash_failed.clear()

@@ -1,0 +1,345 @@
+"""Hugging Face transformers: ``attn_implementation="attnlang"`` runs every attention layer through attnlang.
+
+    import attnlang.integrations.transformers as alt
+    alt.register()
+    config = LlamaConfig(..., attn_implementation="attnlang")
+    config.attnlang = {"score": "score + slope[h] * (kv_idx - q_idx)", "mask": "True", "params": {}}
+    model = LlamaForCausalLM(config)
+    alt.bind_tensors(model, slope=slopes)          # tensors the variant reads (or attnlang_tensors=... per call)
+
+What the model passes is mapped onto the variant, never dropped:
+- the model's own pattern stays: the causal flag (``is_causal`` kwarg or ``module.is_causal``) adds the bottom-right
+  causal mask ``kv_idx <= q_idx + kv_len - q_len``; ``sliding_window`` adds ``q - kv < window`` as transformers
+  defines it; ``softcap`` (Gemma 2's ``attn_logit_softcapping``) replaces ``score`` in the config's score expression
+  by ``softcap * tanh(score / softcap)``; ``scaling`` is attnlang's ``scale``; GQA k/v go in unexpanded.
+- the config's variant (``config.attnlang``: a ``Variant.to_config()`` dict, or a list with one per layer) is
+  combined with that: its score modifies the (soft-capped) score, its mask is and-ed with the model's mask. Its
+  ``q_idx``/``kv_idx``/``q_len``/``kv_len`` are absolute positions in the whole sequence (query ``i`` of a decoding
+  step with a KV cache is position ``kv_len - q_len + i``), so ``doc[kv_idx]`` reads a tensor over the whole sequence.
+- padding: the mask function registered in ``AttentionMaskInterface`` under the same name turns the 2-D padding mask
+  into a ``[B, seen + q_len]`` bool tensor; each call reads the part for its keys as ``attnlang_pad[b, kv_idx]``
+  (never an S x S mask). Without that registration transformers would call attention with ``attention_mask=None``
+  and lose padding silently, so a call under a name whose mask function is not attnlang's is an error.
+- anything else (dropout while training, a static cache whose keys are not the latest ones, packed sequences or
+  mask overlays that transformers builds into its mask function, bidirectional masks, position_bias, sinks) is an
+  AttnLangError naming it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping
+
+import torch
+
+from ..ast import Var, children, with_children
+from ..errors import AttnLangError
+from ..parse import parse
+from ..printer import to_source
+from ..variant import BACKENDS, Variant, compile as al_compile, from_config
+
+__all__ = ["NAME", "register", "attention_forward", "mask_interface", "bind_tensors", "layer_variant"]
+
+NAME = "attnlang"
+PAD = "attnlang_pad"
+_CAP, _WINDOW, _OFFSET = "attnlang_softcap", "attnlang_window", "attnlang_offset"
+# keyword arguments models pass that do not change what attention computes
+_HARMLESS = {"position_ids", "cache_position", "use_cache", "output_attentions", "return_dict", "layer_idx",
+             "position_embeddings", "token_type_ids", "past_key_values", "cache"}
+
+
+def register(name: str = NAME) -> None:
+    """Register attnlang with transformers' AttentionInterface and AttentionMaskInterface under ``name``.
+
+    Raises:
+        ImportError: transformers is not installed (``pip install attnlang[transformers]``).
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    AttentionInterface.register(name, attention_forward)
+    AttentionMaskInterface.register(name, mask_interface)
+
+
+def bind_tensors(model: torch.nn.Module, **tensors: torch.Tensor) -> None:
+    """Attach the tensors the config's variants read (e.g. ``slope=...``, ``doc=...``) to every attention layer.
+
+    Tensors passed to a forward call as ``attnlang_tensors={...}`` take precedence.
+    """
+    for module in model.modules():
+        if hasattr(module, "num_key_value_groups") or hasattr(module, "is_causal"):
+            module._attnlang_tensors = dict(tensors)
+
+
+# ----- the mask interface: a padding tensor, and a check that the model asks for nothing else -----
+
+def mask_interface(batch_size: int, q_length: int | None = None, kv_length: int | None = None, q_offset=0,
+                   kv_offset: int = 0, mask_function=None, attention_mask: torch.Tensor | None = None,
+                   local_size: int | None = None, device="cpu", cache_position: torch.Tensor | None = None,
+                   **kwargs) -> torch.Tensor | None:
+    """transformers' mask hook: bool [batch, kv_offset + kv_length] (True = a real key) or None (no padding).
+
+    transformers 5.x passes q_length and q_offset; older versions pass the query positions as ``cache_position``.
+
+    Raises:
+        AttnLangError: a mask pattern other than causal / sliding-window causal (packed sequences, overlays,
+            bidirectional), or a cache whose queries are not the last positions of its keys (a static cache).
+    """
+    if q_length is None and cache_position is not None:
+        q_length, q_offset = int(cache_position.shape[0]), int(cache_position[0])
+    if q_length is None or kv_length is None:
+        raise AttnLangError("transformers called the mask function without q_length / kv_length; this transformers "
+                            "version is not supported by attnlang's integration")
+    q_offset = int(q_offset)
+    if q_offset + q_length != kv_offset + kv_length:
+        raise AttnLangError(f"the cache gives queries at positions {q_offset}..{q_offset + q_length - 1} but keys at "
+                            f"{kv_offset}..{kv_offset + kv_length - 1}; attnlang's integration needs the queries to be "
+                            f"the last keys (a DynamicCache), not a static cache")
+    if mask_function is not None:
+        _check_pattern(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, local_size, device)
+    total = kv_offset + kv_length
+    if attention_mask is None:
+        if kv_offset == 0:
+            return None
+        return torch.ones(batch_size, total, dtype=torch.bool, device=device)
+    if attention_mask.dim() != 2:
+        raise AttnLangError(f"attention_mask of shape {tuple(attention_mask.shape)}: attnlang's integration maps a "
+                            f"2-D padding mask [batch, seq_len], not a 4-D one")
+    pad = attention_mask.to(device=device, dtype=torch.bool)
+    if pad.shape[-1] < total:  # as transformers' prepare_padding_mask: missing keys count as padding
+        pad = torch.nn.functional.pad(pad, (0, total - pad.shape[-1]))
+    return pad[:, :total].contiguous()
+
+
+def _check_pattern(mask_function, B, q_length, kv_length, q_offset, kv_offset, local_size, device) -> None:
+    """The model's mask function must be plain causal (or sliding-window causal): anything more is not mapped.
+
+    Checked on every (query, key) pair, in blocks of query rows so no more than ~16M booleans exist at once.
+    """
+    b = torch.arange(B, device=device).view(B, 1, 1, 1)
+    h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+    j = torch.arange(kv_offset, kv_offset + kv_length, device=device).view(1, 1, 1, -1)
+    rows = max(1, (1 << 24) // max(1, B * kv_length))
+    for start in range(0, q_length, rows):
+        n = min(rows, q_length - start)
+        i = torch.arange(q_offset + start, q_offset + start + n, device=device).view(1, 1, -1, 1)
+        try:
+            got = torch.as_tensor(mask_function(b, h, i, j), device=device).expand(B, 1, n, kv_length)
+        except Exception as e:  # not index-based (use_vmap overlays): it cannot be a plain causal mask either
+            raise AttnLangError(f"the model's mask function cannot be mapped onto a variant: {e}") from None
+        expected = j <= i
+        if local_size is not None:
+            expected = expected & (i - j < local_size)
+        if not bool((got == expected).all()):
+            what = "sliding-window causal" if local_size is not None else "causal"
+            raise AttnLangError(f"the model's mask is not plain {what} (packed sequences found from position_ids, "
+                                f"a chunked or token-type overlay, or bidirectional attention): attnlang's integration "
+                                f"does not map it; express it in config.attnlang instead (e.g. a document mask)")
+
+
+# ----- the attention function -----
+
+def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      is_causal: bool | None = None, sliding_window: int | None = None, softcap: float | None = None,
+                      **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention hook.
+
+    Args:
+        query: [B, Hq, Sq, D]; key, value: [B, Hkv, Skv, D] (after the cache update; Hq a multiple of Hkv).
+        attention_mask: what ``mask_interface`` returned: bool [B, seen + Sq] or None.
+    Returns:
+        (out [B, Sq, Hq, D], None): attention weights are never materialised.
+    Raises:
+        AttnLangError: something the model asks for that attnlang cannot map (named in the message).
+    """
+    if dropout and module.training:
+        raise AttnLangError(f"dropout={dropout}: attnlang has no attention dropout; train with attention_dropout=0")
+    for name, value_ in kwargs.items():
+        if name in _HARMLESS or name == "attnlang_tensors" or value_ is None or value_ is False:
+            continue
+        raise AttnLangError(f"the model passes {name}={_short(value_)} to attention; attnlang's integration cannot "
+                            f"map {name!r}")
+    if kwargs.get("output_attentions"):
+        raise AttnLangError("output_attentions=True: attnlang never materialises attention weights")
+    if attention_mask is not None and (attention_mask.dtype != torch.bool or attention_mask.dim() != 2):
+        raise AttnLangError(f"attention_mask of shape {tuple(attention_mask.shape)} and dtype {attention_mask.dtype}: "
+                            f"attnlang expects the [batch, seq_len] bool padding mask its own mask function makes; "
+                            f"register() both interfaces under one name")
+    _check_mask_registered(getattr(module, "config", None))
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    Skv = key.shape[2]
+    offset = 0 if attention_mask is None else attention_mask.shape[-1] - Skv
+    if offset < 0:
+        raise AttnLangError(f"padding mask covers {attention_mask.shape[-1]} keys but attention gets {Skv}")
+    layer = layer_variant(getattr(module, "config", None), getattr(module, "layer_idx", None))
+    variant = _composed(layer, bool(causal), _opt_int(sliding_window, "sliding_window"),
+                        _opt_float(softcap, "softcap"), offset > 0, attention_mask is not None)
+    tensors = dict(getattr(module, "_attnlang_tensors", {}) or {})
+    tensors.update(kwargs.get("attnlang_tensors") or {})
+    tensors = {n: t for n, t in tensors.items() if n in variant.tensor_names}
+    if attention_mask is not None:
+        tensors[PAD] = attention_mask[:, offset:]  # the keys this call sees (a sliding cache dropped the first ones)
+    if _OFFSET in variant.tensor_names:
+        tensors[_OFFSET] = torch.tensor([offset], device=query.device)
+    backend = _backend(getattr(module, "config", None), query.device)
+    out = variant(query, key, value, scale=scaling, backend=backend, **tensors)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _check_mask_registered(config) -> None:
+    name = getattr(config, "_attn_implementation", None)
+    if name is None:
+        return
+    from transformers.masking_utils import AttentionMaskInterface
+    if AttentionMaskInterface._global_mapping.get(name) is not mask_interface:
+        raise AttnLangError(f"attn_implementation {name!r} runs attnlang's attention but not its mask function, so "
+                            f"transformers would drop padding masks; use attnlang.integrations.transformers.register"
+                            f"({name!r}), which registers both")
+
+
+def _backend(config, device: torch.device) -> str:
+    """``config.attnlang_options = {"backend": ...}``; default "eager" on the CPU (no compile step), else "auto"."""
+    options = getattr(config, "attnlang_options", None) if config is not None else None
+    if options is None:
+        options = {}
+    if not isinstance(options, Mapping):
+        raise AttnLangError(f"config.attnlang_options must be a mapping, got {type(options).__name__}")
+    unknown = [k for k in options if k != "backend"]
+    if unknown:
+        raise AttnLangError(f"unknown key {unknown[0]!r} in config.attnlang_options; expected keys: backend")
+    backend = options.get("backend")
+    if backend is None:
+        return "eager" if device.type == "cpu" else "auto"
+    if backend not in BACKENDS:
+        raise AttnLangError(f"config.attnlang_options 'backend' is {backend!r}; expected one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def layer_variant(config, layer_idx: int | None) -> Variant | None:
+    """The variant ``config.attnlang`` gives layer ``layer_idx``: one config for all layers, or a list; None if absent.
+
+    Raises:
+        AttnLangError: a bad config (naming the key), or a list whose length is not the number of layers.
+    """
+    spec = getattr(config, "attnlang", None) if config is not None else None
+    if spec is None:
+        return None
+    if isinstance(spec, Variant):
+        return spec
+    if isinstance(spec, (list, tuple)):
+        layers = getattr(config, "num_hidden_layers", None)
+        if isinstance(layers, int) and len(spec) != layers:
+            raise AttnLangError(f"config.attnlang is a list of {len(spec)} per-layer variants but the model has "
+                                f"{layers} layers (num_hidden_layers); give one per layer, None for the model's own")
+        if layer_idx is None or not 0 <= layer_idx < len(spec):
+            raise AttnLangError(f"config.attnlang is a list of {len(spec)} per-layer variants but this attention "
+                                f"layer has index {layer_idx}")
+        item = spec[layer_idx]
+        if item is None:
+            return None
+        return item if isinstance(item, Variant) else _from_config_at(item, f"config.attnlang[{layer_idx}]")
+    return _from_config_at(spec, "config.attnlang")
+
+
+def _from_config_at(spec, where: str) -> Variant:
+    key = _freeze(spec)
+    try:
+        return _from_config_cached(key) if key is not None else from_config(spec)
+    except AttnLangError as e:
+        raise AttnLangError(f"{where}: {e}") from None
+
+
+@functools.lru_cache(maxsize=256)
+def _from_config_cached(key) -> Variant:
+    return from_config(_thaw(key))
+
+
+def _freeze(spec):
+    if isinstance(spec, str):
+        return ("text", spec)
+    if isinstance(spec, Mapping):
+        try:
+            items = tuple(sorted((str(k), _freeze(v) if isinstance(v, Mapping) else v) for k, v in spec.items()))
+            hash(items)
+        except TypeError:
+            return None
+        return ("map", items)
+    return None
+
+
+def _thaw(key):
+    kind, body = key
+    if kind == "text":
+        return body
+    return {k: _thaw(v) if isinstance(v, tuple) and v and v[0] == "map" else v for k, v in body}
+
+
+# ----- composing the model's attention with the config's variant -----
+
+@functools.lru_cache(maxsize=1024)
+def _composed(layer: Variant | None, causal: bool, window: int | None, cap: float | None, shifted: bool,
+              padded: bool) -> Variant:
+    """One variant for one kind of call; the config's expressions rewritten from absolute to call positions.
+
+    ``shifted``: the keys start at an absolute position > 0 (a sliding cache dropped the first ones), read at call
+    time from the int64 [1] tensor ``attnlang_offset``, so decoding steps share one compiled variant.
+    """
+    params: dict[str, Any] = dict(layer.params) if layer is not None else {}
+    score_src, mask_src = (layer.score, layer.mask) if layer is not None else ("score", "True")
+    reserved = [n for n in (_CAP, _WINDOW, _OFFSET, PAD) if n in params or n in score_src + mask_src]
+    if reserved:
+        raise AttnLangError(f"config.attnlang uses the reserved name {reserved[0]!r}")
+    score = _absolute(parse(score_src, "score"), shifted)
+    mask = _absolute(parse(mask_src, "mask"), shifted)
+    if cap is not None:
+        score = _substitute(score, {"score": parse(f"{_CAP} * tanh(score / {_CAP})", "score")})
+        params[_CAP] = cap
+    parts = [f"({to_source(mask)})"] if mask_src.strip() != "True" else []
+    if causal:
+        parts.append("kv_idx <= q_idx + kv_len - q_len")
+    if window is not None:
+        parts.append(f"q_idx + kv_len - q_len - kv_idx < {_WINDOW}")
+        params[_WINDOW] = window
+    if padded:
+        parts.append(f"{PAD}[b, kv_idx]")
+    return al_compile(to_source(score), " & ".join(parts) or "True", params)
+
+
+def _absolute(expr, shifted: bool):
+    """Absolute positions in call terms: keys start at the offset, queries are the last ``q_len`` of them."""
+    off = f" + {_OFFSET}[0]" if shifted else ""
+    table = {"q_idx": parse(f"q_idx + kv_len - q_len{off}"), "kv_idx": parse(f"kv_idx{off}"),
+             "q_len": parse(f"kv_len{off}"), "kv_len": parse(f"kv_len{off}")}
+    return _substitute(expr, table)
+
+
+def _substitute(expr, table: Mapping[str, Any]):
+    if isinstance(expr, Var):
+        return table.get(expr.name, expr)
+    kids = children(expr)
+    if not kids:
+        return expr
+    return with_children(expr, tuple(_substitute(c, table) for c in kids))
+
+
+def _opt_int(value, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise AttnLangError(f"{name}={value!r}: expected a positive int")
+    return value
+
+
+def _opt_float(value, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise AttnLangError(f"{name}={value!r}: expected a positive number")
+    return float(value)
+
+
+def _short(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"<tensor {tuple(value.shape)}>"
+    text = repr(value)
+    return text if len(text) < 60 else text[:57] + "..."

@@ -1,0 +1,521 @@
+"""Property testing of attention variants across backends.
+
+For users checking their own variants, and for attnlang's own tests::
+
+    from hypothesis import given, settings
+    from attnlang.testing import assert_backends_agree, shapes, variants, tensors_for, make_qkv
+
+    @settings(max_examples=20, deadline=None)
+    @given(variant=variants(), shape=shapes())
+    def test_flex_matches_eager(variant, shape):
+        q, k, v = make_qkv(shape, dtype=torch.float32)
+        tensors = tensors_for(variant, shape.batch, shape.q_heads, shape.q_len, shape.kv_len)
+        assert_backends_agree(variant, q, k, v, backend="flex", grads=False, **tensors)
+
+Generated variants only use total, smooth-enough operations on valid inputs: integer ``//`` and ``%`` divide by
+non-zero constants, tensor indices are plain positions or ``clamp(...)``-ed, functions that could produce NaN or
++inf get arguments that keep them finite, and discontinuous operations (``floor``, ``int``, comparisons, ...) never
+see the score (a last-ulp difference in q·k between kernels would otherwise flip them).
+
+Tolerances (``TOLERANCES``): |got - ref| <= atol + rtol * |ref| elementwise, with atol scaled by the largest |ref|
+of that tensor when it exceeds 1 (so gradients of any magnitude compare fairly):
+
+    dtype     out / lse (atol, rtol)   gradients (atol, rtol)
+    float64   1e-9, 1e-9               1e-8, 1e-8
+    float32   2e-4, 2e-4               2e-3, 2e-3
+    float16   5e-3, 5e-3               2e-2, 2e-2
+    bfloat16  3e-2, 2e-2               8e-2, 5e-2
+
+lse is float32 on every backend, so its tolerance is never tighter than float32's. fp16/bf16 tolerances cover
+one rounding of the output to the input dtype plus float32 accumulation-order differences between fused kernels
+and the float32 eager reference.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from .ast import DType, Index, walk
+from .check import bind
+from .errors import AttnLangError
+from .intervals import Interval, bounds
+from .variant import Variant, compile as compile_variant
+
+__all__ = ["Shape", "variants", "shapes", "tensors_for", "make_qkv", "assert_backends_agree", "TOLERANCES",
+           "ODD_LENGTHS", "TENSOR_POOL", "LANGUAGE_EXAMPLES", "language_examples"]
+
+ODD_LENGTHS = (1, 7, 45, 97, 130)
+
+# (out and lse, gradients): (atol, rtol)
+TOLERANCES = {
+    torch.float64: ((1e-9, 1e-9), (1e-8, 1e-8)),
+    torch.float32: ((2e-4, 2e-4), (2e-3, 2e-3)),
+    torch.float16: ((5e-3, 5e-3), (2e-2, 2e-2)),
+    torch.bfloat16: ((3e-2, 2e-2), (8e-2, 5e-2)),
+}
+
+# The tensors generated variants read: name -> (element dtype, ndim). The prefix names the dtype so that
+# tensors_for can build them without guessing (f_: float, i_: int, m_: bool).
+TENSOR_POOL = {
+    "f_vec": (torch.float32, 1),
+    "f_mat": (torch.float32, 2),
+    "i_vec": (torch.int64, 1),
+    "m_vec": (torch.bool, 1),
+}
+_PREFIX_DTYPES = {"f_": torch.float32, "i_": torch.int64, "m_": torch.bool}
+_INDEX_NAMES = ("b", "h", "q_idx", "kv_idx")
+_INT_LEAVES = ("b", "h", "q_idx", "kv_idx", "q_len", "kv_len")
+_INT_DIVISORS = (-3, -2, 2, 3, 5, 7)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Sizes of one attention call: q [batch, q_heads, q_len, head_dim], k/v [batch, kv_heads, kv_len, head_dim]."""
+
+    batch: int
+    q_heads: int
+    kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+
+
+def _st():
+    try:
+        from hypothesis import strategies as st
+    except ImportError as e:  # pragma: no cover - hypothesis is a test dependency
+        raise ImportError("attnlang.testing's strategies need hypothesis (pip install hypothesis)") from e
+    return st
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the examples of LANGUAGE.md
+
+# name -> (score, mask, params)
+LANGUAGE_EXAMPLES = {
+    "causal": ("score", "q_idx >= kv_idx", {}),
+    "sliding_window": ("score", "0 <= q_idx - kv_idx < window", {"window": 33}),
+    "alibi": ("score + slope[h] * (kv_idx - q_idx)", "q_idx >= kv_idx", {}),
+    "softcap": ("cap * tanh(score / cap)", "q_idx >= kv_idx", {"cap": 2.0}),
+    "document": ("score", "doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx", {}),
+    "prefix_lm": ("score", "kv_idx < prefix | q_idx >= kv_idx", {"prefix": 20}),
+    "decode_causal": ("score", "kv_idx <= q_idx + kv_len - q_len", {}),
+}
+
+
+def _example_tensors(name: str, batch: int, q_heads: int, q_len: int, kv_len: int, device, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    if name == "alibi":
+        return {"slope": (torch.rand(q_heads, generator=g) * 0.5).to(device)}
+    if name == "document":
+        # sorted document ids over the longer sequence, several documents, so some rows see few keys
+        n = max(q_len, kv_len)
+        return {"doc": torch.randint(0, 4, (n,), generator=g).sort().values.to(device)}
+    return {}
+
+
+def language_examples(batch: int, q_heads: int, q_len: int, kv_len: int, device="cpu", seed: int = 0):
+    """[(name, Variant, tensors)] for every example of LANGUAGE.md, with tensors for these sizes."""
+    return [(name, compile_variant(*spec), _example_tensors(name, batch, q_heads, q_len, kv_len, device, seed))
+            for name, spec in LANGUAGE_EXAMPLES.items()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# shapes
+
+def shapes(lengths=ODD_LENGTHS, head_dims=(16, 32), max_batch: int = 2, max_kv_heads: int = 2,
+           max_group: int = 3, decode: bool = True):
+    """Strategy of ``Shape``: lengths from ``lengths`` (odd, not multiples of the 128 block), grouped-query heads
+    (q_heads = kv_heads * group), and with ``decode`` some shapes with q_len < kv_len (q_len 1 or a short tail)."""
+    st = _st()
+
+    @st.composite
+    def draw_shape(draw):
+        batch = draw(st.integers(1, max_batch))
+        kv_heads = draw(st.integers(1, max_kv_heads))
+        group = draw(st.integers(1, max_group))
+        kv_len = draw(st.sampled_from(lengths))
+        if decode and draw(st.booleans()):
+            q_len = draw(st.sampled_from(sorted({1, max(1, kv_len // 3), kv_len})))
+        else:
+            q_len = draw(st.sampled_from(lengths))
+        head_dim = draw(st.sampled_from(head_dims))
+        return Shape(batch, kv_heads * group, kv_heads, q_len, kv_len, head_dim)
+
+    return draw_shape()
+
+
+def make_qkv(shape: Shape, dtype=torch.float32, device="cpu", seed: int = 0, requires_grad: bool = False):
+    """Random q, k, v for a Shape (layout [B, H, S, D])."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(shape.batch, shape.q_heads, shape.q_len, shape.head_dim, generator=g)
+    k = torch.randn(shape.batch, shape.kv_heads, shape.kv_len, shape.head_dim, generator=g)
+    v = torch.randn(shape.batch, shape.kv_heads, shape.kv_len, shape.head_dim, generator=g)
+    return tuple(t.to(dtype=dtype, device=device).requires_grad_(requires_grad) for t in (q, k, v))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# variants: typed expression text, built bottom-up so every piece is well typed by construction
+
+def variants(max_depth: int = 3, tensors: bool = True, score: bool = True, mask: bool = True):
+    """Strategy of random well-typed ``Variant``s over score, b, h, q_idx, kv_idx, q_len, kv_len, constants, the
+    functions and operators of LANGUAGE.md and (with ``tensors``) reads of the tensors in ``TENSOR_POOL``.
+
+    Every generated variant runs without error on every shape: indices stay inside the tensors sized by
+    ``tensors_for``, no integer division by zero, scores finite. ``score=False`` / ``mask=False`` keep that
+    expression at its default.
+    """
+    st = _st()
+
+    @st.composite
+    def draw_variant(draw):
+        score_src = draw(_float_expr(max_depth, with_score=True, with_tensors=tensors)) if score else "score"
+        mask_src = draw(_bool_expr(max_depth, with_tensors=tensors)) if mask else "True"
+        return compile_variant(score_src, mask_src)
+
+    return draw_variant()
+
+
+def _read(st, want: str, depth: int):
+    """A tensor read of element type ``want`` ("float", "int", "bool"); every index in bounds."""
+    wanted = {"float": torch.float32, "int": torch.int64, "bool": torch.bool}[want]
+    names = [n for n, (dt, _) in TENSOR_POOL.items() if dt == wanted]
+
+    @st.composite
+    def draw(d):
+        name = d(st.sampled_from(names))
+        idx = []
+        for _ in range(TENSOR_POOL[name][1]):
+            if depth > 0 and d(st.booleans()):
+                # a computed index, clamped into the smallest size tensors_for gives any axis
+                idx.append(f"clamp({d(_int_expr(depth - 1, with_tensors=False))}, 0, {_CLAMP_HI})")
+            else:
+                idx.append(d(st.sampled_from(_INDEX_NAMES)))
+        return f"{name}[{', '.join(idx)}]"
+
+    return draw()
+
+
+_CLAMP_HI = 6   # tensors_for gives every axis at least _CLAMP_HI + 1 entries
+
+
+def _int_expr(depth: int, with_tensors: bool):
+    st = _st()
+    leaves = [st.sampled_from(_INT_LEAVES), st.integers(-5, 20).map(str)]
+    if with_tensors:
+        leaves.append(_read(st, "int", 1))
+    leaf = st.one_of(*leaves)
+    if depth <= 0:
+        return leaf
+
+    sub = _int_expr(depth - 1, with_tensors)
+
+    @st.composite
+    def node(d):
+        kind = d(st.sampled_from(("leaf", "arith", "div", "func", "where", "int_of_float")))
+        if kind == "leaf":
+            return d(leaf)
+        if kind == "arith":
+            op = d(st.sampled_from(("+", "-", "*")))
+            return f"({d(sub)} {op} {d(sub)})"
+        if kind == "div":
+            op = d(st.sampled_from(("//", "%")))
+            return f"({d(sub)} {op} {d(st.sampled_from(_INT_DIVISORS))})"
+        if kind == "func":
+            f = d(st.sampled_from(("abs", "min", "max", "clamp", "sign", "floor", "ceil")))
+            if f in ("min", "max"):
+                return f"{f}({d(sub)}, {d(sub)})"
+            if f == "clamp":
+                lo = d(st.integers(-10, 10))
+                return f"clamp({d(sub)}, {lo}, {lo + d(st.integers(0, 20))})"
+            return f"{f}({d(sub)})"
+        if kind == "where":
+            return f"where({d(_bool_expr(depth - 1, with_tensors))}, {d(sub)}, {d(sub)})"
+        # int() of a score-free float, bounded so the conversion is exact and identical everywhere
+        return f"int(clamp({d(_pos_float(depth - 1, with_tensors))}, -1000.0, 1000.0))"
+
+    return node()
+
+
+def _pos_float(depth: int, with_tensors: bool):
+    """A float that does not depend on the score: safe under floor/ceil/sign/int/comparisons."""
+    st = _st()
+    leaves = [st.sampled_from(("0.5", "1.5", "-2.25", "3.0", "0.125")),
+              _int_expr(0, with_tensors).map(lambda s: f"float({s})")]
+    if with_tensors:
+        leaves.append(_read(st, "float", 1))
+    leaf = st.one_of(*leaves)
+    if depth <= 0:
+        return leaf
+    sub = _pos_float(depth - 1, with_tensors)
+
+    @st.composite
+    def node(d):
+        kind = d(st.sampled_from(("leaf", "arith", "round", "float_of_int")))
+        if kind == "leaf":
+            return d(leaf)
+        if kind == "arith":
+            op = d(st.sampled_from(("+", "-", "*")))
+            return f"({d(sub)} {op} {d(sub)})"
+        if kind == "round":
+            return f"{d(st.sampled_from(('floor', 'ceil', 'sign', 'abs')))}({d(sub)})"
+        return f"float({d(_int_expr(depth - 1, with_tensors))})"
+
+    return node()
+
+
+def _float_expr(depth: int, with_score: bool, with_tensors: bool):
+    """A float expression; with the score only through continuous, finite-preserving operations."""
+    st = _st()
+    leaves = [_pos_float(0, with_tensors)]
+    if with_score:
+        leaves += [st.just("score")] * 3
+    leaf = st.one_of(*leaves)
+    if depth <= 0:
+        return leaf
+    sub = _float_expr(depth - 1, with_score, with_tensors)
+
+    @st.composite
+    def node(d):
+        kind = d(st.sampled_from(("leaf", "arith", "scale", "div", "func", "minmax", "where", "pos", "pow")))
+        if kind == "leaf":
+            return d(leaf)
+        if kind == "arith":
+            return f"({d(sub)} {d(st.sampled_from(('+', '-')))} {d(sub)})"
+        if kind == "scale":
+            # products stay bounded: one factor squashed into [-1, 1]
+            return f"({d(sub)} * tanh({d(sub)}))"
+        if kind == "div":
+            return f"({d(sub)} / {d(st.sampled_from(('2.0', '-3.0', '0.75')))})" if d(st.booleans()) else \
+                f"({d(sub)} / (1.0 + abs({d(sub)})))"
+        if kind == "func":
+            f = d(st.sampled_from(("tanh", "sigmoid", "exp_t", "exp2_t", "log_a", "log2_a", "sqrt_a", "abs")))
+            x = d(sub)
+            return {"tanh": f"tanh({x})", "sigmoid": f"sigmoid({x})", "exp_t": f"exp(tanh({x}))",
+                    "exp2_t": f"exp2(tanh({x}))", "log_a": f"log(1.0 + abs({x}))",
+                    "log2_a": f"log2(1.0 + abs({x}))", "sqrt_a": f"sqrt(abs({x}))", "abs": f"abs({x})"}[f]
+        if kind == "minmax":
+            f = d(st.sampled_from(("min", "max", "clamp")))
+            if f == "clamp":
+                return f"clamp({d(sub)}, -4.0, 4.0)"
+            return f"{f}({d(sub)}, {d(sub)})"
+        if kind == "where":
+            return f"where({d(_bool_expr(depth - 1, with_tensors))}, {d(sub)}, {d(sub)})"
+        if kind == "pow":
+            return f"(tanh({d(sub)}) ** 2)"
+        return d(_pos_float(depth - 1, with_tensors))
+
+    return node()
+
+
+def _bool_expr(depth: int, with_tensors: bool):
+    """A bool that never reads the score (masks, and conditions of where)."""
+    st = _st()
+    cmp = st.sampled_from(("<", "<=", ">", ">=", "==", "!="))
+    ints = _int_expr(max(0, depth - 1), with_tensors)
+    base = [st.tuples(ints, cmp, ints).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
+            st.sampled_from(("q_idx >= kv_idx", "kv_idx <= q_idx + kv_len - q_len", "True"))]
+    if with_tensors:
+        base.append(_read(st, "bool", 1))
+        base.append(st.tuples(_read(st, "float", 1), cmp).map(lambda t: f"({t[0]} {t[1]} 0.0)"))
+    leaf = st.one_of(*base)
+    if depth <= 0:
+        return leaf
+    sub = _bool_expr(depth - 1, with_tensors)
+
+    @st.composite
+    def node(d):
+        kind = d(st.sampled_from(("leaf", "leaf", "and", "or", "not", "chain")))
+        if kind == "leaf":
+            return d(leaf)
+        if kind == "and":
+            return f"({d(sub)} & {d(sub)})"
+        if kind == "or":
+            return f"({d(sub)} | {d(sub)})"
+        if kind == "not":
+            return f"~({d(sub)})"
+        lo = d(st.integers(-3, 5))
+        return f"({lo} <= q_idx - kv_idx < {lo + d(st.integers(1, 40))})"
+
+    return node()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tensors for a variant
+
+def _tensor_dtypes(variant: Variant, dtypes: Mapping[str, torch.dtype] | None) -> dict[str, torch.dtype]:
+    names = variant.tensor_names
+    out = {}
+    unknown = []
+    for n in names:
+        if dtypes and n in dtypes:
+            out[n] = dtypes[n]
+        elif n[:2] in _PREFIX_DTYPES:
+            out[n] = _PREFIX_DTYPES[n[:2]]
+        else:
+            unknown.append(n)
+    if not unknown:
+        return out
+    # the first assignment (float, then int, then bool per tensor) under which the variant type-checks
+    choices = ((DType.FLOAT, torch.float32), (DType.INT, torch.int64), (DType.BOOL, torch.bool))
+    from .check import dtype_of_torch
+    fixed = {n: dtype_of_torch(t) for n, t in out.items()}
+    for combo in itertools.product(choices, repeat=len(unknown)):
+        try:
+            bind(variant.checked, dict(fixed, **{n: c[0] for n, c in zip(unknown, combo)}))
+        except AttnLangError:
+            continue
+        out.update({n: c[1] for n, c in zip(unknown, combo)})
+        return out
+    raise AttnLangError(f"no element types make {variant!r} type-check; pass dtypes={{name: torch.dtype}}")
+
+
+def tensors_for(variant: Variant, batch: int, q_heads: int, q_len: int, kv_len: int, device="cpu", seed: int = 0,
+                dtypes: Mapping[str, torch.dtype] | None = None, int_range: tuple[int, int] = (0, 4),
+                float_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Random tensors for every tensor ``variant`` reads, sized so that every read stays in bounds.
+
+    Each axis gets (largest value its index expressions can take for these sizes) + 1 entries, at least
+    ``_CLAMP_HI + 1``. Element types: ``dtypes`` if given, else by name prefix (``f_`` float, ``i_`` int64,
+    ``m_`` bool), else the first of float / int / bool under which the variant type-checks. Ints are drawn from
+    ``int_range`` (small, so equalities such as ``doc[q_idx] == doc[kv_idx]`` hold often); floats are standard
+    normal in ``float_dtype``; bools are fair coins.
+
+    Raises:
+        AttnLangError: an index whose range is unbounded for these sizes (it reads another tensor's values
+            without clamp), or no element types that type-check.
+    """
+    types_ = _tensor_dtypes(variant, dtypes)
+    env = {"b": Interval(0, batch - 1), "h": Interval(0, q_heads - 1), "q_idx": Interval(0, q_len - 1),
+           "kv_idx": Interval(0, kv_len - 1), "q_len": Interval(q_len, q_len), "kv_len": Interval(kv_len, kv_len)}
+    lo, hi = int_range
+    for n, dt in types_.items():
+        if dt == torch.bool:
+            env[n] = Interval(0, 1)
+        elif dt.is_floating_point:
+            env[n] = Interval(-math.inf, math.inf)
+        else:
+            env[n] = Interval(lo, hi - 1)
+    dtmap = {n: ({torch.bool: DType.BOOL}.get(dt) or (DType.FLOAT if dt.is_floating_point else DType.INT))
+             for n, dt in types_.items()}
+    checked = bind(variant.checked, dtmap)
+    sizes: dict[str, list[int]] = {n: [_CLAMP_HI + 1] * variant.checked.tensors[n] for n in types_}
+    for where in ("score", "mask"):
+        for node in walk(checked.expr(where)):
+            if isinstance(node, Index):
+                for axis, ix in enumerate(node.indices):
+                    r = bounds(ix, env)
+                    if not math.isfinite(r.hi):
+                        raise AttnLangError(f"index {axis} of {node.tensor!r} is unbounded for these sizes; wrap "
+                                            f"it in clamp(...) or pass the tensor yourself")
+                    sizes[node.tensor][axis] = max(sizes[node.tensor][axis], int(r.hi) + 1)
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for n in sorted(types_):
+        dt, shape = types_[n], tuple(sizes[n])
+        if dt == torch.bool:
+            t = torch.rand(shape, generator=g) < 0.5
+        elif dt.is_floating_point:
+            t = torch.randn(shape, generator=g).to(float_dtype if dt == torch.float32 else dt)
+        else:
+            t = torch.randint(lo, hi, shape, generator=g).to(dt)
+        out[n] = t.to(device)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# agreement
+
+def _compare(what: str, got: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float, context: str) -> None:
+    if got.shape != ref.shape:
+        raise AssertionError(f"{what}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}\n{context}")
+    g, r = got.detach().double().cpu(), ref.detach().double().cpu()
+    if torch.isnan(g).any():
+        i = tuple(int(x) for x in torch.isnan(g).nonzero()[0])
+        raise AssertionError(f"{what}: NaN at {i} (reference {r[i].item()})\n{context}")
+    differ = ((g == math.inf) != (r == math.inf)) | ((g == -math.inf) != (r == -math.inf))
+    if differ.any():
+        i = tuple(int(x) for x in differ.nonzero()[0])
+        raise AssertionError(f"{what}: infinities differ at {i}: got {g[i].item()}, reference {r[i].item()}\n"
+                             f"{context}")
+    fin = torch.isfinite(r)
+    if not fin.any():
+        return
+    peak = float(r[fin].abs().max())
+    scaled_atol = atol * max(1.0, peak)
+    err = torch.where(fin, (g - r).abs(), torch.zeros_like(g))
+    allowed = scaled_atol + rtol * r.abs()
+    bad = (err > allowed) & fin
+    if bad.any():
+        excess = torch.where(bad, err - allowed, torch.zeros_like(err))
+        i = tuple(int(x) for x in (excess == excess.max()).nonzero()[0])
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {r.numel()} elements differ beyond atol={scaled_atol:.3g} "
+            f"(= {atol:g} x max(1, max|ref|={peak:.3g})) + rtol={rtol:g}*|ref|; worst at {i}: got "
+            f"{g[i].item():.6g}, reference {r[i].item():.6g} (|diff| {err[i].item():.3g}); max |diff| "
+            f"{float(err.max()):.3g}\n{context}")
+
+
+def assert_backends_agree(variant: Variant, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                          backend: str = "flex", reference: str = "eager", grads: bool = True,
+                          named_grads: bool = True,
+                          scale: float | None = None, kernel_options: Mapping | None = None, seed: int = 0,
+                          tolerances: Mapping | None = None, **tensors: torch.Tensor) -> None:
+    """Assert that ``backend`` and ``reference`` give the same out, lse and (with ``grads``) gradients.
+
+    Both run on copies of the inputs (the caller's tensors are untouched). Gradients are those of
+    ``sum(out * g_out) + sum(lse * g_lse)`` (random cotangents from ``seed``; rows whose lse is -inf left out)
+    with respect to q, k, v and every floating tensor bound by name. The reference runs in the inputs' dtype
+    (the eager reference computes in float32, float64 for float64 inputs).
+
+    Args:
+        variant: the Variant to check. q, k, v: [B, Hq, Sq, D], [B, Hkv, Skv, D], [B, Hkv, Skv, Dv].
+        backend, reference: backend names (``Variant.__call__``'s ``backend``).
+        grads: also compare gradients (needs a backend with autograd on this device; flex has none on the CPU).
+        named_grads: with ``grads``, also differentiate the floating named tensors (flex's FLASH kernel cannot).
+        kernel_options: passed to the backend under test only.
+        tolerances: {dtype: ((atol, rtol) for out/lse, (atol, rtol) for grads)}, overriding ``TOLERANCES``.
+        **tensors: the variant's named tensors.
+    Raises:
+        AssertionError: a mismatch, naming the quantity, the worst element, both values and the tolerance.
+        AttnLangError: either backend refuses the call.
+    """
+    tol = dict(TOLERANCES)
+    if tolerances:
+        tol.update(tolerances)
+    (atol, rtol), (gatol, grtol) = tol[q.dtype]
+    context = (f"variant: score={variant.canonical[0]!r}, mask={variant.canonical[1]!r}; backend {backend!r} vs "
+               f"{reference!r}; q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, {q.dtype}, "
+               f"{q.device}; tensors " + ", ".join(f"{n}{tuple(t.shape)}:{t.dtype}" for n, t in tensors.items()))
+
+    def run(name: str, opts):
+        qq, kk, vv = (t.detach().clone().requires_grad_(grads) for t in (q, k, v))
+        named = {n: (t.detach().clone().requires_grad_(True) if grads and named_grads and t.is_floating_point() else
+                     t.detach().clone()) for n, t in tensors.items()}
+        with torch.set_grad_enabled(grads):
+            out, lse = variant(qq, kk, vv, scale=scale, backend=name, return_lse=True, kernel_options=opts,
+                               **named)
+        result = {"out": out.detach(), "lse": lse.detach()}
+        if grads:
+            gen = torch.Generator().manual_seed(seed)
+            g_out = torch.randn(out.shape, generator=gen).to(device=out.device, dtype=out.dtype)
+            g_lse = torch.randn(lse.shape, generator=gen).to(device=lse.device)
+            finite = torch.isfinite(lse)
+            loss = (out * g_out).float().sum() + (torch.where(finite, lse, torch.zeros_like(lse)) * g_lse).sum()
+            leaves = {"q": qq, "k": kk, "v": vv, **{n: t for n, t in named.items() if t.requires_grad}}
+            got = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            for (n, t), g in zip(leaves.items(), got):
+                result[f"grad {n}"] = torch.zeros_like(t) if g is None else g
+        return result
+
+    ref = run(reference, None)
+    got = run(backend, kernel_options)
+    lse_tol = tuple(max(a, b) for a, b in zip((atol, rtol), tol[torch.float32][0]))  # lse is float32 always
+    for what in ref:
+        a, r = (atol, rtol) if what == "out" else lse_tol if what == "lse" else (gatol, grtol)
+        _compare(what, got[what], ref[what], a, r, context)

@@ -1,0 +1,101 @@
+"""CPU benchmark: attnlang's analytic block sparsity against torch's create_block_mask (which evaluates the mask on
+every position), 128 x 128 blocks, one batch and head.
+
+    python benchmarks/bench_sparsity.py [--max-s 1048576] [--cbm-max-s 16384] [--out benchmarks/results]
+
+Writes sparsity_cpu.json and sparsity_cpu.md. Times are medians of repeated calls after one warm-up call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+import attnlang as al
+
+VARIANTS = {
+    "causal": ("q_idx >= kv_idx", None),
+    "sliding_window": ("0 <= q_idx - kv_idx < 1024", None),
+    "document": ("doc[q_idx] == doc[kv_idx]", "doc"),
+    "prefix_lm": ("kv_idx < 1024 | q_idx >= kv_idx", None),
+}
+
+
+def _median_time(fn, repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _flex_mask_mod(name, doc):
+    if name == "causal":
+        return lambda b, h, q, k: q >= k
+    if name == "sliding_window":
+        return lambda b, h, q, k: (q - k >= 0) & (q - k < 1024)
+    if name == "document":
+        return lambda b, h, q, k: doc[q] == doc[k]
+    return lambda b, h, q, k: (k < 1024) | (q >= k)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--max-s", type=int, default=1 << 20)
+    p.add_argument("--cbm-max-s", type=int, default=16384, help="largest S for create_block_mask on the CPU")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = p.parse_args()
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    sizes = [s for s in (4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576) if s <= args.max_s]
+    rows = []
+    for name, (mask, tensor) in VARIANTS.items():
+        v = al.compile(mask=mask)
+        for S in sizes:
+            kw = {"doc": torch.arange(S) // (S // 8)} if tensor else {}
+            repeat = 5 if S <= 131072 else 3
+            t_al = _median_time(lambda: v.block_sparsity(S, S, **kw), repeat)
+            bs = v.block_sparsity(S, S, **kw)
+            row = {"variant": name, "S": S, "attnlang_ms": round(t_al * 1e3, 3), "density": round(bs.density, 6),
+                   **bs.counts()}
+            if S <= args.cbm_max_s:
+                mm = _flex_mask_mod(name, kw.get("doc"))
+                t_cbm = _median_time(lambda: create_block_mask(mm, 1, 1, S, S, device="cpu"), 3 if S <= 8192 else 1)
+                bm = create_block_mask(mm, 1, 1, S, S, device="cpu")
+                # same block structure: create_block_mask's partial and full counts against ours
+                same = (int(bm.kv_num_blocks.sum()) == bs.counts()["partial"]
+                        and int(bm.full_kv_num_blocks.sum()) == bs.counts()["full"])
+                row.update(create_block_mask_ms=round(t_cbm * 1e3, 3), speedup=round(t_cbm / t_al, 1),
+                           same_blocks=same)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    result = {"device": "cpu", "machine": platform.processor() or platform.machine(),
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "block_size": [128, 128],
+              "note": "medians after a warm-up call; the CPU was shared with other jobs while measured",
+              "rows": rows}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "sparsity_cpu.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    lines = ["# Block sparsity on the CPU (128x128 blocks, B=H=1)", "",
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians after warm-up. "
+             "create_block_mask only up to the S it fits in time here.", "",
+             "| variant | S | attnlang ms | create_block_mask ms | speedup | same blocks | full | partial | empty |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['S']} | {r['attnlang_ms']} | {r.get('create_block_mask_ms', '')} | "
+                     f"{r.get('speedup', '')} | {r.get('same_blocks', '')} | {r['full']} | {r['partial']} | "
+                     f"{r['empty']} |")
+    with open(os.path.join(args.out, "sparsity_cpu.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

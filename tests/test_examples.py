@@ -1,0 +1,214 @@
+"""The gallery: every examples/*.py runs as a script, keeps the file contract, and matches a dense float64
+computation written here, independently of attnlang, for its variant."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import math
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+
+import attnlang as al
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+FILES = sorted(p for p in EXAMPLES.glob("*.py") if p.name != "__init__.py")
+
+
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(f"gallery_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----- the independent definitions: (score transform, allowed) on dense [B, H, Sq, Skv] grids -----
+# Each takes the example module (for its parameters and tensors) and the grids b, h, i (query), j (key),
+# and returns (fn(s) -> s', allowed bool tensor). Written from each variant's paper/docstring, not from VARIANT.
+
+def _plain(allowed):
+    return (lambda s: s), allowed
+
+
+def _causal(m, named, b, h, i, j, Sq, Skv):
+    return _plain(i >= j)
+
+
+def _sliding_window(m, named, b, h, i, j, Sq, Skv):
+    w = m.VARIANT.params["window"]
+    return _plain((i - j >= 0) & (i - j < w))
+
+
+def _alibi(m, named, b, h, i, j, Sq, Skv):
+    H = named["slope"].shape[0]
+    slopes = torch.tensor([2.0 ** (-8.0 * (x + 1) / H) for x in range(H)], dtype=torch.float64)
+    return (lambda s: s + slopes[h] * (j - i)), i >= j
+
+
+def _softcap(m, named, b, h, i, j, Sq, Skv):
+    cap = m.VARIANT.params["cap"]
+    return (lambda s: cap * torch.tanh(s / cap)), i >= j
+
+
+def _document(m, named, b, h, i, j, Sq, Skv):
+    doc = named["doc"]
+    lengths = torch.bincount(doc).tolist()
+    assert len(lengths) >= 3 and len(set(lengths)) >= 2, f"want several documents of different lengths: {lengths}"
+    return _plain((doc[i] == doc[j]) & (i >= j))
+
+
+def _prefix_lm(m, named, b, h, i, j, Sq, Skv):
+    return _plain((j < m.VARIANT.params["prefix"]) | (i >= j))
+
+
+def _decode_causal(m, named, b, h, i, j, Sq, Skv):
+    return _plain(j - (Skv - Sq) <= i)  # query i sits at absolute position i + Skv - Sq
+
+
+def _chunked(m, named, b, h, i, j, Sq, Skv):
+    c = m.VARIANT.params["chunk"]
+    return _plain((torch.div(i, c, rounding_mode="floor") == torch.div(j, c, rounding_mode="floor")) & (i >= j))
+
+
+def _dilated_sliding_window(m, named, b, h, i, j, Sq, Skv):
+    w, d = m.VARIANT.params["window"], m.VARIANT.params["dilation"]
+    dist = (i - j).abs()
+    return _plain((dist <= w) & (dist % d == 0))
+
+
+def _attention_sinks(m, named, b, h, i, j, Sq, Skv):
+    sinks, w = m.VARIANT.params["sinks"], m.VARIANT.params["window"]
+    return _plain((i >= j) & ((j < sinks) | (i - j < w)))
+
+
+def _global_tokens(m, named, b, h, i, j, Sq, Skv):
+    g, w = m.VARIANT.params["globals"], m.VARIANT.params["window"]
+    return _plain((i < g) | (j < g) | ((i - j).abs() <= w))
+
+
+def _prefix_lm_document(m, named, b, h, i, j, Sq, Skv):
+    doc, prefix = named["doc"].tolist(), named["prefix_len"].tolist()
+    start = {}
+    for pos, d in enumerate(doc):
+        start.setdefault(d, pos)
+    allowed = torch.zeros(Sq, Skv, dtype=torch.bool)
+    for qi in range(Sq):
+        for kj in range(Skv):
+            same = doc[qi] == doc[kj]
+            in_prefix = kj - start[doc[kj]] < prefix[doc[kj]]
+            allowed[qi, kj] = same and (in_prefix or kj <= qi)
+    return _plain(allowed.view(1, 1, Sq, Skv))
+
+
+def _t5_bucket(relative: int, num_buckets: int, max_distance: int) -> int:
+    """T5Attention._relative_position_bucket, bidirectional, one position at a time in float64."""
+    num_buckets //= 2
+    bucket = num_buckets if relative > 0 else 0
+    n = abs(relative)
+    max_exact = num_buckets // 2
+    if n < max_exact:
+        return bucket + n
+    large = max_exact + int(math.log(n / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact))
+    return bucket + min(large, num_buckets - 1)
+
+
+def _t5_relative_bias(m, named, b, h, i, j, Sq, Skv):
+    nb, md = m.VARIANT.params["num_buckets"], m.VARIANT.params["max_distance"]
+    buckets = torch.tensor([[_t5_bucket(kj - qi, nb, md) for kj in range(Skv)] for qi in range(Sq)])
+    bias = named["bias"].to(torch.float64)[:, buckets]  # [H, Sq, Skv]
+    return (lambda s: s + bias.unsqueeze(0)), torch.ones(1, 1, Sq, Skv, dtype=torch.bool)
+
+
+def _natten_2d(m, named, b, h, i, j, Sq, Skv):
+    H, W, kh, kw = (m.VARIANT.params[n] for n in ("height", "width", "kernel_h", "kernel_w"))
+    allowed = torch.zeros(Sq, Skv, dtype=torch.bool)
+    for qi in range(Sq):
+        row, col = divmod(qi, W)
+        r0 = min(max(row - kh // 2, 0), H - kh)  # the window's first row, shifted inward at the border
+        c0 = min(max(col - kw // 2, 0), W - kw)
+        for r in range(r0, r0 + kh):
+            for c in range(c0, c0 + kw):
+                allowed[qi, r * W + c] = True
+    assert bool((allowed.sum(1) == kh * kw).all())
+    return _plain(allowed.view(1, 1, Sq, Skv))
+
+
+DEFINITIONS = {
+    "causal": _causal, "sliding_window": _sliding_window, "alibi": _alibi, "softcap": _softcap,
+    "document": _document, "prefix_lm": _prefix_lm, "decode_causal": _decode_causal, "chunked": _chunked,
+    "dilated_sliding_window": _dilated_sliding_window, "attention_sinks": _attention_sinks,
+    "global_tokens": _global_tokens, "prefix_lm_document": _prefix_lm_document,
+    "t5_relative_bias": _t5_relative_bias, "natten_2d": _natten_2d,
+}
+
+
+def _dense(q, k, v, fn, allowed):
+    """softmax(fn(scale q.k) where allowed else -inf) v in float64; rows with no allowed key give 0."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    s = fn(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]))
+    allowed = allowed.expand_as(s)
+    s = s.masked_fill(~allowed, -math.inf)
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return p @ v
+
+
+def _lengths(module, default: int) -> tuple[int, int]:
+    if hasattr(module, "demo_lengths"):
+        return module.demo_lengths(default)
+    return default, default
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_runs_as_script(path, capsys):
+    runpy.run_path(str(path), run_name="__main__")
+    printed = capsys.readouterr().out
+    assert printed.startswith(path.stem), printed
+    err = float(printed.rsplit("=", 1)[1])
+    assert err < 1e-5, printed
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_contract(path):
+    m = _load(path)
+    assert m.NAME == path.stem and m.NAME == m.NAME.lower()
+    assert isinstance(m.VARIANT, al.Variant)
+    assert m.__doc__ and "From" in m.__doc__, "the docstring must say where the variant comes from (From: ...)"
+    assert list(inspect.signature(m.tensors).parameters) == ["batch", "q_heads", "q_len", "kv_len", "device"]
+    q_len, kv_len = _lengths(m, 64)
+    named = m.tensors(2, 4, q_len, kv_len)
+    assert set(named) == set(m.VARIANT.tensor_names)
+    assert m.NAME in DEFINITIONS, f"examples/{path.name} has no independent definition in this test"
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_matches_dense_float64(path):
+    m = _load(path)
+    torch.manual_seed(0)
+    q_len, kv_len = _lengths(m, 151)  # prime: no block size divides it; > 128 reaches T5's last bucket
+    B, Hq, Hkv, D = 2, 4, 2, 16
+    q = torch.randn(B, Hq, q_len, D, dtype=torch.float64)
+    k, v = (torch.randn(B, Hkv, kv_len, D, dtype=torch.float64) for _ in range(2))
+    named = m.tensors(B, Hq, q_len, kv_len)
+    b = torch.arange(B).view(B, 1, 1, 1)
+    h = torch.arange(Hq).view(1, Hq, 1, 1)
+    i = torch.arange(q_len).view(1, 1, q_len, 1)
+    j = torch.arange(kv_len).view(1, 1, 1, kv_len)
+    fn, allowed = DEFINITIONS[m.NAME](m, named, b, h, i, j, q_len, kv_len)
+    expected = _dense(q, k, v, fn, allowed)
+    got = m.VARIANT(q, k, v, backend="eager", **named)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_decode_causal_with_a_cache():
+    m = _load(EXAMPLES / "decode_causal.py")
+    q_len, kv_len = m.demo_lengths(97)
+    assert q_len < kv_len
+    torch.manual_seed(1)
+    q = torch.randn(1, 2, 1, 8, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, 33, 8, dtype=torch.float64) for _ in range(2))
+    # one new token against a cache: it sees every key
+    torch.testing.assert_close(m.VARIANT(q, k, v, backend="eager"), _dense(q, k, v, lambda s: s, torch.tensor(True)))

@@ -1,0 +1,216 @@
+"""The flex backend on the CPU against the eager reference.
+
+On the CPU, torch's compiled flex runs inference only, without lse: calls with ``return_lse`` (which every
+``assert_backends_agree`` makes) run flex's unfused implementation, which compiles nothing and is fast at these
+sizes. The compiled CPU kernel is exercised directly (one compile costs ~10 s on two cores; most are ``slow``).
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, given, settings
+
+import attnlang as al
+from attnlang.backends import flex
+from attnlang.testing import (LANGUAGE_EXAMPLES, Shape, assert_backends_agree, language_examples, make_qkv,
+                              shapes, tensors_for, variants)
+
+SHAPES = [
+    Shape(2, 4, 2, 45, 97, 16),    # GQA, q_len < kv_len, odd lengths
+    Shape(1, 3, 1, 130, 130, 32),  # group of 3, crosses the 128 block
+    Shape(1, 2, 2, 1, 97, 16),     # one-token decode
+]
+
+
+class _NoLsePlan:
+    """A CallPlan that says it needs no lse, so flex may take the compiled CPU kernel (what a plan with
+    ``return_lse=False`` does once CallPlan carries that flag)."""
+
+    def __init__(self, plan):
+        self._plan = plan
+        self.return_lse = False
+
+    def __getattr__(self, name):
+        return getattr(self._plan, name)
+
+
+def _compiled_cpu(variant, q, k, v, **tensors):
+    plan = _NoLsePlan(variant._plan(q, k, v, None, "flex", False, None, tensors))
+    assert flex.unsupported(q, plan) is None
+    with torch.no_grad():
+        out, _ = flex.attention(q, k, v, plan)
+    return out
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s.batch}x{s.q_heads}/{s.kv_heads}x{s.q_len}x{s.kv_len}")
+@pytest.mark.parametrize("name", list(LANGUAGE_EXAMPLES))
+def test_language_examples_agree(name, shape):
+    q, k, v = make_qkv(shape, seed=1)
+    (variant, tensors), = [(var, t) for n, var, t in language_examples(shape.batch, shape.q_heads, shape.q_len,
+                                                                       shape.kv_len) if n == name]
+    assert_backends_agree(variant, q, k, v, backend="flex", grads=False, **tensors)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_other_dtypes_agree(dtype):
+    shape = SHAPES[0]
+    q, k, v = make_qkv(shape, dtype=dtype)
+    variant = al.compile("score + slope[h] * (kv_idx - q_idx)", "q_idx + kv_len - q_len >= kv_idx")
+    assert_backends_agree(variant, q, k, v, backend="flex", grads=False, slope=torch.rand(shape.q_heads))
+
+
+def test_semantics_of_integer_ops_and_reads():
+    # Python-sign // and %, int() truncation toward zero, reads at computed (clamped) indices
+    variant = al.compile("score + float((q_idx - kv_idx) // -3 % 5) - float(int(bias[clamp(kv_idx - q_idx, 0, 9)]))",
+                         "(q_idx - kv_idx) % 7 != 3 | ids[kv_idx] == 1")
+    shape = Shape(1, 2, 1, 45, 45, 16)
+    q, k, v = make_qkv(shape)
+    assert_backends_agree(variant, q, k, v, backend="flex", grads=False, bias=torch.randn(10) * 3,
+                          ids=torch.randint(0, 3, (45,)))
+
+
+def test_fully_masked_rows_give_zero_and_minus_inf():
+    variant = al.compile(mask="q_idx >= 10 & q_idx >= kv_idx")
+    q, k, v = make_qkv(Shape(1, 2, 2, 45, 45, 16))
+    out, lse = variant(q, k, v, backend="flex", return_lse=True)
+    assert torch.all(out[:, :, :10] == 0) and torch.all(lse[:, :, :10] == -math.inf)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert lse.dtype == torch.float32
+    out, lse = al.compile(mask="False")(q, k, v, backend="flex", return_lse=True)
+    assert torch.all(out == 0) and torch.all(lse == -math.inf)
+
+
+def test_lse_shift_is_added():
+    # a per-row score term: softmax drops it, lse keeps it (whether the simplifier moves it to lse_shift or not)
+    variant = al.compile("score + 0.5 * float(q_idx) + rowbias[h]", "q_idx >= kv_idx")
+    shape = SHAPES[0]
+    q, k, v = make_qkv(shape)
+    assert_backends_agree(variant, q, k, v, backend="flex", grads=False, rowbias=torch.randn(shape.q_heads))
+
+
+def test_gradients_on_cpu_are_refused_with_a_reason():
+    variant = al.compile(mask="q_idx >= kv_idx")
+    q, k, v = make_qkv(SHAPES[0], requires_grad=True)
+    plan = variant._plan(q, k, v, None, "flex", False, None, {})
+    assert "backward" in flex.unsupported(q, plan)
+    with pytest.raises(al.AttnLangError, match="backward"):
+        variant(q, k, v, backend="flex")
+    with torch.no_grad():
+        variant(q, k, v, backend="flex")  # no grad mode: runs
+
+
+def test_named_tensor_grad_on_cpu_is_refused():
+    variant = al.compile("score + slope[h] * kv_idx", "True")
+    q, k, v = make_qkv(SHAPES[0])
+    with pytest.raises(al.AttnLangError, match="backward"):
+        variant(q, k, v, backend="flex", slope=torch.rand(4, requires_grad=True))
+
+
+def test_kernel_choice_and_override():
+    variant = al.compile(mask="q_idx >= kv_idx")
+    q, k, v = make_qkv(SHAPES[0])
+    plan = variant._plan(q, k, v, None, "flex", False, None, {})
+    assert flex.kernel_for(q, plan) is None          # CPU: flex's own kernel
+    plan = variant._plan(q, k, v, None, "flex", False, {"BACKEND": "TRITON"}, {})
+    assert flex.kernel_for(q, plan) == "TRITON"      # options override
+
+
+def test_block_mask_cache_tracks_tensor_identity_and_version():
+    flex.clear_caches()
+    built = flex.cache_info()["block_masks"]
+    variant = al.compile(mask="doc[q_idx] == doc[kv_idx]")
+    q, k, v = make_qkv(Shape(1, 2, 2, 45, 45, 16))
+    doc = torch.zeros(45, dtype=torch.long)
+    with torch.no_grad():
+        a = variant(q, k, v, backend="flex", doc=doc)
+        variant(q, k, v, backend="flex", doc=doc)
+        assert flex.cache_info()["block_masks"] == built + 1
+        doc[20:] = 1                                   # in-place change: version bump, new block mask
+        b = variant(q, k, v, backend="flex", doc=doc)
+        assert flex.cache_info()["block_masks"] == built + 2
+    torch.testing.assert_close(b, variant(q, k, v, backend="eager", doc=doc))
+    assert not torch.allclose(a, b)
+    # a variant whose mask reads no tensor caches by shape only
+    causal = al.compile("score + s[h]", "q_idx >= kv_idx")
+    with torch.no_grad():
+        causal(q, k, v, backend="flex", s=torch.rand(2))
+        causal(q, k, v, backend="flex", s=torch.rand(2))
+    assert flex.cache_info()["block_masks"] == built + 3
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(variant=variants(), shape=shapes())
+def test_generated_variants_agree(variant, shape):
+    q, k, v = make_qkv(shape)
+    tensors = tensors_for(variant, shape.batch, shape.q_heads, shape.q_len, shape.kv_len)
+    assert_backends_agree(variant, q, k, v, backend="flex", grads=False, **tensors)
+
+
+def test_compiled_cpu_kernel_agrees_and_does_not_recompile():
+    # one compile (~10 s cold on two cores); later calls with new tensors of the same shapes reuse it
+    variant = al.compile("score + slope[h] * (kv_idx - q_idx)", "doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx")
+    shape = Shape(2, 4, 2, 45, 97, 16)
+    before = None
+    for seed in range(3):
+        q, k, v = make_qkv(shape, seed=seed)
+        tensors = {"slope": torch.rand(4), "doc": torch.randint(0, 3, (97,)).sort().values}
+        out = _compiled_cpu(variant, q, k, v, **tensors)
+        torch.testing.assert_close(out, variant(q, k, v, backend="eager", **tensors), atol=2e-4, rtol=2e-4)
+        if before is None:
+            before = flex.cache_info()
+    after = flex.cache_info()
+    assert after["graphs"] == before["graphs"] and after["compiled"] == before["compiled"], (before, after)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("score,mask", [
+    ("float(i_vec[kv_idx])", "4 <= q_idx - kv_idx < 21"),   # a score that ignores the score (torch CPU bug)
+    ("0.5", "q_idx >= kv_idx & m_vec[clamp(q_len, 0, 6)]"),
+])
+def test_compiled_cpu_kernel_score_free_scores(score, mask):
+    variant = al.compile(score, mask)
+    shape = Shape(1, 3, 1, 97, 97, 16)
+    q, k, v = make_qkv(shape)
+    tensors = tensors_for(variant, shape.batch, shape.q_heads, shape.q_len, shape.kv_len)
+    tensors = {n: (t | True) if t.dtype == torch.bool else t for n, t in tensors.items()}  # keep rows non-empty
+    out = _compiled_cpu(variant, q, k, v, **tensors)
+    torch.testing.assert_close(out, variant(q, k, v, backend="eager", **tensors), atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(LANGUAGE_EXAMPLES))
+def test_compiled_cpu_kernel_language_examples(name, dtype):
+    shape = SHAPES[0]
+    q, k, v = make_qkv(shape, dtype=dtype, seed=4)
+    (variant, tensors), = [(var, t) for n, var, t in language_examples(shape.batch, shape.q_heads, shape.q_len,
+                                                                       shape.kv_len) if n == name]
+    out = _compiled_cpu(variant, q, k, v, **tensors)
+    ref = variant(q, k, v, backend="eager", **tensors)
+    tol = 2e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.slow
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
+          phases=[Phase.explicit, Phase.generate])  # no shrinking: every step would compile a kernel
+@given(variant=variants(max_depth=2), shape=shapes(head_dims=(16,)))
+def test_compiled_cpu_kernel_generated_variants(variant, shape):
+    q, k, v = make_qkv(shape)
+    tensors = tensors_for(variant, shape.batch, shape.q_heads, shape.q_len, shape.kv_len)
+    out = _compiled_cpu(variant, q, k, v, **tensors)
+    torch.testing.assert_close(out, variant(q, k, v, backend="eager", **tensors), atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("score", ["score + inf", "log(score - score - 1.0)"])
+def test_nonfinite_score_at_an_allowed_position_is_an_error(score):
+    q, k, v = make_qkv(Shape(1, 2, 2, 7, 7, 16))
+    with pytest.raises(al.AttnLangError, match="allowed position"):
+        al.compile(score, "True")(q, k, v, backend="flex")
+
+
+def test_nonfinite_score_at_a_masked_position_is_fine():
+    variant = al.compile("where(q_idx >= kv_idx, score, log(-1.0))", "q_idx >= kv_idx")
+    q, k, v = make_qkv(Shape(1, 2, 2, 7, 7, 16))
+    torch.testing.assert_close(variant(q, k, v, backend="flex"), variant(q, k, v, backend="eager"))

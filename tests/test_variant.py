@@ -1,0 +1,337 @@
+"""Variant: equality and hashing by canonical form, immutability, pickling, configs (dict / JSON / YAML), the
+call-time checks that stand before every backend, and al.reference == backend="eager"."""
+
+import copy
+import json
+import math
+import pickle
+
+import pytest
+import torch
+import yaml
+
+import attnlang as al
+
+ALIBI = ("score + slope[h] * (kv_idx - q_idx)", "q_idx >= kv_idx")
+DOC = "doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx"
+
+
+def qkv(B=2, Hq=4, Hkv=2, Sq=5, Skv=7, D=8, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(B, Hq, Sq, D, generator=g).to(dtype), torch.randn(B, Hkv, Skv, D, generator=g).to(dtype),
+            torch.randn(B, Hkv, Skv, D, generator=g).to(dtype))
+
+
+# ----- identity -----
+
+SAME = [
+    (("score", "q_idx >= kv_idx"), ("score", "(q_idx)>=(kv_idx)")),
+    (("score", "q_idx >= kv_idx"), ("(score)", "q_idx   >=\n kv_idx")),
+    (("score", "0 <= q_idx - kv_idx < 4"), ("score", "0 <= q_idx - kv_idx and q_idx - kv_idx < 4")),
+    (("score", "not q_idx < kv_idx or False"), ("score", "~(q_idx < kv_idx) | False")),
+    (ALIBI, ("score + (slope[h] * (kv_idx - q_idx))", "q_idx >= kv_idx")),
+]
+
+
+@pytest.mark.parametrize("a, b", SAME)
+def test_equal_by_canonical_form(a, b):
+    va, vb = al.compile(*a), al.compile(*b)
+    assert va == vb and hash(va) == hash(vb)
+    assert va.canonical == vb.canonical
+    assert len({va, vb}) == 1
+    assert {va: 1}[vb] == 1
+
+
+def test_params_are_substituted_before_comparing():
+    with_param = al.compile(mask="0 <= q_idx - kv_idx < window", params={"window": 4})
+    literal = al.compile(mask="0 <= q_idx - kv_idx < 4")
+    assert with_param == literal and hash(with_param) == hash(literal)
+    other = al.compile(mask="0 <= q_idx - kv_idx < window", params={"window": 5})
+    assert other != with_param
+
+
+def test_different_variants_differ():
+    variants = [
+        al.compile(),
+        al.compile(mask="q_idx >= kv_idx"),
+        al.compile(mask="q_idx > kv_idx"),
+        al.compile(mask="q_idx - kv_idx < w", params={"w": 1}),
+        al.compile(mask="q_idx - kv_idx < w", params={"w": 1.0}),  # 1 and 1.0 are different constants
+        al.compile(*ALIBI),
+        al.compile(mask=DOC),
+    ]
+    assert len(set(variants)) == len(variants)
+    for i, a in enumerate(variants):
+        for j, b in enumerate(variants):
+            assert (a == b) == (i == j)
+    assert al.compile() != "score" and al.compile() != None  # noqa: E711
+
+
+def test_immutable():
+    var = al.compile(*ALIBI)
+    with pytest.raises(AttributeError):
+        var.score = "score"
+    with pytest.raises(AttributeError):
+        var.new_attribute = 1
+    params = {"window": 3}
+    windowed = al.compile(mask="q_idx - kv_idx < window", params=params)
+    params["window"] = 100  # the caller's dict is not shared
+    windowed.params["window"] = 100  # nor is the returned copy
+    assert windowed.params == {"window": 3}
+    assert windowed == al.compile(mask="q_idx - kv_idx < 3")
+
+
+def test_pickle_and_copy():
+    for var in (al.compile(*ALIBI), al.compile(mask="q_idx - kv_idx < w", params={"w": 2}), al.compile(mask=DOC)):
+        for other in (pickle.loads(pickle.dumps(var)), copy.copy(var), copy.deepcopy(var)):
+            assert other == var and hash(other) == hash(var)
+            assert other.score == var.score and other.mask == var.mask and other.params == var.params
+            assert other.tensor_names == var.tensor_names
+
+
+def test_pickled_variant_runs():
+    var = pickle.loads(pickle.dumps(al.compile(*ALIBI)))
+    q, k, v = qkv()
+    slope = torch.rand(4)
+    torch.testing.assert_close(var(q, k, v, slope=slope, backend="eager"),
+                               al.compile(*ALIBI)(q, k, v, slope=slope, backend="eager"))
+
+
+def test_properties_and_repr():
+    var = al.compile(*ALIBI)
+    assert var.score == ALIBI[0] and var.mask == ALIBI[1] and var.params == {}
+    assert var.tensor_names == ("slope",)
+    assert al.compile(mask=DOC).tensor_names == ("doc",)
+    assert "Variant(" in repr(var) and ALIBI[0] in repr(var)
+    assert isinstance(var.canonical, tuple) and all(isinstance(s, str) for s in var.canonical)
+
+
+# ----- configs -----
+
+CONFIG_VARIANTS = [
+    ("score", "True", None),
+    (*ALIBI, None),
+    ("cap * tanh(score / cap)", "q_idx >= kv_idx", {"cap": 30.0}),
+    ("score", "0 <= q_idx - kv_idx < window", {"window": 256}),
+    ("score", "q_idx >= kv_idx | full", {"full": True}),
+    ("score", DOC, None),
+    ("score", "q_idx >= kv_idx &\n  kv_idx < w", {"w": -3}),
+]
+
+
+@pytest.mark.parametrize("score, mask, params", CONFIG_VARIANTS)
+def test_config_round_trip(score, mask, params):
+    var = al.compile(score, mask, params)
+    config = var.to_config()
+    assert set(config) <= {"score", "mask", "params"}
+    text = json.dumps(config)
+    for form in (config, json.loads(text), text, text.encode(), yaml.safe_dump(config), yaml.safe_load(
+            yaml.safe_dump(config))):
+        again = al.from_config(form)
+        assert again == var and hash(again) == hash(var)
+        assert again.params == var.params
+        assert {k: type(x) for k, x in again.params.items()} == {k: type(x) for k, x in var.params.items()}
+
+
+def test_config_inside_a_model_config():
+    var = al.compile(*ALIBI)
+    model = {"hidden": 64, "attention": var.to_config()}
+    loaded = json.loads(json.dumps(model))
+    assert al.from_config(loaded["attention"]) == var
+
+
+def test_config_defaults():
+    assert al.from_config({}) == al.compile()
+    assert al.from_config({"mask": "q_idx >= kv_idx"}) == al.compile(mask="q_idx >= kv_idx")
+    assert al.from_config({"mask": "q_idx >= kv_idx", "params": None}) == al.compile(mask="q_idx >= kv_idx")
+    assert al.from_config("mask: q_idx >= kv_idx\n") == al.compile(mask="q_idx >= kv_idx")
+
+
+@pytest.mark.parametrize("config, word", [
+    ([1, 2], "mapping"),
+    (3, "mapping"),
+    ({"score": "score", "extra": 1}, "unknown key 'extra'"),
+    ({"score": 3}, "'score'"),
+    ({"mask": ["q_idx"]}, "'mask'"),
+    ({"params": [1]}, "'params'"),
+    ({"mask": "q_idx < w", "params": {"w": "3"}}, "params.w"),
+    ({"mask": "q_idx < w", "params": {"w": [3]}}, "params.w"),
+    ({"mask": "q_idx >="}, "end"),
+    ({"mask": "q_idx < w"}, "'w' was not given"),
+    ("{not json: [", "neither JSON nor YAML"),
+    ("- a\n- b", "mapping"),
+    ("", "mapping"),
+])
+def test_bad_configs(config, word):
+    with pytest.raises(al.AttnLangError, match=word if not word.startswith("'") else None) as info:
+        al.from_config(config)
+    assert word in str(info.value)
+
+
+# ----- call-time checks -----
+
+def test_wrong_ndim_of_q_k_v():
+    var = al.compile()
+    q, k, v = qkv()
+    for bad in ((q[0], k, v), (q, k[0], v), (q, k, v[..., None])):
+        with pytest.raises(al.AttnLangError, match="4 dimensions"):
+            var(*bad, backend="eager")
+
+
+def test_dtype_checks():
+    var = al.compile()
+    q, k, v = qkv()
+    with pytest.raises(al.AttnLangError, match="one dtype"):
+        var(q, k.double(), v, backend="eager")
+    with pytest.raises(al.AttnLangError, match="one dtype"):
+        var(q.half(), k.half(), v, backend="eager")
+    with pytest.raises(al.AttnLangError, match="dtype"):
+        var(q.long(), k.long(), v.long(), backend="eager")
+    with pytest.raises(al.AttnLangError, match="dtype"):
+        var(q.bool(), k.bool(), v.bool(), backend="eager")
+
+
+def test_device_checks():
+    var = al.compile(*ALIBI)
+    q, k, v = qkv()
+    with pytest.raises(al.AttnLangError, match="device"):
+        var(q, k.to("meta"), v, backend="eager", slope=torch.rand(4))
+    with pytest.raises(al.AttnLangError, match="'slope' is on meta"):
+        var(q, k, v, backend="eager", slope=torch.rand(4, device="meta"))
+
+
+def test_shape_checks():
+    var = al.compile()
+    q, k, v = qkv(Hq=4, Hkv=2)
+    with pytest.raises(al.AttnLangError, match="multiple"):
+        var(*qkv(Hq=3, Hkv=2), backend="eager")
+    with pytest.raises(al.AttnLangError, match="multiple"):
+        var(*qkv(Hq=2, Hkv=4), backend="eager")
+    with pytest.raises(al.AttnLangError, match="batch"):
+        var(q, k[:1], v[:1], backend="eager")
+    with pytest.raises(al.AttnLangError, match="same heads and length"):
+        var(q, k, v[:, :, :3], backend="eager")
+    with pytest.raises(al.AttnLangError, match="head dims"):
+        var(q, k[..., :4], v, backend="eager")
+    with pytest.raises(al.AttnLangError, match="empty"):
+        var(q[:, :, :0], k, v, backend="eager")
+    with pytest.raises(al.AttnLangError, match="empty"):
+        var(q, k[:, :, :0], v[:, :, :0], backend="eager")
+    with pytest.raises(al.AttnLangError, match="torch.Tensor"):
+        var(q.tolist(), k, v, backend="eager")
+    out = var(q, k, v[..., :3], backend="eager")  # v may have its own head dim
+    assert out.shape == (2, 4, 5, 3)
+
+
+def test_tensor_checks():
+    var = al.compile(*ALIBI)
+    q, k, v = qkv()
+    with pytest.raises(al.AttnLangError, match="'slope' has 2 dimensions"):
+        var(q, k, v, backend="eager", slope=torch.rand(4, 1))
+    with pytest.raises(al.AttnLangError, match="'extra' is given but neither expression reads it"):
+        var(q, k, v, backend="eager", slope=torch.rand(4), extra=torch.rand(4))
+    with pytest.raises(al.AttnLangError, match="must be a torch.Tensor, got list"):
+        var(q, k, v, backend="eager", slope=[0.5] * 4)
+    with pytest.raises(al.AttnLangError, match="must be a torch.Tensor, got float"):
+        var(q, k, v, backend="eager", slope=0.5)
+    with pytest.raises(al.AttnLangError, match="complex"):
+        var(q, k, v, backend="eager", slope=torch.rand(4, dtype=torch.complex64))
+    with pytest.raises(al.AttnLangError, match="size 3"):
+        var(q, k, v, backend="eager", slope=torch.rand(3))
+
+
+def test_missing_tensor_points_at_its_first_read():
+    score = "score + 0.5 * bias[h, kv_idx]"
+    mask = "q_idx >= kv_idx &\n  bias[h, q_idx] > 0"
+    var = al.compile(score, mask)
+    q, k, v = qkv()
+    with pytest.raises(al.AttnLangError) as info:
+        var(q, k, v, backend="eager")
+    err = info.value
+    assert "'bias' is read here but was not given" in err.message
+    assert err.where == "score" and err.source == score
+    assert (err.line, err.column) == (1, 15)
+    assert str(err).split("\n")[-1] == "    " + " " * 14 + "^" * len("bias[h, kv_idx]")
+
+    only_mask = al.compile("score", mask)
+    with pytest.raises(al.AttnLangError) as info:
+        only_mask(q, k, v, backend="eager")
+    assert info.value.where == "mask" and (info.value.line, info.value.column) == (2, 3)
+
+
+@pytest.mark.parametrize("scale, word", [
+    ("0.1", "real number"), (True, "real number"), (math.inf, "finite"), (math.nan, "finite"),
+    (torch.tensor([0.1, 0.2]), "real number"), (1j, "real number"),
+])
+def test_bad_scale(scale, word):
+    var = al.compile()
+    q, k, v = qkv()
+    with pytest.raises(al.AttnLangError, match=word):
+        var(q, k, v, backend="eager", scale=scale)
+
+
+def test_scale_accepts_ints_and_numpy_like_reals():
+    var = al.compile()
+    q, k, v = qkv()
+    a = var(q, k, v, backend="eager", scale=1)
+    b = var(q, k, v, backend="eager", scale=1.0)
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", ["EAGER", "torch", "", None, "flex2"])
+def test_bad_backend_name(backend):
+    var = al.compile()
+    q, k, v = qkv()
+    with pytest.raises(al.AttnLangError, match="backend"):
+        var(q, k, v, backend=backend)
+
+
+def test_bad_return_lse_and_kernel_options():
+    var = al.compile()
+    q, k, v = qkv()
+    with pytest.raises(al.AttnLangError, match="return_lse"):
+        var(q, k, v, backend="eager", return_lse=1)
+    with pytest.raises(al.AttnLangError, match="kernel_options"):
+        var(q, k, v, backend="eager", kernel_options=[("BLOCK", 64)])
+
+
+def test_call_keywords_are_not_tensors():
+    var = al.compile()
+    q, k, v = qkv()
+    with pytest.raises(TypeError):
+        var(q, k, v, q, backend="eager")  # q, k, v only positionally; nothing else positional
+
+
+# ----- reference -----
+
+@pytest.mark.parametrize("score, mask, params, tensors", [
+    (*ALIBI, None, {"slope": torch.tensor([0.5, 0.25, 0.125, 0.0625])}),
+    ("score", DOC, None, {"doc": torch.tensor([0, 0, 1, 1, 1, 2, 2])}),
+    ("cap * tanh(score / cap)", "q_idx >= kv_idx", {"cap": 5.0}, {}),
+])
+def test_reference_equals_eager(score, mask, params, tensors):
+    var = al.compile(score, mask, params)
+    q, k, v = qkv()
+    for scale in (None, 0.3):
+        out, lse = al.reference(q, k, v, var, scale=scale, return_lse=True, **tensors)
+        out2, lse2 = var(q, k, v, backend="eager", scale=scale, return_lse=True, **tensors)
+        assert torch.equal(out, out2) and torch.equal(lse, lse2)
+        assert torch.equal(al.reference(q, k, v, var, scale=scale, **tensors), out)
+
+
+def test_reference_checks_its_arguments():
+    q, k, v = qkv()
+    with pytest.raises(al.AttnLangError, match="Variant"):
+        al.reference(q, k, v, "q_idx >= kv_idx")
+    with pytest.raises(al.AttnLangError, match="'slope' is read here"):
+        al.reference(q, k, v, al.compile(*ALIBI))
+
+
+def test_auto_backend_on_cpu_matches_eager():
+    var = al.compile(*ALIBI)
+    q, k, v = qkv()
+    slope = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    out, lse = var(q, k, v, slope=slope, return_lse=True)
+    ref, ref_lse = al.reference(q, k, v, var, slope=slope, return_lse=True)
+    torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(lse, ref_lse, rtol=2e-3, atol=2e-3)
