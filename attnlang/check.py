@@ -196,6 +196,12 @@ def _check_divisors(tree: Expr, env, checked: Checked, where: str) -> None:
                 raise AttnLangError.at(f"integer {'division' if node.op is Op.FLOORDIV else 'modulo'} by a "
                                        f"value that can be 0 (it ranges over {_fmt_interval(r)})",
                                        checked.sources[where], node.right.span or node.span, where)
+        if isinstance(node, Binary) and node.op is Op.POW and node.dtype is DType.INT:
+            r = bounds(node.right, env)
+            if r.lo < 0:  # Python gives a float there; an int result cannot hold it
+                raise AttnLangError.at(f"an int raised to an int power that can be negative (the exponent ranges "
+                                       f"over {_fmt_interval(r)}); use a float base, e.g. 2.0 ** ...",
+                                       checked.sources[where], node.right.span or node.span, where)
 
 
 def _fmt_interval(r: Interval) -> str:

@@ -94,6 +94,6 @@ def explain(variant: "Variant", q_len: int | None = None, kv_len: int | None = N
                        f"density {bs.density:.4f}")
         except ImportError:
             pass
-    out.append(f"  backend auto: fa4 on a Hopper GPU when it supports the call, else flex, else eager "
+    out.append(f"  backend auto: on CUDA, fa4 (Hopper) when it supports the call, else flex; on the CPU, eager "
                f"({_auto_policy()})")
     return "\n".join(out)

@@ -8,13 +8,22 @@ Booleans are intervals over {0, 1}: ``[1, 1]`` is always true, ``[0, 0]`` always
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from .ast import Binary, Call, Const, DType, Expr, Index, Op, Unary, Var
 
-__all__ = ["Interval", "bounds", "TOP", "TRUE", "FALSE", "BOOL"]
+__all__ = ["Interval", "bounds", "TOP", "TRUE", "FALSE", "BOOL", "BlockKind"]
+
+
+class BlockKind(enum.IntEnum):
+    """What a (query block, key block) tile of a mask holds: no allowed pair, some, or only allowed pairs."""
+
+    EMPTY = 0
+    PARTIAL = 1
+    FULL = 2
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ class CallPlan:
     tensors: the named tensors the simplified expressions (and lse_shift) read, on q's device.
     variant: the Variant being called (for its canonical key and block sparsity).
     q_len, kv_len, batch, q_heads, kv_heads: this call's sizes.
+    options: backend options (``kernel_options``); return_lse: whether the caller wants lse (backends may skip it).
     """
 
     score: Expr
@@ -39,3 +40,4 @@ class CallPlan:
     q_heads: int
     kv_heads: int
     options: Mapping[str, object] = field(default_factory=dict)
+    return_lse: bool = True

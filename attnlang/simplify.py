@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field, replace
-from typing import Callable
+from dataclasses import dataclass, replace
 
-from .ast import Binary, Call, Const, DType, Expr, Index, Op, Span, Unary, Var, children, names_used, walk, \
-    with_children
+from .ast import Binary, Call, Const, DType, Expr, Op, Span, Unary, Var, children, names_used, with_children
 
 __all__ = ["Simplified", "simplify_variant", "simplify", "rewrite", "affine_form", "Pat", "RULES", "PHASES",
            "MAX_PASSES"]
@@ -563,6 +561,8 @@ def affine_compare(n, a, b):
         c = -c
         op = {Op.LT: Op.GT, Op.LE: Op.GE, Op.GT: Op.LT, Op.GE: Op.LE, Op.EQ: Op.EQ, Op.NE: Op.NE}[op]
     t = -c  # sum(coef * name) OP t
+    if max(abs(t) + 1, *(abs(v) for v in coef.values())) >= 1 << 62:
+        return None  # near int64's range the run time wraps where Python's ints do not: leave it as written
     if op is Op.LT:
         op, t = Op.LE, t - 1
     elif op is Op.GT:
@@ -681,9 +681,10 @@ def rewrite(expr: Expr, rules=RULES, trace: list | None = None) -> Expr:
     """Apply ``rules`` bottom-up until nothing changes (at most MAX_PASSES passes). Iterative: deep expressions
     cannot overflow the stack. Appends the name of each rule that fired to ``trace``."""
     table = rules if isinstance(rules, dict) else _index_rules(rules)
+    settled: dict[int, Expr] = {}  # subtrees no rule changes: later passes skip them
     for _ in range(MAX_PASSES):
         fired: list[str] = []
-        expr = _one_pass(expr, table, fired)
+        expr = _one_pass(expr, table, fired, settled)
         if trace is not None:
             trace.extend(fired)
         if not fired:
@@ -691,12 +692,15 @@ def rewrite(expr: Expr, rules=RULES, trace: list | None = None) -> Expr:
     return expr
 
 
-def _one_pass(root: Expr, table, fired: list) -> Expr:
+def _one_pass(root: Expr, table, fired: list, settled: dict) -> Expr:
     done: dict[int, Expr] = {}
     stack = [(root, False)]
     while stack:
         node, expanded = stack.pop()
         if id(node) in done:
+            continue
+        if settled.get(id(node)) is node:
+            done[id(node)] = node
             continue
         kids = children(node)
         if kids and not expanded:
@@ -705,7 +709,11 @@ def _one_pass(root: Expr, table, fired: list) -> Expr:
             continue
         new_kids = tuple(done[id(k)] for k in kids)
         rebuilt = node if all(a is b for a, b in zip(new_kids, kids)) else with_children(node, new_kids)
-        done[id(node)] = _apply_rules(rebuilt, table, fired)
+        before = len(fired)
+        out = _apply_rules(rebuilt, table, fired)
+        if len(fired) == before and all(settled.get(id(k)) is k for k in new_kids):
+            settled[id(out)] = out  # its whole subtree is a fixed point
+        done[id(node)] = out
     return done[id(root)]
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import Mapping
 
 import torch
@@ -31,15 +30,9 @@ import torch
 from .ast import Binary, Call, Const, DType, Expr, Index, Op, Unary, Var, children, names_used, walk
 from .check import Checked, bind, check_index_bounds, dtype_of_torch
 from .errors import AttnLangError
-from .intervals import Interval
+from .intervals import BlockKind, Interval
 
 __all__ = ["BlockKind", "BlockSparsity", "block_sparsity", "known_exact", "REFINE_BUDGET"]
-
-
-class BlockKind(IntEnum):
-    EMPTY = 0
-    PARTIAL = 1
-    FULL = 2
 
 
 REFINE_BUDGET = 20_000_000  # (q, kv) positions evaluated, at most, to refine blocks left partial
@@ -199,7 +192,8 @@ def block_sparsity(variant, q_len: int, kv_len: int, batch: int = 1, heads: int 
         q_len, kv_len: sequence lengths (positive ints).
         batch, heads: sizes of ``b`` and ``h`` (query heads); only used when the mask reads them.
         block_size: int or (q rows, kv columns).
-        device: device of the result (default: that of the tensors, else the CPU).
+        device: device of ``kind`` (default: that of the tensors, else the CPU); the analysis itself runs on the
+            CPU, from O(S) summaries of the tensors.
         refine: evaluate the mask on blocks left partial, within REFINE_BUDGET positions.
         **tensors: the tensors the mask reads, by name.
     Returns:
@@ -241,10 +235,12 @@ def block_sparsity(variant, q_len: int, kv_len: int, batch: int = 1, heads: int 
     check_index_bounds(Checked(Const(0.0, DType.FLOAT), mask, checked.tensors, checked.sources), env,
                        {n: tuple(t.shape) for n, t in used.items()})
 
-    grid = _Grid(q_len, kv_len, batch, heads, bq, bk, names_used(mask), device)
+    # the analysis runs on the CPU (its inputs are O(S) summaries and its output O(blocks)); kind moves at the end
+    cpu = torch.device("cpu")
+    grid = _Grid(q_len, kv_len, batch, heads, bq, bk, names_used(mask), cpu)
     track = refine and not known_exact(mask, q_len, kv_len)
-    on_device = {n: t.to(device) for n, t in used.items()}
-    kind = torch.empty(grid.shape, dtype=torch.int8, device=device)
+    on_device = {n: t.detach().to(cpu) for n, t in used.items()}
+    kind = torch.empty(grid.shape, dtype=torch.int8, device=cpu)
     sure = None  # where partial blocks are surely partial; allocated when a slice knows any
     # query blocks in slices of about _SLICE blocks: intermediates stay in cache and memory stays small
     step = max(1, _SLICE // max(1, grid.Kb * grid.B * grid.H))
@@ -259,7 +255,7 @@ def block_sparsity(variant, q_len: int, kv_len: int, batch: int = 1, heads: int 
             kind[:, :, r0:r1] = k
         if track and s is not False:
             if sure is None:
-                sure = torch.zeros(grid.shape, dtype=torch.bool, device=device)
+                sure = torch.zeros(grid.shape, dtype=torch.bool, device=cpu)
             sure[:, :, r0:r1] = s
     refined = 0
     if track:
@@ -267,7 +263,7 @@ def block_sparsity(variant, q_len: int, kv_len: int, batch: int = 1, heads: int 
         if sure is not None:
             unsure &= ~sure
         kind, refined = _refine(kind, unsure, mask, grid, on_device)
-    return BlockSparsity(kind=kind, block_size=(bq, bk), q_len=q_len, kv_len=kv_len, mask=mask,
+    return BlockSparsity(kind=kind.to(device), block_size=(bq, bk), q_len=q_len, kv_len=kv_len, mask=mask,
                          tensors={n: t for n, t in used.items()}, refined=refined)
 
 
@@ -431,6 +427,7 @@ class _Analysis:
         """The root's kind, int8 broadcastable to [B, H, Qb, Kb]; with ``track_sure`` also a bool tensor (or
         bool) marking the partial blocks known to be really partial, which refinement can skip."""
         done: dict[int, object] = {}
+        self._done = done  # float comparisons look up the magnitudes of their operands' subtrees
         sure: dict[int, object] = {}
         stack = [(root, False)]
         while stack:
@@ -471,6 +468,11 @@ class _Analysis:
             return None
         a, b = _affine(node.left), _affine(node.right)
         if a is None or b is None:
+            return None
+        # int64 arithmetic is exact modulo 2^64, so each side is exact when its true value fits; past that the
+        # run time wraps and the generic path (which gives up on such magnitudes) decides
+        top = max(self.g.q_len, self.g.kv_len, self.g.B, self.g.H)
+        if any(abs(f[1]) + sum(abs(v) for v in f[0].values()) * top >= 2 ** 52 for f in (a, b)):
             return None
         coef = dict(a[0])
         for k, v in b[0].items():
@@ -542,8 +544,8 @@ class _Analysis:
                 return _kmax(x, y)
             if node.op in COMPARE_OPS:
                 return self._compare(node, x, y)
-            return _arith(node, x, y)
-        return self._call(node, kids)
+            return _f32_overflow(node, _arith(node, x, y))
+        return _f32_overflow(node, self._call(node, kids))
 
     def _compare(self, node: Binary, x, y):
         if isinstance(x, (int, torch.Tensor)) and not isinstance(x, tuple):
@@ -556,8 +558,9 @@ class _Analysis:
         may_nan = xn or yn
         big = _too_big(xlo, xhi) or _too_big(ylo, yhi)
         if is_float:
-            # float32 on the backends rounds differently from float64 here: decide only with a margin
-            m = 1e-5 * max(1.0, _absmax(xlo, xhi), _absmax(ylo, yhi))
+            # float32 on the backends rounds differently from float64 here, by up to a few ulps of the largest
+            # value met on the way (cancellation included): decide only with a margin that covers it
+            m = 1e-5 * max(1.0, self._magnitude(node))
         else:
             m = 0.0
         if big:
@@ -588,6 +591,15 @@ class _Analysis:
             else:
                 full = False
         return _kind(full, some, self.g.device)
+
+    def _magnitude(self, node: Expr) -> float:
+        """The largest finite magnitude any numeric node under ``node`` can take on this grid."""
+        best = 0.0
+        for n in walk(node):
+            v = self._done.get(id(n))
+            if isinstance(v, tuple):
+                best = max(best, _absmax(v[0], v[1]))
+        return best
 
     def _call(self, node: Call, kids: list):
         f = node.func
@@ -854,6 +866,22 @@ def _absmax(lo, hi) -> float:
         elif math.isfinite(v):
             vals.append(abs(v))
     return max(vals, default=0.0)
+
+
+_F32_MAX = 3.4028234663852886e38
+
+
+def _f32_overflow(node: Expr, r):
+    """A float the backends compute in float32 overflows to inf past float32's largest value (and inf can then
+    make NaN): bounds beyond it become infinite, which later arithmetic treats as possibly NaN."""
+    if node.dtype is not DType.FLOAT or not isinstance(r, tuple):
+        return r
+    lo, hi, nan = r
+    if _absmax(lo, hi) <= _F32_MAX:
+        return r
+    lo = torch.where(_t(lo) < -_F32_MAX, -math.inf, _t(lo).double())
+    hi = torch.where(_t(hi) > _F32_MAX, math.inf, _t(hi).double())
+    return (lo, hi, nan)
 
 
 def _finite(v) -> bool:

@@ -129,8 +129,18 @@ def describe_lowering(name, tensors, q) -> str:
     plan = al.compile(score=score, mask=mask)._plan(q, q, q, None, "fa4", False, None, tensors)
     low = fa4.lowering(plan)
     baked = [n for n, _, _ in fa4._tables(plan)]
-    return (f"{low.native}; score_mod={'yes' if low.score_mod else 'no'}; aux={list(low.tensors)}; "
+    mask = low.native
+    if low.mask_mod and _tile_aligned(plan):
+        _, _, partial = fa4._block_sparse(plan, low, q.device)
+        if not partial:
+            mask = "block-sparse tile lists only (every tile full or empty: no mask_mod, no mask tensors)"
+    return (f"{mask}; score_mod={'yes' if low.score_mod else 'no'}; aux={list(low.tensors)}; "
             f"baked={baked}; block_sparsity={'yes' if low.mask_mod else 'no'}")
+
+
+def _tile_aligned(plan) -> bool:
+    from attnlang.backends import fa4
+    return plan.q_len % fa4._TILE[0] == 0 and plan.kv_len % fa4._TILE[1] == 0
 
 
 def bench(fn, q, k, v, dout, do_bwd: bool, reps: int):

@@ -2,8 +2,10 @@
 every position), 128 x 128 blocks, one batch and head.
 
     python benchmarks/bench_sparsity.py [--max-s 1048576] [--cbm-max-s 16384] [--out benchmarks/results]
+    python benchmarks/bench_sparsity.py --frontend-only     # adds the front-end timings to the existing results
 
-Writes sparsity_cpu.json and sparsity_cpu.md. Times are medians of repeated calls after one warm-up call.
+Writes sparsity_cpu.json and sparsity_cpu.md. Times are medians of repeated calls after one warm-up call. Also
+times the front end (check, and simplify alone) on the BENCHMARKS.md variants.
 """
 
 from __future__ import annotations
@@ -47,12 +49,54 @@ def _flex_mask_mod(name, doc):
     return lambda b, h, q, k: (k < 1024) | (q >= k)
 
 
+FRONTEND = {
+    "causal": ("score", "q_idx >= kv_idx"),
+    "sliding_window": ("score", "0 <= q_idx - kv_idx < 1024"),
+    "alibi_causal": ("score + slope[h] * (kv_idx - q_idx)", "q_idx >= kv_idx"),
+    "softcap_causal": ("30 * tanh(score / 30)", "q_idx >= kv_idx"),
+    "document": ("score", "doc[q_idx] == doc[kv_idx]"),
+}
+
+
+def frontend() -> dict:
+    """Median microseconds of parse + check, and of simplify alone, per variant (no compile cache involved)."""
+    from attnlang.check import check
+    from attnlang.simplify import simplify_variant
+    out = {}
+    for name, (score, mask) in FRONTEND.items():
+        c = check(score, mask)
+        t_check = _median_time(lambda: check(score, mask), 200)
+        t_simp = _median_time(lambda: simplify_variant(c.score, c.mask), 200)
+        out[name] = {"parse_check_us": round(t_check * 1e6, 1), "simplify_us": round(t_simp * 1e6, 1)}
+        print(name, out[name], flush=True)
+    return out
+
+
+def _frontend_md(fe: dict) -> list[str]:
+    lines = ["", "## Front end (median of 200 calls, microseconds)", "",
+             "| variant | parse + check | simplify |", "|---|---|---|"]
+    for name, r in fe.items():
+        lines.append(f"| {name} | {r['parse_check_us']} | {r['simplify_us']} |")
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--max-s", type=int, default=1 << 20)
     p.add_argument("--cbm-max-s", type=int, default=16384, help="largest S for create_block_mask on the CPU")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--frontend-only", action="store_true")
     args = p.parse_args()
+    if args.frontend_only:
+        path = os.path.join(args.out, "sparsity_cpu.json")
+        with open(path) as f:
+            result = json.load(f)
+        result["frontend"] = frontend()
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        with open(os.path.join(args.out, "sparsity_cpu.md"), "a") as f:
+            f.write("\n".join(_frontend_md(result["frontend"])) + "\n")
+        return
     from torch.nn.attention.flex_attention import create_block_mask
 
     sizes = [s for s in (4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576) if s <= args.max_s]
@@ -80,19 +124,22 @@ def main() -> None:
     result = {"device": "cpu", "machine": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "block_size": [128, 128],
               "note": "medians after a warm-up call; the CPU was shared with other jobs while measured",
-              "rows": rows}
+              "rows": rows, "frontend": frontend()}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "sparsity_cpu.json"), "w") as f:
         json.dump(result, f, indent=1)
     lines = ["# Block sparsity on the CPU (128x128 blocks, B=H=1)", "",
              f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians after warm-up. "
-             "create_block_mask only up to the S it fits in time here.", "",
+             "create_block_mask only up to the S it fits in time here. The 2-core CPU was shared with other jobs "
+             "while measured: isolated spikes (a larger time at a smaller S) are that contention. "
+             "`density` is computed lazily, outside the timed call.", "",
              "| variant | S | attnlang ms | create_block_mask ms | speedup | same blocks | full | partial | empty |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['S']} | {r['attnlang_ms']} | {r.get('create_block_mask_ms', '')} | "
                      f"{r.get('speedup', '')} | {r.get('same_blocks', '')} | {r['full']} | {r['partial']} | "
                      f"{r['empty']} |")
+    lines += _frontend_md(result["frontend"])
     with open(os.path.join(args.out, "sparsity_cpu.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -352,3 +352,14 @@ def test_caret_keeps_tabs_of_the_source_line():
     err = info.value
     assert (err.line, err.column) == (2, 3)
     assert str(err).endswith("\n    \t\tfoo\n    \t\t^^^")
+
+
+def test_int_power_with_a_possibly_negative_exponent_is_an_error():
+    # Python gives a float for 2 ** -1; an int result would silently be 0
+    q = torch.randn(1, 1, 20, 4)
+    v = al.compile(score="score + 2 ** (q_idx - 10)")
+    with pytest.raises(al.AttnLangError) as info:
+        v(q, q, q)
+    assert info.value.column == 15 and "negative" in info.value.message
+    assert al.compile(score="score + 2 ** (q_idx // 4)")(q, q, q).shape == q.shape
+    assert al.compile(score="score + 2.0 ** (q_idx - 10)")(q, q, q).shape == q.shape

@@ -30,6 +30,7 @@ class _NoLsePlan:
     def __init__(self, plan):
         self._plan = plan
         self.return_lse = False
+        self.options = {**plan.options, "CPU_COMPILED": True}
 
     def __getattr__(self, name):
         return getattr(self._plan, name)

@@ -315,3 +315,26 @@ def test_simplify_is_fast():
     for _ in range(20):
         simplify_variant(c.score, c.mask)
     assert (time.perf_counter() - t) / 20 < 0.02  # generous: the target (under 1 ms) is measured in the bench
+
+
+def test_end_to_end_shift_and_nonfinite_row_terms():
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 9, 8, dtype=torch.float64)
+    k = torch.randn(1, 2, 9, 8, dtype=torch.float64)
+    val = torch.randn(1, 2, 9, 8, dtype=torch.float64)
+    slope = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    i = torch.arange(9)
+    s = q @ k.transpose(-1, -2) / math.sqrt(8)
+    # ALiBi: the simplified variant drops -slope * q_idx and adds it back to lse
+    v = al.compile(score="score + slope[h] * (kv_idx - q_idx)", mask="q_idx >= kv_idx")
+    out, lse = v(q, k, val, slope=slope, return_lse=True, backend="eager")
+    ref = (s + slope.view(1, 2, 1, 1) * (i.view(1, -1) - i.view(-1, 1))).masked_fill(i.view(-1, 1) < i.view(1, -1),
+                                                                                     -math.inf)
+    torch.testing.assert_close(out, torch.softmax(ref, -1) @ val)
+    torch.testing.assert_close(lse, torch.logsumexp(ref, -1).float())
+    # a -inf row term masks its rows: they must come out 0 with lse -inf, not be shifted away
+    v = al.compile(score="score + where(q_idx < 3, -inf, 0.0)")
+    assert v.simplified.lse_shift is not None
+    out, lse = v(q, k, val, return_lse=True, backend="eager")
+    assert torch.all(out[:, :, :3] == 0) and torch.all(lse[:, :, :3] == -math.inf)
+    torch.testing.assert_close(out[:, :, 3:], (torch.softmax(s, -1) @ val)[:, :, 3:])

@@ -217,6 +217,7 @@ def test_tensor_read_indexed_by_offset_and_two_axes():
 def test_nan_and_inf_are_handled_soundly():
     vals = torch.tensor([0.0, float("nan"), 1.0, float("inf"), -float("inf")] * 20)
     for mask in ["vals[kv_idx] <= inf", "vals[kv_idx] == vals[kv_idx]", "vals[kv_idx] != vals[kv_idx]",
+                 "exp(float(q_idx)) * 0.0 == 0.0", "exp(float(kv_idx)) - exp(float(kv_idx)) <= 0.0",
                  "log(float(kv_idx)) - log(float(kv_idx)) <= 0.0", "float(q_idx) / float(kv_idx) < inf"]:
         v = al.compile(mask=mask)
         kw = {"vals": vals} if "vals" in mask else {}
@@ -305,3 +306,39 @@ def test_to_fa4_without_flash_attn():
     bs = block_sparsity(al.compile(mask="q_idx >= kv_idx"), 256, 256)
     with pytest.raises(al.AttnLangError, match="flash"):
         bs.to_fa4()
+
+
+def test_float_cancellation_margin():
+    # float32 error of q * 0.1 at q ~ 1e5 is ~0.004: a margin relative to the difference alone would be too small
+    v = al.compile(mask="float(q_idx) * 0.1 - float(kv_idx) * 0.1 < 0.05")
+    bs = block_sparsity(v, 4096, 4096, block_size=(64, 64), refine=False)
+    assert_sound(bs, brute_kind(bs, 1, 1, torch.float32))
+    assert_sound(bs, brute_kind(bs, 1, 1, torch.float64))
+
+
+@pytest.mark.gpu
+def test_to_flex_on_cuda():
+    from torch.nn.attention.flex_attention import flex_attention
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    doc = torch.sort(torch.randint(0, 3, (300,), device=dev))[0]
+    v = al.compile(mask="doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx")
+    q, k, val = (torch.randn(1, 2, 300, 64, device=dev) for _ in range(3))
+    bs = block_sparsity(v, 300, 300, doc=doc)
+    assert bs.kind.device.type == "cuda"
+    out = flex_attention(q, k, val, block_mask=bs.to_flex())
+    torch.testing.assert_close(out, v(q, k, val, backend="eager", doc=doc), atol=2e-5, rtol=1e-4)
+    bm = block_sparsity(al.compile(mask="q_idx >= kv_idx"), 300, 300).to_flex(device=dev)
+    assert bm.kv_num_blocks.device.type == "cuda"
+
+
+def test_huge_coefficients_stay_sound():
+    for mask in ["q_idx * 4611686018427387904 < kv_idx", "q_idx * 9007199254740993 - kv_idx * 9007199254740993 >= 0",
+                 "q_idx + 9223372036854775000 > kv_idx"]:
+        v = al.compile(mask=mask)
+        try:
+            bs = block_sparsity(v, 40, 40, block_size=(8, 8), refine=False)
+        except al.AttnLangError as e:  # the checker refuses integers that can leave 64 bits, as at call time
+            assert "64 bits" in str(e)
+            continue
+        assert_sound(bs, brute_kind(bs, 1, 1))

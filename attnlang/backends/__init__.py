@@ -14,7 +14,11 @@ NAMES = ("eager", "flex", "fa4")
 
 
 def select(q, plan: CallPlan) -> tuple[str, str]:
-    """(backend, reason) that ``backend="auto"`` picks for this call."""
+    """(backend, reason) that ``backend="auto"`` picks for this call: fa4, then flex, on a CUDA device; eager
+    on the CPU, where compiled flex is inference-only (no gradients, no lse) and compiles for seconds per variant
+    while eager gives the first result sooner."""
+    if q.device.type != "cuda":
+        return "eager", f"eager on {q.device.type}: fa4 and flex are chosen automatically on CUDA devices only"
     reasons = []
     for name in ("fa4", "flex"):
         try:

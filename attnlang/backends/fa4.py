@@ -322,7 +322,7 @@ def _block_sparse(plan: CallPlan, low: Lowering, device):
     _SPARSITY[key] = (fwd, bwd, bool((kind == 1).any()))
     while len(_SPARSITY) > _SPARSITY_SIZE:
         _SPARSITY.popitem(last=False)
-    return fwd, bwd
+    return _SPARSITY[key]
 
 
 # ----- the backend contract -----

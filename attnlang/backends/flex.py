@@ -13,7 +13,8 @@ run through ``torch.compile(flex_attention)``.
   (Hopper or newer, fp16/bf16, head dims 64/96/128, no gradients), else "TRITON"; a user's ``kernel_options``
   override. An automatically chosen FLASH that fails to compile falls back to TRITON once and is remembered.
 - On the CPU (torch 2.11-2.13) compiled flex runs only inference without lse and in float32/bf16/fp16: calls that
-  need lse (``plan.return_lse``, assumed when the plan does not say) or float64 run flex's unfused implementation
+  need lse, or float64, or were not asked to compile (``kernel_options={"CPU_COMPILED": True}``: that kernel
+  cannot report a NaN score) run flex's unfused implementation
   (exact, materialises the [B, Hq, Sq, Skv] scores); calls needing gradients are refused (flex has no CPU
   backward).
 """
@@ -63,7 +64,10 @@ def _named_grad(plan: CallPlan) -> bool:
 
 
 def _want_lse(plan: CallPlan) -> bool:
-    # Compiled CPU flex cannot return lse; a plan that says it needs none may take that path.
+    # Compiled CPU flex returns no lse and cannot report a NaN score (it writes 0 there), so a CPU call takes it
+    # only when asked (kernel_options={"CPU_COMPILED": True}) and the plan needs no lse.
+    if not (plan.options or {}).get("CPU_COMPILED"):
+        return True
     return bool(getattr(plan, "return_lse", True)) or plan.lse_shift is not None
 
 
@@ -269,8 +273,8 @@ def _block_mask(q, plan: CallPlan, mask_names: tuple[str, ...], fd):
     if hit is not None:
         _block_masks.move_to_end(key)
         return hit[1]
-    _, mask_mod = _mods(plan.score, _prepare(plan.mask, plan.q_len, plan.kv_len, fd), mask_names, tuple(mask_tensors.values()), plan.q_len, plan.kv_len,
-                        fd)
+    prepared = _prepare(plan.mask, plan.q_len, plan.kv_len, fd)
+    _, mask_mod = _mods(plan.score, prepared, mask_names, tuple(mask_tensors.values()), plan.q_len, plan.kv_len, fd)
     bs = plan.variant.block_sparsity(plan.q_len, plan.kv_len, plan.batch, plan.q_heads, BLOCK_SIZE,
                                      **{n: t.detach() for n, t in mask_tensors.items()})
     bm = bs.to_flex(mask_mod=mask_mod, device=q.device)
@@ -343,7 +347,7 @@ def _raise_limits() -> None:
 
 
 def _callable(q, k, v, plan: CallPlan, names, named, fd, kernel, compiled: bool, want_lse: bool, bm):
-    kernel_options = dict(plan.options or {})
+    kernel_options = {key: value for key, value in (plan.options or {}).items() if key != "CPU_COMPILED"}
     kernel_options.pop("BACKEND", None)
     if kernel is not None:
         kernel_options["BACKEND"] = kernel
