@@ -16,6 +16,7 @@ import pkgutil
 import sys
 import time
 
+from .ast import Index, walk
 from .errors import AttnLangError
 
 __all__ = ["main"]
@@ -90,6 +91,10 @@ def cmd_explain(args) -> int:
         q_len = q_len or 1024
         kv_len = kv_len or q_len
         tensors = _tensors(args.tensor)
+        missing = sorted({n.tensor for n in walk(v.simplified.mask) if isinstance(n, Index)} - set(tensors))
+        if missing:
+            raise AttnLangError(f"the mask reads tensor {missing[0]!r}; to draw it pass --tensor {missing[0]}=FILE "
+                                f"(a torch.save file or a .npy file)")
         draw(v, args.png, q_len=q_len, kv_len=kv_len, **tensors)
         print(f"wrote {args.png}")
     return 0

@@ -202,7 +202,7 @@ def derivative(expr: Expr, wrt: str = "score") -> Expr:
     """
     memo: dict = {}
     # post-order without recursion: expressions can be deep
-    order, stack = [], [(expr, False)]
+    stack = [(expr, False)]
     while stack:
         node, done = stack.pop()
         key = (node, node.dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .ast import DType, names_used
+from .ast import DType, Index, names_used, walk
 from .printer import to_source
 
 if TYPE_CHECKING:
@@ -83,7 +83,8 @@ def explain(variant: "Variant", q_len: int | None = None, kv_len: int | None = N
     native = _native(variant)
     if native is not None:
         out.append(f"  native lowering: {native}")
-    if q_len is not None and kv_len is not None and not checked.tensors:
+    mask_tensors = {n.tensor for n in walk(simple.mask) if isinstance(n, Index)}
+    if q_len is not None and kv_len is not None and not mask_tensors:
         try:
             bs = variant.block_sparsity(q_len=q_len, kv_len=kv_len)
             kinds = bs.kind

@@ -13,9 +13,9 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from .ast import Binary, Call, Const, DType, Expr, Index, Op, Unary, Var
+from .ast import Call, Const, DType, Expr, Index, Op, Unary, Var
 
-__all__ = ["Interval", "bounds", "TOP", "TRUE", "FALSE", "BOOL", "BlockKind"]
+__all__ = ["Interval", "bounds", "tensor_range", "TOP", "TRUE", "FALSE", "BOOL", "BlockKind"]
 
 
 class BlockKind(enum.IntEnum):
@@ -268,3 +268,18 @@ def _call(expr: Call, env: Env) -> Interval:
             return b
         return a.join(b)
     return TOP
+
+
+
+def tensor_range(t) -> Interval:
+    """The interval of a torch tensor's values (bools as 0/1; unbounded when it holds NaN; [0, 0] when empty)."""
+    import torch
+    if t.numel() == 0:
+        return Interval(0, 0)
+    x = t.detach()
+    if x.dtype == torch.bool:
+        x = x.to(torch.int8)
+    lo, hi = float(x.min()), float(x.max())
+    if math.isnan(lo) or math.isnan(hi):
+        return TOP
+    return Interval(lo, hi)

@@ -30,7 +30,7 @@ import torch
 from .ast import Binary, Call, Const, DType, Expr, Index, Op, Unary, Var, children, names_used, walk
 from .check import Checked, bind, check_index_bounds, dtype_of_torch
 from .errors import AttnLangError
-from .intervals import BlockKind, Interval
+from .intervals import BlockKind, Interval, tensor_range
 
 __all__ = ["BlockKind", "BlockSparsity", "block_sparsity", "known_exact", "REFINE_BUDGET"]
 
@@ -231,7 +231,7 @@ def block_sparsity(variant, q_len: int, kv_len: int, batch: int = 1, heads: int 
     mask = bind(Checked(Const(0.0, DType.FLOAT), smask, checked.tensors, checked.sources), dtypes).mask
     env = {"b": Interval(0, batch - 1), "h": Interval(0, heads - 1), "q_idx": Interval(0, q_len - 1),
            "kv_idx": Interval(0, kv_len - 1), "q_len": Interval(q_len, q_len), "kv_len": Interval(kv_len, kv_len)}
-    env.update({n: _value_interval(t) for n, t in used.items()})
+    env.update({n: tensor_range(t) for n, t in used.items()})
     check_index_bounds(Checked(Const(0.0, DType.FLOAT), mask, checked.tensors, checked.sources), env,
                        {n: tuple(t.shape) for n, t in used.items()})
 
@@ -265,18 +265,6 @@ def block_sparsity(variant, q_len: int, kv_len: int, batch: int = 1, heads: int 
         kind, refined = _refine(kind, unsure, mask, grid, on_device)
     return BlockSparsity(kind=kind.to(device), block_size=(bq, bk), q_len=q_len, kv_len=kv_len, mask=mask,
                          tensors={n: t for n, t in used.items()}, refined=refined)
-
-
-def _value_interval(t: torch.Tensor) -> Interval:
-    if t.numel() == 0:
-        return Interval(0, 0)
-    x = t.detach()
-    if x.dtype == torch.bool:
-        x = x.to(torch.int8)
-    lo, hi = float(x.min()), float(x.max())
-    if math.isnan(lo) or math.isnan(hi):
-        return Interval(-math.inf, math.inf)
-    return Interval(lo, hi)
 
 
 class _Grid:
@@ -684,7 +672,6 @@ class _Analysis:
         lo_a, hi_a = los[axis], his[axis]
         length = (hi_a - lo_a + 1).clamp(min=1)
         longest = int(length.max())
-        size = vals.shape[axis]
         levels = max(1, longest.bit_length())
         if vals.numel() * levels > _TABLE_BUDGET:
             return (float(vals.min()), float(vals.max()), False)

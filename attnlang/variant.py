@@ -12,9 +12,9 @@ from typing import Any, Mapping
 import torch
 
 from .ast import DType, names_used, walk, Index
-from .check import CALL_KEYWORDS, Checked, bind, check, check_index_bounds, dtype_of_torch
+from .check import Checked, bind, check, check_index_bounds, dtype_of_torch
 from .errors import AttnLangError
-from .intervals import Interval, bounds
+from .intervals import Interval, bounds, tensor_range
 from .plan import CallPlan
 from .printer import to_source
 from .simplify import Simplified, simplify_variant
@@ -264,23 +264,11 @@ def _value_range(t: torch.Tensor) -> Interval:
     hit = _RANGES.get(key)
     if hit is not None and hit[0]() is t:
         return hit[1]
-    r = _compute_range(t)
+    r = tensor_range(t)
     if len(_RANGES) > 256:
         _RANGES.clear()
     _RANGES[key] = (weakref.ref(t), r)
     return r
-
-
-def _compute_range(t: torch.Tensor) -> Interval:
-    if t.numel() == 0:
-        return Interval(0, 0)
-    x = t.detach()
-    if x.dtype == torch.bool:
-        x = x.to(torch.int8)
-    lo, hi = float(x.min()), float(x.max())
-    if math.isnan(lo) or math.isnan(hi):
-        return Interval(-math.inf, math.inf)
-    return Interval(lo, hi)
 
 
 def _check_qkv(q, k, v) -> None:

@@ -11,7 +11,7 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..ast import Binary, Call, Const, DType, Expr, Index, Op, names_used, walk
+from ..ast import Binary, Call, Const, DType, Index, Op, names_used, walk
 from ..errors import AttnLangError
 from ..lower_torch import evaluate
 from ..plan import CallPlan

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from ..ast import Const, DType, Expr, Index, Var, names_used, walk
+from ..ast import Const, Expr, Index, Var, names_used, walk
 from ..errors import AttnLangError
 from ..plan import CallPlan
 
