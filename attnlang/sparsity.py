@@ -128,9 +128,12 @@ class BlockSparsity:
             return t.device
         return self.kind.device
 
-    def _lists(self, which: int, device):
-        """Counts int32 [B, H, Qb] and indices int32 [B, H, Qb, Kb] of the blocks of one kind, in kv order."""
+    def _lists(self, which: int, device, transpose: bool = False):
+        """Counts int32 [B, H, Qb] and indices int32 [B, H, Qb, Kb] of the blocks of one kind, in kv order
+        (transpose: counts [B, H, Kb] and indices [B, H, Kb, Qb], in q order, as a backward pass walks them)."""
         k = self.kind.to(device)
+        if transpose:
+            k = k.transpose(-1, -2)
         hit = k == which
         cnt = hit.sum(-1, dtype=torch.int32)
         # a stable sort that puts the hits first keeps them in increasing kv-block order
@@ -152,11 +155,12 @@ class BlockSparsity:
         return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=self.block_size,
                                         mask_mod=mask_mod, seq_lengths=(self.q_len, self.kv_len))
 
-    def to_fa4(self, device=None, batch: int | None = None, heads: int | None = None):
+    def to_fa4(self, device=None, batch: int | None = None, heads: int | None = None, transpose: bool = False):
         """flash_attn.cute's ``BlockSparseTensorsTorch`` (mask_block_cnt / mask_block_idx for partial blocks,
         full_block_cnt / full_block_idx for full ones; int32; counts [B, H, Qb], indices [B, H, Qb, Kb]).
 
         batch, heads: expand broadcast (size-1) dimensions to these sizes.
+        transpose: the lists per kv block instead (counts [B, H, Kb], indices [B, H, Kb, Qb]), for the backward.
         Raises:
             AttnLangError: flash_attn (flash-attn-4) is not installed.
         """
@@ -166,8 +170,8 @@ class BlockSparsity:
             raise AttnLangError(f"to_fa4() needs flash-attn-4 (flash_attn.cute), which is not importable here: "
                                 f"{e}") from None
         dev = self._device(device)
-        mask_cnt, mask_idx = self._lists(int(BlockKind.PARTIAL), dev)
-        full_cnt, full_idx = self._lists(int(BlockKind.FULL), dev)
+        mask_cnt, mask_idx = self._lists(int(BlockKind.PARTIAL), dev, transpose)
+        full_cnt, full_idx = self._lists(int(BlockKind.FULL), dev, transpose)
         if batch is not None or heads is not None:
             B = batch if batch is not None else mask_cnt.shape[0]
             H = heads if heads is not None else mask_cnt.shape[1]

@@ -308,6 +308,29 @@ def test_to_fa4_without_flash_attn():
         bs.to_fa4()
 
 
+def test_to_fa4_layout_forward_and_transposed(monkeypatch):
+    # flash_attn.cute's BlockSparseTensorsTorch is a NamedTuple; a stand-in with its fields checks the layout here
+    import collections
+    import sys
+    import types
+    fields = ["mask_block_cnt", "mask_block_idx", "full_block_cnt", "full_block_idx", "block_size"]
+    module = types.ModuleType("flash_attn.cute.block_sparsity")
+    module.BlockSparseTensorsTorch = collections.namedtuple("BlockSparseTensorsTorch", fields)
+    for name in ("flash_attn", "flash_attn.cute"):
+        monkeypatch.setitem(sys.modules, name, sys.modules.get(name) or types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.block_sparsity", module)
+    bs = block_sparsity(al.compile(mask="q_idx >= kv_idx"), 300, 300, block_size=(128, 128))
+    fwd, bwd = bs.to_fa4(), bs.to_fa4(transpose=True)
+    # causal, 3 x 3 blocks: row i has full blocks 0..i-1 and the partial diagonal block i
+    assert fwd.mask_block_cnt.tolist() == [[[1, 1, 1]]] and fwd.full_block_cnt.tolist() == [[[0, 1, 2]]]
+    assert fwd.mask_block_idx[0, 0, :, 0].tolist() == [0, 1, 2]
+    assert fwd.full_block_idx[0, 0, 2, :2].tolist() == [0, 1]
+    # per kv block j: full q blocks j+1.. and the partial diagonal j
+    assert bwd.full_block_cnt.tolist() == [[[2, 1, 0]]]
+    assert bwd.full_block_idx[0, 0, 0, :2].tolist() == [1, 2]
+    assert fwd.mask_block_idx.dtype == torch.int32 and fwd.block_size == (128, 128)
+
+
 def test_float_cancellation_margin():
     # float32 error of q * 0.1 at q ~ 1e5 is ~0.004: a margin relative to the difference alone would be too small
     v = al.compile(mask="float(q_idx) * 0.1 - float(kv_idx) * 0.1 < 0.05")

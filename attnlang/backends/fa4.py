@@ -290,13 +290,6 @@ _SPARSITY: OrderedDict = OrderedDict()
 _SPARSITY_SIZE = 16
 
 
-def _kv_lists(kind: torch.Tensor, which: int):
-    hit = kind == which
-    cnt = hit.sum(-1, dtype=torch.int32).contiguous()
-    idx = torch.argsort((~hit).to(torch.int8), dim=-1, stable=True).to(torch.int32).contiguous()
-    return cnt, idx
-
-
 def _block_sparse(plan: CallPlan, low: Lowering, device):
     """(forward, backward, has_partial): BlockSparseTensorsTorch for the mask_mod's kernel in each direction, and
     whether any tile is partial (needs the mask_mod at all)."""
@@ -308,18 +301,10 @@ def _block_sparse(plan: CallPlan, low: Lowering, device):
     if got is not None:
         _SPARSITY.move_to_end(key)
         return got
-    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
     bs = plan.variant.block_sparsity(plan.q_len, plan.kv_len, batch=key[3], heads=key[4], block_size=_TILE,
                                      **{n: plan.tensors[n] for n in low.mask_tensors})
-    kind = bs.kind.to(device)
-    fwd_m, fwd_f = _kv_lists(kind, 1), _kv_lists(kind, 2)
-    kind_t = kind.transpose(-1, -2)
-    bwd_m, bwd_f = _kv_lists(kind_t, 1), _kv_lists(kind_t, 2)
-    fwd = BlockSparseTensorsTorch(mask_block_cnt=fwd_m[0], mask_block_idx=fwd_m[1], full_block_cnt=fwd_f[0],
-                                  full_block_idx=fwd_f[1], block_size=_TILE)
-    bwd = BlockSparseTensorsTorch(mask_block_cnt=bwd_m[0], mask_block_idx=bwd_m[1], full_block_cnt=bwd_f[0],
-                                  full_block_idx=bwd_f[1], block_size=_TILE)
-    _SPARSITY[key] = (fwd, bwd, bool((kind == 1).any()))
+    fwd, bwd = bs.to_fa4(device=device), bs.to_fa4(device=device, transpose=True)
+    _SPARSITY[key] = (fwd, bwd, bool((bs.kind == 1).any()))
     while len(_SPARSITY) > _SPARSITY_SIZE:
         _SPARSITY.popitem(last=False)
     return _SPARSITY[key]
