@@ -6,7 +6,6 @@ import functools
 import json
 import math
 import numbers
-import weakref
 from typing import Any, Mapping
 
 import torch
@@ -15,6 +14,7 @@ from .ast import DType, names_used, walk, Index
 from .check import Checked, bind, check, check_index_bounds, dtype_of_torch
 from .errors import AttnLangError
 from .intervals import Interval, bounds, tensor_range
+from .memo import MEMO
 from .plan import CallPlan
 from .printer import to_source
 from .simplify import Simplified, simplify_variant
@@ -254,21 +254,12 @@ def _finite_rows(shift, env, q, B, Hq, Sq, Skv, tensors) -> bool:
     return bool(torch.isfinite(val).all())
 
 
-_RANGES: dict = {}
 _BOUNDS_OK: dict = {}  # (bound expressions, sizes and value ranges) that passed check_index_bounds
 
 
 def _value_range(t: torch.Tensor) -> Interval:
-    """min/max of a tensor's values, cached per tensor object and version (a GPU read syncs the device)."""
-    key = (id(t), t._version, t.data_ptr(), tuple(t.shape), t.dtype)
-    hit = _RANGES.get(key)
-    if hit is not None and hit[0]() is t:
-        return hit[1]
-    r = tensor_range(t)
-    if len(_RANGES) > 256:
-        _RANGES.clear()
-    _RANGES[key] = (weakref.ref(t), r)
-    return r
+    """min/max of a tensor's values, once per tensor object and version (a GPU read syncs the device)."""
+    return MEMO.get(t, "range", tensor_range)
 
 
 def _check_qkv(q, k, v) -> None:

@@ -335,3 +335,15 @@ def test_auto_backend_on_cpu_matches_eager():
     ref, ref_lse = al.reference(q, k, v, var, slope=slope, return_lse=True)
     torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(lse, ref_lse, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("backend", ["eager", "flex"])
+def test_inference_mode_tensors(backend):
+    # inference tensors keep no version counter: the per-tensor caches must not need one
+    v = al.compile("score + bias[h]", "doc[q_idx] == doc[kv_idx]")
+    with torch.inference_mode():
+        q = torch.randn(1, 2, 5, 4)
+        bias, doc = torch.randn(2), torch.tensor([0, 0, 1, 1, 1])
+        out = v(q, q, q, backend=backend, bias=bias, doc=doc)
+        ref = v(q, q, q, backend="eager", bias=bias, doc=doc)
+    torch.testing.assert_close(out, ref)

@@ -34,7 +34,6 @@ import importlib.util
 import os
 import sys
 import threading
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,8 @@ import torch
 
 from ..ast import Const, Expr, Index, Var, names_used, walk
 from ..errors import AttnLangError
+from ..intervals import tensor_range
+from ..memo import MEMO
 from ..plan import CallPlan
 
 __all__ = ["unsupported", "attention", "cache_dir", "lowering", "Lowering"]
@@ -54,36 +55,6 @@ _TABLE_VERSIONS = 8         # distinct baked value sets per variant before falli
 _LOCK = threading.Lock()
 
 
-class _TensorMemo:
-    """Values derived from a tensor (its values as a tuple, an int32 copy...), kept while that very tensor object
-    is alive and unmodified (``_version`` unchanged): a later call with the same tensor pays no device sync."""
-
-    def __init__(self, size: int = 128):
-        self._entries: OrderedDict = OrderedDict()
-        self._size = size
-
-    def get(self, t: torch.Tensor, tag: str, fn):
-        try:
-            version = t._version
-        except RuntimeError:  # inference-mode tensors keep no version counter: nothing can be cached for them
-            return fn(t)
-        key = (id(t), tag)
-        hit = self._entries.get(key)
-        if hit is not None and hit[0]() is t and hit[1] == version:
-            self._entries.move_to_end(key)
-            return hit[2]
-        value = fn(t)
-        self._entries[key] = (weakref.ref(t), version, value)
-        while len(self._entries) > self._size:
-            self._entries.popitem(last=False)
-        return value
-
-    def token(self, t: torch.Tensor):
-        """A cache-key part that is only ever equal for the same live, unmodified tensor."""
-        return self.get(t, "token", lambda _: object())
-
-
-_MEMO = _TensorMemo()
 _BAKED: dict = {}  # variant canonical -> set of baked value sets seen
 
 
@@ -225,7 +196,7 @@ def _tables(plan: CallPlan) -> tuple:
         t = plan.tensors[name]
         if not ok or t.numel() > _TABLE_MAX or t.is_complex() or (torch.is_grad_enabled() and t.requires_grad):
             continue
-        values = _MEMO.get(t, "values", lambda x: tuple(
+        values = MEMO.get(t, "values", lambda x: tuple(
             int(v) if isinstance(v, bool) else v for v in x.detach().flatten().tolist()))
         if not t.is_floating_point() and any(not -(1 << 31) <= v < (1 << 31) for v in values):
             continue
@@ -296,7 +267,7 @@ def _block_sparse(plan: CallPlan, low: Lowering, device):
     uses = names_used(plan.mask)
     key = (plan.variant.canonical, plan.q_len, plan.kv_len,
            plan.batch if "b" in uses else 1, plan.q_heads if "h" in uses else 1,
-           tuple((n, _MEMO.token(plan.tensors[n])) for n in low.mask_tensors))
+           tuple((n, MEMO.token(plan.tensors[n])) for n in low.mask_tensors))
     got = _SPARSITY.get(key)
     if got is not None:
         _SPARSITY.move_to_end(key)
@@ -354,7 +325,8 @@ def unsupported(q: torch.Tensor, plan: CallPlan) -> str | None:
         if t.is_complex():
             return f"tensor {name!r} has a complex dtype"
         if not t.is_floating_point() and t.dtype != torch.bool and t.numel():
-            lo, hi = _MEMO.get(t, "range", lambda x: (int(x.min()), int(x.max())))
+            r = MEMO.get(t, "range", tensor_range)
+            lo, hi = int(r.lo), int(r.hi)
             if lo < -(1 << 31) or hi >= (1 << 31):
                 return f"tensor {name!r} holds values outside int32 ({lo}..{hi}); the kernel computes in int32"
     return None
@@ -381,7 +353,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
     score_mod = getattr(mod, "score_mod", None) if low.score_mod else None
     score_mod_bwd = getattr(mod, "score_mod_bwd", None) if low.score_mod else None
     mask_mod = getattr(mod, "mask_mod", None) if low.mask_mod else None
-    aux = [_MEMO.get(plan.tensors[n], "aux", _aux) for n in low.tensors] or None
+    aux = [MEMO.get(plan.tensors[n], "aux", _aux) for n in low.tensors] or None
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if grads and k.shape[1] != q.shape[1] and low.module is not None:
         # FA4 4.0.0b36's backward gave wrong dq for grouped-query attention with an aux-reading score_mod

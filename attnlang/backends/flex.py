@@ -33,6 +33,7 @@ import torch
 from ..ast import Binary, Const, DType, Expr, Index, Op, Var, children, names_used, walk, with_children
 from ..errors import AttnLangError
 from ..lower_torch import evaluate
+from ..memo import MEMO
 from ..plan import CallPlan
 
 __all__ = ["attention", "unsupported", "kernel_for", "cache_info", "clear_caches", "BLOCK_SIZE", "FLASH_HEAD_DIMS"]
@@ -266,20 +267,19 @@ def _mods(score: Expr, mask: Expr, names: tuple[str, ...], values, q_len: int, k
 def _block_mask(q, plan: CallPlan, mask_names: tuple[str, ...], fd):
     """The analytic BlockMask (cached) and its mask_mod over the current tensors."""
     mask_tensors = {n: plan.tensors[n] for n in mask_names}
-    ident = tuple((n, id(t), t._version, tuple(t.shape), t.dtype) for n, t in mask_tensors.items())
+    ident = tuple((n, MEMO.token(t), tuple(t.shape), t.dtype) for n, t in mask_tensors.items())
     key = (plan.variant.canonical, plan.q_len, plan.kv_len, plan.batch, plan.q_heads, BLOCK_SIZE, str(q.device),
            ident)
     hit = _block_masks.get(key)
     if hit is not None:
         _block_masks.move_to_end(key)
-        return hit[1]
+        return hit
     prepared = _prepare(plan.mask, plan.q_len, plan.kv_len, fd)
     _, mask_mod = _mods(plan.score, prepared, mask_names, tuple(mask_tensors.values()), plan.q_len, plan.kv_len, fd)
     bs = plan.variant.block_sparsity(plan.q_len, plan.kv_len, plan.batch, plan.q_heads, BLOCK_SIZE,
                                      **{n: t.detach() for n, t in mask_tensors.items()})
     bm = bs.to_flex(mask_mod=mask_mod, device=q.device)
-    # the entry holds the tensors, so their ids cannot be reused by other tensors while it lives
-    _block_masks[key] = (tuple(mask_tensors.values()), bm)
+    _block_masks[key] = bm
     _stats["block_masks"] += 1
     while len(_block_masks) > _MAX_BLOCK_MASKS:
         _block_masks.popitem(last=False)

@@ -1,0 +1,46 @@
+"""TensorMemo: values derived from a tensor (its value range, an int32 copy, a cache-key token), computed once
+while that very tensor object is alive and unmodified, so repeated calls with the same tensors cost no device
+sync. Shared by the call checks and the backends."""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+
+import torch
+
+__all__ = ["TensorMemo", "MEMO"]
+
+
+class TensorMemo:
+    """An LRU of ``fn(t)`` keyed by (tensor object, tag), valid while ``t._version`` is unchanged.
+
+    Inference-mode tensors keep no version counter: for them nothing is cached and ``fn`` runs every time.
+    """
+
+    def __init__(self, size: int = 256):
+        self._entries: OrderedDict = OrderedDict()
+        self._size = size
+
+    def get(self, t: torch.Tensor, tag: str, fn):
+        try:
+            version = t._version
+        except RuntimeError:  # "Inference tensors do not track version counter"
+            return fn(t)
+        key = (id(t), tag)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0]() is t and hit[1] == version:
+            self._entries.move_to_end(key)
+            return hit[2]
+        value = fn(t)
+        self._entries[key] = (weakref.ref(t), version, value)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+        return value
+
+    def token(self, t: torch.Tensor):
+        """A cache-key part that is only ever equal for the same live, unmodified tensor."""
+        return self.get(t, "token", lambda _: object())
+
+
+MEMO = TensorMemo()
