@@ -114,23 +114,18 @@ def allowed_fraction(variant, q_len: int, kv_len: int, batch: int, heads: int, *
     """Exact fraction of (b, h, q, kv) positions the simplified mask allows (evaluated in row chunks)."""
     import torch
     from .ast import names_used
-    from .check import Checked, bind, dtype_of_torch
-    from .lower_torch import evaluate
-    s = variant.simplified
-    bound = bind(Checked(s.score, s.mask, variant.checked.tensors, variant.checked.sources),
-                 {n: dtype_of_torch(t.dtype) for n, t in tensors.items()}).mask
+    from .check import dtype_of_torch
+    from .lower_torch import evaluate, positions
+    bound = variant._bind({n: dtype_of_torch(t.dtype) for n, t in tensors.items()})[1].mask
     used = names_used(bound)
-    B = batch if "b" in used or any(t for t in tensors) else 1
+    B = batch if "b" in used else 1  # a mask that ignores b (or h) is counted once and scaled
     H = heads if "h" in used else 1
     allowed = 0
     rows = max(1, (1 << 22) // max(1, B * H * kv_len))
     for start in range(0, q_len, rows):
         r = min(rows, q_len - start)
-        names = {
-            "b": torch.arange(batch).view(batch, 1, 1, 1)[:B], "h": torch.arange(heads).view(1, heads, 1, 1)[:, :H],
-            "q_idx": torch.arange(start, start + r).view(1, 1, r, 1), "kv_idx": torch.arange(kv_len).view(1, 1, 1, -1),
-            "q_len": torch.tensor(q_len), "kv_len": torch.tensor(kv_len),
-        }
+        names = positions(B, H, start, r, kv_len)
+        names.update(q_len=torch.tensor(q_len), kv_len=torch.tensor(kv_len))
         m = evaluate(bound, {n: t for n, t in names.items() if n in used}, tensors)
         allowed += int(m.expand(B, H, r, kv_len).sum()) * (batch // B) * (heads // H)
     return allowed / (batch * heads * q_len * kv_len)

@@ -13,7 +13,7 @@ import torch
 
 from .ast import Binary, Call, Const, DType, Expr, Index, Op, Unary, Var
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "positions", "row_values"]
 
 _INT = torch.int64
 
@@ -122,3 +122,24 @@ def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str
         raise AssertionError(f"unchecked function {f!r}")
 
     return visit(expr)
+
+
+def positions(batch: int, heads: int, q_start: int, q_rows: int, kv_len: int, device=None) -> dict:
+    """int64 grids of ``b`` [B,1,1,1], ``h`` [1,H,1,1], ``q_idx`` [1,1,rows,1] (from q_start) and ``kv_idx``
+    [1,1,1,kv_len], mutually broadcastable."""
+    return {
+        "b": torch.arange(batch, device=device).view(batch, 1, 1, 1),
+        "h": torch.arange(heads, device=device).view(1, heads, 1, 1),
+        "q_idx": torch.arange(q_start, q_start + q_rows, device=device).view(1, 1, q_rows, 1),
+        "kv_idx": torch.arange(kv_len, device=device).view(1, 1, 1, kv_len),
+    }
+
+
+def row_values(expr: Expr, batch: int, heads: int, q_len: int, kv_len: int, tensors: Mapping[str, torch.Tensor],
+               float_dtype: torch.dtype, device) -> torch.Tensor:
+    """A per-row expression (one that does not read ``kv_idx`` or ``score``, such as a Simplified.lse_shift)
+    evaluated for every (b, h, q_idx): float_dtype [batch, heads, q_len]."""
+    names = positions(batch, heads, 0, q_len, 1, device)
+    names.update(q_len=torch.tensor(q_len, device=device), kv_len=torch.tensor(kv_len, device=device))
+    val = evaluate(expr, names, tensors, float_dtype, device)
+    return _cast(val, DType.FLOAT, float_dtype).expand(batch, heads, q_len, 1)[..., 0]

@@ -244,13 +244,9 @@ def _finite_rows(shift, env, q, B, Hq, Sq, Skv, tensors) -> bool:
     r = bounds(shift, env)
     if math.isfinite(r.lo) and math.isfinite(r.hi):
         return True
-    from .lower_torch import evaluate
-    names = {"b": torch.arange(B, device=q.device).view(B, 1, 1), "h": torch.arange(Hq, device=q.device).view(1, Hq, 1),
-             "q_idx": torch.arange(Sq, device=q.device).view(1, 1, Sq), "q_len": torch.tensor(Sq, device=q.device),
-             "kv_len": torch.tensor(Skv, device=q.device)}
-    used = names_used(shift)
+    from .lower_torch import row_values
     with torch.no_grad():
-        val = evaluate(shift, {n: t for n, t in names.items() if n in used}, tensors, torch.float64, q.device)
+        val = row_values(shift, B, Hq, Sq, Skv, tensors, torch.float64, q.device)
     return bool(torch.isfinite(val).all())
 
 

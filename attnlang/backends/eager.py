@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..ast import Binary, Call, Const, DType, Index, Op, names_used, walk
 from ..errors import AttnLangError
-from ..lower_torch import evaluate
+from ..lower_torch import evaluate, positions, row_values
 from ..plan import CallPlan
 
 __all__ = ["attention"]
@@ -66,25 +66,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan,
     out = torch.cat(outs, dim=2).to(q.dtype)
     lse = torch.cat(lses, dim=2)
     if lse_shift is not None:
-        shift = _row_values(lse_shift, B, Hq, Sq, Skv, q.device, fd, tensors)
+        shift = row_values(lse_shift, B, Hq, Sq, Skv, tensors, fd, q.device)
         lse = lse + shift.to(lse.dtype)
     return out, lse.to(torch.float32)
-
-
-def _positions(B, Hq, start, rows, Skv, device):
-    return {
-        "b": torch.arange(B, device=device).view(B, 1, 1, 1),
-        "h": torch.arange(Hq, device=device).view(1, Hq, 1, 1),
-        "q_idx": torch.arange(start, start + rows, device=device).view(1, 1, rows, 1),
-        "kv_idx": torch.arange(Skv, device=device).view(1, 1, 1, Skv),
-    }
-
-
-def _row_values(expr, B, Hq, Sq, Skv, device, fd, tensors):
-    names = _positions(B, Hq, 0, Sq, 1, device)
-    names.update(q_len=torch.tensor(Sq, device=device), kv_len=torch.tensor(Skv, device=device))
-    val = evaluate(expr, names, tensors, fd, device)
-    return val.to(fd).expand(B, Hq, Sq, 1)[..., 0]
 
 
 def _raise_bad_score(s3: torch.Tensor, start: int):
@@ -143,7 +127,7 @@ def _block(qc, k, v, score_expr, mask_expr, start, scale, fd, tensors, Sq, Skv, 
     # [B, Hkv, group, rows, D] @ [B, Hkv, 1, D, Skv]: GQA without copying k and v per query head
     qg = qc.to(fd).reshape(B, Hkv, group, rows, qc.shape[-1])
     s = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)).reshape(B, Hq, rows, Skv) * scale
-    names = _positions(B, Hq, start, rows, Skv, qc.device)
+    names = positions(B, Hq, start, rows, Skv, qc.device)
     names.update(score=s, q_len=torch.tensor(Sq, device=qc.device), kv_len=torch.tensor(Skv, device=qc.device))
     used_s = names_used(score_expr)
     used_m = names_used(mask_expr)

@@ -43,6 +43,7 @@ import torch
 from ..ast import Const, Expr, Index, Var, names_used, walk
 from ..errors import AttnLangError
 from ..intervals import tensor_range
+from ..lower_torch import row_values
 from ..memo import MEMO
 from ..plan import CallPlan
 
@@ -378,8 +379,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
         block_sparse_tensors=sparse_fwd, block_sparse_tensors_bwd=sparse_bwd, return_lse=True)
     out = out.transpose(1, 2)
     if plan.lse_shift is not None:
-        from .eager import _row_values
-        shift = _row_values(plan.lse_shift, plan.batch, plan.q_heads, plan.q_len, plan.kv_len, q.device,
-                            torch.float32, plan.tensors)
+        shift = row_values(plan.lse_shift, plan.batch, plan.q_heads, plan.q_len, plan.kv_len, plan.tensors,
+                           torch.float32, q.device)
         lse = lse + shift
     return out, lse

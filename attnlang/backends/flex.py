@@ -32,7 +32,7 @@ import torch
 
 from ..ast import Binary, Const, DType, Expr, Index, Op, Var, children, names_used, walk, with_children
 from ..errors import AttnLangError
-from ..lower_torch import evaluate
+from ..lower_torch import evaluate, row_values
 from ..memo import MEMO
 from ..plan import CallPlan
 
@@ -376,19 +376,6 @@ def _callable(q, k, v, plan: CallPlan, names, named, fd, kernel, compiled: bool,
     return fn
 
 
-def _row_values(expr, B, Hq, Sq, Skv, device, fd, tensors):
-    names = {
-        "b": torch.arange(B, device=device).view(B, 1, 1),
-        "h": torch.arange(Hq, device=device).view(1, Hq, 1),
-        "q_idx": torch.arange(Sq, device=device).view(1, 1, Sq),
-        "q_len": torch.tensor(Sq, device=device),
-        "kv_len": torch.tensor(Skv, device=device),
-    }
-    used = names_used(expr)
-    val = evaluate(expr, {n: t for n, t in names.items() if n in used}, tensors, fd, device)
-    return val.to(fd).expand(B, Hq, Sq)
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention for one checked call through FlexAttention.
 
@@ -472,7 +459,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
     lse = torch.where(empty, torch.full_like(lse, -math.inf), lse)
     out = torch.where(empty.unsqueeze(-1), torch.zeros((), dtype=out.dtype, device=out.device), out)
     if plan.lse_shift is not None:
-        shift = _row_values(plan.lse_shift, B, Hq, Sq, plan.kv_len, q.device, fd, plan.tensors)
+        shift = row_values(plan.lse_shift, B, Hq, Sq, plan.kv_len, plan.tensors, fd, q.device)
         lse = lse + shift.to(torch.float32)
     return out.to(q.dtype), lse
 
