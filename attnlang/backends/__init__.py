@@ -35,10 +35,9 @@ def select(q, plan: CallPlan) -> tuple[str, str]:
 
 def run(backend: str, q, k, v, plan: CallPlan):
     if backend == "auto":
-        backend, _ = select(q, plan)
-    module = importlib.import_module(f"{__name__}.{backend}")
-    if backend != "eager":
-        why_not = module.unsupported(q, plan)
+        backend, _ = select(q, plan)  # select has asked the backend already
+    elif backend != "eager":
+        why_not = importlib.import_module(f"{__name__}.{backend}").unsupported(q, plan)
         if why_not is not None:
             raise AttnLangError(f"backend {backend!r} cannot run this call: {why_not}")
-    return module.attention(q, k, v, plan)
+    return importlib.import_module(f"{__name__}.{backend}").attention(q, k, v, plan)
