@@ -18,11 +18,11 @@ __all__ = ["evaluate", "positions", "row_values"]
 _INT = torch.int64
 
 
-def _cast(x: torch.Tensor, dtype: DType, float_dtype: torch.dtype) -> torch.Tensor:
+def _cast_to(x: torch.Tensor, dtype: DType, float_dtype: torch.dtype, int_dtype: torch.dtype = _INT) -> torch.Tensor:
     if dtype is DType.FLOAT:
         return x if x.dtype == float_dtype else x.to(float_dtype)
     if dtype is DType.INT:
-        return x if x.dtype == _INT else x.to(_INT)
+        return x if x.dtype == int_dtype else x.to(int_dtype)
     return x if x.dtype == torch.bool else x.to(torch.bool)
 
 
@@ -49,8 +49,20 @@ _FLOAT_FUNCS = {
 }
 
 
+# min / max as selects, NaN propagating like torch.minimum / maximum: flex's FLASH code generator (torch 2.11) has no
+# 'maximum' / 'minimum', and a select computes the same value everywhere (a NaN operand is chosen, as torch does)
+def _maximum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    pick_a = a >= b if not a.is_floating_point() else (a >= b) | (a != a)
+    return torch.where(pick_a, a, b)
+
+
+def _minimum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    pick_a = a <= b if not a.is_floating_point() else (a <= b) | (a != a)
+    return torch.where(pick_a, a, b)
+
+
 def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor],
-             float_dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+             float_dtype: torch.dtype = torch.float32, device=None, int_dtype: torch.dtype = _INT) -> torch.Tensor:
     """Evaluate a bound (fully typed) expression.
 
     Args:
@@ -60,14 +72,19 @@ def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str
         tensors: the tensors bound by name.
         float_dtype: the dtype of float values (float32, or float64 for a float64 reference).
         device: where constants live (defaults to the device of the first name).
+        int_dtype: the dtype of int values: int64 (LANGUAGE.md's ints); int32 only where the caller has proved
+            that every int value fits (flex's FLASH kernel stores no int64).
     Returns:
-        a tensor of the broadcast shape of the names used (0-d if none), int64, float_dtype or bool.
+        a tensor of the broadcast shape of the names used (0-d if none), int_dtype, float_dtype or bool.
     """
     if device is None:
         device = next(iter(names.values())).device if names else None
 
+    def _cast(x, dtype, float_dtype):
+        return _cast_to(x, dtype, float_dtype, int_dtype)
+
     def const(node: Const) -> torch.Tensor:
-        dt = {DType.FLOAT: float_dtype, DType.INT: _INT, DType.BOOL: torch.bool}[node.dtype]
+        dt = {DType.FLOAT: float_dtype, DType.INT: int_dtype, DType.BOOL: torch.bool}[node.dtype]
         return torch.tensor(node.value, dtype=dt, device=device)
 
     def visit(node: Expr) -> torch.Tensor:
@@ -114,11 +131,11 @@ def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str
                 return xs[0]
             return torch.floor(xs[0]) if f == "floor" else torch.ceil(xs[0])
         if f == "min":
-            return torch.minimum(xs[0], xs[1])
+            return _minimum(xs[0], xs[1])
         if f == "max":
-            return torch.maximum(xs[0], xs[1])
+            return _maximum(xs[0], xs[1])
         if f == "clamp":
-            return torch.minimum(torch.maximum(xs[0], xs[1]), xs[2])
+            return _minimum(_maximum(xs[0], xs[1]), xs[2])
         raise AssertionError(f"unchecked function {f!r}")
 
     return visit(expr)
@@ -142,4 +159,4 @@ def row_values(expr: Expr, batch: int, heads: int, q_len: int, kv_len: int, tens
     names = positions(batch, heads, 0, q_len, 1, device)
     names.update(q_len=torch.tensor(q_len, device=device), kv_len=torch.tensor(kv_len, device=device))
     val = evaluate(expr, names, tensors, float_dtype, device)
-    return _cast(val, DType.FLOAT, float_dtype).expand(batch, heads, q_len, 1)[..., 0]
+    return _cast_to(val, DType.FLOAT, float_dtype).expand(batch, heads, q_len, 1)[..., 0]

@@ -26,6 +26,8 @@ class CallPlan:
     variant: the Variant being called (for its canonical key and block sparsity).
     q_len, kv_len, batch, q_heads, kv_heads: this call's sizes.
     options: backend options (``kernel_options``); return_lse: whether the caller wants lse (backends may skip it).
+    value_ranges: name -> attnlang.intervals.Interval of every built-in name and named tensor for this call (what
+        the call checks proved bounds with; backends use it to pick narrower int types).
     """
 
     score: Expr
@@ -41,3 +43,4 @@ class CallPlan:
     kv_heads: int
     options: Mapping[str, object] = field(default_factory=dict)
     return_lse: bool = True
+    value_ranges: Mapping[str, object] = field(default_factory=dict)

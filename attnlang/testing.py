@@ -463,7 +463,7 @@ def _compare(what: str, got: torch.Tensor, ref: torch.Tensor, atol: float, rtol:
 
 def assert_backends_agree(variant: Variant, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                           backend: str = "flex", reference: str = "eager", grads: bool = True,
-                          named_grads: bool = True,
+                          named_grads: bool = True, lse_grads: bool = True,
                           scale: float | None = None, kernel_options: Mapping | None = None, seed: int = 0,
                           tolerances: Mapping | None = None, **tensors: torch.Tensor) -> None:
     """Assert that ``backend`` and ``reference`` give the same out, lse and (with ``grads``) gradients.
@@ -478,6 +478,8 @@ def assert_backends_agree(variant: Variant, q: torch.Tensor, k: torch.Tensor, v:
         backend, reference: backend names (``Variant.__call__``'s ``backend``).
         grads: also compare gradients (needs a backend with autograd on this device; flex has none on the CPU).
         named_grads: with ``grads``, also differentiate the floating named tensors (flex's FLASH kernel cannot).
+        lse_grads: with ``grads``, put lse into the loss (flex's FLASH kernel cannot differentiate lse: False
+            leaves the ``sum(lse * g_lse)`` term out; lse values are still compared).
         kernel_options: passed to the backend under test only.
         tolerances: {dtype: ((atol, rtol) for out/lse, (atol, rtol) for grads)}, overriding ``TOLERANCES``.
         **tensors: the variant's named tensors.
@@ -506,7 +508,9 @@ def assert_backends_agree(variant: Variant, q: torch.Tensor, k: torch.Tensor, v:
             g_out = torch.randn(out.shape, generator=gen).to(device=out.device, dtype=out.dtype)
             g_lse = torch.randn(lse.shape, generator=gen).to(device=lse.device)
             finite = torch.isfinite(lse)
-            loss = (out * g_out).float().sum() + (torch.where(finite, lse, torch.zeros_like(lse)) * g_lse).sum()
+            loss = (out * g_out).float().sum()
+            if lse_grads:
+                loss = loss + (torch.where(finite, lse, torch.zeros_like(lse)) * g_lse).sum()
             leaves = {"q": qq, "k": kk, "v": vv, **{n: t for n, t in named.items() if t.requires_grad}}
             got = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
             for (n, t), g in zip(leaves.items(), got):

@@ -182,7 +182,7 @@ class Variant:
             score=score, mask=bound_simple.mask, lse_shift=bound_shift if return_lse else None,
             scale=scale, tensors={n: t for n, t in tensors.items() if n in used}, variant=self, q_len=Sq,
             kv_len=Skv, batch=B, q_heads=Hq, kv_heads=Hkv, options=dict(kernel_options or {}),
-            return_lse=return_lse)
+            return_lse=return_lse, value_ranges=env)
 
     def _bind(self, dtypes: Mapping[str, DType]):
         key = tuple(sorted((n, d.value) for n, d in dtypes.items()))

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import platform
 import subprocess
 import sys
@@ -110,30 +108,67 @@ def make_fa4_builtin(name, tensors, S, H):
     return run
 
 
-def make_attnlang(name, tensors, S, H):
+EXPERIMENTS = {  # contender -> the fa4 kernel_options it runs attnlang with
+    "attnlang_fa4_tiles": {"window_flags": False, "dense_tile_list": True},
+    "attnlang_fa4_keep_mask": {"keep_mask_mod": True},
+    "attnlang_fa4_bhsd_out": {"bhsd_out": True},
+}
+
+
+def make_attnlang(options=None):
+    def make(name, tensors, S, H):
+        import attnlang as al
+        score, mask = VARIANTS[name]
+        variant = al.compile(score=score, mask=mask)
+        return lambda q, k, v: variant(q, k, v, backend="fa4", kernel_options=options, **tensors)
+    return make
+
+
+def make_fa4_direct(name, tensors, S, H):
+    """The kernel attnlang_fa4 runs, called straight with arguments prepared once: attnlang's per-call cost is
+    the difference to attnlang_fa4."""
     import attnlang as al
+    from attnlang.backends import fa4
     score, mask = VARIANTS[name]
     variant = al.compile(score=score, mask=mask)
-    return lambda q, k, v: variant(q, k, v, backend="fa4", **tensors)
+    prepared = {}
+
+    def run(q, k, v):
+        key = q.requires_grad
+        if key not in prepared:
+            plan = variant._plan(q, k, v, None, "fa4", False, None, tensors)
+            prepared[key] = (plan, fa4.kernel_arguments(q, k, v, plan)[2])
+        plan, kwargs = prepared[key]
+        out, _ = fa4._flash().flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **kwargs)
+        return out.transpose(1, 2)
+    return run
 
 
 MAKERS = {"sdpa": make_sdpa, "flex_triton": make_flex("TRITON"), "flex_flash": make_flex("FLASH"),
-          "fa4_builtin": make_fa4_builtin, "attnlang_fa4": make_attnlang}
+          "fa4_builtin": make_fa4_builtin, "attnlang_fa4": make_attnlang(),
+          # experiments (not in the default set): other lowerings of the same variant, and the bare kernel
+          **{name: make_attnlang(options) for name, options in EXPERIMENTS.items()},
+          "fa4_direct": make_fa4_direct}
 
 
-def describe_lowering(name, tensors, q) -> str:
+def describe_lowering(name, tensors, q, options=None) -> str:
     """How attnlang's fa4 backend ran this variant: kernel flags or mask_mod, modifiers, aux / baked tensors."""
     import attnlang as al
     from attnlang.backends import fa4
     score, mask = VARIANTS[name]
-    plan = al.compile(score=score, mask=mask)._plan(q, q, q, None, "fa4", False, None, tensors)
+    plan = al.compile(score=score, mask=mask)._plan(q, q, q, None, "fa4", False, options, tensors)
     low = fa4.lowering(plan)
     baked = [n for n, _, _ in fa4._tables(plan)]
     mask = low.native
-    if low.mask_mod and _tile_aligned(plan):
+    options = options or {}
+    if low.mask_mod and _tile_aligned(plan) and not options.get("keep_mask_mod"):
         _, _, partial = fa4._block_sparse(plan, low, q.device)
         if not partial:
             mask = "block-sparse tile lists only (every tile full or empty: no mask_mod, no mask tensors)"
+    elif not low.mask_mod and low.window == (None, None) and options.get("dense_tile_list"):
+        mask = "no mask: an all-full tile list (FA4's block-sparse schedule)"
+    if options.get("bhsd_out"):
+        mask += "; out written into a [B, H, S, D] buffer (inference)"
     return (f"{mask}; score_mod={'yes' if low.score_mod else 'no'}; aux={list(low.tensors)}; "
             f"baked={baked}; block_sparsity={'yes' if low.mask_mod else 'no'}")
 
@@ -157,6 +192,8 @@ def bench(fn, q, k, v, dout, do_bwd: bool, reps: int):
     fwdbwd = None
     if do_bwd:
         qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
+        if not fn(qg, kg, vg).requires_grad:  # an inference-only contender
+            return first, fwd, None, out
 
         def step():
             o = fn(qg, kg, vg)
@@ -254,11 +291,17 @@ print("RESULT" + json.dumps(res))
     return {}
 
 
-def table(results: dict, suffix: str) -> list[str]:
-    lines = ["| variant | " + " | ".join(CONTENDERS) + " |", "|---" * (len(CONTENDERS) + 1) + "|"]
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def table(results: dict, suffix: str, contenders=CONTENDERS) -> list[str]:
+    lines = ["| variant | " + " | ".join(contenders) + " |", "|---" * (len(contenders) + 1) + "|"]
     for name, row in results.items():
         cells = []
-        for c in CONTENDERS:
+        for c in contenders:
             x = row.get(f"{c}_{suffix}")
             cells.append("" if x is None else f"{x:.2f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -273,8 +316,12 @@ def main(argv=None):
     ap.add_argument("--contenders", nargs="*", default=list(CONTENDERS))
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--reps", type=int, default=100, help="do_bench rep (ms)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every (variant, contender) this many times, round after round, and keep the "
+                         "median (the samples and their spread go to the JSON)")
     ap.add_argument("--second-process", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--name", default="latest", help="file stem of the results (<out>/<name>.json and .md)")
     ap.add_argument("--parallel-first", type=int, default=0, metavar="N",
                     help="measure first calls (compile included) in N fresh worker processes running side by side, "
                          "which also fill the on-disk caches; the main process then times warm kernels and its "
@@ -298,9 +345,18 @@ def main(argv=None):
         return first_worker(json.loads(args.first_only), q, k, v, dout, S, H)
     first_calls = parallel_first(jobs, args) if args.parallel_first else {}
     ref_out: dict = {}
-    for name, contender in tqdm(jobs, desc="bench", file=sys.stdout, mininterval=0):
+    samples: dict = {}
+    failed: set = set()
+    # each round runs a variant's contenders in another rotation, so that none is always the one measured last
+    # (the H200 ran ~5% slower late in a burst of work: clocks fall as it heats)
+    cs = list(args.contenders)
+    rounds = [(r, n, c) for r in range(args.rounds) for n in args.variants
+              for c in cs[r % len(cs):] + cs[:r % len(cs)]]
+    for rnd, name, contender in tqdm(rounds, desc="bench", file=sys.stdout, mininterval=0):
         row = results.setdefault(name, {})
         tensors = named_tensors(name, S, H, "cuda")
+        if (name, contender) in failed:
+            continue
         try:
             fn = MAKERS[contender](name, tensors, S, H)
             if fn is None:
@@ -309,6 +365,24 @@ def main(argv=None):
         except Exception as e:  # one contender failing must not lose the rest of the table
             row[f"{contender}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             print(f"\n{name} / {contender} failed: {row[f'{contender}_error']}", flush=True)
+            failed.add((name, contender))
+            continue
+        got = samples.setdefault((name, contender), {"fwd": [], "fwdbwd": []})
+        got["fwd"].append(fwd)
+        if fwdbwd is not None:
+            got["fwdbwd"].append(fwdbwd)
+        print(f"\n[round {rnd + 1}] {name:15s} {contender:22s} fwd {fwd:7.3f} ms  fwd+bwd "
+              f"{'' if fwdbwd is None else f'{fwdbwd:7.3f}'} ms", flush=True)
+        if rnd > 0:
+            fwd = _median(got["fwd"])
+            fwdbwd = _median(got["fwdbwd"]) if got["fwdbwd"] else None
+            row[f"{contender}_fwd_ms"] = round(fwd, 4)
+            row[f"{contender}_fwd_ms_samples"] = [round(x, 4) for x in got["fwd"]]
+            if fwdbwd is not None:
+                row[f"{contender}_fwdbwd_ms"] = round(fwdbwd, 4)
+                row[f"{contender}_fwdbwd_ms_samples"] = [round(x, 4) for x in got["fwdbwd"]]
+            del fn
+            torch.cuda.empty_cache()
             continue
         if first_calls:
             if contender == "attnlang_fa4":
@@ -323,8 +397,8 @@ def main(argv=None):
             ref_out[name] = out.float()
         if contender == "attnlang_fa4" and name in ref_out:
             row["attnlang_fa4_max_abs_diff_vs_flex"] = float((out.float() - ref_out[name]).abs().max())
-        if contender == "attnlang_fa4":
-            row["attnlang_fa4_lowering"] = describe_lowering(name, tensors, q)
+        if contender.startswith("attnlang_fa4"):
+            row[f"{contender}_lowering"] = describe_lowering(name, tensors, q, EXPERIMENTS.get(contender))
         print(f"\n{name:15s} {contender:13s} first {first or float('nan'):7.2f} s  fwd {fwd:7.3f} ms  fwd+bwd "
               f"{'' if fwdbwd is None else f'{fwdbwd:7.3f}'} ms", flush=True)
         del fn
@@ -337,24 +411,27 @@ def main(argv=None):
            "variants": results}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "latest.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out / f"{args.name}.json").write_text(json.dumps(doc, indent=2) + "\n")
     md = [f"# Kernel benchmark: {device}, B={B} H={H} S={S} D={D} bf16", "",
           f"versions: {json.dumps(doc['versions'])}", "", "Forward, ms (median of triton.testing.do_bench):", ""]
-    md += table(results, "fwd_ms") + ["", "Forward+backward, ms:", ""] + table(results, "fwdbwd_ms")
+    cs = args.contenders
+    rounds_note = f" over {args.rounds} rounds, median of the rounds" if args.rounds > 1 else ""
+    md[-2] = f"Forward, ms (median of triton.testing.do_bench{rounds_note}):"
+    md += table(results, "fwd_ms", cs) + ["", "Forward+backward, ms:", ""] + table(results, "fwdbwd_ms", cs)
     md += ["", "First call, s (compile included" + (", each measured in a fresh worker process, "
            f"{args.parallel_first} workers side by side" if args.parallel_first else "") + "):", ""]
-    md += table(results, "first_s")
+    md += table(results, "first_s", cs)
     second = {n: r.get("attnlang_fa4_first_s_second_process") for n, r in results.items()}
     if any(x is not None for x in second.values()):
         md += ["", "attnlang_fa4 first call in a second process (kernels from the disk cache), s:", ""]
         md += [f"- {n}: {x}" for n, x in second.items()]
-    lows = {n: r.get("attnlang_fa4_lowering") for n, r in results.items() if r.get("attnlang_fa4_lowering")}
+    lows = {f"{n} / {key[:-9]}": x for n, r in results.items() for key, x in r.items() if key.endswith("_lowering")}
     if lows:
         md += ["", "How attnlang_fa4 ran each variant:", ""] + [f"- {n}: {x}" for n, x in lows.items()]
     errors = [(n, k, v) for n, r in results.items() for k, v in r.items() if k.endswith("_error")]
     if errors:
         md += ["", "Errors:", ""] + [f"- {n} / {k[:-6]}: {v}" for n, k, v in errors]
-    (out / "latest.md").write_text("\n".join(md) + "\n")
+    (out / f"{args.name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 

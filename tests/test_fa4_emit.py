@@ -139,3 +139,23 @@ def test_lowering_uses_kernel_flags_for_causal_and_windows():
     assert fa4.lowering(_cpu_plan("score", "0 <= q_idx - kv_idx < 16", {})).window == (15, 0)
     low = fa4.lowering(_cpu_plan("score", "kv_idx < 8 | q_idx >= kv_idx", {}))
     assert low.window == (None, None) and low.mask_mod
+
+
+def test_window_flags_option_turns_a_window_into_a_mask_mod():
+    from attnlang.backends import fa4
+    q = torch.randn(2, 4, 64, 16)
+    v = al.compile(mask="0 <= q_idx - kv_idx < 16")
+    plan = v._plan(q, q, q, None, "eager", True, {"window_flags": False}, {})
+    low = fa4.lowering(plan)
+    assert low.window == (None, None) and low.mask_mod
+
+
+@pytest.mark.parametrize("options, words", [({"windowflags": False}, "unknown kernel_options"),
+                                            ({"dense": "yes"}, "True or False")])
+def test_bad_options_are_named(options, words):
+    from attnlang.backends import fa4
+    q = torch.randn(1, 2, 8, 16)
+    plan = al.compile(mask="q_idx >= kv_idx")._plan(q, q, q, None, "fa4", False, options, {})
+    assert words in fa4.unsupported(q, plan)
+    with pytest.raises(al.AttnLangError, match=words):
+        al.compile(mask="q_idx >= kv_idx")(q, q, q, backend="fa4", kernel_options=options)

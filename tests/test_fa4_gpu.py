@@ -38,7 +38,8 @@ def _rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 
 
-def check_agreement(variant, tensors, B=2, Hq=4, Hkv=None, Sq=257, Skv=None, D=64, grads=True, seed=0):
+def check_agreement(variant, tensors, B=2, Hq=4, Hkv=None, Sq=257, Skv=None, D=64, grads=True, seed=0,
+                    options=None):
     """Run ``variant`` on fa4 and on eager (float32) and assert out, lse and q/k/v gradients agree."""
     Hkv = Hkv or Hq
     Skv = Skv or Sq
@@ -48,13 +49,13 @@ def check_agreement(variant, tensors, B=2, Hq=4, Hkv=None, Sq=257, Skv=None, D=6
     v = torch.randn(B, Hkv, Skv, D, device="cuda", dtype=torch.bfloat16, generator=g)
     dout = torch.randn(B, Hq, Sq, D, device="cuda", dtype=torch.bfloat16, generator=g)
     from attnlang.backends import fa4
-    plan = variant._plan(q, k, v, None, "fa4", True, None, tensors)
+    plan = variant._plan(q, k, v, None, "fa4", True, options, tensors)
     assert fa4.unsupported(q, plan) is None, fa4.unsupported(q, plan)
 
     qf, kf, vf = (t.float().detach().requires_grad_(grads) for t in (q, k, v))
     ref, ref_lse = variant(qf, kf, vf, backend="eager", return_lse=True, **tensors)
     qb, kb, vb = (t.detach().requires_grad_(grads) for t in (q, k, v))
-    out, lse = variant(qb, kb, vb, backend="fa4", return_lse=True, **tensors)
+    out, lse = variant(qb, kb, vb, backend="fa4", return_lse=True, kernel_options=options, **tensors)
     assert out.shape == ref.shape and out.dtype == torch.bfloat16 and lse.dtype == torch.float32
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     assert _rel(out, ref) < OUT_TOL, f"out: rel err {_rel(out, ref):.2e}"
@@ -235,3 +236,17 @@ def test_generated_variants():
 
     check()
     assert ran, "no generated variant ran on fa4"
+
+
+@pytest.mark.parametrize("options", [{"window_flags": False}, {"dense_tile_list": True}, {"bhsd_out": True},
+                                     {"keep_mask_mod": True}], ids=lambda o: next(iter(o)))
+@pytest.mark.parametrize("mask", ["True", "q_idx >= kv_idx", "0 <= q_idx - kv_idx < 100",
+                                  "doc[q_idx] == doc[kv_idx]"])
+def test_lowering_options_agree(options, mask):
+    # every lowering the benchmark compares computes the same attention (tile-aligned lengths, so the tile-list
+    # paths are taken); bhsd_out is an inference path
+    v = al.compile(score="score + slope[h] * (kv_idx - q_idx)", mask=mask)
+    tensors = {"slope": torch.tensor([0.5, 0.25, 0.125, 0.0625], device="cuda")}
+    if "doc" in mask:
+        tensors["doc"] = torch.arange(512, device="cuda") // 256
+    check_agreement(v, tensors, Sq=512, seed=11, options=options, grads="bhsd_out" not in options)

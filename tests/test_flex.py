@@ -215,3 +215,30 @@ def test_nonfinite_score_at_a_masked_position_is_fine():
     variant = al.compile("where(q_idx >= kv_idx, score, log(-1.0))", "q_idx >= kv_idx")
     q, k, v = make_qkv(Shape(1, 2, 2, 7, 7, 16))
     torch.testing.assert_close(variant(q, k, v, backend="flex"), variant(q, k, v, backend="eager"))
+
+
+def test_int32_proof_for_the_flash_kernel():
+    # FLASH computes ints in int32: allowed only when interval analysis proves every int fits
+    from attnlang.backends import flex
+    q = torch.randn(1, 2, 64, 16)
+    small = al.compile(score="score + slope[h] * (kv_idx - q_idx)", mask="doc[q_idx] == doc[kv_idx]")
+    plan = small._plan(q, q, q, None, "flex", False, None, {"slope": torch.rand(2), "doc": torch.arange(64) // 8})
+    assert flex._ints_fit_int32(plan)
+    big = al.compile(score="score + float((kv_idx + 3000000000) % 7)")
+    assert not flex._ints_fit_int32(big._plan(q, q, q, None, "flex", False, None, {}))
+    wide = al.compile(mask="doc[q_idx] == doc[kv_idx]")
+    doc = torch.arange(64, dtype=torch.int64) * (1 << 40)
+    assert not flex._ints_fit_int32(wide._plan(q, q, q, None, "flex", False, None, {"doc": doc}))
+
+
+def test_evaluate_in_int32_gives_the_int64_values_when_they_fit():
+    from attnlang.check import bind
+    from attnlang.lower_torch import evaluate, positions
+    v = al.compile(score="score + float((q_idx - 3 * kv_idx) // 5 % 7)")
+    expr = bind(v._checked, {}).score
+    names = positions(1, 1, 0, 9, 11)
+    names["score"] = torch.zeros(1, 1, 9, 11)
+    wide = evaluate(expr, names, {}, torch.float32)
+    narrow = evaluate(expr, {n: t.to(torch.int32) if n != "score" else t for n, t in names.items()}, {},
+                      torch.float32, int_dtype=torch.int32)
+    assert torch.equal(wide, narrow)

@@ -92,7 +92,7 @@ def test_bf16_grads(name, kernel):
     variant, tensors = _example(name, shape)
     q, k, v = make_qkv(shape, dtype=torch.bfloat16, device="cuda", seed=3)
     assert_backends_agree(variant, q, k, v, backend="flex", grads=True, named_grads=kernel != "FLASH",
-                          kernel_options={"BACKEND": kernel}, **tensors)
+                          lse_grads=kernel != "FLASH", kernel_options={"BACKEND": kernel}, **tensors)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -105,7 +105,8 @@ def test_fully_masked_rows(kernel):
     assert torch.all(out[:, :, :10] == 0)
     assert torch.all(lse[:, :, :10] == float("-inf"))
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
-    assert_backends_agree(variant, q, k, v, backend="flex", grads=True, kernel_options={"BACKEND": kernel})
+    assert_backends_agree(variant, q, k, v, backend="flex", grads=True, lse_grads=kernel != "FLASH",
+                          kernel_options={"BACKEND": kernel})
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -176,3 +177,24 @@ def test_generated_variants_flash():
                               **tensors)
 
     check()
+
+
+def test_flash_refuses_a_gradient_through_lse():
+    # FLASH's backward has no lse term: a loss that uses lse is an error, never a silently dropped term
+    _need("FLASH")
+    variant = al.compile(mask="q_idx >= kv_idx")
+    q, k, v = make_qkv(Shape(1, 2, 2, 128, 128, 64), dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    out, lse = variant(q, k, v, backend="flex", return_lse=True, kernel_options={"BACKEND": "FLASH"})
+    out.float().sum().backward(retain_graph=True)  # out alone: fine
+    with pytest.raises(al.AttnLangError, match="cannot differentiate lse"):
+        (out.float().sum() + lse.sum()).backward()
+
+
+def test_big_int_values_keep_flash_off_automatically():
+    # an int that can leave int32 (here 3_000_000_000 + kv_idx) must not run on FLASH, which computes int32
+    from attnlang.backends import flex
+    variant = al.compile(score="score + float((kv_idx + 3000000000) % 7)", mask="q_idx >= kv_idx")
+    q, k, v = make_qkv(Shape(1, 2, 2, 128, 128, 64), dtype=torch.bfloat16, device="cuda")
+    plan = variant._plan(q, k, v, None, "flex", False, None, {})
+    assert flex.kernel_for(q, plan) == "TRITON"
+    assert_backends_agree(variant, q, k, v, backend="flex", grads=False)

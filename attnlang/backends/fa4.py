@@ -17,10 +17,14 @@ One entry point, ``attention(q, k, v, plan)``. Per call:
 4. q/k/v [B, H, S, D] go in as transposed views [B, S, H, D] (no copy: FA4 accepts any 16-byte-aligned strides);
    GQA uses the kernel's own head grouping; lse is FA4's natural-log lse plus ``plan.lse_shift``.
 
-Options (``kernel_options=`` of a call): ``fastmath`` (default True: MUFU tanh / ex2 in the modifiers), ``bake``
-(default True: small b/h-indexed tensors become constants), ``dense`` (default False: True skips block sparsity),
-``keep_mask_mod`` (default False: True keeps the mask_mod even when every tile is full or empty; the environment
-variable ATTNLANG_FA4_KEEP_MASK_MOD=1 does the same for every call).
+Options (``kernel_options=`` of a call; any other key is an AttnLangError): ``fastmath`` (default True: MUFU tanh /
+ex2 in the modifiers), ``bake`` (default True: small b/h-indexed tensors become constants), ``dense`` (default False:
+True skips block sparsity), ``keep_mask_mod`` (default False: True keeps the mask_mod even when every tile is full
+or empty; the environment variable ATTNLANG_FA4_KEEP_MASK_MOD=1 does the same for every call), ``window_flags``
+(default True: recognised causal / window masks use the kernel's own flags; False runs them as a mask_mod with
+tile lists), ``dense_tile_list`` (default False: True gives a mask-free call on tile-aligned lengths an all-full
+tile list, FA4's block-sparse schedule), ``bhsd_out`` (default False: True has an inference call write out into
+a [B, H, S, Dv] buffer, as flex's FA4 path does, instead of FA4's own [B, S, H, Dv]).
 
 Gradients flow to q, k and v through FA4's backward. Gradients to floating tensors bound by name are not computed
 by the kernel: ``unsupported`` declines such calls (grad enabled and a named tensor requiring grad), so "auto"
@@ -47,7 +51,7 @@ from ..lower_torch import row_values
 from ..memo import MEMO
 from ..plan import CallPlan
 
-__all__ = ["unsupported", "attention", "cache_dir", "lowering", "Lowering"]
+__all__ = ["unsupported", "attention", "kernel_arguments", "cache_dir", "lowering", "Lowering", "OPTIONS"]
 
 _TILE = (128, 128)          # Hopper forward tile for head dims up to 128: block-sparsity granularity
 _SPARSE_MAX_HEAD_DIM = 128  # larger head dims use other tile widths; they run with the mask_mod alone
@@ -57,6 +61,24 @@ _LOCK = threading.Lock()
 
 
 _BAKED: dict = {}  # variant canonical -> set of baked value sets seen
+
+OPTIONS = {"fastmath": True, "bake": True, "dense": False, "keep_mask_mod": False, "window_flags": True,
+           "dense_tile_list": False, "bhsd_out": False}
+
+
+def _option(plan: CallPlan, name: str) -> bool:
+    return bool(plan.options.get(name, OPTIONS[name]))
+
+
+def _check_options(options) -> str | None:
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        return (f"unknown kernel_options for backend 'fa4': {', '.join(map(repr, unknown))}; expected some of "
+                f"{', '.join(OPTIONS)}")
+    bad = sorted(k for k, val in options.items() if not isinstance(val, bool))
+    if bad:
+        return f"kernel_options for backend 'fa4' take True or False; got {', '.join(f'{k}={options[k]!r}' for k in bad)}"
+    return None
 
 
 def cache_dir() -> Path:
@@ -128,7 +150,7 @@ def _native_window(score: Expr, mask: Expr, q_len: int, kv_len: int):
 
 @functools.lru_cache(maxsize=256)
 def _lowering_cached(score: Expr, mask: Expr, dtypes: tuple, q_len: int, kv_len: int, fastmath: bool,
-                     tables: tuple = ()):
+                     tables: tuple = (), window_flags: bool = True):
     from ..diff import derivative
     from ..emit_cute import emit_module
     from ..printer import to_source
@@ -137,7 +159,7 @@ def _lowering_cached(score: Expr, mask: Expr, dtypes: tuple, q_len: int, kv_len:
     window = (None, None)
     mask_expr = None if no_mask else mask
     native = "no mask" if no_mask else "mask_mod"
-    if not no_mask:
+    if not no_mask and window_flags:
         w = _native_window(score, mask, q_len, kv_len)
         if w is not None:
             window, mask_expr = w, None
@@ -188,7 +210,7 @@ def _tables(plan: CallPlan) -> tuple:
     """Small tensors read only at indices built from b, h and constants (``slope[h]``, ``gate[b, h]``): their
     values are baked into the generated module as constants, so the kernel never loads them (and needs no
     aux_tensors, which also lets it keep its wider score vectors). One device sync per tensor version."""
-    if not plan.options.get("bake", True) or not plan.tensors:
+    if not _option(plan, "bake") or not plan.tensors:
         return ()
     reads = _bakeable_reads(plan.score, plan.mask)
     seen = _BAKED.setdefault(plan.variant.canonical, set())
@@ -215,14 +237,14 @@ _LOWERED: dict = {}
 def lowering(plan: CallPlan) -> Lowering:
     """The (cached) lowering of one call. Raises emit_cute.Unsupported for what the kernel cannot compute."""
     dtypes = tuple(sorted((n, str(t.dtype)) for n, t in plan.tensors.items()))
-    fastmath = bool(plan.options.get("fastmath", True))
+    fastmath, window_flags = _option(plan, "fastmath"), _option(plan, "window_flags")
     tables = _tables(plan)
     # a first, identity-keyed level: hashing the AST (recursively) on every call costs more than the lookup
-    key = (id(plan.score), id(plan.mask), dtypes, plan.q_len, plan.kv_len, fastmath, tables)
+    key = (id(plan.score), id(plan.mask), dtypes, plan.q_len, plan.kv_len, fastmath, tables, window_flags)
     hit = _LOWERED.get(key)
     if hit is not None and hit[0] is plan.score and hit[1] is plan.mask:
         return hit[2]
-    low = _lowering_cached(plan.score, plan.mask, dtypes, plan.q_len, plan.kv_len, fastmath, tables)
+    low = _lowering_cached(plan.score, plan.mask, dtypes, plan.q_len, plan.kv_len, fastmath, tables, window_flags)
     if len(_LOWERED) > 256:
         _LOWERED.clear()
     _LOWERED[key] = (plan.score, plan.mask, low)
@@ -297,6 +319,9 @@ def _aux(t: torch.Tensor) -> torch.Tensor:
 
 def unsupported(q: torch.Tensor, plan: CallPlan) -> str | None:
     """None when FA4 can run this call, else why not (so "auto" falls back to flex)."""
+    bad = _check_options(plan.options)
+    if bad:
+        return bad
     if not torch.cuda.is_available() or not q.is_cuda:
         return "FA4 needs a CUDA GPU (q is on the CPU or CUDA is unavailable)"
     major, minor = torch.cuda.get_device_capability(q.device)
@@ -333,19 +358,10 @@ def unsupported(q: torch.Tensor, plan: CallPlan) -> str | None:
     return None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan):
-    """Attention for one checked call on FlashAttention-4.
-
-    Args:
-        q: [B, Hq, Sq, D]; k: [B, Hkv, Skv, D]; v: [B, Hkv, Skv, Dv]; float16 / bfloat16 on an sm90+ GPU.
-        plan: the bound, simplified call (see attnlang.plan.CallPlan).
-    Returns:
-        out [B, Hq, Sq, Dv] in q's dtype (a transposed view of FA4's [B, Sq, Hq, Dv] output), lse float32
-        [B, Hq, Sq] (natural log, -inf for rows with no allowed key; plus plan.lse_shift).
-    Raises:
-        AttnLangError: a value head dim FA4 does not take.
-    """
-    fa = _flash()
+def kernel_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan):
+    """(k, v, kwargs) for ``flash_attn_func(q, k, v, **kwargs)`` on [B, S, H, D] views: the lowering's modifiers,
+    aux_tensors, window flags and tile lists for this call (k / v expanded to the query heads where FA4's grouped
+    backward cannot be trusted). Raises AttnLangError for a value head dim FA4 does not take."""
     Dv = v.shape[-1]
     if not (8 <= Dv <= 256 and Dv % 8 == 0):
         raise AttnLangError(f"FA4 takes value head dims that are multiples of 8 in [8, 256]; got {Dv}")
@@ -363,21 +379,55 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     sparse_fwd = sparse_bwd = None
-    if mask_mod is not None and max(q.shape[-1], Dv) <= _SPARSE_MAX_HEAD_DIM and not plan.options.get("dense"):
+    tiles_fit = max(q.shape[-1], Dv) <= _SPARSE_MAX_HEAD_DIM and not _option(plan, "dense")
+    aligned = plan.q_len % _TILE[0] == 0 and plan.kv_len % _TILE[1] == 0
+    if mask_mod is not None and tiles_fit:
         sparse_fwd, sparse_bwd, partial = _block_sparse(plan, low, q.device)
-        if (not partial and plan.q_len % _TILE[0] == 0 and plan.kv_len % _TILE[1] == 0
-                and not plan.options.get("keep_mask_mod") and os.environ.get("ATTNLANG_FA4_KEEP_MASK_MOD") != "1"):
+        if (not partial and aligned and not _option(plan, "keep_mask_mod")
+                and os.environ.get("ATTNLANG_FA4_KEEP_MASK_MOD") != "1"):
             # every tile is empty or full (documents on tile boundaries): the tile lists say everything, so the
             # kernel is built without the mask_mod and without the tensors only the mask reads
             mask_mod = None
             if not low.score_tensors:
                 aux = None
-    out, lse = fa.flash_attn_func(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        softmax_scale=plan.scale, causal=False, window_size=low.window,
-        score_mod=score_mod, score_mod_bwd=score_mod_bwd, mask_mod=mask_mod, aux_tensors=aux,
-        block_sparse_tensors=sparse_fwd, block_sparse_tensors_bwd=sparse_bwd, return_lse=True)
-    out = out.transpose(1, 2)
+    elif (not low.mask_mod and low.window == (None, None) and tiles_fit and aligned
+          and _option(plan, "dense_tile_list")):
+        # no mask at all: every tile full; FA4 then runs its block-sparse schedule instead of the dense one
+        sparse_fwd, sparse_bwd, _ = _block_sparse(plan, low, q.device)
+    kwargs = dict(softmax_scale=plan.scale, causal=False, window_size=low.window, score_mod=score_mod,
+                  score_mod_bwd=score_mod_bwd, mask_mod=mask_mod, aux_tensors=aux, block_sparse_tensors=sparse_fwd,
+                  block_sparse_tensors_bwd=sparse_bwd, return_lse=True)
+    return k, v, kwargs
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan):
+    """Attention for one checked call on FlashAttention-4.
+
+    Args:
+        q: [B, Hq, Sq, D]; k: [B, Hkv, Skv, D]; v: [B, Hkv, Skv, Dv]; float16 / bfloat16 on an sm90+ GPU.
+        plan: the bound, simplified call (see attnlang.plan.CallPlan).
+    Returns:
+        out [B, Hq, Sq, Dv] in q's dtype (a transposed view of FA4's [B, Sq, Hq, Dv] output), lse float32
+        [B, Hq, Sq] (natural log, -inf for rows with no allowed key; plus plan.lse_shift).
+    Raises:
+        AttnLangError: a value head dim FA4 does not take.
+    """
+    fa = _flash()
+    k, v, kwargs = kernel_arguments(q, k, v, plan)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if _option(plan, "bhsd_out") and not grads:
+        # inference: out written straight into a [B, H, S, Dv] buffer (the layout of q), as flex's FA4 path does
+        out = torch.empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1], dtype=q.dtype, device=q.device)
+        lse = torch.empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32, device=q.device)
+        for name in ("block_sparse_tensors_bwd", "score_mod_bwd"):
+            kwargs.pop(name)
+        left, right = kwargs.pop("window_size")
+        fa._flash_attn_fwd(qt, kt, vt, out=out.transpose(1, 2), lse=lse, window_size_left=left,
+                           window_size_right=right, **kwargs)
+    else:
+        out, lse = fa.flash_attn_func(qt, kt, vt, **kwargs)
+        out = out.transpose(1, 2)
     if plan.lse_shift is not None:
         shift = row_values(plan.lse_shift, plan.batch, plan.q_heads, plan.q_len, plan.kv_len, plan.tensors,
                            torch.float32, q.device)

@@ -81,6 +81,45 @@ def _flash_importable() -> bool:
     return True
 
 
+_INT32 = (-(1 << 31), (1 << 31) - 1)
+_INT32_OK: dict = {}
+
+
+def _ints_fit_int32(plan: CallPlan) -> bool:
+    """Whether every int value of the score and mask provably fits in int32 for this call (interval analysis over
+    plan.value_ranges): then the mods compute ints in int32, which the FLASH kernel's code generator requires (it
+    cannot store int64). Cached per bound expressions and value ranges."""
+    key = (id(plan.score), id(plan.mask), tuple(plan.value_ranges.items()))
+    hit = _INT32_OK.get(key)
+    if hit is not None and hit[0] is plan.score and hit[1] is plan.mask:
+        return hit[2]
+    from ..intervals import bounds
+    ok = True
+    for expr in (plan.score, plan.mask):
+        for node in walk(expr):
+            if node.dtype is DType.INT:
+                r = bounds(node, plan.value_ranges)
+                if not (_INT32[0] <= r.lo and r.hi <= _INT32[1]):
+                    ok = False
+    if len(_INT32_OK) > 256:
+        _INT32_OK.clear()
+    _INT32_OK[key] = (plan.score, plan.mask, ok)
+    return ok
+
+
+@functools.lru_cache(maxsize=1)
+def _flash_lse_scaled_by_ln2() -> bool:
+    """torch 2.11's flex_attention multiplies every kernel's lse by ln 2 (the Triton kernels' lse is base 2), also
+    the FLASH kernel's, which is already natural-log (seen on the H200: lse = true lse x 0.693); later versions
+    know which kernels return base-2 statistics (``stats_are_log2``). True where the FLASH lse must be undone."""
+    import inspect
+    import torch.nn.attention.flex_attention as flex_module
+    try:
+        return "stats_are_log2" not in inspect.getsource(flex_module)
+    except (OSError, TypeError):  # no source: assume the fixed behaviour
+        return False
+
+
 def _flash_fits(q, plan: CallPlan, dv: int, grads: bool) -> str | None:
     """None if the FLASH kernel suits this CUDA call, else why not."""
     if torch.cuda.get_device_capability(q.device) < (9, 0):
@@ -95,6 +134,8 @@ def _flash_fits(q, plan: CallPlan, dv: int, grads: bool) -> str | None:
         return "FLASH is chosen automatically for inference only"
     if not _flash_importable():
         return "flash_attn.cute (flash-attn-4) is not importable"
+    if not _ints_fit_int32(plan):
+        return "an int value may leave int32 here, and the FLASH kernel computes ints in int32"
     return None
 
 
@@ -224,14 +265,16 @@ def _prepare(expr: Expr, q_len: int, kv_len: int, fd: torch.dtype) -> Expr:
 
 
 def _mods(score: Expr, mask: Expr, names: tuple[str, ...], values, q_len: int, kv_len: int, fd: torch.dtype,
-          tie_to_score: bool = False):
+          tie_to_score: bool = False, int_dtype: torch.dtype = torch.int64):
     """score_mod and mask_mod of ``_prepare``-d expressions over the tensors ``values`` (bound by ``names``):
     closures over the caller's own arguments, so inside a compiled function the tensors are graph inputs, not
     constants.
 
     tie_to_score: add ``0 * score`` to a score expression that ignores the score. Compiled CPU flex (torch 2.13)
-    returns wrong values for a score_mod whose result does not depend on the score; the score is finite there
-    (q and k are), so the term is exactly 0.
+    returns wrong values for a score_mod whose result does not depend on the score, the FLASH kernel's code
+    generator rejects a constant score ("Expected TensorSSA") and TRITON's backward has no joint graph for it
+    (torch 2.11, H200); the score is finite there (q and k are), so the term is exactly 0.
+    int_dtype: the dtype ints are computed in (int32 only where ``_ints_fit_int32`` proved it exact).
     """
     tensors = dict(zip(names, values))
     used_s, used_m = names_used(score), names_used(mask)
@@ -240,9 +283,9 @@ def _mods(score: Expr, mask: Expr, names: tuple[str, ...], values, q_len: int, k
     def grid(dev, used, b, h, q_idx, kv_idx):
         out = {"b": b, "h": h, "q_idx": q_idx, "kv_idx": kv_idx}
         if "q_len" in used:
-            out["q_len"] = torch.tensor(q_len, device=dev)
+            out["q_len"] = torch.tensor(q_len, device=dev, dtype=int_dtype)
         if "kv_len" in used:
-            out["kv_len"] = torch.tensor(kv_len, device=dev)
+            out["kv_len"] = torch.tensor(kv_len, device=dev, dtype=int_dtype)
         return out
 
     score_mod = None
@@ -252,11 +295,12 @@ def _mods(score: Expr, mask: Expr, names: tuple[str, ...], values, q_len: int, k
             names_["score"] = s
             # float32 (float64 for float64 inputs) whatever s's dtype: compiled CPU flex miscomputes a score_mod
             # that casts back to bf16/fp16 (torch 2.13), and every kernel accumulates scores in float32 anyway
-            out = evaluate(score, names_, tensors, fd, s.device)
+            out = evaluate(score, names_, tensors, fd, s.device, int_dtype)
             return out + s.to(fd) * 0.0 if tie else out
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return evaluate(mask, grid(q_idx.device, used_m, b, h, q_idx, kv_idx), tensors, fd, q_idx.device)
+        return evaluate(mask, grid(q_idx.device, used_m, b, h, q_idx, kv_idx), tensors, fd, q_idx.device,
+                        int_dtype)
 
     return score_mod, mask_mod
 
@@ -295,7 +339,7 @@ def _block_tensors(bm) -> tuple:
 # the flex call, compiled once per key
 
 def _make_body(plan: CallPlan, names: tuple[str, ...], fd, kernel_options, want_lse: bool, gqa: bool, seq_lengths,
-               block_size, tie_to_score: bool):
+               block_size, tie_to_score: bool, int_dtype: torch.dtype, detach_lse: bool):
     """f(q, k, v, *block_mask_tensors, *named) -> (out, lse or None), building its mods from its own arguments."""
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
     try:
@@ -308,16 +352,19 @@ def _make_body(plan: CallPlan, names: tuple[str, ...], fd, kernel_options, want_
     options = dict(kernel_options) if kernel_options else None
 
     def body(q, k, v, kv_num, kv_idx, full_num, full_idx, q_num, q_idx_, full_q_num, full_q_idx, *named):
-        score_mod, mask_mod = _mods(score, mask, names, named, q_len, kv_len, fd, tie_to_score)
+        score_mod, mask_mod = _mods(score, mask, names, named, q_len, kv_len, fd, tie_to_score, int_dtype)
         bm = BlockMask(seq_lengths, kv_num, kv_idx, full_num, full_idx, q_num, q_idx_, full_q_num, full_q_idx,
                        BLOCK_SIZE=block_size, mask_mod=mask_mod)
         kwargs = dict(score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=gqa, kernel_options=options)
         if not want_lse:
             return flex_attention(q, k, v, **kwargs), None
         if AuxRequest is not None:
-            out, aux = flex_attention(q, k, v, return_aux=AuxRequest(lse=True), **kwargs)
-            return out, aux.lse
-        return flex_attention(q, k, v, return_lse=True, **kwargs)
+            out, lse = flex_attention(q, k, v, return_aux=AuxRequest(lse=True), **kwargs)
+            lse = lse.lse
+        else:
+            out, lse = flex_attention(q, k, v, return_lse=True, **kwargs)
+        # FLASH's backward cannot take a gradient of lse: none is asked for (attention() guards the lse it returns)
+        return out, (lse.detach() if detach_lse else lse)
 
     return body
 
@@ -351,8 +398,11 @@ def _callable(q, k, v, plan: CallPlan, names, named, fd, kernel, compiled: bool,
     kernel_options.pop("BACKEND", None)
     if kernel is not None:
         kernel_options["BACKEND"] = kernel
-    gqa = plan.q_heads != plan.kv_heads
-    key = (plan.variant.canonical, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, str(q.device),
+    gqa = q.shape[1] != k.shape[1]
+    flash = kernel == "FLASH"
+    int_dtype = torch.int32 if flash and _ints_fit_int32(plan) else torch.int64
+    detach_lse = flash and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *named))
+    key = (int_dtype, detach_lse, plan.variant.canonical, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, str(q.device),
            tuple((n, tuple(t.shape), t.dtype, t.requires_grad) for n, t in zip(names, named)),
            tuple(sorted((str(a), repr(b)) for a, b in kernel_options.items())), plan.scale, compiled, want_lse,
            tuple(bm.kv_num_blocks.shape), bm.full_kv_num_blocks is None, torch.is_grad_enabled(),
@@ -362,7 +412,7 @@ def _callable(q, k, v, plan: CallPlan, names, named, fd, kernel, compiled: bool,
         _compiled.move_to_end(key)
         return fn
     body = _make_body(plan, names, fd, kernel_options or None, want_lse, gqa, (plan.q_len, plan.kv_len),
-                      tuple(bm.BLOCK_SIZE), tie_to_score=compiled and q.device.type == "cpu")
+                      tuple(bm.BLOCK_SIZE), tie_to_score=compiled, int_dtype=int_dtype, detach_lse=detach_lse)
     if compiled:
         _raise_limits()
         fn = torch.compile(_renamed(body, f"flex_{_slug(plan)}"), backend=_counting_inductor, dynamic=False,
@@ -417,16 +467,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
     bm = _block_mask(q, plan, mask_names, fd)
 
     def run(kern):
-        fn = _callable(q, k, v, plan, names, named, fd, kern, compiled, want_lse or not compiled, bm)
+        kk, vv = k, v
+        if kern == "FLASH" and grads and k.shape[1] != q.shape[1]:
+            # FA4 4.0.0b36's backward gave NaN / wrong dq for grouped heads with a score_mod (H200: flex FLASH
+            # test_bf16_grads[alibi], and the fa4 backend's test_gqa): k / v go in expanded to the query heads
+            group = q.shape[1] // k.shape[1]
+            kk, vv = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        fn = _callable(q, kk, vv, plan, names, named, fd, kern, compiled, want_lse or not compiled, bm)
         with warnings.catch_warnings():
             # the unfused path warns that it is unfused, and return_lse is deprecated on newer torch
             warnings.simplefilter("ignore", UserWarning)
             warnings.simplefilter("ignore", FutureWarning)
-            return fn(q, k, v, *_block_tensors(bm), *named)
+            return fn(q, kk, vv, *_block_tensors(bm), *named)
 
     explicit = bool(plan.options) and "BACKEND" in plan.options
     try:
         out, lse = run(kernel)
+        ran = kernel
     except AttnLangError:
         raise
     except Exception as e:  # compile failures surface as BackendCompilerFailed / InductorError / RuntimeError
@@ -434,6 +491,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
             _flash_failed[(plan.variant.canonical, tuple(q.shape), q.dtype, str(q.device))] = str(e)[:500]
             _stats["flash_fallbacks"] += 1
             out, lse = run("TRITON")
+            ran = "TRITON"
         else:
             what = f"kernel {kernel}" if kernel else "FlexAttention"
             raise AttnLangError(f"backend 'flex': {what} failed on this call: {type(e).__name__}: "
@@ -447,6 +505,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
                                 "finite or -inf")
         return out, lse
     lse = lse.to(torch.float32)
+    if ran == "FLASH":
+        if _flash_lse_scaled_by_ln2():
+            lse = lse / math.log(2.0)
+        if grads:
+            lse = _NoLseGrad.apply(lse, out)
     # a NaN or +inf score at an allowed position poisons its row's lse: an error, as on the eager reference
     # (one reduction and one host sync per call)
     bad = torch.isnan(lse) | (lse == math.inf)
@@ -462,6 +525,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
         shift = row_values(plan.lse_shift, B, Hq, Sq, plan.kv_len, plan.tensors, fd, q.device)
         lse = lse + shift.to(torch.float32)
     return out.to(q.dtype), lse
+
+
+class _NoLseGrad(torch.autograd.Function):
+    """lse from the FLASH kernel, whose backward has no lse term: passes lse through, and raises in the backward
+    if a gradient reaches it (a loss using lse must run on TRITON), instead of silently dropping that term."""
+
+    @staticmethod
+    def forward(ctx, lse, anchor):
+        ctx.set_materialize_grads(False)
+        return lse.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is not None and bool((grad != 0).any()):
+            raise AttnLangError("backend 'flex' with kernel FLASH cannot differentiate lse (FlashAttention-4's "
+                                "backward has no lse term); use kernel_options={'BACKEND': 'TRITON'} when the loss "
+                                "uses lse")
+        return None, None
 
 
 def _tensor_names(expr: Expr) -> set[str]:
