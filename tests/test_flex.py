@@ -242,3 +242,25 @@ def test_evaluate_in_int32_gives_the_int64_values_when_they_fit():
     narrow = evaluate(expr, {n: t.to(torch.int32) if n != "score" else t for n, t in names.items()}, {},
                       torch.float32, int_dtype=torch.int32)
     assert torch.equal(wide, narrow)
+
+
+def test_decoding_compiles_a_bounded_number_of_graphs():
+    # kv_len grows by one per step: the first length gets a specialised graph, the second switches the key to a
+    # graph dynamic in the sequence dims; crossing from one kv block to several may cost one more. Never one per
+    # step (seconds each). Results equal eager at every length, also for expressions reading q_len / kv_len.
+    variant = al.compile(score="score + slope[h] * (kv_idx - q_idx - kv_len + q_len)",
+                         mask="q_idx + kv_len - q_len >= kv_idx & doc[kv_idx] >= 0")
+    slope = torch.rand(2)
+    before = None
+    for S in (120, 121, 122, 129, 130, 260, 261):
+        q, k, v = (torch.randn(1, 2, n, 32) for n in (1, S, S))
+        doc = torch.arange(S) // 50
+        with torch.inference_mode():
+            out = variant(q, k, v, backend="flex", kernel_options={"CPU_COMPILED": True}, slope=slope, doc=doc)
+        ref = variant(q, k, v, backend="eager", slope=slope, doc=doc)
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+        if before is None:
+            before = flex.cache_info()
+    after = flex.cache_info()
+    assert after["compiled"] - before["compiled"] <= 1, (before, after)
+    assert after["graphs"] - before["graphs"] <= 2, (before, after)

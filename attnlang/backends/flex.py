@@ -48,6 +48,7 @@ _RECOMPILE_LIMIT = 64                # Dynamo's per-code-object limit, raised on
 _compiled: "OrderedDict[tuple, object]" = OrderedDict()
 _block_masks: "OrderedDict[tuple, tuple]" = OrderedDict()
 _flash_failed: dict[tuple, str] = {}
+_first_lengths: "OrderedDict[tuple, tuple]" = OrderedDict()  # key without lengths -> the first (q_len, kv_len)
 _stats = {"compiled": 0, "graphs": 0, "block_masks": 0, "flash_fallbacks": 0}
 
 
@@ -139,6 +140,11 @@ def _flash_fits(q, plan: CallPlan, dv: int, grads: bool) -> str | None:
     return None
 
 
+def _flash_key(plan: CallPlan, q) -> tuple:
+    # without the lengths: a FLASH compile that failed at one length is not retried at every decoding step
+    return (plan.variant.canonical, q.shape[0], q.shape[1], q.shape[3], q.dtype, str(q.device))
+
+
 def kernel_for(q, plan: CallPlan, dv: int | None = None, grads: bool = False) -> str | None:
     """The flex kernel (kernel_options["BACKEND"]) this call uses: plan.options' choice, else "FLASH" or "TRITON"
     on CUDA, None (flex's own choice) elsewhere."""
@@ -149,8 +155,7 @@ def kernel_for(q, plan: CallPlan, dv: int | None = None, grads: bool = False) ->
         return None
     dv = q.shape[-1] if dv is None else dv
     if _flash_fits(q, plan, dv, grads) is None:
-        key = (plan.variant.canonical, tuple(q.shape), q.dtype, str(q.device))
-        if key not in _flash_failed:
+        if _flash_key(plan, q) not in _flash_failed:
             return "FLASH"
     return "TRITON"
 
@@ -215,7 +220,7 @@ def _is_true(expr: Expr) -> bool:
 _GRID = frozenset({"b", "h", "q_idx", "kv_idx"})
 
 
-def _prepare(expr: Expr, q_len: int, kv_len: int, fd: torch.dtype) -> Expr:
+def _prepare(expr: Expr, q_len: int, kv_len: int, fd: torch.dtype, fold_lengths: bool = True) -> Expr:
     """The expression as the mods evaluate it: the same values, friendlier to flex's tracing.
 
     - Every subexpression of literals, ``q_len`` and ``kv_len`` only is folded into one literal (with this call's
@@ -225,8 +230,9 @@ def _prepare(expr: Expr, q_len: int, kv_len: int, fd: torch.dtype) -> Expr:
     Tracing specialises constant-only ops and reads at constant indices, leaving dead constant tensors in the
     mod's graph, which compiled CPU flex cannot lower (torch 2.13: "'Tensor' object has no attribute
     'get_dtype'"). Expressions are at most a hundred levels deep (the parser's limit), so recursion is fine.
+    With ``fold_lengths=False`` (a callable compiled for every length) ``q_len`` and ``kv_len`` stay names.
     """
-    lengths = {"q_len": torch.tensor(q_len), "kv_len": torch.tensor(kv_len)}
+    lengths = {"q_len": torch.tensor(q_len), "kv_len": torch.tensor(kv_len)} if fold_lengths else {}
 
     def constant_only(node: Expr) -> bool:
         return all(isinstance(n, Const) or (isinstance(n, Var) and n.name in lengths) or
@@ -265,7 +271,7 @@ def _prepare(expr: Expr, q_len: int, kv_len: int, fd: torch.dtype) -> Expr:
 
 
 def _mods(score: Expr, mask: Expr, names: tuple[str, ...], values, q_len: int, kv_len: int, fd: torch.dtype,
-          tie_to_score: bool = False, int_dtype: torch.dtype = torch.int64):
+          tie_to_score: bool = False, int_dtype: torch.dtype = torch.int64, lengths=None):
     """score_mod and mask_mod of ``_prepare``-d expressions over the tensors ``values`` (bound by ``names``):
     closures over the caller's own arguments, so inside a compiled function the tensors are graph inputs, not
     constants.
@@ -275,6 +281,8 @@ def _mods(score: Expr, mask: Expr, names: tuple[str, ...], values, q_len: int, k
     generator rejects a constant score ("Expected TensorSSA") and TRITON's backward has no joint graph for it
     (torch 2.11, H200); the score is finite there (q and k are), so the term is exactly 0.
     int_dtype: the dtype ints are computed in (int32 only where ``_ints_fit_int32`` proved it exact).
+    lengths: a [2] int tensor (q_len, kv_len) read by the mods instead of the constants q_len / kv_len (a callable
+        compiled for every length).
     """
     tensors = dict(zip(names, values))
     used_s, used_m = names_used(score), names_used(mask)
@@ -283,9 +291,9 @@ def _mods(score: Expr, mask: Expr, names: tuple[str, ...], values, q_len: int, k
     def grid(dev, used, b, h, q_idx, kv_idx):
         out = {"b": b, "h": h, "q_idx": q_idx, "kv_idx": kv_idx}
         if "q_len" in used:
-            out["q_len"] = torch.tensor(q_len, device=dev, dtype=int_dtype)
+            out["q_len"] = torch.tensor(q_len, device=dev, dtype=int_dtype) if lengths is None else lengths[0]
         if "kv_len" in used:
-            out["kv_len"] = torch.tensor(kv_len, device=dev, dtype=int_dtype)
+            out["kv_len"] = torch.tensor(kv_len, device=dev, dtype=int_dtype) if lengths is None else lengths[1]
         return out
 
     score_mod = None
@@ -338,9 +346,11 @@ def _block_tensors(bm) -> tuple:
 # ---------------------------------------------------------------------------------------------------------------
 # the flex call, compiled once per key
 
-def _make_body(plan: CallPlan, names: tuple[str, ...], fd, kernel_options, want_lse: bool, gqa: bool, seq_lengths,
-               block_size, tie_to_score: bool, int_dtype: torch.dtype, detach_lse: bool):
-    """f(q, k, v, *block_mask_tensors, *named) -> (out, lse or None), building its mods from its own arguments."""
+def _make_body(plan: CallPlan, names: tuple[str, ...], fd, kernel_options, want_lse: bool, gqa: bool, block_size,
+               tie_to_score: bool, int_dtype: torch.dtype, detach_lse: bool, any_length: bool):
+    """f(q, k, v, lengths, *block_mask_tensors, *named) -> (out, lse or None), building its mods from its own
+    arguments. any_length: the lengths come from q / k's shapes and the ``lengths`` tensor, never from constants,
+    so one compiled graph (dynamic in the sequence dims) serves every length; else ``lengths`` is None."""
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
     try:
         from torch.nn.attention.flex_attention import AuxRequest
@@ -348,11 +358,13 @@ def _make_body(plan: CallPlan, names: tuple[str, ...], fd, kernel_options, want_
         AuxRequest = None
     q_len, kv_len, scale = plan.q_len, plan.kv_len, plan.scale
     # prepared here, outside the traced function: folding evaluates on the host
-    score, mask = _prepare(plan.score, q_len, kv_len, fd), _prepare(plan.mask, q_len, kv_len, fd)
+    fold = not any_length
+    score, mask = _prepare(plan.score, q_len, kv_len, fd, fold), _prepare(plan.mask, q_len, kv_len, fd, fold)
     options = dict(kernel_options) if kernel_options else None
 
-    def body(q, k, v, kv_num, kv_idx, full_num, full_idx, q_num, q_idx_, full_q_num, full_q_idx, *named):
-        score_mod, mask_mod = _mods(score, mask, names, named, q_len, kv_len, fd, tie_to_score, int_dtype)
+    def body(q, k, v, lengths, kv_num, kv_idx, full_num, full_idx, q_num, q_idx_, full_q_num, full_q_idx, *named):
+        score_mod, mask_mod = _mods(score, mask, names, named, q_len, kv_len, fd, tie_to_score, int_dtype, lengths)
+        seq_lengths = (q_len, kv_len) if lengths is None else (q.shape[2], k.shape[2])
         bm = BlockMask(seq_lengths, kv_num, kv_idx, full_num, full_idx, q_num, q_idx_, full_q_num, full_q_idx,
                        BLOCK_SIZE=block_size, mask_mod=mask_mod)
         kwargs = dict(score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=gqa, kernel_options=options)
@@ -394,6 +406,11 @@ def _raise_limits() -> None:
 
 
 def _callable(q, k, v, plan: CallPlan, names, named, fd, kernel, compiled: bool, want_lse: bool, bm):
+    """(fn, any_length): the compiled flex call for this key, and whether it is the one compiled for every length.
+
+    The first length pair seen for a key gets a graph specialised to it (training: one length, fastest code). A
+    second length pair for the same key (decoding: kv_len grows by one per step; prefill of varying prompts)
+    switches the key to one graph dynamic in the sequence dims, compiled once and reused for every length."""
     kernel_options = {key: value for key, value in (plan.options or {}).items() if key != "CPU_COMPILED"}
     kernel_options.pop("BACKEND", None)
     if kernel is not None:
@@ -402,28 +419,56 @@ def _callable(q, k, v, plan: CallPlan, names, named, fd, kernel, compiled: bool,
     flash = kernel == "FLASH"
     int_dtype = torch.int32 if flash and _ints_fit_int32(plan) else torch.int64
     detach_lse = flash and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *named))
-    key = (int_dtype, detach_lse, plan.variant.canonical, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, str(q.device),
-           tuple((n, tuple(t.shape), t.dtype, t.requires_grad) for n, t in zip(names, named)),
-           tuple(sorted((str(a), repr(b)) for a, b in kernel_options.items())), plan.scale, compiled, want_lse,
-           tuple(bm.kv_num_blocks.shape), bm.full_kv_num_blocks is None, torch.is_grad_enabled(),
-           q.requires_grad, k.requires_grad, v.requires_grad)
+    lengths = (plan.q_len, plan.kv_len)
+
+    def shape(t):  # a shape with the sequence lengths left out
+        return tuple(-1 if d in lengths else d for d in t.shape)
+
+    base = (int_dtype, detach_lse, plan.variant.canonical, shape(q), shape(k), shape(v), q.dtype, str(q.device),
+            tuple((n, shape(t), t.dtype, t.requires_grad) for n, t in zip(names, named)),
+            tuple(sorted((str(a), repr(b)) for a, b in kernel_options.items())), plan.scale, compiled, want_lse,
+            bm.full_kv_num_blocks is None, torch.is_grad_enabled(), q.requires_grad, k.requires_grad,
+            v.requires_grad, tuple(bm.BLOCK_SIZE))
+    first = _first_lengths.setdefault(base, lengths)
+    any_length = compiled and first != lengths
+    key = (base, None) if any_length else (base, lengths, tuple(bm.kv_num_blocks.shape), tuple(q.shape),
+                                            tuple(k.shape), tuple((tuple(t.shape) for t in named)))
     fn = _compiled.get(key)
     if fn is not None:
         _compiled.move_to_end(key)
-        return fn
-    body = _make_body(plan, names, fd, kernel_options or None, want_lse, gqa, (plan.q_len, plan.kv_len),
-                      tuple(bm.BLOCK_SIZE), tie_to_score=compiled, int_dtype=int_dtype, detach_lse=detach_lse)
+        return fn, any_length
+    body = _make_body(plan, names, fd, kernel_options or None, want_lse, gqa, tuple(bm.BLOCK_SIZE),
+                      tie_to_score=compiled, int_dtype=int_dtype, detach_lse=detach_lse, any_length=any_length)
     if compiled:
         _raise_limits()
-        fn = torch.compile(_renamed(body, f"flex_{_slug(plan)}"), backend=_counting_inductor, dynamic=False,
-                           fullgraph=True)
+        fn = torch.compile(_renamed(body, f"flex_{_slug(plan)}" + ("_any_length" if any_length else "")),
+                           backend=_counting_inductor, dynamic=None if any_length else False, fullgraph=True)
         _stats["compiled"] += 1
     else:
         fn = body
     _compiled[key] = fn
     while len(_compiled) > _MAX_COMPILED:
         _compiled.popitem(last=False)
-    return fn
+    while len(_first_lengths) > 4 * _MAX_COMPILED:
+        _first_lengths.pop(next(iter(_first_lengths)))
+    return fn, any_length
+
+
+def _mark_lengths_dynamic(lengths: tuple[int, int], q, k, v, block_tensors, named) -> None:
+    """Let Dynamo treat the sequence dims of q / k / v, the block-count dims of the BlockMask tensors and the dims
+    of named tensors that hold a sequence length as dynamic (a graph compiled for every length). ``maybe_``: a dim
+    the graph needs specialised (or of size 0 / 1, Dynamo's rule) just stays static."""
+    mark = torch._dynamo.maybe_mark_dynamic
+    for t in (q, k, v):
+        mark(t, 2)
+    for t in block_tensors:  # [B, H, blocks] counts and [B, H, blocks, blocks] indices
+        if t is not None:
+            for dim in range(2, t.dim()):
+                mark(t, dim)
+    for t in named:
+        for dim, size in enumerate(t.shape):
+            if size in lengths:
+                mark(t, dim)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -473,12 +518,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
             # test_bf16_grads[alibi], and the fa4 backend's test_gqa): k / v go in expanded to the query heads
             group = q.shape[1] // k.shape[1]
             kk, vv = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        fn = _callable(q, kk, vv, plan, names, named, fd, kern, compiled, want_lse or not compiled, bm)
+        fn, any_length = _callable(q, kk, vv, plan, names, named, fd, kern, compiled, want_lse or not compiled, bm)
+        lengths = None
+        if any_length:
+            int_dtype = torch.int32 if kern == "FLASH" and _ints_fit_int32(plan) else torch.int64
+            lengths = _lengths_tensor(plan.q_len, plan.kv_len, int_dtype, q.device)
+            _mark_lengths_dynamic((plan.q_len, plan.kv_len), q, kk, vv, _block_tensors(bm), named)
         with warnings.catch_warnings():
             # the unfused path warns that it is unfused, and return_lse is deprecated on newer torch
             warnings.simplefilter("ignore", UserWarning)
             warnings.simplefilter("ignore", FutureWarning)
-            return fn(q, kk, vv, *_block_tensors(bm), *named)
+            return fn(q, kk, vv, lengths, *_block_tensors(bm), *named)
 
     explicit = bool(plan.options) and "BACKEND" in plan.options
     try:
@@ -488,7 +538,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
         raise
     except Exception as e:  # compile failures surface as BackendCompilerFailed / InductorError / RuntimeError
         if kernel == "FLASH" and not explicit:
-            _flash_failed[(plan.variant.canonical, tuple(q.shape), q.dtype, str(q.device))] = str(e)[:500]
+            _flash_failed[_flash_key(plan, q)] = str(e)[:500]
             _stats["flash_fallbacks"] += 1
             out, lse = run("TRITON")
             ran = "TRITON"
@@ -527,6 +577,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
     return out.to(q.dtype), lse
 
 
+_LENGTHS: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+
+
+def _lengths_tensor(q_len: int, kv_len: int, dtype, device) -> torch.Tensor:
+    """[q_len, kv_len] as a device tensor, kept for reuse (decoding asks for each kv_len once); built with fill
+    kernels, so no host-device sync."""
+    key = (q_len, kv_len, dtype, str(device))
+    t = _LENGTHS.get(key)
+    if t is None:
+        t = torch.full((2,), q_len, dtype=dtype, device=device)
+        t[1:].fill_(kv_len)
+        _LENGTHS[key] = t
+        while len(_LENGTHS) > 64:
+            _LENGTHS.popitem(last=False)
+    return t
+
+
 class _NoLseGrad(torch.autograd.Function):
     """lse from the FLASH kernel, whose backward has no lse term: passes lse through, and raises in the backward
     if a gradient reaches it (a loss using lse must run on TRITON), instead of silently dropping that term."""
@@ -560,3 +627,5 @@ def clear_caches() -> None:
     _compiled.clear()
     _block_masks.clear()
     _flash_failed.clear()
+    _first_lengths.clear()
+    _LENGTHS.clear()
