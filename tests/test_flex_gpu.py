@@ -200,22 +200,24 @@ def test_big_int_values_keep_flash_off_automatically():
     assert_backends_agree(variant, q, k, v, backend="flex", grads=False)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", ["TRITON", None])
 def test_decoding_compiles_a_bounded_number_of_graphs(kernel):
     # one new key per growing kv_len would compile at every decoding step; the key turns dynamic at the second
-    # length instead (see flex._callable), and each step still agrees with eager
-    _need(kernel)
+    # length instead (see flex._callable), and each step still agrees with eager. kernel None: the automatic
+    # choice (FLASH for the first length where it runs, then TRITON, whose graph serves every length)
+    flex.clear_caches()
     variant = al.compile(score="score + slope[h] * (kv_idx - q_idx - kv_len + q_len)",
                          mask="q_idx + kv_len - q_len >= kv_idx")
     slope = torch.rand(4, device="cuda")
+    options = {"BACKEND": kernel} if kernel else None
     before = None
     with torch.no_grad():
         for S in (200, 201, 202, 260, 400, 401):
             q, k, v = make_qkv(Shape(2, 4, 2, 1, S, 64), dtype=torch.bfloat16, device="cuda", seed=S)
-            assert_backends_agree(variant, q, k, v, backend="flex", grads=False, kernel_options={"BACKEND": kernel},
+            assert_backends_agree(variant, q, k, v, backend="flex", grads=False, kernel_options=options,
                                   slope=slope)
             if before is None:
                 before = flex.cache_info()
     after = flex.cache_info()
-    assert after["compiled"] - before["compiled"] <= 1, (before, after)
-    assert after["graphs"] - before["graphs"] <= 2, (before, after)
+    assert after["compiled"] - before["compiled"] <= 2, (before, after)
+    assert after["graphs"] - before["graphs"] <= 3, (before, after)

@@ -8,7 +8,15 @@ run through ``torch.compile(flex_attention)``.
   is cached per (variant, lengths, batch/heads, block size, identity and version of the tensors the mask reads).
 - One compiled callable per (variant, shapes, dtypes, device, kernel options, ...): each gets its own code object,
   so Dynamo's per-code recompile limit is never reached by calling many variants, and calls with new tensors of
-  the same shapes reuse it (q, k, v, the block-mask tensors and the named tensors are graph inputs).
+  the same shapes reuse it (q, k, v, the block-mask tensors and the named tensors are graph inputs). Inference
+  calls at a second (q_len, kv_len) for the same key switch it to one graph dynamic in the sequence lengths
+  (``q_len`` / ``kv_len`` then come from a small tensor, not constants), so decoding compiles at most two or
+  three graphs, not one per step; an automatically chosen FLASH turns to TRITON there.
+- FLASH on torch 2.11: ints are computed in int32 where interval analysis proves them exact (its code generator
+  stores no int64; otherwise FLASH is not chosen automatically), its lse is rescaled (torch 2.11 multiplies it
+  by ln 2 as if it were base 2), its backward takes no lse gradient (an lse that a loss uses raises
+  AttnLangError in the backward) and, with gradients and GQA, k / v go in expanded (FA4's grouped backward gave
+  NaN dq).
 - Kernel (``kernel_options={"BACKEND": ...}``): on CUDA "FLASH" (flash_attn.cute, FlashAttention-4) where it fits
   (Hopper or newer, fp16/bf16, head dims 64/96/128, no gradients), else "TRITON"; a user's ``kernel_options``
   override. An automatically chosen FLASH that fails to compile falls back to TRITON once and is remembered.
@@ -49,6 +57,7 @@ _compiled: "OrderedDict[tuple, object]" = OrderedDict()
 _block_masks: "OrderedDict[tuple, tuple]" = OrderedDict()
 _flash_failed: dict[tuple, str] = {}
 _first_lengths: "OrderedDict[tuple, tuple]" = OrderedDict()  # key without lengths -> the first (q_len, kv_len)
+_flash_lengths: dict[tuple, tuple] = {}  # automatic FLASH: variant and shape class -> the first lengths
 _stats = {"compiled": 0, "graphs": 0, "block_masks": 0, "flash_fallbacks": 0}
 
 
@@ -290,10 +299,14 @@ def _mods(score: Expr, mask: Expr, names: tuple[str, ...], values, q_len: int, k
 
     def grid(dev, used, b, h, q_idx, kv_idx):
         out = {"b": b, "h": h, "q_idx": q_idx, "kv_idx": kv_idx}
+        # lengths are read at an index tied to q_idx: FLASH's code generator cannot index at a literal
+        # ("Expected TensorSSA, but got int"), the same reason _prepare anchors constant indices
         if "q_len" in used:
-            out["q_len"] = torch.tensor(q_len, device=dev, dtype=int_dtype) if lengths is None else lengths[0]
+            out["q_len"] = (torch.tensor(q_len, device=dev, dtype=int_dtype) if lengths is None
+                            else lengths[q_idx * 0])
         if "kv_len" in used:
-            out["kv_len"] = torch.tensor(kv_len, device=dev, dtype=int_dtype) if lengths is None else lengths[1]
+            out["kv_len"] = (torch.tensor(kv_len, device=dev, dtype=int_dtype) if lengths is None
+                             else lengths[q_idx * 0 + 1])
         return out
 
     score_mod = None
@@ -410,7 +423,8 @@ def _callable(q, k, v, plan: CallPlan, names, named, fd, kernel, compiled: bool,
 
     The first length pair seen for a key gets a graph specialised to it (training: one length, fastest code). A
     second length pair for the same key (decoding: kv_len grows by one per step; prefill of varying prompts)
-    switches the key to one graph dynamic in the sequence dims, compiled once and reused for every length."""
+    switches the key to one graph dynamic in the sequence dims, compiled once and reused for every length
+    (inference calls on TRITON / the CPU kernel; calls with gradients and explicit FLASH stay per length)."""
     kernel_options = {key: value for key, value in (plan.options or {}).items() if key != "CPU_COMPILED"}
     kernel_options.pop("BACKEND", None)
     if kernel is not None:
@@ -430,7 +444,12 @@ def _callable(q, k, v, plan: CallPlan, names, named, fd, kernel, compiled: bool,
             bm.full_kv_num_blocks is None, torch.is_grad_enabled(), q.requires_grad, k.requires_grad,
             v.requires_grad, tuple(bm.BLOCK_SIZE))
     first = _first_lengths.setdefault(base, lengths)
-    any_length = compiled and first != lengths
+    # FLASH's code generator (torch 2.11) cannot read the lengths tensor ("Expected TensorSSA, but got int", H200):
+    # an explicitly asked-for FLASH compiles per length; an automatic one turns to TRITON (attention())
+    # Only without gradients: the dynamic graph's backward has not run on a GPU here (training mostly repeats one
+    # length anyway); with gradients every length keeps its own specialised graph, as before.
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *named))
+    any_length = compiled and first != lengths and not flash and not needs_grad
     key = (base, None) if any_length else (base, lengths, tuple(bm.kv_num_blocks.shape), tuple(q.shape),
                                             tuple(k.shape), tuple((tuple(t.shape) for t in named)))
     fn = _compiled.get(key)
@@ -501,6 +520,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
         raise AttnLangError(f"backend 'flex' cannot run this call: FlexAttention's GPU kernels need a value head dim "
                             f">= 16, got {v.shape[-1]}")
     kernel = kernel_for(q, plan, v.shape[-1], grads)
+    if kernel == "FLASH" and not (plan.options and "BACKEND" in plan.options):
+        # a second length for this variant and shape class (decoding): TRITON, whose graph serves every length,
+        # rather than one FLASH compile per step
+        first = _flash_lengths.setdefault(_flash_key(plan, q), (plan.q_len, plan.kv_len))
+        if first != (plan.q_len, plan.kv_len):
+            kernel = "TRITON"
     # the tensors score and mask read, in a fixed order: these become graph inputs
     names = tuple(sorted(_tensor_names(plan.score) | _tensor_names(plan.mask)))
     mask_names = tuple(sorted(_tensor_names(plan.mask)))
@@ -628,4 +653,5 @@ def clear_caches() -> None:
     _block_masks.clear()
     _flash_failed.clear()
     _first_lengths.clear()
+    _flash_lengths.clear()
     _LENGTHS.clear()
