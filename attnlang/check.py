@@ -109,6 +109,7 @@ def check(score: str = "score", mask: str = "True", params=None) -> Checked:
     """
     sources = {"score": score, "mask": mask}
     trees = {w: parse(sources[w], where=w) for w in ("score", "mask")}
+    _check_reserved_uses(params, trees, sources)
     consts = _validate_params(params)
 
     tensors: dict[str, int] = {}
@@ -183,9 +184,21 @@ def _check_int_range(tree: Expr, env, checked: Checked, where: str) -> None:
         if not ring(kid):
             continue
         r = bounds(kid, env)
-        if (math.isfinite(r.hi) and r.hi > _INT64_MAX) or (math.isfinite(r.lo) and r.lo < _INT64_MIN):
+        if _beyond_int64(r):
             raise AttnLangError.at(f"this integer can reach {_fmt_interval(r)}, outside 64 bits; compute it "
                                    f"in float (e.g. 2.0 ** 70)", checked.sources[where], kid.span, where)
+    for node in walk(tree):  # int() of a float past int64 has no int64 value (torch gives garbage)
+        if isinstance(node, Call) and node.func == "int" and node.args[0].dtype is DType.FLOAT:
+            r = bounds(node, env)
+            if _beyond_int64(r):
+                raise AttnLangError.at(f"int() of a value that can reach {_fmt_interval(bounds(node.args[0], env))}"
+                                       f", outside 64 bits; keep it a float, or clamp it first",
+                                       checked.sources[where], node.span, where)
+
+
+def _beyond_int64(r: Interval) -> bool:
+    """A finite bound outside int64 (an infinite one only says the analysis does not know)."""
+    return (r.hi != math.inf and r.hi > _INT64_MAX) or (r.lo != -math.inf and r.lo < _INT64_MIN)
 
 
 def _check_divisors(tree: Expr, env, checked: Checked, where: str) -> None:
@@ -206,8 +219,23 @@ def _check_divisors(tree: Expr, env, checked: Checked, where: str) -> None:
 
 def _fmt_interval(r: Interval) -> str:
     def f(x):
+        if isinstance(x, int):  # intervals.bounds caps ints at +-2**128 (past int64 their size does not matter)
+            return str(x) if abs(x) < 1 << 128 else f"{'-' if x < 0 else ''}2**128 or beyond"
         return str(int(x)) if math.isfinite(x) and float(x).is_integer() else str(x)
     return f"[{f(r.lo)}, {f(r.hi)}]"
+
+
+def _check_reserved_uses(params, trees, sources) -> None:
+    """A parameter with a reserved name that an expression uses: the error points at the use."""
+    if not isinstance(params, Mapping):
+        return
+    for where, tree in trees.items():
+        for node in walk(tree):
+            name = node.name if isinstance(node, Var) else node.tensor if isinstance(node, Index) else None
+            if name in params and name in RESERVED_NAMES:
+                raise AttnLangError.at(f"parameter {name!r} uses a reserved name; built-in names, function names "
+                                       f"and the call's keywords ({', '.join(CALL_KEYWORDS)}) cannot name a "
+                                       f"parameter", sources[where], node.span, where)
 
 
 def _check_tensor_name(node: Index, where, sources, consts) -> None:

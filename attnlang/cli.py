@@ -40,6 +40,17 @@ def _param(text: str):
         raise AttnLangError(f"--param {name}: {value!r} is not an int, float or bool") from None
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an int of at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {n}")
+    return n
+
+
 def _params(items) -> dict:
     out = {}
     for item in items or ():
@@ -57,6 +68,8 @@ def _tensors(items, device="cpu") -> dict:
         if "=" not in item:
             raise AttnLangError(f"--tensor {item!r}: expected NAME=FILE (a torch.save file or a .npy file)")
         name, path = item.split("=", 1)
+        if name in out:
+            raise AttnLangError(f"--tensor {name} given twice")
         try:
             if path.endswith(".npy"):
                 import numpy as np
@@ -80,6 +93,8 @@ def cmd_check(args) -> int:
 
 
 def cmd_explain(args) -> int:
+    if args.png is not None and not args.png.strip():
+        raise AttnLangError("--png needs a file name")
     v = _variant(args)
     q_len = args.q_len
     kv_len = args.kv_len if args.kv_len is not None else q_len
@@ -137,6 +152,17 @@ def cmd_demo(args) -> int:
     from .variant import reference
     torch.manual_seed(0)
     device = args.device
+    try:
+        torch.empty(0, device=device)
+    except Exception as e:  # an unknown device string, or CUDA asked for where there is none
+        raise AttnLangError(f"--device {device!r} is not usable here: {e}") from None
+    if args.heads % args.kv_heads:
+        raise AttnLangError(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
+    mods = _examples()
+    names = [getattr(mod, "NAME", mod.__name__.rsplit(".", 1)[-1]) for mod in mods]
+    unknown = sorted(set(args.only or ()) - set(names))
+    if unknown:
+        raise AttnLangError(f"--only {unknown[0]}: no such example; the examples are {', '.join(names)}")
     rows = []
     header = f"{'variant':<24} {'backend':<8} {'q_len':>6} {'kv_len':>6} {'max err':>9} {'time ms':>9} {'allowed':>8}"
     print(f"attnlang demo: B={args.batch}, Hq={args.heads}, Hkv={args.kv_heads}, S={args.seq_len}, "
@@ -145,8 +171,7 @@ def cmd_demo(args) -> int:
     print("-" * len(header))
     dtype = getattr(torch, args.dtype)
     failures = 0
-    for mod in _examples():
-        name = getattr(mod, "NAME", mod.__name__.rsplit(".", 1)[-1])
+    for mod, name in zip(mods, names):
         if args.only and name not in args.only:
             continue
         q_len, kv_len = args.seq_len, args.seq_len
@@ -201,18 +226,18 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("explain", help="explain a variant (and draw its mask with --png)")
     expr_args(e)
-    e.add_argument("--q-len", type=int, default=None)
-    e.add_argument("--kv-len", type=int, default=None)
+    e.add_argument("--q-len", type=_positive_int, default=None)
+    e.add_argument("--kv-len", type=_positive_int, default=None)
     e.add_argument("--png", default=None, metavar="FILE", help="draw the mask's (q, kv) picture")
     e.add_argument("--tensor", action="append", metavar="NAME=FILE", help="a tensor the mask reads (.pt/.npy)")
     e.set_defaults(func=cmd_explain)
 
     d = sub.add_parser("demo", help="run the examples gallery against the reference and print a table")
-    d.add_argument("--seq-len", type=int, default=2048)
-    d.add_argument("--batch", type=int, default=1)
-    d.add_argument("--heads", type=int, default=8)
-    d.add_argument("--kv-heads", type=int, default=2)
-    d.add_argument("--head-dim", type=int, default=64)
+    d.add_argument("--seq-len", type=_positive_int, default=2048)
+    d.add_argument("--batch", type=_positive_int, default=1)
+    d.add_argument("--heads", type=_positive_int, default=8)
+    d.add_argument("--kv-heads", type=_positive_int, default=2)
+    d.add_argument("--head-dim", type=_positive_int, default=64)
     d.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     d.add_argument("--device", default=None)
     d.add_argument("--backend", default="auto", choices=["auto", "eager", "flex", "fa4"])

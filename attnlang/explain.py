@@ -6,6 +6,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from .ast import DType, Index, names_used, walk
+from .errors import AttnLangError
 from .printer import to_source
 
 if TYPE_CHECKING:
@@ -26,6 +27,23 @@ def _native(variant: "Variant") -> str | None:
 def _depends(expr) -> str:
     used = sorted(names_used(expr) & {"b", "h", "q_idx", "kv_idx", "q_len", "kv_len"})
     return ", ".join(used) or "nothing"
+
+
+def _sparsity_class(mask) -> str:
+    """What kind of block structure the simplified mask has, without lengths."""
+    from .ast import Const
+    if isinstance(mask, Const):
+        return ("dense: every pair attends (no block is skipped)" if mask.value else
+                "empty: no pair attends (every row gives out = 0, lse = -inf)")
+    used = names_used(mask)
+    heads = "; varies with b/h" if used & {"b", "h"} else ""
+    if any(isinstance(n, Index) for n in walk(mask)):
+        return ("data-dependent: blocks are classified from the values of the tensors the mask reads, per call"
+                + heads)
+    from .sparsity import known_exact
+    if known_exact(mask):
+        return "static, exact: block kinds follow from the lengths alone (affine in the positions)" + heads
+    return "static: block kinds follow from the lengths; partial blocks are refined by evaluation" + heads
 
 
 def _auto_policy() -> str:
@@ -52,6 +70,13 @@ def _auto_policy() -> str:
 def explain(variant: "Variant", q_len: int | None = None, kv_len: int | None = None) -> str:
     """A report: the variant as written, parsed, simplified (with the rules that fired), its types and tensors,
     its mask's structure (native lowering, block density for given lengths) and the backend "auto" would pick."""
+    from .sparsity import _positive
+    if q_len is not None:
+        q_len = _positive("q_len", q_len)
+    if kv_len is not None:
+        kv_len = _positive("kv_len", kv_len)
+    if (q_len is None) != (kv_len is None):  # one length given: both sequences have it
+        q_len = kv_len = q_len if q_len is not None else kv_len
     checked, simple = variant.checked, variant.simplified
     out = ["attnlang variant", "  as written:"]
     out.append(f"    score: {variant.score}")
@@ -80,6 +105,7 @@ def explain(variant: "Variant", q_len: int | None = None, kv_len: int | None = N
             f"{n} ({d} index{'es' if d != 1 else ''})" for n, d in sorted(checked.tensors.items())))
     else:
         out.append("    tensors: none")
+    out.append(f"  sparsity class: {_sparsity_class(simple.mask)}")
     native = _native(variant)
     if native is not None:
         out.append(f"  native lowering: {native}")
@@ -95,6 +121,8 @@ def explain(variant: "Variant", q_len: int | None = None, kv_len: int | None = N
                        f"density {bs.density:.4f}")
         except ImportError:
             pass
+        except AttnLangError as e:  # the lengths are valid but too long to classify in 128x128 blocks
+            out.append(f"  block sparsity at q_len={q_len}, kv_len={kv_len}: not computed ({e.message})")
     out.append(f"  backend auto: on CUDA, fa4 (Hopper) when it supports the call, else flex; on the CPU, eager "
                f"({_auto_policy()})")
     return "\n".join(out)

@@ -4,6 +4,8 @@ ranges (the bounds check of tensor reads, the simplifier, the block-sparsity ana
 An ``Interval`` holds every value the expression can take when each name ranges over its interval in ``env``.
 Booleans are intervals over {0, 1}: ``[1, 1]`` is always true, ``[0, 0]`` always false. Results are sound
 (never too narrow); they are exact for sums and differences of independent names and monotone functions of them.
+A float operation that can give NaN (``0 * inf``, ``inf % y``) gives TOP. Int bounds past int64 (an overflow error of
+check.py) are capped at +-2**128.
 """
 
 from __future__ import annotations
@@ -75,9 +77,14 @@ def _corners(op, x: Interval, y: Interval) -> Interval:
 
 
 def _mul(a: float, b: float) -> float:
-    if a == 0 or b == 0:  # 0 * inf counts as 0: a bound of inf is never reached
+    if a == 0 or b == 0:  # 0 * inf counts as 0: an int's bound of inf is never reached
         return 0
     return a * b
+
+
+def _fmul(a: float, b: float) -> float:
+    # floats can hold inf, and 0 * inf is NaN: the corners give TOP then
+    return math.nan if (a == 0 and math.isinf(b)) or (b == 0 and math.isinf(a)) else a * b
 
 
 def _add(x: Interval, y: Interval) -> Interval:
@@ -96,9 +103,11 @@ def _truediv(x: Interval, y: Interval) -> Interval:
     return _corners(lambda a, b: a / b if not (math.isinf(a) and math.isinf(b)) else math.nan, x, y)
 
 
-def _floordiv(x: Interval, y: Interval) -> Interval:
+def _floordiv(x: Interval, y: Interval, integer: bool) -> Interval:
     if y.lo <= 0 <= y.hi:
         return TOP
+    if not integer and not (_finite(x) and _finite(y)):
+        return TOP  # inf // y is NaN, and x // inf is 0 or -1 by x's sign
     q = _truediv(x, y)
     return Interval(math.floor(q.lo) if math.isfinite(q.lo) else q.lo,
                     math.floor(q.hi) if math.isfinite(q.hi) else q.hi)
@@ -106,6 +115,8 @@ def _floordiv(x: Interval, y: Interval) -> Interval:
 
 def _mod(x: Interval, y: Interval, integer: bool) -> Interval:
     # Python's sign convention: the result has the divisor's sign, |r| < |divisor|.
+    if not integer and not _finite(x):
+        return TOP  # inf % y is NaN
     if y.lo > 0:
         if x.lo >= 0 and x.hi < y.lo:  # x % y == x when 0 <= x < y
             return x
@@ -118,7 +129,50 @@ def _mod(x: Interval, y: Interval, integer: bool) -> Interval:
     return TOP
 
 
-def _pow(x: Interval, y: Interval) -> Interval:
+def _finite(x: Interval) -> bool:
+    return -math.inf < x.lo and x.hi < math.inf
+
+
+# Past int64 an int is an overflow error (check.py), whatever its size: int bounds are kept within +-_INT_CAP so that
+# a huge power costs nothing and every bound still converts to a float.
+_INT_CAP = 1 << 128
+
+
+def _saturate(r: Interval) -> Interval:
+    lo = -_INT_CAP if isinstance(r.lo, int) and r.lo < -_INT_CAP else r.lo
+    hi = _INT_CAP if isinstance(r.hi, int) and r.hi > _INT_CAP else r.hi
+    return r if (lo, hi) == (r.lo, r.hi) else Interval(lo, hi)
+
+
+def _ipow(a: int, e: int) -> int:
+    """a ** e for ints, e >= 0, without computing a huge power: beyond _INT_CAP it is _INT_CAP with the sign."""
+    if abs(a) <= 1 or e * abs(a).bit_length() <= 130:
+        return a ** e
+    return _INT_CAP if a > 0 or e % 2 == 0 else -_INT_CAP
+
+
+def _int_pow(x: Interval, y: Interval) -> Interval:
+    """int ** int, exponent >= 0 (a negative one is an error of its own)."""
+    if y.lo < 0 or not (_finite(x) and _finite(y)):
+        return TOP
+    a_lo, a_hi, e_lo, e_hi = int(x.lo), int(x.hi), int(y.lo), int(y.hi)
+    if e_lo == e_hi:
+        vals = [_ipow(a, e_lo) for a in (a_lo, a_hi)]
+        lo, hi = min(vals), max(vals)
+        if e_lo % 2 == 0 and a_lo < 0 < a_hi:
+            lo = 0
+        return Interval(lo, hi) if e_lo else Interval(1, 1)
+    if a_lo >= 0:  # monotone in the base; in the exponent too once the base is at least 1 (0 ** 0 == 1 is a corner)
+        vals = [_ipow(a, e) for a in (a_lo, a_hi) for e in (e_lo, e_hi)]
+        return Interval(min(vals), max(vals))
+    big = max(1, _ipow(max(-a_lo, abs(a_hi)), e_hi))  # a negative base: the sign alternates with the exponent
+    return Interval(-big, big)
+
+
+def _pow(x: Interval, y: Interval, integer: bool = False) -> Interval:
+    if integer:
+        return _int_pow(x, y)
+    x, y = Interval(float(x.lo), float(x.hi)), Interval(float(y.lo), float(y.hi))  # float powers overflow to inf
     if y.is_point and float(y.lo).is_integer() and y.lo >= 0 and math.isfinite(y.lo):
         n = int(y.lo)
         if n == 0:
@@ -208,25 +262,30 @@ def bounds(expr: Expr, env: Env) -> Interval:
         return got if isinstance(got, Interval) else TOP
     if isinstance(expr, Unary):
         x = bounds(expr.operand, env)
-        return _neg(x) if expr.op is Op.NEG else Interval(1 - x.hi, 1 - x.lo)
+        return _saturate(_neg(x)) if expr.op is Op.NEG else Interval(1 - x.hi, 1 - x.lo)
     if isinstance(expr, Call):
-        return _call(expr, env)
+        return _saturate(_call(expr, env))
+    return _saturate(_binary(expr, env))
+
+
+def _binary(expr, env: Env) -> Interval:
     x, y = bounds(expr.left, env), bounds(expr.right, env)
     op = expr.op
+    integer = expr.dtype is DType.INT or _is_int(expr.left, expr.right)
     if op is Op.ADD:
         return _add(x, y)
     if op is Op.SUB:
         return _add(x, _neg(y))
     if op is Op.MUL:
-        return _corners(_mul, x, y)
+        return _corners(_mul if integer else _fmul, x, y)
     if op is Op.TRUEDIV:
         return _truediv(x, y)
     if op is Op.FLOORDIV:
-        return _floordiv(x, y)
+        return _floordiv(x, y, integer)
     if op is Op.MOD:
-        return _mod(x, y, expr.dtype is DType.INT or _is_int(expr.left, expr.right))
+        return _mod(x, y, integer)
     if op is Op.POW:
-        return _pow(x, y)
+        return _pow(x, y, integer)
     if op is Op.AND:
         return Interval(min(x.lo, y.lo), min(x.hi, y.hi))
     if op is Op.OR:

@@ -3,6 +3,8 @@ full) for long ones. matplotlib with the Agg backend (no display needed)."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .ast import names_used
@@ -59,7 +61,9 @@ def draw(variant, path, q_len: int, kv_len: int, block_size=(128, 128), batch: i
         ax.set_ylabel("q_idx")
         fig.tight_layout()
         try:
-            fig.savefig(path)
+            # no extension: write PNG to exactly this path (matplotlib would append ".png" to it)
+            bare = isinstance(path, (str, os.PathLike)) and not os.path.splitext(os.fspath(path))[1]
+            fig.savefig(path, format="png" if bare else None)
         except (OSError, ValueError) as e:
             raise AttnLangError(f"cannot write the picture to {path!r}: {e}") from None
     finally:

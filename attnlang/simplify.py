@@ -234,8 +234,8 @@ def fold_binary(n: Binary, a: Const, b: Const) -> Const | None:
     x, y = _num(a, n.dtype), _num(b, n.dtype)
     if op in (Op.TRUEDIV, Op.FLOORDIV, Op.MOD) and y == 0:
         return None  # a division by zero is the run time's to report (or inf / NaN in floats)
-    if op is Op.POW and n.dtype is DType.INT and y < 0:
-        return None
+    if op is Op.POW and n.dtype is DType.INT and (y < 0 or abs(x) > 1 and y > 64):
+        return None  # a negative exponent is an error; past 64 the power leaves int64 (and could take long to compute)
     if op in (Op.FLOORDIV, Op.MOD) and n.dtype is DType.FLOAT and (math.isinf(x) or math.isinf(y)):
         return None  # torch and Python disagree on inf // y and x % inf
     try:

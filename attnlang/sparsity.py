@@ -32,14 +32,17 @@ from .check import Checked, bind, check_index_bounds, dtype_of_torch
 from .errors import AttnLangError
 from .intervals import BlockKind, Interval, tensor_range
 
-__all__ = ["BlockKind", "BlockSparsity", "block_sparsity", "known_exact", "REFINE_BUDGET"]
+__all__ = ["BlockKind", "BlockSparsity", "block_sparsity", "block_sparsity_of", "known_exact", "REFINE_BUDGET"]
 
 
 REFINE_BUDGET = 20_000_000  # (q, kv) positions evaluated, at most, to refine blocks left partial
 _REFINE_CHUNK = 1 << 22      # positions evaluated at once while refining
 _TABLE_BUDGET = 1 << 26      # elements of one range-min/max table
 _EXACT = 2.0 ** 52           # beyond this float64 no longer holds every integer
+_INT64_EDGE = 2.0 ** 63      # int() of a float at or beyond this magnitude is not a defined int64
 _SLICE = 1 << 26             # blocks analysed at once (bounds the memory of intermediates)
+MAX_BLOCKS = 1 << 30         # blocks (after broadcasting batch / heads) one analysis may classify
+_MAX_LEN = 1 << 62           # lengths whose block bounds still fit int64
 
 
 def _as_block_size(block_size) -> tuple[int, int]:
@@ -61,6 +64,16 @@ def _positive(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise AttnLangError(f"{name} must be a positive int, got {value!r}")
     return int(value)
+
+
+def _as_device(device) -> torch.device:
+    """``device`` as a torch.device that exists here."""
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)
+    except (RuntimeError, TypeError, ValueError, AssertionError) as e:
+        raise AttnLangError(f"device {device!r} is not a usable torch device here: {e}") from None
+    return device
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,7 +136,7 @@ class BlockSparsity:
 
     def _device(self, device):
         if device is not None:
-            return torch.device(device)
+            return _as_device(device)
         for t in self.tensors.values():
             return t.device
         return self.kind.device
@@ -147,6 +160,9 @@ class BlockSparsity:
         device: where the index tensors live (default: the tensors' device, else the CPU).
         """
         from torch.nn.attention.flex_attention import BlockMask
+        if mask_mod is not None and not callable(mask_mod):
+            raise AttnLangError(f"mask_mod must be a function (b, h, q_idx, kv_idx) -> bool, got "
+                                f"{type(mask_mod).__name__}")
         dev = self._device(device)
         if mask_mod is None:
             mask_mod = self.default_mask_mod(dev)
@@ -187,7 +203,7 @@ class BlockSparsity:
 # ---------------------------------------------------------------------------------------------------------------
 # entry point
 
-def block_sparsity(variant, q_len: int, kv_len: int, batch: int = 1, heads: int = 1,
+def block_sparsity(variant, /, q_len: int, kv_len: int, batch: int = 1, heads: int = 1,
                    block_size=(128, 128), device=None, refine: bool = True, **tensors) -> BlockSparsity:
     """Classify every (query block, key block) tile of ``variant``'s simplified mask.
 
@@ -205,6 +221,16 @@ def block_sparsity(variant, q_len: int, kv_len: int, batch: int = 1, heads: int 
     Raises:
         AttnLangError: bad sizes, missing / extra / mis-shaped tensors, an index that can leave its tensor.
     """
+    return block_sparsity_of(variant, q_len, kv_len, batch, heads, block_size, tensors, device, refine)
+
+
+def block_sparsity_of(variant, q_len: int, kv_len: int, batch: int, heads: int, block_size,
+                      tensors: Mapping[str, torch.Tensor], device=None, refine: bool = True) -> BlockSparsity:
+    """``block_sparsity`` with the tensors in a mapping, so that any tensor name (``device``, ``batch``, ...) is
+    read as a tensor and never taken for an argument."""
+    if not isinstance(refine, bool):
+        raise AttnLangError(f"refine must be True or False, got {refine!r}")
+    from .variant import tensor_problem
     q_len, kv_len = _positive("q_len", q_len), _positive("kv_len", kv_len)
     batch, heads = _positive("batch", batch), _positive("heads", heads)
     bq, bk = _as_block_size(block_size)
@@ -218,8 +244,11 @@ def block_sparsity(variant, q_len: int, kv_len: int, batch: int = 1, heads: int 
                                 f"{', '.join(sorted(known)) or 'none'})")
         if not isinstance(t, torch.Tensor):
             raise AttnLangError(f"tensor {name!r} must be a torch.Tensor, got {type(t).__name__}")
-        if dtype_of_torch(t.dtype) is None:
-            raise AttnLangError(f"tensor {name!r} has dtype {t.dtype}; attnlang reads int, float and bool tensors")
+        problem = tensor_problem(t)
+        if problem:
+            raise AttnLangError(f"tensor {name!r} {problem}")
+        if t.device.type == "meta":
+            raise AttnLangError(f"tensor {name!r} is on the meta device, which holds no values")
         if t.dim() != checked.tensors[name]:
             raise AttnLangError(f"tensor {name!r} has {t.dim()} dimensions (shape {tuple(t.shape)}) but the "
                                 f"expressions index it with {checked.tensors[name]}")
@@ -229,7 +258,7 @@ def block_sparsity(variant, q_len: int, kv_len: int, batch: int = 1, heads: int 
     used = {n: tensors[n] for n in wanted}
     if device is None:
         device = next(iter(used.values())).device if used else torch.device("cpu")
-    device = torch.device(device)
+    device = _as_device(device)
 
     dtypes = {n: dtype_of_torch(t.dtype) for n, t in used.items()}
     mask = bind(Checked(Const(0.0, DType.FLOAT), smask, checked.tensors, checked.sources), dtypes).mask
@@ -238,6 +267,16 @@ def block_sparsity(variant, q_len: int, kv_len: int, batch: int = 1, heads: int 
     env.update({n: tensor_range(t) for n, t in used.items()})
     check_index_bounds(Checked(Const(0.0, DType.FLOAT), mask, checked.tensors, checked.sources), env,
                        {n: tuple(t.shape) for n, t in used.items()})
+
+    for name, n in (("q_len", q_len), ("kv_len", kv_len)):
+        if n > _MAX_LEN:
+            raise AttnLangError(f"{name} {n} is too long for block sparsity; at most 2**62")
+    mask_names = names_used(mask)
+    blocks = ((batch if "b" in mask_names else 1) * (heads if "h" in mask_names else 1) * -(-q_len // bq)
+              * -(-kv_len // bk))
+    if blocks > MAX_BLOCKS:
+        raise AttnLangError(f"{q_len}x{kv_len} in {bq}x{bk} blocks makes {blocks} blocks; at most {MAX_BLOCKS} "
+                            f"are classified at once: use a larger block_size")
 
     # the analysis runs on the CPU (its inputs are O(S) summaries and its output O(blocks)); kind moves at the end
     cpu = torch.device("cpu")
@@ -615,6 +654,13 @@ class _Analysis:
             lo, hi = _t(xs[0][0]), _t(xs[0][1])
             if domain is not None and bool((lo < domain).any()):
                 return _TOP(True)
+            if f == "int" and node.args[0].dtype is DType.FLOAT:
+                # a float outside int64 (inf, NaN, 1e30) converts to whatever the device gives: any int
+                lo, hi = lo.double(), hi.double()
+                wild = (lo < -_INT64_EDGE) | (hi >= _INT64_EDGE) | bool(nan)
+                lo = torch.where(wild, torch.tensor(-math.inf, dtype=torch.float64), torch.trunc(lo))
+                hi = torch.where(wild, torch.tensor(math.inf, dtype=torch.float64), torch.trunc(hi))
+                return _widen_rounding((lo, hi, False))
             r = (fn(lo), fn(hi), nan)
             return _widen_rounding(r) if f in ("floor", "ceil", "int") and node.args[0].dtype is DType.FLOAT else r
         if f == "float":

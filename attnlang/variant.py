@@ -23,6 +23,7 @@ __all__ = ["Variant", "compile", "from_config", "reference", "BACKENDS"]
 
 BACKENDS = ("auto", "eager", "flex", "fa4")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TENSOR_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64) + _FLOAT_DTYPES
 CONFIG_KEYS = ("score", "mask", "params")
 
 
@@ -37,6 +38,7 @@ class Variant:
                  "__weakref__")
 
     def __init__(self, score: str = "score", mask: str = "True", params: Mapping[str, Any] | None = None):
+        params = _plain_params(params)
         checked = check(score, mask, params)
         simplified = simplify_variant(checked.score, checked.mask)
         object.__setattr__(self, "_score_source", score)
@@ -49,6 +51,9 @@ class Variant:
         object.__setattr__(self, "_bind_cache", {})
 
     def __setattr__(self, name, value):
+        raise AttributeError("Variant is immutable")
+
+    def __delattr__(self, name):
         raise AttributeError("Variant is immutable")
 
     # ----- identity -----
@@ -113,12 +118,17 @@ class Variant:
         from .explain import explain
         return explain(self, q_len=q_len, kv_len=kv_len)
 
-    def block_sparsity(self, q_len: int, kv_len: int, batch: int = 1, heads: int = 1,
+    def block_sparsity(self, /, q_len: int, kv_len: int, batch: int = 1, heads: int = 1,
                        block_size: tuple[int, int] | int = (128, 128), **tensors):
-        """Classify every (query block, key block) tile as empty / partial / full; see attnlang.sparsity."""
-        from .sparsity import block_sparsity
-        return block_sparsity(self, q_len=q_len, kv_len=kv_len, batch=batch, heads=heads, block_size=block_size,
-                              **tensors)
+        """Classify every (query block, key block) tile as empty / partial / full; see attnlang.sparsity.
+
+        ``device=`` (where ``kind`` lives) and ``refine=`` are the options of attnlang.sparsity.block_sparsity,
+        unless the variant reads a tensor of that name.
+        """
+        from .sparsity import block_sparsity_of
+        options = {name: tensors.pop(name) for name in ("device", "refine")
+                   if name in tensors and name not in self._checked.tensors}
+        return block_sparsity_of(self, q_len, kv_len, batch, heads, block_size, tensors, **options)
 
     # ----- calling -----
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, *, scale: float | None = None,
@@ -143,6 +153,8 @@ class Variant:
         plan = self._plan(q, k, v, scale, backend, return_lse, kernel_options, tensors)
         from .backends import run
         out, lse = run(backend, q, k, v, plan)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values()):
+            out, lse = _connect_unread(out, lse, plan, tensors)
         return (out, lse) if return_lse else out
 
     def _plan(self, q, k, v, scale, backend, return_lse, kernel_options, tensors) -> CallPlan:
@@ -214,9 +226,9 @@ class Variant:
                                     f"{used})")
             if not isinstance(t, torch.Tensor):
                 raise AttnLangError(f"tensor {name!r} must be a torch.Tensor, got {type(t).__name__}")
-            if dtype_of_torch(t.dtype) is None:
-                raise AttnLangError(f"tensor {name!r} has dtype {t.dtype}; attnlang reads int, float and bool "
-                                    f"tensors")
+            problem = tensor_problem(t)
+            if problem:
+                raise AttnLangError(f"tensor {name!r} {problem}")
             if t.device != device:
                 raise AttnLangError(f"tensor {name!r} is on {t.device} but q is on {device}")
             if t.dim() != wanted[name]:
@@ -228,6 +240,35 @@ class Variant:
                 raise AttnLangError.at(f"tensor {name!r} is read here but was not given; pass it as "
                                        f"{name}=<tensor> when calling the variant", self._checked.sources[where],
                                        node.span, where)
+
+
+class _ZeroGrads(torch.autograd.Function):
+    """Identity on ``x``; a zero gradient for each of ``extra`` (tensors ``x`` does not depend on)."""
+
+    @staticmethod
+    def forward(ctx, x, *extra):
+        ctx.like = [(e.shape, e.dtype, e.device) for e in extra]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.like))
+
+
+def _connect_unread(out, lse, plan: CallPlan, tensors):
+    """A bound tensor that requires grad but that the simplified call does not read (a per-row term dropped from
+    the score moves softmax by nothing): give it a zero gradient, as the unsimplified variant would."""
+    read = names_used(plan.score) | names_used(plan.mask)
+    grads = {n: t for n, t in tensors.items() if t.requires_grad}
+    unread = [t for n, t in sorted(grads.items()) if n not in read]
+    if unread:
+        out = _ZeroGrads.apply(out, *unread)
+    if lse is not None and plan.return_lse:
+        read_lse = read | (names_used(plan.lse_shift) if plan.lse_shift is not None else set())
+        unread = [t for n, t in sorted(grads.items()) if n not in read_lse]
+        if unread:
+            lse = _ZeroGrads.apply(lse, *unread)
+    return out, lse
 
 
 def _first_read(checked: Checked, name: str):
@@ -258,10 +299,23 @@ def _value_range(t: torch.Tensor) -> Interval:
     return MEMO.get(t, "range", tensor_range)
 
 
+def tensor_problem(t: torch.Tensor) -> str | None:
+    """Why attnlang cannot read the values of ``t`` (a phrase after "tensor 'name'"), or None when it can."""
+    if t.is_nested or t.layout != torch.strided:
+        return f"has layout {'nested' if t.is_nested else t.layout}; attnlang reads dense (strided) tensors"
+    if t.is_quantized or t.dtype not in _TENSOR_DTYPES:
+        return (f"has dtype {t.dtype}; attnlang reads bool, uint8, int8/16/32/64 and float16/bfloat16/32/64 "
+                f"tensors")
+    return None
+
+
 def _check_qkv(q, k, v) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise AttnLangError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.is_nested or t.layout != torch.strided:
+            raise AttnLangError(f"{name} has layout {'nested' if t.is_nested else t.layout}; expected a dense "
+                                f"(strided) tensor")
         if t.dim() != 4:
             raise AttnLangError(f"{name} must have 4 dimensions [batch, heads, seq_len, head_dim], got shape "
                                 f"{tuple(t.shape)}")
@@ -271,6 +325,8 @@ def _check_qkv(q, k, v) -> None:
         raise AttnLangError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise AttnLangError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.device.type == "meta":
+        raise AttnLangError("q, k and v are on the meta device, which holds no values")
     B, Hq, Sq, D = q.shape
     Bk, Hkv, Skv, Dk = k.shape
     Bv, Hv, Sv, _ = v.shape
@@ -298,6 +354,25 @@ def _check_scale(scale, head_dim: int) -> float:
     return scale
 
 
+def _plain_scalar(value):
+    """numpy scalars as the Python int, float or bool they hold (so configs stay JSON and equal ones hash alike)."""
+    if type(value) in (bool, int, float):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"):
+        return bool(value)
+    return value
+
+
+def _plain_params(params):
+    if not isinstance(params, Mapping):
+        return params
+    return {name: _plain_scalar(value) for name, value in params.items()}
+
+
 @functools.lru_cache(maxsize=1024)
 def _compile_cached(score: str, mask: str, params: tuple) -> Variant:
     return Variant(score, mask, {name: value for name, (_, value) in params})
@@ -321,6 +396,7 @@ def compile(score: str = "score", mask: str = "True", params: Mapping[str, Any] 
         raise AttnLangError(f"mask must be a string, got {type(mask).__name__}")
     if params is not None and not isinstance(params, Mapping):
         raise AttnLangError(f"params must be a dict of name -> scalar, got {type(params).__name__}")
+    params = _plain_params(params)
     try:
         key = tuple(sorted((k, (type(v).__name__, v)) for k, v in (params or {}).items()))
         hash(key)
@@ -409,4 +485,7 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: Varian
     """
     if not isinstance(variant, Variant):
         raise AttnLangError(f"reference() takes a Variant as its fourth argument, got {type(variant).__name__}")
+    if "backend" in tensors:
+        raise AttnLangError("reference() always runs the eager backend and takes no backend=; call the variant "
+                            "itself to pick one")
     return variant(q, k, v, scale=scale, backend="eager", return_lse=return_lse, **tensors)

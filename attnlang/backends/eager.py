@@ -46,10 +46,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan,
         chunk_size = max(1, min(Sq, _SCORE_BUDGET // max(1, B * Hq * Skv)))
     names = list(tensors)
     values = [tensors[n] for n in names]
+    checked = getattr(plan.variant, "checked", None)
+    source = (checked.sources["score"], checked.score.span) if checked is not None else None  # for error carets
 
     def block(start: int, qc: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, *vals):
         bound = dict(zip(names, vals))
-        return _block(qc, kk, vv, score, mask, start, scale, fd, bound, Sq, Skv, B, Hq, Hkv, guard)
+        return _block(qc, kk, vv, score, mask, start, scale, fd, bound, Sq, Skv, B, Hq, Hkv, guard, source)
 
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *values))
     guard = needs_grad and _may_leak_nan(score, tensors)
@@ -71,11 +73,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan,
     return out, lse.to(torch.float32)
 
 
-def _raise_bad_score(s3: torch.Tensor, start: int):
+def _raise_bad_score(s3: torch.Tensor, start: int, source: tuple | None = None):
     bad = torch.isnan(s3) | (s3 == math.inf)
     b, h, i, j = (int(x) for x in bad.nonzero()[0])
-    raise AttnLangError(f"the score expression gives {float(s3[b, h, i, j])} at b={b}, h={h}, q_idx={start + i}, "
-                        f"kv_idx={j}, an allowed position; scores must be finite or -inf")
+    message = (f"the score expression gives {float(s3[b, h, i, j])} at b={b}, h={h}, q_idx={start + i}, "
+               f"kv_idx={j}, an allowed position; scores must be finite or -inf")
+    if source is None:
+        raise AttnLangError(message)
+    raise AttnLangError.at(message, *source, where="score")  # the caret underlines the score expression
 
 
 # Functions whose derivative stays finite wherever their value is finite; anything else (log, sqrt, exp, ...)
@@ -121,7 +126,8 @@ def _differentiable_scores(score_expr, names, tensors, fd, s3, full, device):
     return torch.full(full, -math.inf, dtype=fd, device=device).masked_scatter(keep, values)
 
 
-def _block(qc, k, v, score_expr, mask_expr, start, scale, fd, tensors, Sq, Skv, B, Hq, Hkv, guard=True):
+def _block(qc, k, v, score_expr, mask_expr, start, scale, fd, tensors, Sq, Skv, B, Hq, Hkv, guard=True,
+           score_source=None):
     rows = qc.shape[2]
     group = Hq // Hkv
     # [B, Hkv, group, rows, D] @ [B, Hkv, 1, D, Skv]: GQA without copying k and v per query head
@@ -142,7 +148,7 @@ def _block(qc, k, v, score_expr, mask_expr, start, scale, fd, tensors, Sq, Skv, 
         m = s3.amax(dim=-1, keepdim=True)
     # amax propagates NaN and +inf, so one small reduction tells whether any allowed score is bad
     if not bool(torch.isfinite(m).logical_or(m == -math.inf).all()):
-        _raise_bad_score(s3, start)
+        _raise_bad_score(s3, start, score_source)
     if grad and not guard:
         s2 = evaluate(score_expr, score_names, tensors, fd, qc.device).to(fd).expand(full)
         s3 = torch.where(allowed, s2, torch.tensor(-math.inf, dtype=fd, device=qc.device))

@@ -50,6 +50,7 @@ from ..intervals import tensor_range
 from ..lower_torch import row_values
 from ..memo import MEMO
 from ..plan import CallPlan
+from ..sparsity import block_sparsity_of
 
 __all__ = ["unsupported", "attention", "kernel_arguments", "cache_dir", "lowering", "Lowering", "OPTIONS"]
 
@@ -295,8 +296,9 @@ def _block_sparse(plan: CallPlan, low: Lowering, device):
     if got is not None:
         _SPARSITY.move_to_end(key)
         return got
-    bs = plan.variant.block_sparsity(plan.q_len, plan.kv_len, batch=key[3], heads=key[4], block_size=_TILE,
-                                     **{n: plan.tensors[n] for n in low.mask_tensors})
+    # the tensors go in as a mapping: a tensor may be named like an argument (batch, device, ...)
+    bs = block_sparsity_of(plan.variant, plan.q_len, plan.kv_len, key[3], key[4], _TILE,
+                           {n: plan.tensors[n] for n in low.mask_tensors})
     fwd, bwd = bs.to_fa4(device=device), bs.to_fa4(device=device, transpose=True)
     _SPARSITY[key] = (fwd, bwd, bool((bs.kind == 1).any()))
     while len(_SPARSITY) > _SPARSITY_SIZE:

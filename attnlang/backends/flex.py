@@ -43,6 +43,7 @@ from ..errors import AttnLangError
 from ..lower_torch import evaluate, row_values
 from ..memo import MEMO
 from ..plan import CallPlan
+from ..sparsity import block_sparsity_of
 
 __all__ = ["attention", "unsupported", "kernel_for", "cache_info", "clear_caches", "BLOCK_SIZE", "FLASH_HEAD_DIMS"]
 
@@ -341,8 +342,9 @@ def _block_mask(q, plan: CallPlan, mask_names: tuple[str, ...], fd):
         return hit
     prepared = _prepare(plan.mask, plan.q_len, plan.kv_len, fd)
     _, mask_mod = _mods(plan.score, prepared, mask_names, tuple(mask_tensors.values()), plan.q_len, plan.kv_len, fd)
-    bs = plan.variant.block_sparsity(plan.q_len, plan.kv_len, plan.batch, plan.q_heads, BLOCK_SIZE,
-                                     **{n: t.detach() for n, t in mask_tensors.items()})
+    # the tensors go in as a mapping: a tensor may be named like an argument (batch, device, ...)
+    bs = block_sparsity_of(plan.variant, plan.q_len, plan.kv_len, plan.batch, plan.q_heads, BLOCK_SIZE,
+                           {n: t.detach() for n, t in mask_tensors.items()})
     bm = bs.to_flex(mask_mod=mask_mod, device=q.device)
     _block_masks[key] = bm
     _stats["block_masks"] += 1
@@ -576,8 +578,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
         # compiled CPU flex returns no lse; the plan said it needs none, so zeros keep the contract's shape
         lse = torch.zeros(B, Hq, Sq, dtype=torch.float32, device=q.device)
         if bool(torch.isnan(out).any()):
-            raise AttnLangError("the score expression gives NaN or +inf at an allowed position; scores must be "
-                                "finite or -inf")
+            raise _bad_score(plan, "the score expression gives NaN or +inf at an allowed position; scores must be "
+                                   "finite or -inf")
         return out, lse
     lse = lse.to(torch.float32)
     if ran == "FLASH":
@@ -590,8 +592,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
     bad = torch.isnan(lse) | (lse == math.inf)
     if bool(bad.any()):
         b, h, i = (int(x) for x in bad.nonzero()[0])
-        raise AttnLangError(f"the score expression gives NaN or +inf at an allowed position in row b={b}, h={h}, "
-                            f"q_idx={i}; scores must be finite or -inf")
+        raise _bad_score(plan, f"the score expression gives NaN or +inf at an allowed position in row b={b}, "
+                               f"h={h}, q_idx={i}; scores must be finite or -inf")
     # rows with no allowed key: out 0 and lse -inf whatever the kernel wrote into out there
     empty = lse == -math.inf
     lse = torch.where(empty, torch.full_like(lse, -math.inf), lse)
@@ -617,6 +619,12 @@ def _lengths_tensor(q_len: int, kv_len: int, dtype, device) -> torch.Tensor:
         while len(_LENGTHS) > 64:
             _LENGTHS.popitem(last=False)
     return t
+
+
+def _bad_score(plan: CallPlan, message: str) -> AttnLangError:
+    """The error for a NaN / +inf score, with the caret under the score expression (as the eager reference)."""
+    checked = plan.variant.checked
+    return AttnLangError.at(message, checked.sources["score"], checked.score.span, where="score")
 
 
 class _NoLseGrad(torch.autograd.Function):
