@@ -56,6 +56,8 @@ class Op(enum.Enum):
 
 ARITHMETIC = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.TRUEDIV, Op.FLOORDIV, Op.MOD, Op.POW})
 COMPARISONS = frozenset({Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE})
+MIRRORED = {Op.LT: Op.GT, Op.LE: Op.GE, Op.GT: Op.LT, Op.GE: Op.LE, Op.EQ: Op.EQ, Op.NE: Op.NE}  # a OP b == b OP' a
+NEGATED = {Op.LT: Op.GE, Op.LE: Op.GT, Op.GT: Op.LE, Op.GE: Op.LT, Op.EQ: Op.NE, Op.NE: Op.EQ}   # ~(a OP b), ints
 LOGICAL = frozenset({Op.AND, Op.OR})
 
 # Built-in integer names and the float `score`; everything else is bound by name.

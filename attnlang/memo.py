@@ -1,6 +1,7 @@
 """TensorMemo: values derived from a tensor (its value range, an int32 copy, a cache-key token), computed once
 while that very tensor object is alive and unmodified, so repeated calls with the same tensors cost no device
-sync. Shared by the call checks and the backends."""
+sync. IdentityMemo: values derived from objects that are costly to hash (bound ASTs), keyed by identity.
+Shared by the call checks and the backends."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections import OrderedDict
 
 import torch
 
-__all__ = ["TensorMemo", "MEMO"]
+__all__ = ["TensorMemo", "MEMO", "IdentityMemo"]
 
 
 class TensorMemo:
@@ -44,3 +45,24 @@ class TensorMemo:
 
 
 MEMO = TensorMemo()
+
+
+class IdentityMemo:
+    """``compute()`` cached per (identity of ``objs``, hashable ``extra``). Hashing a bound expression walks the
+    whole tree, which costs more per call than the lookup; the bound expressions of a variant are the same objects
+    call after call. Each entry keeps its objects alive, so an id is never reused while its entry exists."""
+
+    def __init__(self, size: int = 256):
+        self._entries: dict = {}
+        self._size = size
+
+    def get(self, objs: tuple, extra, compute):
+        key = (tuple(map(id, objs)), extra)
+        hit = self._entries.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], objs)):
+            return hit[1]
+        value = compute()
+        if len(self._entries) >= self._size:
+            self._entries.clear()
+        self._entries[key] = (objs, value)
+        return value

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .ast import Binary, Call, Const, DType, Expr, Op, Var, walk
-from .simplify import affine_form
+from .ast import MIRRORED, Binary, Call, Const, DType, Expr, Op, Var, walk
+from .simplify import affine_difference
 
 __all__ = ["NativeLowering", "recognize"]
 
@@ -85,15 +85,10 @@ def _diagonal_bound(node: Expr):
     (alignment, lo, hi) with lo <= d <= hi (None for unbounded), or None."""
     if not (isinstance(node, Binary) and node.op in (Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ)):
         return None
-    if node.left.dtype is not DType.INT or node.right.dtype is not DType.INT:
+    diff = affine_difference(node.left, node.right)
+    if diff is None:
         return None
-    fa, fb = affine_form(node.left), affine_form(node.right)
-    if fa is None or fb is None:
-        return None
-    coef = dict(fa[0])
-    for k, v in fb[0].items():
-        coef[k] = coef.get(k, 0) - v
-    c = fa[1] - fb[1]   # sum(coef * name) + c  OP  0
+    coef, c = diff   # sum(coef * name) + c  OP  0
     qk = coef.pop("q_idx", 0), coef.pop("kv_idx", 0)
     lens = coef.pop("kv_len", 0), coef.pop("q_len", 0)
     if any(coef.values()) or qk not in ((1, -1), (-1, 1)):
@@ -101,7 +96,7 @@ def _diagonal_bound(node: Expr):
     op = node.op
     if qk == (-1, 1):  # multiply by -1 so the form is q_idx - kv_idx + ...
         lens, c = (-lens[0], -lens[1]), -c
-        op = {Op.LT: Op.GT, Op.LE: Op.GE, Op.GT: Op.LT, Op.GE: Op.LE, Op.EQ: Op.EQ}[op]
+        op = MIRRORED[op]
     # q - kv + a*kv_len + b*q_len + c OP 0; the bottom-right diagonal is d' = q - kv + kv_len - q_len
     if lens == (0, 0):
         alignment = "top_left"

@@ -17,9 +17,10 @@ import math
 import operator
 from dataclasses import dataclass, replace
 
-from .ast import Binary, Call, Const, DType, Expr, Op, Span, Unary, Var, children, names_used, with_children
+from .ast import (MIRRORED, NEGATED, Binary, Call, Const, DType, Expr, Op, Span, Unary, Var, children, names_used,
+                  with_children)
 
-__all__ = ["Simplified", "simplify_variant", "simplify", "rewrite", "affine_form", "Pat", "RULES", "PHASES",
+__all__ = ["Simplified", "simplify_variant", "simplify", "rewrite", "affine_form", "affine_difference", "Pat", "RULES", "PHASES",
            "MAX_PASSES"]
 
 MAX_PASSES = 64          # loop guard of the fixed point
@@ -436,8 +437,7 @@ def not_compare(n, a, b, c):
     if op in (Op.EQ, Op.NE):
         return mk_binary(Op.NE if op is Op.EQ else Op.EQ, a, b, n.span)
     if a.dtype is DType.INT and b.dtype is DType.INT:
-        neg = {Op.LT: Op.GE, Op.LE: Op.GT, Op.GT: Op.LE, Op.GE: Op.LT}[op]
-        return mk_binary(neg, a, b, n.span)
+        return mk_binary(NEGATED[op], a, b, n.span)
     return None
 
 
@@ -516,6 +516,25 @@ def affine_form(node: Expr):
     return {v: c for v, c in coef.items() if c}, const
 
 
+def affine_difference(left: Expr, right: Expr):
+    """``left - right`` as ``(coefficients without zeros, constant)`` when both are integer affine forms, else
+    None: the shape every analysis of an integer comparison starts from (simplifier, patterns, sparsity)."""
+    if left.dtype is not DType.INT or right.dtype is not DType.INT:
+        return None
+    fa, fb = affine_form(left), affine_form(right)
+    if fa is None or fb is None:
+        return None
+    return subtract_affine(fa, fb)
+
+
+def subtract_affine(fa, fb):
+    """The affine form ``fa - fb`` (both from ``affine_form``), zero coefficients dropped."""
+    coef = dict(fa[0])
+    for k, v in fb[0].items():
+        coef[k] = coef.get(k, 0) - v
+    return {k: v for k, v in coef.items() if v}, fa[1] - fb[1]
+
+
 def _linear(terms, span) -> Expr:
     """sum of coef * name, names in canonical order, as a tree of + and - (empty: 0)."""
     out = None
@@ -542,16 +561,10 @@ def affine_compare(n, a, b):
     """An integer comparison of two affine forms -> ``P OP N + k``: the terms with positive coefficients on the
     left, the others on the right with the constant, the first name (q_idx, kv_idx, b, h, q_len, kv_len order)
     on the left; strict orders become non-strict (``x < y`` -> ``x <= y - 1``, ints only)."""
-    if not (a.dtype is DType.INT and b.dtype is DType.INT):
+    diff = affine_difference(a, b)
+    if diff is None:
         return None
-    fa, fb = affine_form(a), affine_form(b)
-    if fa is None or fb is None:
-        return None
-    coef = dict(fa[0])
-    for k, v in fb[0].items():
-        coef[k] = coef.get(k, 0) - v
-    coef = {k: v for k, v in coef.items() if v}
-    c = fa[1] - fb[1]  # a OP b  <=>  sum(coef * name) + c OP 0
+    coef, c = diff  # a OP b  <=>  sum(coef * name) + c OP 0
     if not coef:
         return None  # constant comparisons are folded
     op = n.op
@@ -559,7 +572,7 @@ def affine_compare(n, a, b):
     if coef[order[0]] < 0:  # multiply by -1: flip the order
         coef = {k: -v for k, v in coef.items()}
         c = -c
-        op = {Op.LT: Op.GT, Op.LE: Op.GE, Op.GT: Op.LT, Op.GE: Op.LE, Op.EQ: Op.EQ, Op.NE: Op.NE}[op]
+        op = MIRRORED[op]
     t = -c  # sum(coef * name) OP t
     if max(abs(t) + 1, *(abs(v) for v in coef.values())) >= 1 << 62:
         return None  # near int64's range the run time wraps where Python's ints do not: leave it as written
@@ -593,8 +606,7 @@ def orient_compare(n, a, b):
         swap = _sort_key(a) > _sort_key(b)
     if not swap:
         return None
-    mirror = {Op.LT: Op.GT, Op.LE: Op.GE, Op.GT: Op.LT, Op.GE: Op.LE, Op.EQ: Op.EQ, Op.NE: Op.NE}[n.op]
-    return Binary(mirror, b, a, n.span, DType.BOOL)
+    return Binary(MIRRORED[n.op], b, a, n.span, DType.BOOL)
 
 
 def sort_logic(n):
@@ -756,15 +768,8 @@ def _terms(expr: Expr) -> list[tuple[int, Expr]] | None:
     """The additive terms of ``expr`` with signs, distributing a row-only factor over a sum that mixes row and
     column terms (``a * (kv - q)`` -> ``a * kv - a * q``). None if there is nothing to split."""
     out: list[tuple[int, Expr]] = []
-    stack = [(expr, 1)]
-    while stack:
-        n, s = stack.pop()
-        if isinstance(n, Binary) and n.op in (Op.ADD, Op.SUB):
-            stack.append((n.right, s if n.op is Op.ADD else -s))
-            stack.append((n.left, s))
-        elif isinstance(n, Unary) and n.op is Op.NEG:
-            stack.append((n.operand, -s))
-        elif isinstance(n, Binary) and n.op is Op.MUL and (_row_only(n.left) or _row_only(n.right)):
+    for s, n in _terms_flat(expr):
+        if isinstance(n, Binary) and n.op is Op.MUL and (_row_only(n.left) or _row_only(n.right)):
             factor, other = (n.left, n.right) if _row_only(n.left) else (n.right, n.left)
             inner = _terms_flat(other)
             if _row_only(other) or len(inner) < 2 or not any(_row_only(t) for _, t in inner):

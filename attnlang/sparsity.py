@@ -27,10 +27,12 @@ from typing import Mapping
 
 import torch
 
-from .ast import Binary, Call, Const, DType, Expr, Index, Op, Unary, Var, children, names_used, walk
+from .ast import (COMPARISONS, MIRRORED, NEGATED, Binary, Call, Const, DType, Expr, Index, Op, Unary, Var, children,
+                  names_used, walk)
 from .check import Checked, bind, check_index_bounds, dtype_of_torch
 from .errors import AttnLangError
 from .intervals import BlockKind, Interval, tensor_range
+from .simplify import affine_difference, affine_form, subtract_affine
 
 __all__ = ["BlockKind", "BlockSparsity", "block_sparsity", "block_sparsity_of", "known_exact", "REFINE_BUDGET"]
 
@@ -230,28 +232,15 @@ def block_sparsity_of(variant, q_len: int, kv_len: int, batch: int, heads: int, 
     read as a tensor and never taken for an argument."""
     if not isinstance(refine, bool):
         raise AttnLangError(f"refine must be True or False, got {refine!r}")
-    from .variant import tensor_problem
+    from .variant import check_named_tensor
     q_len, kv_len = _positive("q_len", q_len), _positive("kv_len", kv_len)
     batch, heads = _positive("batch", batch), _positive("heads", heads)
     bq, bk = _as_block_size(block_size)
     checked = variant.checked
     smask = variant.simplified.mask
     wanted = sorted({n.tensor for n in walk(smask) if isinstance(n, Index)})
-    known = set(checked.tensors)
     for name, t in tensors.items():
-        if name not in known:
-            raise AttnLangError(f"tensor {name!r} is given but the variant reads no such tensor (tensors read: "
-                                f"{', '.join(sorted(known)) or 'none'})")
-        if not isinstance(t, torch.Tensor):
-            raise AttnLangError(f"tensor {name!r} must be a torch.Tensor, got {type(t).__name__}")
-        problem = tensor_problem(t)
-        if problem:
-            raise AttnLangError(f"tensor {name!r} {problem}")
-        if t.device.type == "meta":
-            raise AttnLangError(f"tensor {name!r} is on the meta device, which holds no values")
-        if t.dim() != checked.tensors[name]:
-            raise AttnLangError(f"tensor {name!r} has {t.dim()} dimensions (shape {tuple(t.shape)}) but the "
-                                f"expressions index it with {checked.tensors[name]}")
+        check_named_tensor(name, t, checked.tensors)
     for name in wanted:
         if name not in tensors:
             raise AttnLangError(f"the mask reads tensor {name!r}; pass it as {name}=<tensor> to block_sparsity")
@@ -346,65 +335,25 @@ class _Grid:
 # ---------------------------------------------------------------------------------------------------------------
 # the vectorised analysis
 
-_AXIS_VARS = ("b", "h", "q_idx", "kv_idx")
-_FLIP = {Op.LT: Op.GT, Op.LE: Op.GE, Op.GT: Op.LT, Op.GE: Op.LE, Op.EQ: Op.EQ, Op.NE: Op.NE}
 
 
-def _affine(node: Expr):
-    """(coefficients {var: int}, constant int) when ``node`` is an integer affine form of b, h, q_idx, kv_idx
-    (q_len / kv_len count as constants, resolved later), else None. Iterative on + / - chains."""
-    if node.dtype is not DType.INT:
-        return None
-    if isinstance(node, Const):
-        return {}, int(node.value)
-    if isinstance(node, Var):
-        if node.name in ("q_len", "kv_len"):
-            return {node.name: 1}, 0
-        return ({node.name: 1}, 0) if node.name in _AXIS_VARS else None
-    if isinstance(node, Unary) and node.op is Op.NEG:
-        got = _affine(node.operand)
-        return None if got is None else ({k: -v for k, v in got[0].items()}, -got[1])
-    if isinstance(node, Binary) and node.op in (Op.ADD, Op.SUB, Op.MUL):
-        a, b = _affine(node.left), _affine(node.right)
-        if a is None or b is None:
-            return None
-        if node.op is Op.MUL:
-            if not a[0]:
-                a, b = b, a
-            if b[0]:
-                return None  # a product of two variables is not affine
-            return {k: v * b[1] for k, v in a[0].items()}, a[1] * b[1]
-        sign = 1 if node.op is Op.ADD else -1
-        coef = dict(a[0])
-        for k, v in b[0].items():
-            coef[k] = coef.get(k, 0) + sign * v
-        return {k: v for k, v in coef.items() if v}, a[1] + sign * b[1]
-    return None
-
-
-_NEGATE = {Op.LT: Op.GE, Op.LE: Op.GT, Op.GT: Op.LE, Op.GE: Op.LT, Op.EQ: Op.NE, Op.NE: Op.EQ}
-_MIRROR = {Op.LT: Op.GT, Op.LE: Op.GE, Op.GT: Op.LT, Op.GE: Op.LE, Op.EQ: Op.EQ, Op.NE: Op.NE}
 
 
 def _leaf_bound(node: Expr, negated: bool, q_len: int, kv_len: int):
     """An integer affine comparison as ((a, c) of d = a*q_idx + c*kv_idx, lower, upper, other) with
     lower <= d <= upper (None: unbounded), or None when it is not one. ``other``: it also reads b / h, or is !=."""
-    if not (isinstance(node, Binary) and node.op in COMPARE_OPS):
+    if not (isinstance(node, Binary) and node.op in COMPARISONS):
         return None
-    if node.left.dtype is not DType.INT or node.right.dtype is not DType.INT:
+    diff = affine_difference(node.left, node.right)
+    if diff is None:
         return None
-    a, b = _affine(node.left), _affine(node.right)
-    if a is None or b is None:
-        return None
-    coef = dict(a[0])
-    for k, v in b[0].items():
-        coef[k] = coef.get(k, 0) - v
-    c = a[1] - b[1] + coef.pop("q_len", 0) * q_len + coef.pop("kv_len", 0) * kv_len
+    coef, c = diff
+    c += coef.pop("q_len", 0) * q_len + coef.pop("kv_len", 0) * kv_len
     other = bool(coef.get("b") or coef.get("h"))
     form = (coef.get("q_idx", 0), coef.get("kv_idx", 0))
-    op = _NEGATE[node.op] if negated else node.op
+    op = NEGATED[node.op] if negated else node.op
     if next((x for x in form if x), 0) < 0:  # a <= d and d < c are one form seen from both sides
-        form, c, op = (-form[0], -form[1]), -c, _MIRROR[op]
+        form, c, op = (-form[0], -form[1]), -c, MIRRORED[op]
     t = -c  # d OP t
     bounds = {Op.GE: (t, None), Op.GT: (t + 1, None), Op.LE: (None, t), Op.LT: (None, t - 1), Op.EQ: (t, t),
               Op.NE: (None, None)}[op]
@@ -465,7 +414,7 @@ class _Analysis:
             node, expanded = stack.pop()
             if id(node) in done:
                 continue
-            if isinstance(node, Binary) and node.op in COMPARE_OPS and self._affine_pair(node) is not None:
+            if isinstance(node, Binary) and node.op in COMPARISONS and self._affine_pair(node) is not None:
                 k = self._affine_compare(node)
                 done[id(node)] = k
                 if track_sure:
@@ -497,7 +446,7 @@ class _Analysis:
     def _affine_pair(self, node: Binary):
         if node.left.dtype is not DType.INT or node.right.dtype is not DType.INT:
             return None
-        a, b = _affine(node.left), _affine(node.right)
+        a, b = affine_form(node.left), affine_form(node.right)
         if a is None or b is None:
             return None
         # int64 arithmetic is exact modulo 2^64, so each side is exact when its true value fits; past that the
@@ -505,11 +454,9 @@ class _Analysis:
         top = max(self.g.q_len, self.g.kv_len, self.g.B, self.g.H)
         if any(abs(f[1]) + sum(abs(v) for v in f[0].values()) * top >= 2 ** 52 for f in (a, b)):
             return None
-        coef = dict(a[0])
-        for k, v in b[0].items():
-            coef[k] = coef.get(k, 0) - v
-        c = a[1] - b[1] + coef.pop("q_len", 0) * self.g.q_len + coef.pop("kv_len", 0) * self.g.kv_len
-        return {k: v for k, v in coef.items() if v}, c
+        coef, c = subtract_affine(a, b)
+        c += coef.pop("q_len", 0) * self.g.q_len + coef.pop("kv_len", 0) * self.g.kv_len
+        return coef, c
 
     def _affine_compare(self, node: Binary) -> torch.Tensor:
         """left - right = sum(coef * var) + c; its exact min and max over the block split into a part varying
@@ -573,7 +520,7 @@ class _Analysis:
                 return _kmin(x, y)
             if node.op is Op.OR:
                 return _kmax(x, y)
-            if node.op in COMPARE_OPS:
+            if node.op in COMPARISONS:
                 return self._compare(node, x, y)
             return _f32_overflow(node, _arith(node, x, y))
         return _f32_overflow(node, self._call(node, kids))
@@ -603,7 +550,7 @@ class _Analysis:
                                       for v in (xlo, xhi, ylo, yhi))
         op = node.op
         if op in (Op.GT, Op.GE):
-            op = _FLIP[op]
+            op = MIRRORED[op]
             xlo, xhi, ylo, yhi = ylo, yhi, xlo, xhi
         if op is Op.LT:
             full, some = _lt(_add_s(xhi, m), ylo), _lt(_add_s(xlo, -m), yhi)
@@ -744,7 +691,6 @@ class _Analysis:
         return (lo, hi, False)
 
 
-COMPARE_OPS = frozenset({Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE})
 
 
 def _sure_of(node: Expr, kinds: list, sures: list):

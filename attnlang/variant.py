@@ -14,7 +14,7 @@ from .ast import DType, names_used, walk, Index
 from .check import Checked, bind, check, check_index_bounds, dtype_of_torch
 from .errors import AttnLangError
 from .intervals import Interval, bounds, tensor_range
-from .memo import MEMO
+from .memo import MEMO, IdentityMemo
 from .plan import CallPlan
 from .printer import to_source
 from .simplify import Simplified, simplify_variant
@@ -177,12 +177,9 @@ class Variant:
         }
         env.update({n: _value_range(t) for n, t in tensors.items()})
         shapes = {n: tuple(t.shape) for n, t in tensors.items()}
-        bounds_key = (id(bound_original), tuple(env.items()), tuple(shapes.items()))
-        if _BOUNDS_OK.get(bounds_key) is not bound_original:  # the interval walk costs ~0.1 ms per call
-            check_index_bounds(bound_original, env, shapes)
-            if len(_BOUNDS_OK) > 1024:
-                _BOUNDS_OK.clear()
-            _BOUNDS_OK[bounds_key] = bound_original
+        # the interval walk costs ~0.1 ms per call: once per bound expressions, sizes and value ranges
+        _BOUNDS_OK.get((bound_original,), (tuple(env.items()), tuple(shapes.items())),
+                       lambda: check_index_bounds(bound_original, env, shapes))
         score = bound_simple.score
         if bound_shift is not None and not _finite_rows(bound_shift, env, q, B, Hq, Sq, Skv, tensors):
             # A row term that is not finite masks its whole row: dropping it would change the result.
@@ -220,20 +217,7 @@ class Variant:
     def _check_tensors(self, tensors: Mapping[str, Any], device) -> None:
         wanted = self._checked.tensors
         for name, t in tensors.items():
-            if name not in wanted:
-                used = ", ".join(sorted(wanted)) or "none"
-                raise AttnLangError(f"tensor {name!r} is given but neither expression reads it (tensors read: "
-                                    f"{used})")
-            if not isinstance(t, torch.Tensor):
-                raise AttnLangError(f"tensor {name!r} must be a torch.Tensor, got {type(t).__name__}")
-            problem = tensor_problem(t)
-            if problem:
-                raise AttnLangError(f"tensor {name!r} {problem}")
-            if t.device != device:
-                raise AttnLangError(f"tensor {name!r} is on {t.device} but q is on {device}")
-            if t.dim() != wanted[name]:
-                raise AttnLangError(f"tensor {name!r} has {t.dim()} dimensions (shape {tuple(t.shape)}) but the "
-                                    f"expressions index it with {wanted[name]}")
+            check_named_tensor(name, t, wanted, device)
         for name in sorted(wanted):
             if name not in tensors:
                 where, node = _first_read(self._checked, name)
@@ -291,7 +275,7 @@ def _finite_rows(shift, env, q, B, Hq, Sq, Skv, tensors) -> bool:
     return bool(torch.isfinite(val).all())
 
 
-_BOUNDS_OK: dict = {}  # (bound expressions, sizes and value ranges) that passed check_index_bounds
+_BOUNDS_OK = IdentityMemo(1024)  # (bound expressions, sizes and value ranges) that passed check_index_bounds
 
 
 def _value_range(t: torch.Tensor) -> Interval:
@@ -299,14 +283,28 @@ def _value_range(t: torch.Tensor) -> Interval:
     return MEMO.get(t, "range", tensor_range)
 
 
-def tensor_problem(t: torch.Tensor) -> str | None:
-    """Why attnlang cannot read the values of ``t`` (a phrase after "tensor 'name'"), or None when it can."""
+def check_named_tensor(name: str, t, wanted: Mapping[str, int], device=None) -> None:
+    """Raise AttnLangError unless ``t`` can be bound to ``name``: a tensor the expressions read (``wanted``: name
+    -> number of indices), of a dtype and layout attnlang reads, on ``device`` (q's, for a call; any for
+    ``block_sparsity``) and not on the meta device, with as many dimensions as the expressions index."""
+    if name not in wanted:
+        used = ", ".join(sorted(wanted)) or "none"
+        raise AttnLangError(f"tensor {name!r} is given but neither expression reads it (tensors read: {used})")
+    if not isinstance(t, torch.Tensor):
+        raise AttnLangError(f"tensor {name!r} must be a torch.Tensor, got {type(t).__name__}")
     if t.is_nested or t.layout != torch.strided:
-        return f"has layout {'nested' if t.is_nested else t.layout}; attnlang reads dense (strided) tensors"
+        raise AttnLangError(f"tensor {name!r} has layout {'nested' if t.is_nested else t.layout}; attnlang reads "
+                            f"dense (strided) tensors")
     if t.is_quantized or t.dtype not in _TENSOR_DTYPES:
-        return (f"has dtype {t.dtype}; attnlang reads bool, uint8, int8/16/32/64 and float16/bfloat16/32/64 "
-                f"tensors")
-    return None
+        raise AttnLangError(f"tensor {name!r} has dtype {t.dtype}; attnlang reads bool, uint8, int8/16/32/64 and "
+                            f"float16/bfloat16/32/64 tensors")
+    if device is not None and t.device != device:
+        raise AttnLangError(f"tensor {name!r} is on {t.device} but q is on {device}")
+    if t.device.type == "meta":
+        raise AttnLangError(f"tensor {name!r} is on the meta device, which holds no values")
+    if t.dim() != wanted[name]:
+        raise AttnLangError(f"tensor {name!r} has {t.dim()} dimensions (shape {tuple(t.shape)}) but the "
+                            f"expressions index it with {wanted[name]}")
 
 
 def _check_qkv(q, k, v) -> None:

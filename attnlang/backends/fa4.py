@@ -48,7 +48,7 @@ from ..ast import Const, Expr, Index, Var, names_used, walk
 from ..errors import AttnLangError
 from ..intervals import tensor_range
 from ..lower_torch import row_values
-from ..memo import MEMO
+from ..memo import MEMO, IdentityMemo
 from ..plan import CallPlan
 from ..sparsity import block_sparsity_of
 
@@ -185,26 +185,20 @@ def _lowering_cached(score: Expr, mask: Expr, dtypes: tuple, q_len: int, kv_len:
                     score_tensors, native)
 
 
-_READS: dict = {}
+_READS = IdentityMemo()
 
 
 def _bakeable_reads(score: Expr, mask: Expr) -> dict:
-    """tensor name -> whether every read of it is indexed by b, h and constants only (cached per AST object:
-    the bound expressions of a variant are the same objects call after call)."""
-    key = (id(score), id(mask))
-    hit = _READS.get(key)
-    if hit is not None and hit[0] is score and hit[1] is mask:
-        return hit[2]
-    reads: dict = {}
-    for expr in (score, mask):
-        for node in walk(expr):
-            if isinstance(node, Index):
-                ok = all(names_used(i) <= {"b", "h"} for i in node.indices)
-                reads[node.tensor] = reads.get(node.tensor, True) and ok
-    if len(_READS) > 256:
-        _READS.clear()
-    _READS[key] = (score, mask, reads)
-    return reads
+    """tensor name -> whether every read of it is indexed by b, h and constants only (cached per AST object)."""
+    def compute():
+        reads: dict = {}
+        for expr in (score, mask):
+            for node in walk(expr):
+                if isinstance(node, Index):
+                    ok = all(names_used(i) <= {"b", "h"} for i in node.indices)
+                    reads[node.tensor] = reads.get(node.tensor, True) and ok
+        return reads
+    return _READS.get((score, mask), None, compute)
 
 
 def _tables(plan: CallPlan) -> tuple:
@@ -232,7 +226,7 @@ def _tables(plan: CallPlan) -> tuple:
     return tuple(out)
 
 
-_LOWERED: dict = {}
+_LOWERED = IdentityMemo()
 
 
 def lowering(plan: CallPlan) -> Lowering:
@@ -240,16 +234,10 @@ def lowering(plan: CallPlan) -> Lowering:
     dtypes = tuple(sorted((n, str(t.dtype)) for n, t in plan.tensors.items()))
     fastmath, window_flags = _option(plan, "fastmath"), _option(plan, "window_flags")
     tables = _tables(plan)
-    # a first, identity-keyed level: hashing the AST (recursively) on every call costs more than the lookup
-    key = (id(plan.score), id(plan.mask), dtypes, plan.q_len, plan.kv_len, fastmath, tables, window_flags)
-    hit = _LOWERED.get(key)
-    if hit is not None and hit[0] is plan.score and hit[1] is plan.mask:
-        return hit[2]
-    low = _lowering_cached(plan.score, plan.mask, dtypes, plan.q_len, plan.kv_len, fastmath, tables, window_flags)
-    if len(_LOWERED) > 256:
-        _LOWERED.clear()
-    _LOWERED[key] = (plan.score, plan.mask, low)
-    return low
+    # identity-keyed in front of _lowering_cached's lru_cache, which hashes the ASTs
+    extra = (dtypes, plan.q_len, plan.kv_len, fastmath, tables, window_flags)
+    return _LOWERED.get((plan.score, plan.mask), extra, lambda: _lowering_cached(
+        plan.score, plan.mask, dtypes, plan.q_len, plan.kv_len, fastmath, tables, window_flags))
 
 
 # ----- generated modules -----

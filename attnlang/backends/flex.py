@@ -41,7 +41,7 @@ import torch
 from ..ast import Binary, Const, DType, Expr, Index, Op, Var, children, names_used, walk, with_children
 from ..errors import AttnLangError
 from ..lower_torch import evaluate, row_values
-from ..memo import MEMO
+from ..memo import MEMO, IdentityMemo
 from ..plan import CallPlan
 from ..sparsity import block_sparsity_of
 
@@ -93,29 +93,23 @@ def _flash_importable() -> bool:
 
 
 _INT32 = (-(1 << 31), (1 << 31) - 1)
-_INT32_OK: dict = {}
+_INT32_OK = IdentityMemo()
 
 
 def _ints_fit_int32(plan: CallPlan) -> bool:
     """Whether every int value of the score and mask provably fits in int32 for this call (interval analysis over
     plan.value_ranges): then the mods compute ints in int32, which the FLASH kernel's code generator requires (it
     cannot store int64). Cached per bound expressions and value ranges."""
-    key = (id(plan.score), id(plan.mask), tuple(plan.value_ranges.items()))
-    hit = _INT32_OK.get(key)
-    if hit is not None and hit[0] is plan.score and hit[1] is plan.mask:
-        return hit[2]
-    from ..intervals import bounds
-    ok = True
-    for expr in (plan.score, plan.mask):
-        for node in walk(expr):
-            if node.dtype is DType.INT:
-                r = bounds(node, plan.value_ranges)
-                if not (_INT32[0] <= r.lo and r.hi <= _INT32[1]):
-                    ok = False
-    if len(_INT32_OK) > 256:
-        _INT32_OK.clear()
-    _INT32_OK[key] = (plan.score, plan.mask, ok)
-    return ok
+    def compute():
+        from ..intervals import bounds
+        for expr in (plan.score, plan.mask):
+            for node in walk(expr):
+                if node.dtype is DType.INT:
+                    r = bounds(node, plan.value_ranges)
+                    if not (_INT32[0] <= r.lo and r.hi <= _INT32[1]):
+                        return False
+        return True
+    return _INT32_OK.get((plan.score, plan.mask), tuple(plan.value_ranges.items()), compute)
 
 
 @functools.lru_cache(maxsize=1)
