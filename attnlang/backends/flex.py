@@ -542,8 +542,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
         fn, any_length = _callable(q, kk, vv, plan, names, named, fd, kern, compiled, want_lse or not compiled, bm)
         lengths = None
         if any_length:
-            int_dtype = torch.int32 if kern == "FLASH" and _ints_fit_int32(plan) else torch.int64
-            lengths = _lengths_tensor(plan.q_len, plan.kv_len, int_dtype, q.device)
+            lengths = _lengths_tensor(plan.q_len, plan.kv_len, q.device)
             _mark_lengths_dynamic((plan.q_len, plan.kv_len), q, kk, vv, _block_tensors(bm), named)
         with warnings.catch_warnings():
             # the unfused path warns that it is unfused, and return_lse is deprecated on newer torch
@@ -601,13 +600,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
 _LENGTHS: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
 
 
-def _lengths_tensor(q_len: int, kv_len: int, dtype, device) -> torch.Tensor:
-    """[q_len, kv_len] as a device tensor, kept for reuse (decoding asks for each kv_len once); built with fill
-    kernels, so no host-device sync."""
-    key = (q_len, kv_len, dtype, str(device))
+def _lengths_tensor(q_len: int, kv_len: int, device) -> torch.Tensor:
+    """[q_len, kv_len] as an int64 device tensor (graphs for every length never run on FLASH, so their ints are
+    int64), kept for reuse (decoding asks for each kv_len once); built with fill kernels: no host-device sync."""
+    key = (q_len, kv_len, str(device))
     t = _LENGTHS.get(key)
     if t is None:
-        t = torch.full((2,), q_len, dtype=dtype, device=device)
+        t = torch.full((2,), q_len, dtype=torch.int64, device=device)
         t[1:].fill_(kv_len)
         _LENGTHS[key] = t
         while len(_LENGTHS) > 64:
