@@ -15,8 +15,26 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from .ast import (ARITHMETIC, BUILTIN_VARS, COMPARISONS, FUNCTIONS, LOGICAL, Binary, Call, Const, DType, Expr,
-                  Index, Op, Unary, Var, children, const, walk, with_children)
+from .ast import (
+    ARITHMETIC,
+    BUILTIN_VARS,
+    COMPARISONS,
+    FUNCTIONS,
+    LOGICAL,
+    Binary,
+    Call,
+    Const,
+    DType,
+    Expr,
+    Index,
+    Op,
+    Unary,
+    Var,
+    children,
+    const,
+    walk,
+    with_children,
+)
 from .errors import AttnLangError
 from .intervals import Interval, bounds
 from .parse import parse

@@ -128,6 +128,7 @@ def _examples():
 def allowed_fraction(variant, q_len: int, kv_len: int, batch: int, heads: int, **tensors) -> float:
     """Exact fraction of (b, h, q, kv) positions the simplified mask allows (evaluated in row chunks)."""
     import torch
+
     from .ast import names_used
     from .check import dtype_of_torch
     from .lower_torch import evaluate, positions
@@ -148,6 +149,7 @@ def allowed_fraction(variant, q_len: int, kv_len: int, batch: int, heads: int, *
 
 def cmd_demo(args) -> int:
     import torch
+
     from .backends import select
     from .variant import reference
     torch.manual_seed(0)

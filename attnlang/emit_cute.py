@@ -278,7 +278,8 @@ class _Printer:
     def _emit_Call(self, n: Call) -> str:
         f, args, dt = n.func, n.args, n.dtype
         if f == "where":
-            return f"cute.where({self.value(args[0], DType.BOOL)}, {self.value(args[1], dt)}, {self.value(args[2], dt)})"
+            cond, a, b = self.value(args[0], DType.BOOL), self.value(args[1], dt), self.value(args[2], dt)
+            return f"cute.where({cond}, {a}, {b})"
         if f == "float":
             return self.value(args[0], DType.FLOAT)
         if f == "int":

@@ -12,8 +12,8 @@ import math
 from importlib import resources
 
 from lark import Lark, v_args
-from lark.visitors import Transformer_NonRecursive
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+from lark.visitors import Transformer_NonRecursive
 
 from .ast import Binary, Call, Const, DType, Index, Op, Span, Unary, Var, depth
 from .errors import AttnLangError
@@ -123,7 +123,7 @@ def _pair_span(lhs, rhs) -> Span | None:
 
 @functools.lru_cache(maxsize=1)
 def _parser() -> Lark:
-    grammar = resources.files("attnlang").joinpath("grammar/attnlang.lark").read_text()
+    grammar = resources.files("attnlang.grammar").joinpath("attnlang.lark").read_text()
     return Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True)
 
 

@@ -17,11 +17,25 @@ import math
 import operator
 from dataclasses import dataclass, replace
 
-from .ast import (MIRRORED, NEGATED, Binary, Call, Const, DType, Expr, Op, Span, Unary, Var, children, names_used,
-                  with_children)
+from .ast import (
+    MIRRORED,
+    NEGATED,
+    Binary,
+    Call,
+    Const,
+    DType,
+    Expr,
+    Op,
+    Span,
+    Unary,
+    Var,
+    children,
+    names_used,
+    with_children,
+)
 
-__all__ = ["Simplified", "simplify_variant", "simplify", "rewrite", "affine_form", "affine_difference", "Pat", "RULES", "PHASES",
-           "MAX_PASSES"]
+__all__ = ["Simplified", "simplify_variant", "simplify", "rewrite", "affine_form", "affine_difference", "Pat", "RULES",
+           "PHASES", "MAX_PASSES"]
 
 MAX_PASSES = 64          # loop guard of the fixed point
 _INT64 = (-(1 << 63), (1 << 63) - 1)

@@ -27,8 +27,23 @@ from typing import Mapping
 
 import torch
 
-from .ast import (COMPARISONS, MIRRORED, NEGATED, Binary, Call, Const, DType, Expr, Index, Op, Unary, Var, children,
-                  names_used, walk)
+from .ast import (
+    COMPARISONS,
+    MIRRORED,
+    NEGATED,
+    Binary,
+    Call,
+    Const,
+    DType,
+    Expr,
+    Index,
+    Op,
+    Unary,
+    Var,
+    children,
+    names_used,
+    walk,
+)
 from .check import Checked, bind, check_index_bounds, dtype_of_torch
 from .errors import AttnLangError
 from .intervals import BlockKind, Interval, tensor_range

@@ -44,7 +44,8 @@ from .ast import DType, Index, walk
 from .check import bind
 from .errors import AttnLangError
 from .intervals import Interval, bounds
-from .variant import Variant, compile as compile_variant
+from .variant import Variant
+from .variant import compile as compile_variant
 
 __all__ = ["Shape", "variants", "shapes", "tensors_for", "make_qkv", "assert_backends_agree", "TOLERANCES",
            "ODD_LENGTHS", "TENSOR_POOL", "LANGUAGE_EXAMPLES", "language_examples"]

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .ast import DType, names_used, walk, Index
+from .ast import DType, Index, names_used, walk
 from .check import Checked, bind, check, check_index_bounds, dtype_of_torch
 from .errors import AttnLangError
 from .intervals import Interval, bounds, tensor_range

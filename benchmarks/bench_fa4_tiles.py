@@ -108,7 +108,7 @@ def main(argv=None):
                 except Exception as e:
                     row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 print(f"[round {rnd + 1}] {name:15s} {config:14s} {row}", flush=True)
-    for name, rows in results.items():
+    for _name, rows in results.items():
         for row in rows.values():
             xs = sorted(row["fwd_ms_samples"])
             if xs:
@@ -121,7 +121,7 @@ def main(argv=None):
     lines = [f"# FA4 forward tile configurations, {doc['device']}, B,H,S,D = {tuple(args.shape)} bf16", "",
              f"Median of {args.rounds} rounds (rotated order) of do_bench medians, ms; blank: not run or wrong.", "",
              "| variant | " + " | ".join(args.configs) + " |", "|---" * (len(args.configs) + 1) + "|"]
-    for name, rows in results.items():
+    for _name, rows in results.items():
         cells = [f"{rows[c]['fwd_ms']:.3f}" if "fwd_ms" in rows.get(c, {}) else rows.get(c, {}).get("error", "")[:40]
                  for c in args.configs]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

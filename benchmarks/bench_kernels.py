@@ -328,8 +328,8 @@ def main(argv=None):
                          "own first call of attnlang_fa4 is the second-process (cached) first call")
     ap.add_argument("--first-only", help=argparse.SUPPRESS)  # worker mode: a JSON list of [variant, contender]
     args = ap.parse_args(argv)
-    from tqdm import tqdm
     import torch._dynamo
+    from tqdm import tqdm
     torch._dynamo.config.recompile_limit = 1000
     torch._dynamo.config.cache_size_limit = 1000
     if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):

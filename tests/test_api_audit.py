@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import attnlang as al
 from attnlang import AttnLangError
@@ -57,7 +59,6 @@ def test_explain_with_huge_lengths_still_explains():
 
 # ----- block sparsity: soundness against a brute-force dense mask of the UNSIMPLIFIED expression -----
 
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 _INT_LEAVES = ["q_idx", "kv_idx", "b", "h", "q_len", "kv_len", "doc[b, q_idx]", "doc[b, kv_idx]", "hoff[h]",
                "pos[kv_idx]"]

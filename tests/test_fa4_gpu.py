@@ -6,7 +6,6 @@ bf16 inputs; tolerances are those of a bf16 attention kernel (relative Frobenius
 """
 
 import importlib
-import math
 import pkgutil
 
 import pytest
@@ -215,6 +214,7 @@ def test_generated_variants():
     """Random well-typed variants (attnlang.testing's strategy) on random odd shapes: fa4 against eager with
     attnlang.testing.assert_backends_agree (out, lse, and gradients of out and lse to q, k, v)."""
     from hypothesis import HealthCheck, assume, given, settings
+
     from attnlang.backends import fa4
     from attnlang.errors import AttnLangError
     from attnlang.testing import assert_backends_agree, make_qkv, shapes, tensors_for, variants

@@ -13,8 +13,16 @@ from hypothesis import HealthCheck, Phase, given, settings
 
 import attnlang as al
 from attnlang.backends import flex
-from attnlang.testing import (LANGUAGE_EXAMPLES, Shape, assert_backends_agree, language_examples, make_qkv,
-                              shapes, tensors_for, variants)
+from attnlang.testing import (
+    LANGUAGE_EXAMPLES,
+    Shape,
+    assert_backends_agree,
+    language_examples,
+    make_qkv,
+    shapes,
+    tensors_for,
+    variants,
+)
 
 SHAPES = [
     Shape(2, 4, 2, 45, 97, 16),    # GQA, q_len < kv_len, odd lengths

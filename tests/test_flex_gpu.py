@@ -11,8 +11,16 @@ import torch
 
 import attnlang as al
 from attnlang.backends import flex
-from attnlang.testing import (LANGUAGE_EXAMPLES, Shape, assert_backends_agree, language_examples, make_qkv,
-                              shapes, tensors_for, variants)
+from attnlang.testing import (
+    LANGUAGE_EXAMPLES,
+    Shape,
+    assert_backends_agree,
+    language_examples,
+    make_qkv,
+    shapes,
+    tensors_for,
+    variants,
+)
 
 pytestmark = pytest.mark.gpu
 

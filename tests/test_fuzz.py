@@ -3,7 +3,8 @@
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import attnlang as al
 from attnlang.parse import MAX_DEPTH, MAX_LENGTH

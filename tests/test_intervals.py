@@ -3,7 +3,8 @@
 import math
 
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from attnlang.check import bind, check
 from attnlang.intervals import BOOL, FALSE, TOP, TRUE, Interval, bounds

@@ -3,7 +3,8 @@
 import math
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from attnlang.ast import Binary, Call, Const, DType, Index, Op, Unary, Var
 from attnlang.parse import parse

@@ -11,7 +11,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 import attnlang as al
 from attnlang.parse import parse
@@ -332,4 +333,5 @@ def test_eager_gradients_equal_dense_float64(score, mask, lengths, seed):
     for name, x, w in zip("q k v tf".split(), got, want):
         assert torch.isfinite(x).all(), name
         # lse comes back in float32, so its share of the gradient is float32-accurate
-        torch.testing.assert_close(x, w, rtol=1e-5, atol=1e-5, msg=lambda m: f"d{name}: {score[0]!r} {mask[0]!r}\n{m}")
+        torch.testing.assert_close(x, w, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m, name=name: f"d{name}: {score[0]!r} {mask[0]!r}\n{m}")

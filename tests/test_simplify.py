@@ -5,7 +5,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import attnlang as al
 from attnlang.ast import Binary, Const, DType, Op, Var, names_used

@@ -4,7 +4,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 import attnlang as al
 from attnlang.ast import names_used

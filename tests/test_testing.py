@@ -8,8 +8,17 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 import attnlang as al
-from attnlang.testing import (LANGUAGE_EXAMPLES, TENSOR_POOL, Shape, assert_backends_agree, language_examples,
-                              make_qkv, shapes, tensors_for, variants)
+from attnlang.testing import (
+    LANGUAGE_EXAMPLES,
+    TENSOR_POOL,
+    Shape,
+    assert_backends_agree,
+    language_examples,
+    make_qkv,
+    shapes,
+    tensors_for,
+    variants,
+)
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 

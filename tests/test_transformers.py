@@ -12,11 +12,18 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from transformers import (  # noqa: E402
+    AttentionInterface,  # noqa: E402
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
 import attnlang as al  # noqa: E402
 import attnlang.integrations.transformers as alt  # noqa: E402
-from transformers import (Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM,  # noqa: E402
-                          Qwen2Config, Qwen2ForCausalLM)
-from transformers import AttentionInterface  # noqa: E402
 
 alt.register()
 

@@ -36,7 +36,8 @@ from ..ast import Var, children, with_children
 from ..errors import AttnLangError
 from ..parse import parse
 from ..printer import to_source
-from ..variant import BACKENDS, Variant, compile as al_compile, from_config
+from ..variant import BACKENDS, Variant, from_config
+from ..variant import compile as al_compile
 
 __all__ = ["NAME", "register", "attention_forward", "mask_interface", "bind_tensors", "layer_variant"]
 

@@ -78,7 +78,8 @@ def _check_options(options) -> str | None:
                 f"{', '.join(OPTIONS)}")
     bad = sorted(k for k, val in options.items() if not isinstance(val, bool))
     if bad:
-        return f"kernel_options for backend 'fa4' take True or False; got {', '.join(f'{k}={options[k]!r}' for k in bad)}"
+        got = ", ".join(f"{k}={options[k]!r}" for k in bad)
+        return f"kernel_options for backend 'fa4' take True or False; got {got}"
     return None
 
 

@@ -118,6 +118,7 @@ def _flash_lse_scaled_by_ln2() -> bool:
     the FLASH kernel's, which is already natural-log (seen on the H200: lse = true lse x 0.693); later versions
     know which kernels return base-2 statistics (``stats_are_log2``). True where the FLASH lse must be undone."""
     import inspect
+
     import torch.nn.attention.flex_attention as flex_module
     try:
         return "stats_are_log2" not in inspect.getsource(flex_module)

@@ -8,6 +8,7 @@ each chunk is recomputed in the backward pass (activation checkpointing), so mem
 from __future__ import annotations
 
 import math
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
