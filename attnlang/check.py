@@ -39,7 +39,8 @@ from .errors import AttnLangError
 from .intervals import Interval, bounds
 from .parse import parse
 
-__all__ = ["Checked", "check", "bind", "check_index_bounds", "CALL_KEYWORDS", "RESERVED_NAMES", "dtype_of_torch"]
+__all__ = ["Checked", "check", "bind", "check_index_bounds", "check_named_tensor", "CALL_KEYWORDS", "RESERVED_NAMES",
+           "dtype_of_torch"]
 
 # Keywords of Variant.__call__ and al.reference; they can never name a scalar or a tensor.
 CALL_KEYWORDS = ("scale", "backend", "return_lse", "kernel_options")
@@ -81,6 +82,33 @@ def dtype_of_torch(t) -> DType | None:
     if t.is_complex:
         return None
     return DType.INT
+
+
+def check_named_tensor(name: str, t, wanted: Mapping[str, int], device=None) -> None:
+    """Raise AttnLangError unless ``t`` can be bound to ``name``: a tensor the expressions read (``wanted``: name
+    -> number of indices), of a dtype and layout attnlang reads, on ``device`` (q's, for a call; any for
+    ``block_sparsity``) and not on the meta device, with as many dimensions as the expressions index."""
+    import torch
+    if name not in wanted:
+        used = ", ".join(sorted(wanted)) or "none"
+        raise AttnLangError(f"tensor {name!r} is given but neither expression reads it (tensors read: {used})")
+    if not isinstance(t, torch.Tensor):
+        raise AttnLangError(f"tensor {name!r} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_nested or t.layout != torch.strided:
+        raise AttnLangError(f"tensor {name!r} has layout {'nested' if t.is_nested else t.layout}; attnlang reads "
+                            f"dense (strided) tensors")
+    readable = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
+                torch.bfloat16, torch.float32, torch.float64)
+    if t.is_quantized or t.dtype not in readable:
+        raise AttnLangError(f"tensor {name!r} has dtype {t.dtype}; attnlang reads bool, uint8, int8/16/32/64 and "
+                            f"float16/bfloat16/32/64 tensors")
+    if device is not None and t.device != device:
+        raise AttnLangError(f"tensor {name!r} is on {t.device} but q is on {device}")
+    if t.device.type == "meta":
+        raise AttnLangError(f"tensor {name!r} is on the meta device, which holds no values")
+    if t.dim() != wanted[name]:
+        raise AttnLangError(f"tensor {name!r} has {t.dim()} dimensions (shape {tuple(t.shape)}) but the "
+                            f"expressions index it with {wanted[name]}")
 
 
 def _param_const(name: str, value) -> Const:

@@ -1,27 +1,24 @@
-"""Variant.explain(): what attnlang knows about a variant, as text."""
+"""What attnlang knows about a variant, as text: the report behind ``Variant.explain()``, built from the variant's
+parts (sources, checked and simplified expressions), so this stage never needs the Variant itself."""
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+from typing import Mapping
 
-from .ast import DType, Index, names_used, walk
+from .ast import Const, DType, Index, names_used, walk
+from .check import Checked
 from .errors import AttnLangError
+from .patterns import recognize
 from .printer import to_source
-
-if TYPE_CHECKING:
-    from .variant import Variant
+from .simplify import Simplified
+from .sparsity import known_exact, mask_block_sparsity, positive_int
 
 __all__ = ["explain"]
 
 
-def _native(variant: "Variant") -> str | None:
-    try:
-        from .patterns import recognize
-    except ImportError:
-        return None
-    s = variant.simplified
-    return recognize(s.score, s.mask).description()
+def _native(simplified: Simplified) -> str | None:
+    return recognize(simplified.score, simplified.mask).description()
 
 
 def _depends(expr) -> str:
@@ -31,7 +28,6 @@ def _depends(expr) -> str:
 
 def _sparsity_class(mask) -> str:
     """What kind of block structure the simplified mask has, without lengths."""
-    from .ast import Const
     if isinstance(mask, Const):
         return ("dense: every pair attends (no block is skipped)" if mask.value else
                 "empty: no pair attends (every row gives out = 0, lse = -inf)")
@@ -40,7 +36,6 @@ def _sparsity_class(mask) -> str:
     if any(isinstance(n, Index) for n in walk(mask)):
         return ("data-dependent: blocks are classified from the values of the tensors the mask reads, per call"
                 + heads)
-    from .sparsity import known_exact
     if known_exact(mask):
         return "static, exact: block kinds follow from the lengths alone (affine in the positions)" + heads
     return "static: block kinds follow from the lengths; partial blocks are refined by evaluation" + heads
@@ -67,22 +62,27 @@ def _auto_policy() -> str:
     return "; ".join(lines)
 
 
-def explain(variant: "Variant", q_len: int | None = None, kv_len: int | None = None) -> str:
-    """A report: the variant as written, parsed, simplified (with the rules that fired), its types and tensors,
-    its mask's structure (native lowering, block density for given lengths) and the backend "auto" would pick."""
-    from .sparsity import _positive
+def explain(score: str, mask: str, params: Mapping[str, object], checked: Checked, simplified: Simplified,
+            q_len: int | None = None, kv_len: int | None = None) -> str:
+    """A report: the variant as written (``score``, ``mask``, ``params``), parsed (``checked``), simplified (with
+    the rules that fired), its types and tensors, its mask's structure (native lowering, block density for given
+    lengths) and the backend "auto" would pick.
+
+    Raises:
+        AttnLangError: a length that is not a positive int.
+    """
     if q_len is not None:
-        q_len = _positive("q_len", q_len)
+        q_len = positive_int("q_len", q_len)
     if kv_len is not None:
-        kv_len = _positive("kv_len", kv_len)
+        kv_len = positive_int("kv_len", kv_len)
     if (q_len is None) != (kv_len is None):  # one length given: both sequences have it
         q_len = kv_len = q_len if q_len is not None else kv_len
-    checked, simple = variant.checked, variant.simplified
+    simple = simplified
     out = ["attnlang variant", "  as written:"]
-    out.append(f"    score: {variant.score}")
-    out.append(f"    mask:  {variant.mask}")
-    if variant.params:
-        out.append("    params: " + ", ".join(f"{k}={v!r}" for k, v in sorted(variant.params.items())))
+    out.append(f"    score: {score}")
+    out.append(f"    mask:  {mask}")
+    if params:
+        out.append("    params: " + ", ".join(f"{k}={v!r}" for k, v in sorted(params.items())))
     out.append("  parsed (canonical):")
     out.append(f"    score: {to_source(checked.score)}")
     out.append(f"    mask:  {to_source(checked.mask)}")
@@ -106,21 +106,20 @@ def explain(variant: "Variant", q_len: int | None = None, kv_len: int | None = N
     else:
         out.append("    tensors: none")
     out.append(f"  sparsity class: {_sparsity_class(simple.mask)}")
-    native = _native(variant)
+    native = _native(simple)
     if native is not None:
         out.append(f"  native lowering: {native}")
     mask_tensors = {n.tensor for n in walk(simple.mask) if isinstance(n, Index)}
     if q_len is not None and kv_len is not None and not mask_tensors:
         try:
-            bs = variant.block_sparsity(q_len=q_len, kv_len=kv_len)
+            bs = mask_block_sparsity(simple.mask, checked.tensors, checked.sources, q_len, kv_len, 1, 1, (128, 128),
+                                     {})
             kinds = bs.kind
             total = kinds.numel()
             counts = [int((kinds == k).sum()) for k in (0, 1, 2)]
             out.append(f"  block sparsity at q_len={q_len}, kv_len={kv_len}, blocks {tuple(bs.block_size)}: "
                        f"{counts[0]} empty, {counts[1]} partial, {counts[2]} full of {total}; "
                        f"density {bs.density:.4f}")
-        except ImportError:
-            pass
         except AttnLangError as e:  # the lengths are valid but too long to classify in 128x128 blocks
             out.append(f"  block sparsity at q_len={q_len}, kv_len={kv_len}: not computed ({e.message})")
     out.append(f"  backend auto: on CUDA, fa4 (Hopper) when it supports the call, else flex; on the CPU, eager "

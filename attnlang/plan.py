@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 import torch
 
 from .ast import Expr
-
-if TYPE_CHECKING:
-    from .variant import Variant
+from .check import Checked
 
 __all__ = ["CallPlan"]
 
@@ -23,7 +21,10 @@ class CallPlan:
     lse_shift: a per-row term the simplifier dropped from the score (None if none); backends add it to lse.
     scale: multiplies q·k before the score expression.
     tensors: the named tensors the simplified expressions (and lse_shift) read, on q's device.
-    variant: the Variant being called (for its canonical key and block sparsity).
+    key: the variant's canonical (score, mask, lse shift) text: what the backends' caches are keyed on.
+    checked: the variant's checked expressions before simplification: ``checked.sources`` and
+        ``checked.score.span`` place error carets, ``checked.tensors`` (name -> number of indices) is what
+        ``attnlang.sparsity.mask_block_sparsity`` checks tensors against.
     q_len, kv_len, batch, q_heads, kv_heads: this call's sizes.
     options: backend options (``kernel_options``); return_lse: whether the caller wants lse (backends may skip it).
     value_ranges: name -> attnlang.intervals.Interval of every built-in name and named tensor for this call (what
@@ -35,7 +36,8 @@ class CallPlan:
     lse_shift: Expr | None
     scale: float
     tensors: Mapping[str, torch.Tensor]
-    variant: "Variant" = field(repr=False)
+    key: tuple[str, str, str]
+    checked: Checked = field(repr=False)
     q_len: int
     kv_len: int
     batch: int

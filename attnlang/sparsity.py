@@ -44,12 +44,13 @@ from .ast import (
     names_used,
     walk,
 )
-from .check import Checked, bind, check_index_bounds, dtype_of_torch
+from .check import Checked, bind, check_index_bounds, check_named_tensor, dtype_of_torch
 from .errors import AttnLangError
 from .intervals import BlockKind, Interval, tensor_range
 from .simplify import affine_difference, affine_form, subtract_affine
 
-__all__ = ["BlockKind", "BlockSparsity", "block_sparsity", "block_sparsity_of", "known_exact", "REFINE_BUDGET"]
+__all__ = ["BlockKind", "BlockSparsity", "block_sparsity", "block_sparsity_of", "mask_block_sparsity", "known_exact",
+           "REFINE_BUDGET", "positive_int"]
 
 
 REFINE_BUDGET = 20_000_000  # (q, kv) positions evaluated, at most, to refine blocks left partial
@@ -77,7 +78,8 @@ def _as_block_size(block_size) -> tuple[int, int]:
     return int(bq), int(bk)
 
 
-def _positive(name: str, value) -> int:
+def positive_int(name: str, value) -> int:
+    """``value`` as an int, or AttnLangError naming ``name`` unless it is a positive int (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise AttnLangError(f"{name} must be a positive int, got {value!r}")
     return int(value)
@@ -225,7 +227,7 @@ def block_sparsity(variant, /, q_len: int, kv_len: int, batch: int = 1, heads: i
     """Classify every (query block, key block) tile of ``variant``'s simplified mask.
 
     Args:
-        variant: an attnlang Variant.
+        variant: an attnlang Variant (read for its ``simplified.mask`` and ``checked``).
         q_len, kv_len: sequence lengths (positive ints).
         batch, heads: sizes of ``b`` and ``h`` (query heads); only used when the mask reads them.
         block_size: int or (q rows, kv columns).
@@ -245,17 +247,33 @@ def block_sparsity_of(variant, q_len: int, kv_len: int, batch: int, heads: int, 
                       tensors: Mapping[str, torch.Tensor], device=None, refine: bool = True) -> BlockSparsity:
     """``block_sparsity`` with the tensors in a mapping, so that any tensor name (``device``, ``batch``, ...) is
     read as a tensor and never taken for an argument."""
+    checked = variant.checked
+    return mask_block_sparsity(variant.simplified.mask, checked.tensors, checked.sources, q_len, kv_len, batch,
+                               heads, block_size, tensors, device, refine)
+
+
+def mask_block_sparsity(mask: Expr, tensor_dims: Mapping[str, int], sources: Mapping[str, str], q_len: int,
+                        kv_len: int, batch: int, heads: int, block_size, tensors: Mapping[str, torch.Tensor],
+                        device=None, refine: bool = True) -> BlockSparsity:
+    """The block sparsity of one mask expression: what ``Variant.block_sparsity`` and the backends call.
+
+    Args:
+        mask: the simplified mask (typed at compile time, or already bound to the tensors' dtypes:
+            ``CallPlan.mask``); it is bound here to the element types of ``tensors``.
+        tensor_dims: name -> number of indices of every tensor the variant reads (``Checked.tensors``): a tensor
+            given that is not among them is an error.
+        sources: {"score": text, "mask": text} as written, for error carets.
+        tensors: the tensors the mask reads, by name, in a mapping (any name, even ``device``, is a tensor).
+        the rest: as ``block_sparsity``.
+    """
     if not isinstance(refine, bool):
         raise AttnLangError(f"refine must be True or False, got {refine!r}")
-    from .variant import check_named_tensor
-    q_len, kv_len = _positive("q_len", q_len), _positive("kv_len", kv_len)
-    batch, heads = _positive("batch", batch), _positive("heads", heads)
+    q_len, kv_len = positive_int("q_len", q_len), positive_int("kv_len", kv_len)
+    batch, heads = positive_int("batch", batch), positive_int("heads", heads)
     bq, bk = _as_block_size(block_size)
-    checked = variant.checked
-    smask = variant.simplified.mask
-    wanted = sorted({n.tensor for n in walk(smask) if isinstance(n, Index)})
+    wanted = sorted({n.tensor for n in walk(mask) if isinstance(n, Index)})
     for name, t in tensors.items():
-        check_named_tensor(name, t, checked.tensors)
+        check_named_tensor(name, t, tensor_dims)
     for name in wanted:
         if name not in tensors:
             raise AttnLangError(f"the mask reads tensor {name!r}; pass it as {name}=<tensor> to block_sparsity")
@@ -265,11 +283,11 @@ def block_sparsity_of(variant, q_len: int, kv_len: int, batch: int, heads: int, 
     device = _as_device(device)
 
     dtypes = {n: dtype_of_torch(t.dtype) for n, t in used.items()}
-    mask = bind(Checked(Const(0.0, DType.FLOAT), smask, checked.tensors, checked.sources), dtypes).mask
+    mask = bind(Checked(Const(0.0, DType.FLOAT), mask, tensor_dims, sources), dtypes).mask
     env = {"b": Interval(0, batch - 1), "h": Interval(0, heads - 1), "q_idx": Interval(0, q_len - 1),
            "kv_idx": Interval(0, kv_len - 1), "q_len": Interval(q_len, q_len), "kv_len": Interval(kv_len, kv_len)}
     env.update({n: tensor_range(t) for n, t in used.items()})
-    check_index_bounds(Checked(Const(0.0, DType.FLOAT), mask, checked.tensors, checked.sources), env,
+    check_index_bounds(Checked(Const(0.0, DType.FLOAT), mask, tensor_dims, sources), env,
                        {n: tuple(t.shape) for n, t in used.items()})
 
     for name, n in (("q_len", q_len), ("kv_len", kv_len)):

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import torch
 
 from .ast import DType, Index, names_used, walk
-from .check import Checked, bind, check, check_index_bounds, dtype_of_torch
+from .check import Checked, bind, check, check_index_bounds, check_named_tensor, dtype_of_torch
 from .errors import AttnLangError
 from .intervals import Interval, bounds, tensor_range
 from .memo import MEMO, IdentityMemo
@@ -23,7 +23,6 @@ __all__ = ["Variant", "compile", "from_config", "reference", "BACKENDS"]
 
 BACKENDS = ("auto", "eager", "flex", "fa4")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_TENSOR_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64) + _FLOAT_DTYPES
 CONFIG_KEYS = ("score", "mask", "params")
 
 
@@ -116,7 +115,8 @@ class Variant:
     def explain(self, q_len: int | None = None, kv_len: int | None = None) -> str:
         """A human-readable report: parsed and simplified forms, types, tensors, rules that fired."""
         from .explain import explain
-        return explain(self, q_len=q_len, kv_len=kv_len)
+        return explain(self._score_source, self._mask_source, self._params, self._checked, self._simplified,
+                       q_len=q_len, kv_len=kv_len)
 
     def block_sparsity(self, /, q_len: int, kv_len: int, batch: int = 1, heads: int = 1,
                        block_size: tuple[int, int] | int = (128, 128), **tensors):
@@ -125,10 +125,11 @@ class Variant:
         ``device=`` (where ``kind`` lives) and ``refine=`` are the options of attnlang.sparsity.block_sparsity,
         unless the variant reads a tensor of that name.
         """
-        from .sparsity import block_sparsity_of
+        from .sparsity import mask_block_sparsity
         options = {name: tensors.pop(name) for name in ("device", "refine")
                    if name in tensors and name not in self._checked.tensors}
-        return block_sparsity_of(self, q_len, kv_len, batch, heads, block_size, tensors, **options)
+        return mask_block_sparsity(self._simplified.mask, self._checked.tensors, self._checked.sources, q_len,
+                                   kv_len, batch, heads, block_size, tensors, **options)
 
     # ----- calling -----
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, *, scale: float | None = None,
@@ -189,7 +190,8 @@ class Variant:
             used |= names_used(bound_shift)
         return CallPlan(
             score=score, mask=bound_simple.mask, lse_shift=bound_shift if return_lse else None,
-            scale=scale, tensors={n: t for n, t in tensors.items() if n in used}, variant=self, q_len=Sq,
+            scale=scale, tensors={n: t for n, t in tensors.items() if n in used}, key=self._key,
+            checked=self._checked, q_len=Sq,
             kv_len=Skv, batch=B, q_heads=Hq, kv_heads=Hkv, options=dict(kernel_options or {}),
             return_lse=return_lse, value_ranges=env)
 
@@ -281,30 +283,6 @@ _BOUNDS_OK = IdentityMemo(1024)  # (bound expressions, sizes and value ranges) t
 def _value_range(t: torch.Tensor) -> Interval:
     """min/max of a tensor's values, once per tensor object and version (a GPU read syncs the device)."""
     return MEMO.get(t, "range", tensor_range)
-
-
-def check_named_tensor(name: str, t, wanted: Mapping[str, int], device=None) -> None:
-    """Raise AttnLangError unless ``t`` can be bound to ``name``: a tensor the expressions read (``wanted``: name
-    -> number of indices), of a dtype and layout attnlang reads, on ``device`` (q's, for a call; any for
-    ``block_sparsity``) and not on the meta device, with as many dimensions as the expressions index."""
-    if name not in wanted:
-        used = ", ".join(sorted(wanted)) or "none"
-        raise AttnLangError(f"tensor {name!r} is given but neither expression reads it (tensors read: {used})")
-    if not isinstance(t, torch.Tensor):
-        raise AttnLangError(f"tensor {name!r} must be a torch.Tensor, got {type(t).__name__}")
-    if t.is_nested or t.layout != torch.strided:
-        raise AttnLangError(f"tensor {name!r} has layout {'nested' if t.is_nested else t.layout}; attnlang reads "
-                            f"dense (strided) tensors")
-    if t.is_quantized or t.dtype not in _TENSOR_DTYPES:
-        raise AttnLangError(f"tensor {name!r} has dtype {t.dtype}; attnlang reads bool, uint8, int8/16/32/64 and "
-                            f"float16/bfloat16/32/64 tensors")
-    if device is not None and t.device != device:
-        raise AttnLangError(f"tensor {name!r} is on {t.device} but q is on {device}")
-    if t.device.type == "meta":
-        raise AttnLangError(f"tensor {name!r} is on the meta device, which holds no values")
-    if t.dim() != wanted[name]:
-        raise AttnLangError(f"tensor {name!r} has {t.dim()} dimensions (shape {tuple(t.shape)}) but the "
-                            f"expressions index it with {wanted[name]}")
 
 
 def _check_qkv(q, k, v) -> None:

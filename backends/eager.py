@@ -47,7 +47,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan,
         chunk_size = max(1, min(Sq, _SCORE_BUDGET // max(1, B * Hq * Skv)))
     names = list(tensors)
     values = [tensors[n] for n in names]
-    checked = getattr(plan.variant, "checked", None)
+    checked = getattr(plan, "checked", None)
     source = (checked.sources["score"], checked.score.span) if checked is not None else None  # for error carets
 
     def block(start: int, qc: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, *vals):

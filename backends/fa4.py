@@ -11,7 +11,7 @@ One entry point, ``attention(q, k, v, plan)``. Per call:
    generated code; each function carries ``__cute_hash__`` = its source hash, so FA4's compile caches never mix
    two variants, and FA4's on-disk kernel cache (enabled here unless the environment says otherwise) lets a second
    process skip compilation;
-3. with a mask_mod, block sparsity from ``Variant.block_sparsity`` (128x128 tiles, the Hopper forward tile) is
+3. with a mask_mod, block sparsity from ``attnlang.sparsity`` (128x128 tiles, the Hopper forward tile) is
    passed for the forward (kv direction) and backward (q direction), so empty tiles are skipped and full ones need
    no mask_mod call; cached per lengths and mask tensors;
 4. q/k/v [B, H, S, D] go in as transposed views [B, S, H, D] (no copy: FA4 accepts any 16-byte-aligned strides);
@@ -50,7 +50,7 @@ from ..intervals import tensor_range
 from ..lower_torch import row_values
 from ..memo import MEMO, IdentityMemo
 from ..plan import CallPlan
-from ..sparsity import block_sparsity_of
+from ..sparsity import mask_block_sparsity
 
 __all__ = ["unsupported", "attention", "kernel_arguments", "cache_dir", "lowering", "Lowering", "OPTIONS"]
 
@@ -209,7 +209,7 @@ def _tables(plan: CallPlan) -> tuple:
     if not _option(plan, "bake") or not plan.tensors:
         return ()
     reads = _bakeable_reads(plan.score, plan.mask)
-    seen = _BAKED.setdefault(plan.variant.canonical, set())
+    seen = _BAKED.setdefault(plan.key, set())
     out = []
     for name, ok in sorted(reads.items()):
         t = plan.tensors[name]
@@ -278,7 +278,7 @@ def _block_sparse(plan: CallPlan, low: Lowering, device):
     """(forward, backward, has_partial): BlockSparseTensorsTorch for the mask_mod's kernel in each direction, and
     whether any tile is partial (needs the mask_mod at all)."""
     uses = names_used(plan.mask)
-    key = (plan.variant.canonical, plan.q_len, plan.kv_len,
+    key = (plan.key, plan.q_len, plan.kv_len,
            plan.batch if "b" in uses else 1, plan.q_heads if "h" in uses else 1,
            tuple((n, MEMO.token(plan.tensors[n])) for n in low.mask_tensors))
     got = _SPARSITY.get(key)
@@ -286,8 +286,8 @@ def _block_sparse(plan: CallPlan, low: Lowering, device):
         _SPARSITY.move_to_end(key)
         return got
     # the tensors go in as a mapping: a tensor may be named like an argument (batch, device, ...)
-    bs = block_sparsity_of(plan.variant, plan.q_len, plan.kv_len, key[3], key[4], _TILE,
-                           {n: plan.tensors[n] for n in low.mask_tensors})
+    bs = mask_block_sparsity(plan.mask, plan.checked.tensors, plan.checked.sources, plan.q_len, plan.kv_len,
+                             key[3], key[4], _TILE, {n: plan.tensors[n] for n in low.mask_tensors})
     fwd, bwd = bs.to_fa4(device=device), bs.to_fa4(device=device, transpose=True)
     _SPARSITY[key] = (fwd, bwd, bool((bs.kind == 1).any()))
     while len(_SPARSITY) > _SPARSITY_SIZE:

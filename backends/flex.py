@@ -4,8 +4,9 @@ run through ``torch.compile(flex_attention)``.
 - score_mod / mask_mod are printed from the bound, simplified AST by ``attnlang.lower_torch.evaluate`` (the same
   dispatcher the eager reference uses), so both backends compute one function: tensor reads, Python-sign ``//``
   and ``%``, ``int()`` truncation.
-- The BlockMask comes from ``Variant.block_sparsity(...).to_flex(mask_mod=...)`` (never ``create_block_mask``) and
-  is cached per (variant, lengths, batch/heads, block size, identity and version of the tensors the mask reads).
+- The BlockMask comes from ``attnlang.sparsity.mask_block_sparsity(...).to_flex(mask_mod=...)`` (never
+  ``create_block_mask``) and is cached per (variant key, lengths, batch/heads, block size, identity and version of
+  the tensors the mask reads).
 - One compiled callable per (variant, shapes, dtypes, device, kernel options, ...): each gets its own code object,
   so Dynamo's per-code recompile limit is never reached by calling many variants, and calls with new tensors of
   the same shapes reuse it (q, k, v, the block-mask tensors and the named tensors are graph inputs). Inference
@@ -43,7 +44,7 @@ from ..errors import AttnLangError
 from ..lower_torch import evaluate, row_values
 from ..memo import MEMO, IdentityMemo
 from ..plan import CallPlan
-from ..sparsity import block_sparsity_of
+from ..sparsity import mask_block_sparsity
 
 __all__ = ["attention", "unsupported", "kernel_for", "cache_info", "clear_caches", "BLOCK_SIZE", "FLASH_HEAD_DIMS"]
 
@@ -147,7 +148,7 @@ def _flash_fits(q, plan: CallPlan, dv: int, grads: bool) -> str | None:
 
 def _flash_key(plan: CallPlan, q) -> tuple:
     # without the lengths: a FLASH compile that failed at one length is not retried at every decoding step
-    return (plan.variant.canonical, q.shape[0], q.shape[1], q.shape[3], q.dtype, str(q.device))
+    return (plan.key, q.shape[0], q.shape[1], q.shape[3], q.dtype, str(q.device))
 
 
 def kernel_for(q, plan: CallPlan, dv: int | None = None, grads: bool = False) -> str | None:
@@ -209,7 +210,7 @@ def unsupported(q, plan: CallPlan) -> str | None:
 
 def _slug(plan: CallPlan) -> str:
     """A Python identifier naming the generated code after the canonical expression."""
-    text = " ".join(plan.variant.canonical)
+    text = " ".join(plan.key)
     word = "".join(c if c.isalnum() else "_" for c in text)[:40].strip("_")
     return f"{word}_{hashlib.sha1(text.encode()).hexdigest()[:10]}"
 
@@ -329,7 +330,7 @@ def _block_mask(q, plan: CallPlan, mask_names: tuple[str, ...], fd):
     """The analytic BlockMask (cached) and its mask_mod over the current tensors."""
     mask_tensors = {n: plan.tensors[n] for n in mask_names}
     ident = tuple((n, MEMO.token(t), tuple(t.shape), t.dtype) for n, t in mask_tensors.items())
-    key = (plan.variant.canonical, plan.q_len, plan.kv_len, plan.batch, plan.q_heads, BLOCK_SIZE, str(q.device),
+    key = (plan.key, plan.q_len, plan.kv_len, plan.batch, plan.q_heads, BLOCK_SIZE, str(q.device),
            ident)
     hit = _block_masks.get(key)
     if hit is not None:
@@ -338,8 +339,8 @@ def _block_mask(q, plan: CallPlan, mask_names: tuple[str, ...], fd):
     prepared = _prepare(plan.mask, plan.q_len, plan.kv_len, fd)
     _, mask_mod = _mods(plan.score, prepared, mask_names, tuple(mask_tensors.values()), plan.q_len, plan.kv_len, fd)
     # the tensors go in as a mapping: a tensor may be named like an argument (batch, device, ...)
-    bs = block_sparsity_of(plan.variant, plan.q_len, plan.kv_len, plan.batch, plan.q_heads, BLOCK_SIZE,
-                           {n: t.detach() for n, t in mask_tensors.items()})
+    bs = mask_block_sparsity(plan.mask, plan.checked.tensors, plan.checked.sources, plan.q_len, plan.kv_len,
+                             plan.batch, plan.q_heads, BLOCK_SIZE, {n: t.detach() for n, t in mask_tensors.items()})
     bm = bs.to_flex(mask_mod=mask_mod, device=q.device)
     _block_masks[key] = bm
     _stats["block_masks"] += 1
@@ -435,7 +436,7 @@ def _callable(q, k, v, plan: CallPlan, names, named, fd, kernel, compiled: bool,
     def shape(t):  # a shape with the sequence lengths left out
         return tuple(-1 if d in lengths else d for d in t.shape)
 
-    base = (int_dtype, detach_lse, plan.variant.canonical, shape(q), shape(k), shape(v), q.dtype, str(q.device),
+    base = (int_dtype, detach_lse, plan.key, shape(q), shape(k), shape(v), q.dtype, str(q.device),
             tuple((n, shape(t), t.dtype, t.requires_grad) for n, t in zip(names, named)),
             tuple(sorted((str(a), repr(b)) for a, b in kernel_options.items())), plan.scale, compiled, want_lse,
             bm.full_kv_num_blocks is None, torch.is_grad_enabled(), q.requires_grad, k.requires_grad,
@@ -617,7 +618,7 @@ def _lengths_tensor(q_len: int, kv_len: int, device) -> torch.Tensor:
 
 def _bad_score(plan: CallPlan, message: str) -> AttnLangError:
     """The error for a NaN / +inf score, with the caret under the score expression (as the eager reference)."""
-    checked = plan.variant.checked
+    checked = plan.checked
     return AttnLangError.at(message, checked.sources["score"], checked.score.span, where="score")
 
 
