@@ -11,6 +11,12 @@ simplifier before we see them. LANGUAGE.md semantics kept: ``//`` and ``%`` floo
 corrects whichever rounding the DSL's ``//`` has), ``int()`` truncates (fptosi), ``/`` is true division.
 Named tensors arrive as ``aux_tensors`` (sorted by name); ``q_len`` / ``kv_len`` come from ``seqlen_info``.
 
+Varlen calls (``positions=VarlenPositions(...)``): FA4 hands the modifiers positions local to one packed sequence
+(``q_idx`` / ``kv_idx`` from 0 at the sequence's start) and the sequence's index as ``b_idx``; the module adds the
+sequence's start (``seqlen_info.offset_q`` / ``offset_k``, its row in the packed [total, H, D] tensors) minus its
+batch row's start, so every expression still sees LANGUAGE.md's global ``b``, ``q_idx``, ``kv_idx``, and the call's
+``q_len`` / ``kv_len`` (constants) instead of the sequence's lengths.
+
 Signatures (flash_attn.cute 4.0.0b36):
     score_mod(score, b_idx, h_idx, q_idx, kv_idx, seqlen_info, aux_tensors) -> score'
     score_mod_bwd(grad, score, b_idx, h_idx, q_idx, kv_idx, seqlen_info, aux_tensors) -> grad * d score'/d score
@@ -24,10 +30,10 @@ import math
 from dataclasses import dataclass
 from typing import Mapping
 
-from .ast import Binary, Call, Const, DType, Expr, Index, Op, Unary, Var, children
+from .ast import Binary, Call, Const, DType, Expr, Index, Op, Unary, Var, children, names_used
 from .printer import to_source
 
-__all__ = ["Unsupported", "CuteModule", "emit_module", "EMITTER_VERSION"]
+__all__ = ["Unsupported", "CuteModule", "VarlenPositions", "emit_module", "EMITTER_VERSION"]
 
 EMITTER_VERSION = "1"
 
@@ -95,6 +101,16 @@ def _table(index, values, dtype):
 _HELPER_DEPS = {"mod": ("floordiv",)}
 
 
+@dataclass(frozen=True)
+class VarlenPositions:
+    """The packing of a varlen call: batch rows of q_len queries and kv_len keys, concatenated row after row
+    ([B * q_len, H, D]), each row cut into sequences that never cross a row boundary; batched: B > 1."""
+
+    q_len: int
+    kv_len: int
+    batched: bool
+
+
 class Unsupported(Exception):
     """A node this emitter cannot lower to CuTeDSL; the message names it."""
 
@@ -124,7 +140,9 @@ def _float_literal(value: float) -> str:
 class _Printer:
     """Emits the statements of one modifier's body; ``emit(node)`` returns the name holding its value."""
 
-    def __init__(self, tensor_slots: Mapping[str, int], fastmath: bool, helpers: set, tables=None):
+    def __init__(self, tensor_slots: Mapping[str, int], fastmath: bool, helpers: set, tables=None,
+                 spelling: Mapping[str, str] | None = None):
+        self.spelling = dict(_VAR_SPELLING if spelling is None else spelling)
         self.lines: list[str] = []
         self.memo: dict = {}
         self.slots = tensor_slots
@@ -188,9 +206,9 @@ class _Printer:
         return self.const(n.value, n.dtype)
 
     def _emit_Var(self, n: Var) -> str:
-        if n.name not in _VAR_SPELLING:
+        if n.name not in self.spelling:
             raise Unsupported(f"unbound name {n.name!r}")
-        return _VAR_SPELLING[n.name]
+        return self.spelling[n.name]
 
     def _emit_Index(self, n: Index) -> str:
         if n.tensor in self.tables:
@@ -306,12 +324,42 @@ class _Printer:
         raise Unsupported(f"function {f!r}")
 
 
-def _function(name: str, params: str, body: Expr, printer: _Printer, wrap=None) -> list[str]:
+def _varlen_spelling(positions: VarlenPositions) -> dict:
+    """Spellings of the built-in names for a varlen call (see the module docstring)."""
+    row = "_row" if positions.batched else "cute.full_like(kv_idx, 0, cutlass.Int32)"
+    return {**_VAR_SPELLING, "b": row, "q_idx": "(q_idx + _q0)", "kv_idx": "(kv_idx + _k0)",
+            "q_len": f"cute.full_like(kv_idx, {int(positions.q_len)}, cutlass.Int32)",
+            "kv_len": f"cute.full_like(kv_idx, {int(positions.kv_len)}, cutlass.Int32)"}
+
+
+def _varlen_prologue(positions: VarlenPositions, used: set, helpers: set) -> list[str]:
+    """The statements defining ``_row`` (the batch row of this sequence) and ``_q0`` / ``_k0`` (the global
+    position of the sequence's first query / key) where the body uses them."""
+    lines = []
+    batched = positions.batched
+    if batched and used & {"b", "q_idx", "kv_idx"}:
+        helpers.add("floordiv")
+        lines.append(f"_row = _floordiv(cute.full_like(kv_idx, seqlen_info.offset_q), "
+                     f"cute.full_like(kv_idx, {int(positions.q_len)}, cutlass.Int32))  # batch row")
+    for name, off, length in (("q_idx", "_q0", positions.q_len), ("kv_idx", "_k0", positions.kv_len)):
+        if name in used:
+            field = "offset_q" if name == "q_idx" else "offset_k"
+            start = f"cute.full_like(kv_idx, seqlen_info.{field})"
+            if batched:
+                start = f"({start} - _row * cute.full_like(kv_idx, {int(length)}, cutlass.Int32))"
+            lines.append(f"{off} = {start}  # global {name} of the sequence's first position")
+    return lines
+
+
+def _function(name: str, params: str, body: Expr, printer: _Printer, wrap=None,
+              positions: VarlenPositions | None = None) -> list[str]:
     out = ["@cute.jit", f"def {name}({params}):"]
     if wrap is not None and isinstance(body, Const) and float(body.value) == 1.0:
         return out + ["    return grad"]  # d score'/d score == 1: the gradient passes through
     printer.emit(body)
     result = printer.value(body, body.dtype)
+    if positions is not None:
+        out += [f"    {line}" for line in _varlen_prologue(positions, names_used(body), printer.helpers)]
     out += [f"    {line}" for line in printer.lines]
     out.append(f"    return {wrap.format(result) if wrap else result}")
     return out
@@ -323,7 +371,8 @@ _MASK_PARAMS = "b_idx, h_idx, q_idx, kv_idx, seqlen_info, aux_tensors"
 
 
 def emit_module(score: Expr | None, mask: Expr | None, dscore: Expr | None, tensors: tuple[str, ...] = (),
-                fastmath: bool = True, header: str = "", tables: Mapping[str, tuple] | None = None) -> CuteModule:
+                fastmath: bool = True, header: str = "", tables: Mapping[str, tuple] | None = None,
+                positions: VarlenPositions | None = None) -> CuteModule:
     """CuTeDSL source for the modifiers of one variant.
 
     Args:
@@ -335,6 +384,8 @@ def emit_module(score: Expr | None, mask: Expr | None, dscore: Expr | None, tens
         header: a comment placed at the top (e.g. the canonical variant), for readers of tracebacks.
         tables: small tensors baked into the module: name -> (shape, flat values); their reads become select
             chains instead of aux_tensors loads (for tensors indexed by b and h only: ``slope[h]``).
+        positions: for FA4's varlen path, how the call is packed; the modifiers then turn the kernel's
+            sequence-local positions into the global ones the expressions are written in. None: dense calls.
     Returns:
         a CuteModule whose ``key`` hashes the source (and the emitter version).
     Raises:
@@ -344,15 +395,20 @@ def emit_module(score: Expr | None, mask: Expr | None, dscore: Expr | None, tens
     tables = dict(tables or {})
     helpers: set = set()
     bodies, functions = [], []
+    spelling = None if positions is None else _varlen_spelling(positions)
+
+    def printer():
+        return _Printer(slots, fastmath, helpers, tables, spelling)
+
     if score is not None:
-        bodies.append(_function("score_mod", _SCORE_PARAMS, score, _Printer(slots, fastmath, helpers, tables)))
+        bodies.append(_function("score_mod", _SCORE_PARAMS, score, printer(), positions=positions))
         functions.append("score_mod")
     if dscore is not None:
-        p = _Printer(slots, fastmath, helpers, tables)
-        bodies.append(_function("score_mod_bwd", _BWD_PARAMS, dscore, p, wrap="grad * {}"))
+        bodies.append(_function("score_mod_bwd", _BWD_PARAMS, dscore, printer(), wrap="grad * {}",
+                                positions=positions))
         functions.append("score_mod_bwd")
     if mask is not None:
-        bodies.append(_function("mask_mod", _MASK_PARAMS, mask, _Printer(slots, fastmath, helpers, tables)))
+        bodies.append(_function("mask_mod", _MASK_PARAMS, mask, printer(), positions=positions))
         functions.append("mask_mod")
     for h in list(helpers):
         helpers.update(_HELPER_DEPS.get(h, ()))

@@ -9,7 +9,7 @@ from typing import Mapping
 from .ast import Const, DType, Index, names_used, walk
 from .check import Checked
 from .errors import AttnLangError
-from .patterns import recognize
+from .patterns import documents, recognize
 from .printer import to_source
 from .simplify import Simplified
 from .sparsity import known_exact, mask_block_sparsity, positive_int
@@ -109,6 +109,12 @@ def explain(score: str, mask: str, params: Mapping[str, object], checked: Checke
     native = _native(simple)
     if native is not None:
         out.append(f"  native lowering: {native}")
+    docs = documents(simple.mask)
+    if docs is not None:
+        out.append(f"  {docs.description()}: fa4 runs the documents as FA4 varlen sequences (cu_seqlens derived "
+                   f"from {docs.tensor!r} per call) when q_len == kv_len and every id fills one contiguous run "
+                   f"(else tile lists): the backward always, the forward on long packs "
+                   f"(kernel_options={{'varlen': True / False}} forces either path)")
     mask_tensors = {n.tensor for n in walk(simple.mask) if isinstance(n, Index)}
     if q_len is not None and kv_len is not None and not mask_tensors:
         try:

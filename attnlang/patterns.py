@@ -1,5 +1,6 @@
 """Recognition of the patterns kernels implement natively: causal masks (top-left or bottom-right aligned),
-sliding windows, and tanh soft-capping, read off a simplified variant so a backend can use its own flags.
+sliding windows, tanh soft-capping, and packed documents (``doc[q_idx] == doc[kv_idx]``, which varlen kernels
+run as separate sequences), read off a simplified variant so a backend can use its own flags.
 
 Works on the simplifier's normal forms but does not depend on one spelling: mask conjuncts are read as integer
 affine forms of (q_idx, kv_idx, q_len, kv_len), so ``q_idx >= kv_idx``, ``kv_idx <= q_idx`` and
@@ -11,10 +12,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .ast import MIRRORED, Binary, Call, Const, DType, Expr, Op, Var, walk
+from .ast import MIRRORED, Binary, Call, Const, DType, Expr, Index, Op, Var, walk
 from .simplify import affine_difference
 
-__all__ = ["NativeLowering", "recognize"]
+__all__ = ["NativeLowering", "recognize", "Documents", "documents"]
 
 _ALIGNMENTS = ("top_left", "bottom_right")
 
@@ -229,3 +230,74 @@ def recognize(score: Expr, mask: Expr) -> NativeLowering:
     return NativeLowering(causal=causal, window_left=window_left, window_right=window_right,
                           alignment=alignment, softcap=softcap, residual_score=residual_score,
                           residual_mask=residual_mask)
+
+
+@dataclass(frozen=True)
+class Documents:
+    """A mask that is (or is and-ed with) equality of one integer tensor at q_idx and kv_idx: packed documents.
+
+    tensor: the tensor's name (``doc`` in ``doc[q_idx] == doc[kv_idx]``).
+    batched: True for ``doc[b, q_idx] == doc[b, kv_idx]`` (one row of ids per batch), False for a 1-D tensor
+        shared by every batch.
+    rest: the mask's other conjuncts and-ed together (``Const(True)`` when the equality is the whole mask).
+
+    Where each id occupies one contiguous run of positions (sorted ids, checked on the tensor at call time), the
+    pairs the equality allows are exactly the (q, kv) pairs inside one run: a varlen kernel's sequences
+    (FlashAttention's ``cu_seqlens``), with ``rest`` evaluated at the global positions.
+    """
+
+    tensor: str
+    batched: bool
+    rest: Expr
+
+    def description(self) -> str:
+        """One line for explain()."""
+        from .printer import to_source
+        read = f"{self.tensor}[b, q_idx] == {self.tensor}[b, kv_idx]" if self.batched else \
+            f"{self.tensor}[q_idx] == {self.tensor}[kv_idx]"
+        rest = "" if isinstance(self.rest, Const) and self.rest.value is True else \
+            f"; within a document: {to_source(self.rest)}"
+        return f"packed documents ({read}){rest}"
+
+
+def _is_var(node: Expr, name: str) -> bool:
+    return isinstance(node, Var) and node.name == name
+
+
+def _document_read(node: Expr):
+    """(tensor, batched) when ``node`` is doc[q_idx] == doc[kv_idx] (either order) or its batched form."""
+    if not (isinstance(node, Binary) and node.op is Op.EQ):
+        return None
+    a, b = node.left, node.right
+    if not (isinstance(a, Index) and isinstance(b, Index) and a.tensor == b.tensor):
+        return None
+    if any(x.dtype not in (None, DType.INT, DType.BOOL, DType.UNKNOWN) for x in (a, b)):
+        return None  # float ids: equality of floats is not a run structure we rely on
+    if len(a.indices) != len(b.indices) or len(a.indices) not in (1, 2):
+        return None
+    batched = len(a.indices) == 2
+    if batched and not (_is_var(a.indices[0], "b") and _is_var(b.indices[0], "b")):
+        return None
+    pos_a, pos_b = a.indices[-1], b.indices[-1]
+    if (_is_var(pos_a, "q_idx") and _is_var(pos_b, "kv_idx")) or (_is_var(pos_a, "kv_idx") and _is_var(pos_b, "q_idx")):
+        return a.tensor, batched
+    return None
+
+
+def documents(mask: Expr) -> Documents | None:
+    """The packed-documents reading of a (simplified) mask, or None when no conjunct is a document equality.
+
+    The first conjunct of the form ``t[q_idx] == t[kv_idx]`` / ``t[b, q_idx] == t[b, kv_idx]`` (either side
+    first) is the documents tensor; every other conjunct, including further equalities, goes to ``rest``. Float
+    tensors are not read as documents.
+    """
+    if isinstance(mask, Const):
+        return None
+    parts = _conjuncts(mask)
+    for i, part in enumerate(parts):
+        got = _document_read(part)
+        if got is None:
+            continue
+        rest = _and_all(parts[:i] + parts[i + 1:])
+        return Documents(tensor=got[0], batched=got[1], rest=rest if rest is not None else Const(True, DType.BOOL))
+    return None

@@ -24,7 +24,9 @@ or empty; the environment variable ATTNLANG_FA4_KEEP_MASK_MOD=1 does the same fo
 (default True: recognised causal / window masks use the kernel's own flags; False runs them as a mask_mod with
 tile lists), ``dense_tile_list`` (default False: True gives a mask-free call on tile-aligned lengths an all-full
 tile list, FA4's block-sparse schedule), ``bhsd_out`` (default False: True has an inference call write out into
-a [B, H, S, Dv] buffer, as flex's FA4 path does, instead of FA4's own [B, S, H, Dv]).
+a [B, H, S, Dv] buffer, as flex's FA4 path does, instead of FA4's own [B, S, H, Dv]), ``varlen`` (default: by
+direction, see ``attnlang.backends.fa4_varlen``; True runs packed documents ``doc[q_idx] == doc[kv_idx] & ...``
+forward and backward on FA4's varlen kernels, False on tile lists).
 
 Gradients flow to q, k and v through FA4's backward. Gradients to floating tensors bound by name are not computed
 by the kernel: ``unsupported`` declines such calls (grad enabled and a named tensor requiring grad), so "auto"
@@ -51,6 +53,8 @@ from ..lower_torch import row_values
 from ..memo import MEMO, IdentityMemo
 from ..plan import CallPlan
 from ..sparsity import mask_block_sparsity
+from .fa4_varlen import Host
+from .fa4_varlen import route as route_varlen
 
 __all__ = ["unsupported", "attention", "kernel_arguments", "cache_dir", "lowering", "Lowering", "OPTIONS"]
 
@@ -64,7 +68,7 @@ _LOCK = threading.Lock()
 _BAKED: dict = {}  # variant canonical -> set of baked value sets seen
 
 OPTIONS = {"fastmath": True, "bake": True, "dense": False, "keep_mask_mod": False, "window_flags": True,
-           "dense_tile_list": False, "bhsd_out": False}
+           "dense_tile_list": False, "bhsd_out": False, "varlen": None}
 
 
 def _option(plan: CallPlan, name: str) -> bool:
@@ -391,6 +395,13 @@ def kernel_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Ca
     return k, v, kwargs
 
 
+# what the varlen path (fa4_varlen, which cannot import this module) uses of it; looked up at call time
+VARLEN_HOST = Host(flash=lambda: _flash(), load=lambda m: _load(m), aux=lambda t: _aux(t),
+                   tables=lambda p: _tables(p), option=lambda p, n: _option(p, n),
+                   native_window=lambda *a: _native_window(*a),
+                   kernel_arguments=lambda q, k, v, p: kernel_arguments(q, k, v, p))
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan):
     """Attention for one checked call on FlashAttention-4.
 
@@ -404,6 +415,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
         AttnLangError: a value head dim FA4 does not take.
     """
     fa = _flash()
+    routed = route_varlen(q, k, v, plan, VARLEN_HOST)  # packed documents on FA4's varlen kernels, where they apply
+    if routed is not None:
+        return routed
     k, v, kwargs = kernel_arguments(q, k, v, plan)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))

@@ -1,0 +1,293 @@
+"""FA4's varlen path for packed documents: ``doc[q_idx] == doc[kv_idx]`` (or ``doc[b, q_idx] == doc[b, kv_idx]``),
+and-ed with anything, run as FlashAttention's variable-length sequences instead of a mask over the whole row.
+
+Where the ids of ``doc`` form contiguous runs (sorted ids, or any order of whole runs), the pairs the equality
+allows are exactly the pairs inside one run, so each run is one varlen sequence. Per call:
+1. ``attnlang.patterns.documents`` finds the equality; the call must be self-attention (q_len == kv_len, so each
+   document spans the same positions of q and kv), head dims multiples of 32, B * S < 2^31;
+2. ``pack_documents`` derives ``cu_seqlens`` (int32 on the device: each run's first row in the [B * S] packed
+   rows, batch row after batch row) and the longest run, cached per tensor object and version (a few device
+   syncs once per version); ids in several runs (e.g. ``[0, 1, 0]``) give None and the call runs on tile lists;
+3. the other conjuncts (``Documents.rest``) become FA4's causal / window flags where they are exact (inside one
+   document of a self-attention call, ``q_idx >= kv_idx`` is FA4's ``causal=True``: q and kv share the
+   document's offset), else a mask_mod; the score a score_mod; both emitted with ``positions=`` so they read the
+   global ``b``, ``q_idx``, ``kv_idx``, ``q_len``, ``kv_len`` of LANGUAGE.md (``attnlang.emit_cute``);
+4. q / k / v go in as [B * S, H, D]: a view for B == 1 or [B, S, H, D]-laid-out tensors, else one copy; out and
+   lse come back as views ([total, H, Dv] -> [B, H, S, Dv]; lse [H, total] -> [B, H, S]).
+
+Direction by direction (``kernel_options={"varlen": ...}``): True runs the forward and the backward on the varlen
+kernels, False neither (tile lists, the path of ``attnlang.backends.fa4``). Without the key: the backward always
+runs varlen (H200, GQA B=2 S=4096 random documents: 0.95 ms against 1.23 ms for tile lists); the forward runs
+varlen from ``VARLEN_FORWARD_MIN_TOKENS`` packed tokens on (tile lists were faster at 2 x 4096 tokens, 0.304 against
+0.395 ms, varlen at 1 x 32768, 1.208 against 1.420 ms). A tile-list forward and a varlen backward are one autograd
+function: FA4's lse of the dense forward ([B, H, S]) is permuted into the varlen layout ([H, B * S]) for the
+backward, which recomputes P from it; both forwards give the same lse up to rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from ..ast import Const, Expr, Index, Var, walk
+from ..emit_cute import VarlenPositions
+from ..lower_torch import row_values
+from ..memo import MEMO, IdentityMemo
+from ..patterns import Documents, documents
+
+__all__ = ["Host", "Packing", "pack_documents", "route", "describe", "VARLEN_FORWARD_MIN_TOKENS"]
+
+VARLEN_FORWARD_MIN_TOKENS = 16384  # packed tokens (B * S) from which the forward also runs varlen by default
+_INT32_MAX = (1 << 31) - 1
+
+
+@dataclass(frozen=True)
+class Host:
+    """What this module uses of ``attnlang.backends.fa4`` (which imports this one, so it never imports fa4):
+    flash() -> flash_attn.cute.interface; load(CuteModule) -> the imported module; aux(tensor) -> the tensor as
+    aux_tensors hold it; tables(plan) -> the baked tables; option(plan, name) -> bool; native_window(score, mask,
+    q_len, kv_len) -> FA4's (left, right) or None; kernel_arguments(q, k, v, plan) -> (k, v, flash_attn_func
+    kwargs) of the tile-list path."""
+
+    flash: object
+    load: object
+    aux: object
+    tables: object
+    option: object
+    native_window: object
+    kernel_arguments: object
+
+
+@dataclass(frozen=True)
+class Packing:
+    """The varlen sequences of one call. cu_seqlens: int32 [n + 1] on the device (0, ..., B * S); max_seqlen: the
+    longest sequence; count: n."""
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    count: int
+
+
+def pack_documents(doc: torch.Tensor, batch: int, length: int, batched: bool) -> Packing | None:
+    """The runs of equal ids of ``doc`` as varlen sequences, or None when some id occurs in more than one run.
+
+    Args:
+        doc: integer or bool ids; [>= length] (shared by every batch row) or, batched, [>= batch, >= length].
+        batch, length: the call's B and S; only ``doc[:length]`` (``doc[:batch, :length]``) is read.
+        batched: whether ``doc`` has one row of ids per batch row.
+    Returns:
+        Packing with cu_seqlens on doc's device (each run's first position in the B * S rows packed batch row
+        after batch row, then B * S), or None. Works on any device; costs three device syncs.
+    """
+    rows = doc[:batch, :length] if batched else doc[:length].unsqueeze(0)
+    if rows.dtype == torch.bool:
+        rows = rows.to(torch.uint8)
+    change = rows[:, 1:] != rows[:, :-1]
+    runs = change.sum(1)
+    ordered = rows.sort(dim=1).values
+    distinct = (ordered[:, 1:] != ordered[:, :-1]).sum(1)
+    if not bool((runs == distinct).all()):
+        return None  # an id that comes back after another: its positions are not one sequence
+    starts = torch.ones(rows.shape, dtype=torch.bool, device=rows.device)
+    starts[:, 1:] = change
+    if not batched:
+        starts = starts.expand(batch, length)
+    first = starts.reshape(-1).nonzero().squeeze(1)
+    cu = torch.cat([first, first.new_full((1,), batch * length)]).to(torch.int32)
+    return Packing(cu_seqlens=cu, max_seqlen=int((cu[1:] - cu[:-1]).max()), count=int(cu.numel()) - 1)
+
+
+def _packing(plan, docs: Documents) -> Packing | None:
+    doc = plan.tensors[docs.tensor]
+    tag = f"varlen/{plan.batch}/{plan.q_len}/{int(docs.batched)}"
+    return MEMO.get(doc, tag, lambda t: pack_documents(t, plan.batch, plan.q_len, docs.batched))
+
+
+# ----- lowering of what is left inside a document -----
+
+@dataclass(frozen=True, slots=True)
+class VarlenLowering:
+    """window: FA4's (left, right) flags inside each sequence; module: the generated CuteModule (positions made
+    global) or None; score_mod / mask_mod: whether it defines them; tensors: aux_tensors names, in order."""
+
+    window: tuple
+    module: object
+    score_mod: bool
+    mask_mod: bool
+    tensors: tuple
+    native: str
+
+
+@functools.lru_cache(maxsize=256)
+def _lowering_cached(score: Expr, rest: Expr, q_len: int, batched: bool, fastmath: bool, tables: tuple,
+                     window_flags: bool, native_window) -> VarlenLowering:
+    from ..diff import derivative
+    from ..emit_cute import emit_module
+    from ..printer import to_source
+    identity = isinstance(score, Var) and score.name == "score"
+    mask_expr = None if isinstance(rest, Const) and rest.value is True else rest
+    window, native = (None, None), "no mask inside a document"
+    if mask_expr is not None:
+        native = "mask_mod inside each document"
+        w = native_window(score, rest, q_len, q_len) if window_flags else None
+        if w is not None:
+            window, mask_expr, native = w, None, f"kernel window flags {w} inside each document"
+    score_expr = None if identity else score
+    table_map = {name: (shape, values) for name, shape, values in tables}
+    used = set()
+    for e in (score_expr, mask_expr):
+        if e is not None:
+            used |= {n.tensor for n in walk(e) if isinstance(n, Index)}
+    tensors = tuple(sorted(used - set(table_map)))
+    module = None
+    if score_expr is not None or mask_expr is not None:
+        header = f"varlen | score: {to_source(score)} | mask inside documents: {to_source(rest)}"
+        module = emit_module(score_expr, mask_expr, None if identity else derivative(score), tensors,
+                             fastmath=fastmath, header=header, tables=table_map,
+                             positions=VarlenPositions(q_len, q_len, batched))
+    return VarlenLowering(window, module, score_expr is not None, mask_expr is not None, tensors, native)
+
+
+_LOWERED = IdentityMemo()
+
+
+def _lowering(plan, docs: Documents, host: Host) -> VarlenLowering:
+    fastmath, window_flags = host.option(plan, "fastmath"), host.option(plan, "window_flags")
+    tables = host.tables(plan)
+    extra = (docs.tensor, plan.q_len, plan.batch > 1, fastmath, tables, window_flags)
+    return _LOWERED.get((plan.score, plan.mask), extra, lambda: _lowering_cached(
+        plan.score, docs.rest, plan.q_len, plan.batch > 1, fastmath, tables, window_flags, host.native_window))
+
+
+# ----- when the path applies, and which direction runs where -----
+
+_DOCS = IdentityMemo()
+
+
+def _documents(plan) -> Documents | None:
+    return _DOCS.get((plan.mask,), None, lambda: documents(plan.mask))
+
+
+def _choice(q, k, v, plan):
+    """(docs, packing, forward_varlen, backward_varlen) when this call takes the varlen path, else None."""
+    forced = plan.options.get("varlen")
+    if forced is False or getattr(plan, "sink", None) is not None or getattr(plan, "normalize", True) is False:
+        return None  # sinks and unnormalised attention have no varlen lowering here
+    docs = _documents(plan)
+    if docs is None or plan.q_len != plan.kv_len or docs.tensor not in plan.tensors:
+        return None
+    if q.shape[-1] % 32 or v.shape[-1] % 32 or plan.batch * plan.q_len > _INT32_MAX:
+        return None  # head dims the SM90 varlen backward was not verified at; packed indices are int32
+    grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    forward = forced is True or plan.batch * plan.q_len >= VARLEN_FORWARD_MIN_TOKENS
+    if not forward and not grads:
+        return None  # an inference call whose forward runs on tile lists: the plain fa4 path
+    packing = _packing(plan, docs)
+    if packing is None:
+        return None
+    return docs, packing, forward, grads
+
+
+def describe(q, k, v, plan, host: Host) -> str:
+    """Which path an fa4 call takes for packed documents, in words (for the benchmark's notes)."""
+    got = _choice(q, k, v, plan)
+    if got is None:
+        return "tile lists (no varlen: " + ("kernel_options varlen=False" if plan.options.get("varlen") is False
+                                             else "not packed documents, or ids not in contiguous runs") + ")"
+    docs, packing, forward, backward = got
+    low = _lowering(plan, docs, host)
+    where = ("varlen forward" if forward else "tile-list forward") + (" + varlen backward" if backward else "")
+    return f"{where}; {packing.count} sequences, longest {packing.max_seqlen}; {low.native}"
+
+
+# ----- running it -----
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """[B, S, H, D] -> [B * S, H, D]: a view where the strides allow, else one copy."""
+    return t.reshape(t.shape[0] * t.shape[1], t.shape[2], t.shape[3])
+
+
+class _Documents(torch.autograd.Function):
+    """Forward on tile lists (``dense`` = flash_attn_func-style kwargs) or varlen; backward on varlen.
+    Inputs q / k / v are [B, S, H, D]; outputs out [B * S, H, Dv] and lse [H, B * S] (the varlen layouts)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, run):
+        fa = run["fa"]
+        B, S = q.shape[0], q.shape[1]
+        if run["dense"] is not None:
+            out, lse = fa._flash_attn_fwd(q, k, v, **run["dense"])[:2]
+            out = out.view(B * S, out.shape[2], out.shape[3])
+            lse = lse.permute(1, 0, 2).reshape(lse.shape[1], B * S)  # [B, H, S] -> [H, B * S]: 4 bytes a row
+            saved = (q, k, v)
+        else:
+            saved = (_flat(q), _flat(k), _flat(v))
+            out, lse = fa._flash_attn_fwd(*saved, causal=False, return_lse=True, **run["varlen"])[:2]
+        ctx.save_for_backward(*saved, out, lse)
+        ctx.run, ctx.shapes = run, (q.shape, k.shape, v.shape)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        run = ctx.run
+        if dout is None:
+            dout = torch.zeros_like(out)
+        q, k, v = (t if t.dim() == 3 else _flat(t) for t in (q, k, v))
+        dq, dk, dv = run["fa"]._flash_attn_bwd(
+            q, k, v, out, dout.contiguous(), lse, causal=False, score_mod_bwd=run["score_mod_bwd"],
+            dlse=None if dlse is None else dlse.contiguous(), **run["varlen"])[:3]
+        shapes = ctx.shapes
+        return dq.view(shapes[0]), dk.view(shapes[1]), dv.view(shapes[2]), None
+
+
+def route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, host: Host):
+    """(out, lse) of the call on FA4's varlen path, or None when the call does not take it (see the module
+    docstring); out [B, Hq, S, Dv] in q's dtype, lse float32 [B, Hq, S] plus plan.lse_shift (None when neither
+    the caller nor a backward needs it)."""
+    got = _choice(q, k, v, plan)
+    if got is None:
+        return None
+    docs, packing, forward, grads = got
+    fa = host.flash()
+    low = _lowering(plan, docs, host)
+    mod = host.load(low.module) if low.module is not None else None
+    score_mod = getattr(mod, "score_mod", None) if low.score_mod else None
+    score_mod_bwd = getattr(mod, "score_mod_bwd", None) if low.score_mod else None
+    mask_mod = getattr(mod, "mask_mod", None) if low.mask_mod else None
+    aux = [MEMO.get(plan.tensors[n], "aux", host.aux) for n in low.tensors] or None
+    B, S = plan.batch, plan.q_len
+    if grads and k.shape[1] != q.shape[1] and low.module is not None:
+        # as in fa4.kernel_arguments: FA4's grouped backward is not trusted with modifiers
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    cu, m = packing.cu_seqlens, packing.max_seqlen
+    varlen = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=m, max_seqlen_k=m, softmax_scale=plan.scale,
+                  window_size_left=low.window[0], window_size_right=low.window[1], score_mod=score_mod,
+                  mask_mod=mask_mod, aux_tensors=aux)
+    H, Dv = q.shape[1], v.shape[-1]
+    if not grads:
+        out, lse = fa._flash_attn_fwd(_flat(qt), _flat(kt), _flat(vt), causal=False,
+                                      return_lse=plan.return_lse, **varlen)[:2]
+    else:
+        dense = None
+        if not forward:
+            with torch.no_grad():  # no grads: kernel_arguments then never expands k / v (done above if needed)
+                _, _, kwargs = host.kernel_arguments(q, k, v, plan)
+            left, right = kwargs.pop("window_size")
+            kwargs.pop("score_mod_bwd")
+            kwargs.pop("block_sparse_tensors_bwd")
+            dense = dict(kwargs, window_size_left=left, window_size_right=right, return_lse=True)
+        run = {"fa": fa, "dense": dense, "varlen": varlen, "score_mod_bwd": score_mod_bwd}
+        out, lse = _Documents.apply(qt, kt, vt, run)
+    out = out.view(B, S, H, Dv).transpose(1, 2)
+    if lse is not None:
+        lse = lse.view(H, B, S).permute(1, 0, 2)
+        if plan.lse_shift is not None:
+            lse = lse + row_values(plan.lse_shift, plan.batch, plan.q_heads, plan.q_len, plan.kv_len,
+                                   plan.tensors, torch.float32, q.device)
+    return out, lse

@@ -1,0 +1,368 @@
+"""CPU tests of FA4's varlen path for packed documents (attnlang.backends.fa4_varlen): the pattern, the cu_seqlens
+derivation, the global positions the emitted modifiers read, and the plumbing of route() (layouts, lse permutation,
+the tile-list-forward / varlen-backward autograd function) against the eager reference, with a stand-in for
+flash_attn.cute's ``_flash_attn_fwd`` / ``_flash_attn_bwd`` that computes varlen attention in torch."""
+
+import math
+
+import pytest
+import torch
+
+import attnlang as al
+from attnlang.check import bind
+from attnlang.emit_cute import VarlenPositions, emit_module
+from attnlang.patterns import documents
+from attnlang.printer import to_source
+
+
+def _docs(mask, params=None):
+    return documents(al.compile(mask=mask, params=params).simplified.mask)
+
+
+# ----- the pattern -----
+
+@pytest.mark.parametrize("mask, tensor, batched, rest", [
+    ("doc[q_idx] == doc[kv_idx]", "doc", False, "True"),
+    ("doc[kv_idx] == doc[q_idx] & q_idx >= kv_idx", "doc", False, "q_idx >= kv_idx"),
+    ("q_idx >= kv_idx & ids[b, q_idx] == ids[b, kv_idx]", "ids", True, "q_idx >= kv_idx"),
+    ("doc[q_idx] == doc[kv_idx] & (kv_idx < 5 | q_idx >= kv_idx)", "doc", False, "q_idx >= kv_idx | kv_idx <= 4"),
+    ("doc[q_idx] == doc[kv_idx] & 0 <= q_idx - kv_idx < 64", "doc", False, "q_idx <= kv_idx + 63 & q_idx >= kv_idx"),
+])
+def test_documents_recognised(mask, tensor, batched, rest):
+    d = _docs(mask)
+    assert (d.tensor, d.batched, to_source(d.rest)) == (tensor, batched, rest)
+    assert "packed documents" in d.description()
+
+
+@pytest.mark.parametrize("mask", ["q_idx >= kv_idx", "doc[q_idx] == doc[q_idx + 0 * kv_idx + 1]",
+                                  "doc[q_idx] == other[kv_idx]", "doc[q_idx] != doc[kv_idx]",
+                                  "doc[q_idx] == doc[kv_idx] | q_idx >= kv_idx", "doc[h, q_idx] == doc[h, kv_idx]",
+                                  "True"])
+def test_not_documents(mask):
+    assert _docs(mask) is None
+
+
+def test_float_ids_are_not_documents():
+    from attnlang.ast import DType
+    v = al.compile(mask="doc[q_idx] == doc[kv_idx]")
+    assert documents(bind(v.checked, {"doc": DType.FLOAT}).mask) is None
+    assert documents(bind(v.checked, {"doc": DType.INT}).mask) is not None
+
+
+def test_explain_names_the_varlen_path():
+    text = al.compile(mask="doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx").explain()
+    assert "packed documents" in text and "varlen" in text
+    assert "varlen" not in al.compile(mask="q_idx >= kv_idx").explain()
+
+
+# ----- cu_seqlens -----
+
+def _pack(doc, batch, length, batched):
+    from attnlang.backends.fa4_varlen import pack_documents
+    return pack_documents(doc, batch, length, batched)
+
+
+def test_pack_sorted_ids():
+    doc = torch.tensor([0, 0, 0, 1, 1, 4, 4, 4, 4, 9])
+    p = _pack(doc, 1, 10, False)
+    assert p.cu_seqlens.tolist() == [0, 3, 5, 9, 10] and p.cu_seqlens.dtype == torch.int32
+    assert (p.max_seqlen, p.count) == (4, 4)
+
+
+def test_pack_shared_ids_repeat_per_batch_row():
+    p = _pack(torch.tensor([5, 5, 6, 6, 6]), 3, 5, False)
+    assert p.cu_seqlens.tolist() == [0, 2, 5, 7, 10, 12, 15]
+    assert p.max_seqlen == 3
+
+
+def test_pack_reads_only_the_call_length():
+    p = _pack(torch.tensor([0, 0, 1, 1, 2, 2, 2]), 1, 4, False)  # the tensor may be longer than q_len
+    assert p.cu_seqlens.tolist() == [0, 2, 4]
+
+
+def test_pack_batched_rows():
+    doc = torch.tensor([[0, 0, 1, 1, 1], [7, 8, 8, 8, 8], [3, 3, 3, 3, 3]])
+    p = _pack(doc, 2, 5, True)  # only the first two rows are the call's
+    assert p.cu_seqlens.tolist() == [0, 2, 5, 6, 10]
+    assert p.max_seqlen == 4
+
+
+@pytest.mark.parametrize("ids", [[3, 3, 2, 2, 1], [1, 1, 0, 0, 5], [True, True, False]])
+def test_pack_whole_runs_in_any_order(ids):
+    p = _pack(torch.tensor(ids), 1, len(ids), False)
+    assert p is not None and p.cu_seqlens[-1] == len(ids)
+
+
+@pytest.mark.parametrize("ids", [[0, 1, 0], [0, 0, 1, 1, 0], [2, 1, 2, 1]])
+def test_pack_declines_ids_in_two_runs(ids):
+    assert _pack(torch.tensor(ids), 1, len(ids), False) is None
+
+
+def test_pack_declines_one_bad_batch_row():
+    assert _pack(torch.tensor([[0, 0, 1], [0, 1, 0]]), 2, 3, True) is None
+
+
+def test_pack_property_against_a_python_reference():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        B = int(torch.randint(1, 4, (1,), generator=g))
+        S = int(torch.randint(1, 40, (1,), generator=g))
+        lens = torch.randint(1, 9, (B, S), generator=g)
+        doc = torch.stack([torch.repeat_interleave(torch.arange(S), lens[b])[:S] for b in range(B)])
+        p = _pack(doc, B, S, True)
+        expect = []
+        for b in range(B):
+            row = doc[b].tolist()
+            expect += [b * S + i for i in range(S) if i == 0 or row[i] != row[i - 1]]
+        assert p.cu_seqlens.tolist() == expect + [B * S]
+        assert p.max_seqlen == max(p.cu_seqlens[1:] - p.cu_seqlens[:-1]).item()
+
+
+def test_packing_cached_per_tensor_version():
+    from attnlang.backends import fa4_varlen
+    doc = torch.arange(64) // 16
+    q = torch.randn(1, 2, 64, 32)
+    plan = al.compile(mask="doc[q_idx] == doc[kv_idx]")._plan(q, q, q, None, "eager", False, None, {"doc": doc})
+    docs = fa4_varlen._documents(plan)
+    a = fa4_varlen._packing(plan, docs)
+    assert fa4_varlen._packing(plan, docs) is a
+    doc[40:] = 9  # in place: a new version, a new packing
+    b = fa4_varlen._packing(plan, docs)
+    assert b is not a and b.cu_seqlens.tolist() == [0, 16, 32, 40, 64]
+
+
+# ----- the emitted modifiers read global positions -----
+
+def test_varlen_modifiers_add_the_document_start():
+    v = al.compile(score="score + slope[h] * (kv_idx - q_idx) + float(b)", mask="kv_idx < 16 | q_idx >= kv_idx")
+    from attnlang.ast import DType
+    c = bind(v.checked, {"slope": DType.FLOAT})
+    one = emit_module(None, c.mask, None, (), positions=VarlenPositions(100, 100, False)).source
+    assert "_q0 = cute.full_like(kv_idx, seqlen_info.offset_q)" in one
+    assert "_k0 = cute.full_like(kv_idx, seqlen_info.offset_k)" in one
+    assert "operator.lt((kv_idx + _k0)" in one and "(q_idx + _q0)" in one and "_row" not in one
+    many = emit_module(c.score, c.mask, None, ("slope",), positions=VarlenPositions(100, 100, True)).source
+    assert "_row = _floordiv(cute.full_like(kv_idx, seqlen_info.offset_q), cute.full_like(kv_idx, 100" in many
+    assert "- _row * cute.full_like(kv_idx, 100, cutlass.Int32))" in many
+    assert "_row.to(cutlass.Float32)" in many  # b is the batch row, not FA4's sequence index
+    plain = emit_module(c.score, c.mask, None, ("slope",)).source
+    assert "offset_q" not in plain and "_q0" not in plain
+
+
+def test_varlen_lengths_are_the_call_lengths():
+    v = al.compile(mask="kv_idx <= q_idx + kv_len - q_len | kv_idx < 3")
+    src = emit_module(None, v.checked.mask, None, (), positions=VarlenPositions(77, 77, False)).source
+    assert "seqlen_info.seqlen" not in src and "cute.full_like(kv_idx, 77, cutlass.Int32)" in src
+
+
+def test_varlen_prologue_only_for_names_used():
+    v = al.compile(score="score * 2.0", mask="True")
+    src = emit_module(v.checked.score, None, None, (), positions=VarlenPositions(8, 8, True)).source
+    assert "_q0" not in src and "_row" not in src
+
+
+# ----- route() against eager, with a stand-in kernel -----
+
+def _allowed(Sq, Sk, left, right, causal):
+    i = torch.arange(Sq)[:, None]
+    j = torch.arange(Sk)[None, :]
+    off = Sk - Sq
+    if causal:
+        right = 0
+    ok = torch.ones(Sq, Sk, dtype=torch.bool)
+    if right is not None:
+        ok &= j <= i + off + right
+    if left is not None:
+        ok &= j >= i + off - left
+    return ok
+
+
+def _attend(q, k, v, scale, allowed):
+    """q [Sq, H, D], k / v [Sk, Hk, D]; -> out [Sq, H, Dv], lse [H, Sq]."""
+    H, Hk = q.shape[1], k.shape[1]
+    k, v = k.repeat_interleave(H // Hk, dim=1), v.repeat_interleave(H // Hk, dim=1)
+    s = torch.einsum("qhd,khd->hqk", q, k) * scale
+    s = s.masked_fill(~allowed, -math.inf)
+    lse = s.logsumexp(-1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    return torch.einsum("hqk,khd->qhd", p, v), lse
+
+
+class FakeFA4:
+    """flash_attn.cute's _flash_attn_fwd / _flash_attn_bwd for calls without modifiers, in float64 torch.
+
+    Varlen calls attend inside each cu_seqlens sequence with FA4's window flags; dense calls (the tile-list
+    forward) use ``dense_mask`` [S, S], the mask the tile lists stand for. The backward recomputes the forward
+    by autograd and checks that the lse it is handed is the forward's (the layout permutation)."""
+
+    def __init__(self, dense_mask=None):
+        self.dense_mask = dense_mask
+        self.calls = []
+
+    def _varlen(self, q, k, v, cu, scale, left, right):
+        outs, lses = [], []
+        cu = cu.tolist()
+        for a, b in zip(cu[:-1], cu[1:]):
+            o, lse = _attend(q[a:b], k[a:b], v[a:b], scale, _allowed(b - a, b - a, left, right, False))
+            outs.append(o)
+            lses.append(lse)
+        return torch.cat(outs), torch.cat(lses, dim=1)
+
+    def _flash_attn_fwd(self, q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                        max_seqlen_k=None, softmax_scale=None, causal=False, window_size_left=None,
+                        window_size_right=None, score_mod=None, mask_mod=None, aux_tensors=None,
+                        return_lse=False, block_sparse_tensors=None):
+        assert score_mod is None and mask_mod is None
+        if cu_seqlens_q is not None:
+            self.calls.append("fwd varlen")
+            assert cu_seqlens_q.dtype == torch.int32 and q.dim() == 3
+            assert max_seqlen_q == int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+            out, lse = self._varlen(q, k, v, cu_seqlens_q, softmax_scale, window_size_left, window_size_right)
+        else:
+            self.calls.append("fwd dense")
+            outs, lses = zip(*(_attend(q[b], k[b], v[b], softmax_scale, self.dense_mask) for b in range(q.shape[0])))
+            out, lse = torch.stack(outs), torch.stack(lses)
+        return out, (lse if return_lse else None), None, None, None
+
+    def _flash_attn_bwd(self, q, k, v, out, dout, lse, softmax_scale=None, causal=False, softcap=0.0,
+                        window_size_left=None, window_size_right=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                        max_seqlen_q=None, max_seqlen_k=None, score_mod=None, score_mod_bwd=None, mask_mod=None,
+                        aux_tensors=None, dlse=None):
+        self.calls.append("bwd varlen" if cu_seqlens_q is not None else "bwd dense")
+        assert cu_seqlens_q is not None and lse.shape == (q.shape[1], q.shape[0])
+        qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
+        with torch.enable_grad():
+            o, l2 = self._varlen(qq, kk, vv, cu_seqlens_q, softmax_scale, window_size_left, window_size_right)
+            finite = torch.isfinite(lse)
+            assert torch.allclose(l2[finite], lse[finite], atol=1e-6), "lse handed to the backward is not the forward's"
+            loss = (o * dout).sum() + ((l2.where(finite, 0.0) * dlse).sum() if dlse is not None else 0.0)
+            return torch.autograd.grad(loss, (qq, kk, vv))
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    from attnlang.backends import fa4
+    made = {}
+
+    def install(dense_mask=None):
+        made["fa"] = FakeFA4(dense_mask)
+        monkeypatch.setattr(fa4, "_flash", lambda: made["fa"])
+        return made["fa"]
+    return install
+
+
+def _doc_ids(lengths):
+    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+
+
+def _run(mask, tensors, B=2, Hq=4, Hkv=2, S=48, D=32, grads=True, options=None, params=None, seed=0):
+    from attnlang.backends import fa4_varlen
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, S, D, dtype=torch.float64, generator=g)
+    k = torch.randn(B, Hkv, S, D, dtype=torch.float64, generator=g)
+    v = torch.randn(B, Hkv, S, D, dtype=torch.float64, generator=g)
+    variant = al.compile(mask=mask, params=params)
+    qa, ka, va = (t.clone().requires_grad_(grads) for t in (q, k, v))
+    plan = variant._plan(qa, ka, va, None, "fa4", True, options, tensors)
+    from attnlang.backends import fa4
+    got = fa4_varlen.route(qa, ka, va, plan, fa4.VARLEN_HOST)
+    assert got is not None
+    out, lse = got
+    qe, ke, ve = (t.clone().requires_grad_(grads) for t in (q, k, v))
+    ref, ref_lse = variant(qe, ke, ve, backend="eager", return_lse=True, **tensors)
+    assert out.shape == ref.shape and lse.shape == ref_lse.shape
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-5, rtol=1e-6)
+    if grads:
+        g2 = torch.Generator().manual_seed(1)
+        dout = torch.randn(out.shape, dtype=torch.float64, generator=g2)
+        dlse = torch.randn(lse.shape, dtype=torch.float64, generator=g2).masked_fill(~torch.isfinite(ref_lse), 0)
+        ((out * dout).sum() + (lse.where(torch.isfinite(lse), 0.0) * dlse).sum()).backward()
+        ((ref * dout).sum() + (ref_lse.where(torch.isfinite(ref_lse), 0.0) * dlse).sum()).backward()
+        for a, b in ((qa, qe), (ka, ke), (va, ve)):
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4)  # eager lse is float32
+    return out, lse
+
+
+LENGTHS = [5, 17, 1, 25]  # 48 positions, a document of length 1 included
+
+
+def test_route_causal_documents_forward_and_backward_on_varlen(fake):
+    fa = fake()
+    _run("doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx", {"doc": _doc_ids(LENGTHS)}, options={"varlen": True})
+    assert fa.calls == ["fwd varlen", "bwd varlen"]
+
+
+def test_route_window_inside_documents(fake):
+    fake()
+    _run("doc[q_idx] == doc[kv_idx] & 0 <= q_idx - kv_idx < 4", {"doc": _doc_ids(LENGTHS)},
+         options={"varlen": True})
+
+
+def test_route_whole_documents_no_other_mask(fake):
+    fake()
+    _run("doc[q_idx] == doc[kv_idx]", {"doc": _doc_ids(LENGTHS)}, options={"varlen": True}, B=1, Hkv=4)
+
+
+def test_route_batched_ids(fake):
+    doc = torch.stack([_doc_ids(LENGTHS), _doc_ids([30, 18])])
+    fake()
+    _run("doc[b, q_idx] == doc[b, kv_idx] & q_idx >= kv_idx", {"doc": doc}, options={"varlen": True})
+
+
+def test_route_inference_varlen_forward(fake):
+    fa = fake()
+    _run("doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx", {"doc": _doc_ids(LENGTHS)}, grads=False,
+         options={"varlen": True})
+    assert fa.calls == ["fwd varlen"]
+
+
+def test_route_tile_list_forward_varlen_backward(fake, monkeypatch):
+    """Default direction choice on a short pack: the forward on tile lists (here the stand-in's dense mask),
+    the backward on varlen, the lse permuted between the layouts."""
+    from attnlang.backends import fa4
+    doc = _doc_ids(LENGTHS)
+    dense = (doc[:, None] == doc[None, :]) & (torch.arange(48)[:, None] >= torch.arange(48)[None, :])
+    fa = fake(dense)
+    monkeypatch.setattr(fa4, "_load", lambda module: None)  # no CUTLASS here: the tile path's modifiers unused
+    monkeypatch.setattr(fa4, "_block_sparse", lambda plan, low, device: (None, None, True))
+    _run("doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx", {"doc": doc})
+    assert fa.calls == ["fwd dense", "bwd varlen"]
+
+
+def test_route_declines(fake):
+    from attnlang.backends import fa4, fa4_varlen
+    fake()
+    q = torch.randn(1, 2, 48, 32)
+    doc = _doc_ids(LENGTHS)
+    v = al.compile(mask="doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx")
+
+    def route(q_, k_, options=None, tensors=None):
+        plan = v._plan(q_, k_, k_, None, "fa4", False, options, tensors or {"doc": doc})
+        return fa4_varlen.route(q_, k_, k_, plan, fa4.VARLEN_HOST)
+
+    assert route(q, q) is None                                   # inference on a short pack: tile lists
+    assert route(q, q, {"varlen": False}) is None
+    assert route(q, q, {"varlen": True}) is not None
+    assert route(q, q, {"varlen": True}, {"doc": torch.tensor([0, 1] * 24)}) is None   # ids in many runs
+    assert route(q, torch.randn(1, 2, 64, 32), {"varlen": True}, {"doc": torch.arange(64) // 8}) is None  # q != kv
+    assert route(torch.randn(1, 2, 48, 40), torch.randn(1, 2, 48, 40), {"varlen": True}) is None  # head dim 40
+    plain = al.compile(mask="q_idx >= kv_idx")._plan(q, q, q, None, "fa4", False, {"varlen": True}, {})
+    assert fa4_varlen.route(q, q, q, plain, fa4.VARLEN_HOST) is None
+
+
+def test_varlen_option_validated():
+    from attnlang.backends import fa4
+    q = torch.randn(1, 2, 8, 16)
+    plan = al.compile(mask="q_idx >= kv_idx")._plan(q, q, q, None, "fa4", False, {"varlen": 1}, {})
+    assert "True or False" in fa4.unsupported(q, plan)
+
+
+def test_describe_says_which_path(fake):
+    from attnlang.backends import fa4, fa4_varlen
+    fake()
+    q = torch.randn(1, 2, 48, 32)
+    plan = al.compile(mask="doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx")._plan(
+        q, q, q, None, "fa4", False, {"varlen": True}, {"doc": _doc_ids(LENGTHS)})
+    text = fa4_varlen.describe(q, q, q, plan, fa4.VARLEN_HOST)
+    assert "varlen forward" in text and "4 sequences" in text and "(None, 0)" in text
