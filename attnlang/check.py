@@ -56,20 +56,27 @@ _SAME_TYPE_FUNCS = frozenset({"abs", "floor", "ceil", "sign"})
 
 @dataclass(frozen=True)
 class Checked:
-    """A checked pair of expressions.
+    """A checked pair of expressions, and the optional sink.
 
     score, mask: typed ASTs (parameters substituted; tensor reads UNKNOWN until ``bind``).
     tensors: name -> number of indices of every tensor the expressions read.
-    sources: {"score": text, "mask": text}, for error carets.
+    sources: {"score": text, "mask": text} (and "sink" when there is one), for error carets.
+    sink: the typed sink expression (LANGUAGE.md: the logit of one extra key per row), or None.
     """
 
     score: Expr
     mask: Expr
     tensors: Mapping[str, int]
     sources: Mapping[str, str] = field(compare=False)
+    sink: Expr | None = None
 
     def expr(self, where: str) -> Expr:
-        return self.score if where == "score" else self.mask
+        return self.sink if where == "sink" else self.score if where == "score" else self.mask
+
+    @property
+    def wheres(self) -> tuple[str, ...]:
+        """The expressions present: ("score", "mask") and "sink" when there is one."""
+        return ("score", "mask") if self.sink is None else ("score", "mask", "sink")
 
 
 def dtype_of_torch(t) -> DType | None:
@@ -145,16 +152,18 @@ def _validate_params(params) -> dict[str, Const]:
     return out
 
 
-def check(score: str = "score", mask: str = "True", params=None) -> Checked:
-    """Parse and check a variant's two expressions.
+def check(score: str = "score", mask: str = "True", params=None, sink: str | None = None) -> Checked:
+    """Parse and check a variant's two expressions and its optional sink expression.
 
     Raises:
         AttnLangError: syntax errors, unknown functions or names, wrong arity, type errors, ``score`` in the mask,
             a mask that is not bool, a tensor used without an index, a parameter given but unused, a reserved
-            name used as a parameter or tensor.
+            name used as a parameter or tensor, a sink that reads ``score`` or ``kv_idx`` or is bool.
     """
     sources = {"score": score, "mask": mask}
-    trees = {w: parse(sources[w], where=w) for w in ("score", "mask")}
+    if sink is not None:
+        sources["sink"] = sink
+    trees = {w: parse(sources[w], where=w) for w in sources}
     _check_reserved_uses(params, trees, sources)
     consts = _validate_params(params)
 
@@ -183,14 +192,14 @@ def check(score: str = "score", mask: str = "True", params=None) -> Checked:
 
     typed = {w: _infer(_substitute(t, consts), None, sources[w], w) for w, t in trees.items()}
     _check_roles(typed, sources)
-    return Checked(typed["score"], typed["mask"], dict(tensors), sources)
+    return Checked(typed["score"], typed["mask"], dict(tensors), sources, typed.get("sink"))
 
 
 def bind(checked: Checked, tensor_dtypes: Mapping[str, DType]) -> Checked:
     """Re-type a checked variant with the element types of the tensors given at call time."""
-    typed = {w: _infer(checked.expr(w), tensor_dtypes, checked.sources[w], w) for w in ("score", "mask")}
+    typed = {w: _infer(checked.expr(w), tensor_dtypes, checked.sources[w], w) for w in checked.wheres}
     _check_roles(typed, checked.sources, final=True)
-    return Checked(typed["score"], typed["mask"], checked.tensors, checked.sources)
+    return Checked(typed["score"], typed["mask"], checked.tensors, checked.sources, typed.get("sink"))
 
 
 def check_index_bounds(checked: Checked, env: Mapping[str, object], shapes: Mapping[str, tuple]) -> None:
@@ -199,7 +208,7 @@ def check_index_bounds(checked: Checked, env: Mapping[str, object], shapes: Mapp
     env: intervals of the built-in names (b, h, q_idx, kv_idx, q_len, kv_len) and of each tensor's values.
     shapes: tensor name -> shape.
     """
-    for where in ("score", "mask"):
+    for where in checked.wheres:
         for node in walk(checked.expr(where)):
             if not isinstance(node, Index):
                 continue
@@ -302,6 +311,10 @@ def _check_var(node: Var, where, sources, consts, tensors) -> None:
     if name == "score" and where == "mask":
         raise AttnLangError.at("'score' cannot be used in a mask: the mask decides which pairs attend, before "
                                "scores exist", sources[where], node.span, where)
+    if name in ("score", "kv_idx") and where == "sink":
+        raise AttnLangError.at(f"{name!r} cannot be used in a sink expression: the sink is one extra key per row "
+                               f"(it may read b, h, q_idx, q_len, kv_len, params and tensors)", sources[where],
+                               node.span, where)
     if name in BUILTIN_VARS or name in consts:
         return
     if name in tensors:
@@ -355,6 +368,10 @@ def _check_roles(typed, sources, final: bool = False) -> None:
         raise AttnLangError.at("the score expression must be a number (float), but it is bool; a condition "
                                "belongs in the mask, or use where(cond, score, -inf)", sources["score"], s.span,
                                "score")
+    k = typed.get("sink")
+    if k is not None and k.dtype is DType.BOOL:
+        raise AttnLangError.at("the sink expression must be a number (float: the logit of the extra key), but it "
+                               "is bool", sources["sink"], k.span, "sink")
     if m.dtype in (DType.INT, DType.FLOAT):
         raise AttnLangError.at(f"the mask must be bool, but it is {m.dtype.value}; compare it, e.g. "
                                f"'... != 0'", sources["mask"], m.span, "mask")

@@ -1,7 +1,8 @@
 """The `attnlang` command: check, explain and demo.
 
-    attnlang check   --score EXPR --mask EXPR [--param NAME=VALUE ...]
-    attnlang explain --score EXPR --mask EXPR [--param ...] [--q-len N --kv-len N] [--png FILE]
+    attnlang check   --score EXPR --mask EXPR [--sink EXPR] [--no-normalize] [--param NAME=VALUE ...]
+    attnlang explain --score EXPR --mask EXPR [--sink EXPR] [--no-normalize] [--param ...] [--q-len N --kv-len N]
+                     [--png FILE]
                      [--tensor NAME=FILE ...]
     attnlang demo    [--seq-len 2048 --batch 1 --heads 8 --kv-heads 2 --head-dim 64 --backend auto]
 
@@ -83,12 +84,13 @@ def _tensors(items, device="cpu") -> dict:
 
 def _variant(args):
     from .variant import compile
-    return compile(args.score, args.mask, _params(args.param))
+    return compile(args.score, args.mask, _params(args.param), sink=args.sink, normalize=args.normalize)
 
 
 def cmd_check(args) -> int:
     v = _variant(args)
-    print(f"ok: {v.canonical[0]!s} | mask {v.canonical[1]!s}")
+    extra = "".join(f" | {part}" for part in v.canonical[3:])
+    print(f"ok: {v.canonical[0]!s} | mask {v.canonical[1]!s}{extra}")
     return 0
 
 
@@ -221,6 +223,10 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--score", default="score", help="score expression (default: score)")
         sp.add_argument("--mask", default="True", help="mask expression (default: True)")
         sp.add_argument("--param", action="append", metavar="NAME=VALUE", help="a compile-time scalar")
+        sp.add_argument("--sink", default=None, metavar="EXPR",
+                        help="sink expression: the logit of one extra key per row (default: none)")
+        sp.add_argument("--no-normalize", dest="normalize", action="store_false",
+                        help="out is the softmax's numerator alone (sigmoid attention)")
 
     c = sub.add_parser("check", help="check a variant; exit 2 with the error on bad input")
     expr_args(c)

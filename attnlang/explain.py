@@ -63,7 +63,7 @@ def _auto_policy() -> str:
 
 
 def explain(score: str, mask: str, params: Mapping[str, object], checked: Checked, simplified: Simplified,
-            q_len: int | None = None, kv_len: int | None = None) -> str:
+            q_len: int | None = None, kv_len: int | None = None, normalize: bool = True) -> str:
     """A report: the variant as written (``score``, ``mask``, ``params``), parsed (``checked``), simplified (with
     the rules that fired), its types and tensors, its mask's structure (native lowering, block density for given
     lengths) and the backend "auto" would pick.
@@ -81,14 +81,22 @@ def explain(score: str, mask: str, params: Mapping[str, object], checked: Checke
     out = ["attnlang variant", "  as written:"]
     out.append(f"    score: {score}")
     out.append(f"    mask:  {mask}")
+    if checked.sink is not None:
+        out.append(f"    sink:  {checked.sources['sink']}")
+    if not normalize:
+        out.append("    normalize: False (out is the softmax's numerator alone)")
     if params:
         out.append("    params: " + ", ".join(f"{k}={v!r}" for k, v in sorted(params.items())))
     out.append("  parsed (canonical):")
     out.append(f"    score: {to_source(checked.score)}")
     out.append(f"    mask:  {to_source(checked.mask)}")
+    if checked.sink is not None:
+        out.append(f"    sink:  {to_source(checked.sink)}")
     out.append("  simplified:")
     out.append(f"    score: {to_source(simple.score)}")
     out.append(f"    mask:  {to_source(simple.mask)}")
+    if checked.sink is not None:
+        out.append(f"    sink:  {to_source(simple.sink) if simple.sink is not None else 'none (-inf adds nothing)'}")
     if simple.lse_shift is not None:
         out.append(f"    lse shift (dropped from the score, added back to lse): {to_source(simple.lse_shift)}")
     if simple.trace:
@@ -100,6 +108,8 @@ def explain(score: str, mask: str, params: Mapping[str, object], checked: Checke
     out.append(f"    score: {'float' if st in (DType.FLOAT, DType.INT) else 'set by tensor dtypes at call time'}"
                f"; depends on {_depends(checked.score)}")
     out.append(f"    mask:  bool; depends on {_depends(checked.mask)}")
+    if checked.sink is not None:
+        out.append(f"    sink:  float (one extra key per row, no value); depends on {_depends(checked.sink)}")
     if checked.tensors:
         out.append("    tensors (bound at call time): " + ", ".join(
             f"{n} ({d} index{'es' if d != 1 else ''})" for n, d in sorted(checked.tensors.items())))

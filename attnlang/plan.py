@@ -21,7 +21,8 @@ class CallPlan:
     lse_shift: a per-row term the simplifier dropped from the score (None if none); backends add it to lse.
     scale: multiplies q·k before the score expression.
     tensors: the named tensors the simplified expressions (and lse_shift) read, on q's device.
-    key: the variant's canonical (score, mask, lse shift) text: what the backends' caches are keyed on.
+    key: the variant's canonical (score, mask, lse shift[, sink][, normalize]) text: what the backends' caches are
+        keyed on.
     checked: the variant's checked expressions before simplification: ``checked.sources`` and
         ``checked.score.span`` place error carets, ``checked.tensors`` (name -> number of indices) is what
         ``attnlang.sparsity.mask_block_sparsity`` checks tensors against.
@@ -29,6 +30,10 @@ class CallPlan:
     options: backend options (``kernel_options``); return_lse: whether the caller wants lse (backends may skip it).
     value_ranges: name -> attnlang.intervals.Interval of every built-in name and named tensor for this call (what
         the call checks proved bounds with; backends use it to pick narrower int types).
+    sink: the simplified sink expression, bound and typed for this call (LANGUAGE.md: the logit of one extra key
+        per row; it reads no ``kv_idx`` or ``score``), or None. When lse_shift drops a row term c from the score,
+        this sink is already ``sink - c``. Backends run it through ``attnlang.denominator``.
+    normalize: False: out is the softmax's numerator alone (sigmoid attention); see ``attnlang.denominator``.
     """
 
     score: Expr
@@ -36,7 +41,7 @@ class CallPlan:
     lse_shift: Expr | None
     scale: float
     tensors: Mapping[str, torch.Tensor]
-    key: tuple[str, str, str]
+    key: tuple[str, ...]
     checked: Checked = field(repr=False)
     q_len: int
     kv_len: int
@@ -46,3 +51,5 @@ class CallPlan:
     options: Mapping[str, object] = field(default_factory=dict)
     return_lse: bool = True
     value_ranges: Mapping[str, object] = field(default_factory=dict)
+    sink: Expr | None = None
+    normalize: bool = True

@@ -48,13 +48,20 @@ class Simplified:
         back to lse.
     score_unshifted: the score before the shift rule (None when no shift was applied); use it (and no lse_shift)
         when lse_shift is not finite everywhere, since dropping a -inf / +inf / NaN row term changes the result.
-    trace: one line per rule that fired, in order."""
+    trace: one line per rule that fired, in order.
+    sink: the simplified sink (None if none, or if it is -inf, which is the same as none); when the shift rule
+        dropped a row term c from the score, the sink is ``sink - c``: with lse' = log(exp(sink - c) + sum
+        exp(s - c)) = lse - c, the output is unchanged and lse' + c (the lse shift) is the original lse.
+    sink_unshifted: the sink before the shift rule (None when no shift was applied or there is no sink); used with
+        score_unshifted."""
 
     score: Expr
     mask: Expr
     lse_shift: Expr | None = None
     trace: tuple[str, ...] = ()
     score_unshifted: Expr | None = None
+    sink: Expr | None = None
+    sink_unshifted: Expr | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -839,23 +846,37 @@ def shift_invariance(score: Expr, trace: list) -> tuple[Expr, Expr | None]:
     return _span(score, new), shift
 
 
-def simplify_variant(score: Expr, mask: Expr) -> Simplified:
-    """Simplify a checked variant (typed ASTs from ``attnlang.check.check``).
+def simplify_variant(score: Expr, mask: Expr, sink: Expr | None = None, normalize: bool = True) -> Simplified:
+    """Simplify a checked variant (typed ASTs from ``attnlang.check.check``, and its optional sink).
 
-    Returns a ``Simplified`` whose score / mask compute the same attention output, whose ``lse_shift`` (if any)
-    added to the lse of the simplified variant gives the original lse, and whose trace lists the rules that fired.
+    Returns a ``Simplified`` whose score / mask / sink compute the same attention output, whose ``lse_shift`` (if
+    any) added to the lse of the simplified variant gives the original lse, and whose trace lists the rules that
+    fired. With ``normalize=False`` the output is the softmax's numerator, which a row term scales by exp(c): the
+    shift rule does not apply then.
     """
     trace: list[str] = []
     score = simplify(score, trace)
     mask = simplify(mask, trace)
+    if sink is not None:
+        sink = simplify(sink, trace)
+        if _is_neg_inf(sink):  # exp(-inf) adds nothing to the denominator
+            sink = None
+            trace.append("sink_neg_inf")
     score, lifted = lift_mask(score, mask, trace)
     if lifted is not mask:
         mask = simplify(lifted, trace)
-    unshifted = score
-    score, shift = shift_invariance(score, trace)
+    unshifted, sink_unshifted = score, sink
+    shift = None
+    if normalize:
+        score, shift = shift_invariance(score, trace)
     if shift is not None:
         score = simplify(score, trace)
         shift = simplify(shift, trace)
         if isinstance(shift, Const) and shift.value == 0:
             shift = None  # a zero shift: nothing to add back (the score lost only a + 0)
-    return Simplified(score, mask, shift, tuple(trace), unshifted if shift is not None else None)
+        elif sink is not None:
+            # in float: the sink is a float logit, and an int difference could leave int64
+            c = shift if shift.dtype is not DType.INT else Call("float", (shift,), shift.span, DType.FLOAT)
+            sink = simplify(mk_binary(Op.SUB, sink, c, sink.span), trace)
+    return Simplified(score, mask, shift, tuple(trace), unshifted if shift is not None else None, sink,
+                      sink_unshifted if shift is not None else None)

@@ -23,30 +23,41 @@ __all__ = ["Variant", "compile", "from_config", "reference", "BACKENDS"]
 
 BACKENDS = ("auto", "eager", "flex", "fa4")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-CONFIG_KEYS = ("score", "mask", "params")
+CONFIG_KEYS = ("score", "mask", "params", "sink", "normalize")
 
 
 class Variant:
-    """An attention variant: a score expression and a mask expression, checked and simplified.
+    """An attention variant: a score expression and a mask expression (and optionally a sink expression and
+    ``normalize=False``, LANGUAGE.md), checked and simplified.
 
     Immutable and hashable; two variants are equal when their canonical (simplified) forms are equal.
     Build one with ``attnlang.compile``. Call it like attention: ``out = v(q, k, v_, **tensors)``.
     """
 
     __slots__ = ("_score_source", "_mask_source", "_params", "_checked", "_simplified", "_key", "_bind_cache",
-                 "__weakref__")
+                 "_sink_source", "_normalize", "__weakref__")
 
-    def __init__(self, score: str = "score", mask: str = "True", params: Mapping[str, Any] | None = None):
+    def __init__(self, score: str = "score", mask: str = "True", params: Mapping[str, Any] | None = None,
+                 sink: str | None = None, normalize: bool = True):
         params = _plain_params(params)
-        checked = check(score, mask, params)
-        simplified = simplify_variant(checked.score, checked.mask)
+        _check_denominator_args(sink, normalize)
+        checked = check(score, mask, params, sink)
+        simplified = simplify_variant(checked.score, checked.mask, checked.sink, normalize)
         object.__setattr__(self, "_score_source", score)
         object.__setattr__(self, "_mask_source", mask)
+        object.__setattr__(self, "_sink_source", sink)
+        object.__setattr__(self, "_normalize", normalize)
         object.__setattr__(self, "_params", dict(params or {}))
         object.__setattr__(self, "_checked", checked)
         object.__setattr__(self, "_simplified", simplified)
         shift = "" if simplified.lse_shift is None else to_source(simplified.lse_shift)
-        object.__setattr__(self, "_key", (to_source(simplified.score), to_source(simplified.mask), shift))
+        key = (to_source(simplified.score), to_source(simplified.mask), shift)
+        # the two optional parts extend the key only when set, so existing variants keep their key
+        if simplified.sink is not None:
+            key += (f"sink: {to_source(simplified.sink)}",)
+        if not normalize:
+            key += ("normalize: False",)
+        object.__setattr__(self, "_key", key)
         object.__setattr__(self, "_bind_cache", {})
 
     def __setattr__(self, name, value):
@@ -67,6 +78,16 @@ class Variant:
         return self._mask_source
 
     @property
+    def sink(self) -> str | None:
+        """The sink expression as written (None without one)."""
+        return self._sink_source
+
+    @property
+    def normalize(self) -> bool:
+        """False when out is the softmax's numerator alone (LANGUAGE.md)."""
+        return self._normalize
+
+    @property
     def params(self) -> dict:
         """The compile-time scalar parameters (a copy)."""
         return dict(self._params)
@@ -82,8 +103,9 @@ class Variant:
         return self._simplified
 
     @property
-    def canonical(self) -> tuple[str, str, str]:
-        """(score, mask, lse shift) in canonical text: what equality and hashing use."""
+    def canonical(self) -> tuple[str, ...]:
+        """(score, mask, lse shift) in canonical text, then "sink: ..." and "normalize: False" when set: what
+        equality and hashing use."""
         return self._key
 
     @property
@@ -101,22 +123,32 @@ class Variant:
         parts = [f"score={self._score_source!r}", f"mask={self._mask_source!r}"]
         if self._params:
             parts.append(f"params={self._params!r}")
+        if self._sink_source is not None:
+            parts.append(f"sink={self._sink_source!r}")
+        if not self._normalize:
+            parts.append("normalize=False")
         return f"Variant({', '.join(parts)})"
 
     def __reduce__(self):
-        return (Variant, (self._score_source, self._mask_source, self._params))
+        return (Variant, (self._score_source, self._mask_source, self._params, self._sink_source, self._normalize))
 
     # ----- configs -----
     def to_config(self) -> dict:
-        """A JSON-serialisable dict {"score", "mask", "params"}; ``attnlang.from_config(d) == self``."""
-        return {"score": self._score_source, "mask": self._mask_source, "params": dict(self._params)}
+        """A JSON-serialisable dict {"score", "mask", "params"} (plus "sink" and "normalize" when set);
+        ``attnlang.from_config(d) == self``."""
+        config = {"score": self._score_source, "mask": self._mask_source, "params": dict(self._params)}
+        if self._sink_source is not None:
+            config["sink"] = self._sink_source
+        if not self._normalize:
+            config["normalize"] = False
+        return config
 
     # ----- explain -----
     def explain(self, q_len: int | None = None, kv_len: int | None = None) -> str:
         """A human-readable report: parsed and simplified forms, types, tensors, rules that fired."""
         from .explain import explain
         return explain(self._score_source, self._mask_source, self._params, self._checked, self._simplified,
-                       q_len=q_len, kv_len=kv_len)
+                       q_len=q_len, kv_len=kv_len, normalize=self._normalize)
 
     def block_sparsity(self, /, q_len: int, kv_len: int, batch: int = 1, heads: int = 1,
                        block_size: tuple[int, int] | int = (128, 128), **tensors):
@@ -142,7 +174,8 @@ class Variant:
                 float32, float64), one device; Hq a multiple of Hkv (grouped-query attention).
             scale: multiplies q·k before the score expression; default 1/sqrt(D).
             backend: "auto" (default), "eager", "flex" or "fa4".
-            return_lse: also return lse, float32 [B, Hq, Sq], natural log (-inf for rows with no allowed key).
+            return_lse: also return lse, float32 [B, Hq, Sq], natural log (-inf for rows with no allowed key; the
+                sink's value there when the variant has a sink).
             kernel_options: backend options (e.g. {"BACKEND": "TRITON"} for flex).
             **tensors: every tensor the expressions read, by name.
         Returns:
@@ -181,11 +214,13 @@ class Variant:
         # the interval walk costs ~0.1 ms per call: once per bound expressions, sizes and value ranges
         _BOUNDS_OK.get((bound_original,), (tuple(env.items()), tuple(shapes.items())),
                        lambda: check_index_bounds(bound_original, env, shapes))
-        score = bound_simple.score
+        score, sink = bound_simple.score, bound_simple.sink
         if bound_shift is not None and not _finite_rows(bound_shift, env, q, B, Hq, Sq, Skv, tensors):
             # A row term that is not finite masks its whole row: dropping it would change the result.
-            score, bound_shift = self._bind_unshifted(dtypes), None
+            (score, sink), bound_shift = self._bind_unshifted(dtypes), None
         used = names_used(score) | names_used(bound_simple.mask)
+        if sink is not None:
+            used |= names_used(sink)
         if return_lse and bound_shift is not None:
             used |= names_used(bound_shift)
         return CallPlan(
@@ -193,7 +228,7 @@ class Variant:
             scale=scale, tensors={n: t for n, t in tensors.items() if n in used}, key=self._key,
             checked=self._checked, q_len=Sq,
             kv_len=Skv, batch=B, q_heads=Hq, kv_heads=Hkv, options=dict(kernel_options or {}),
-            return_lse=return_lse, value_ranges=env)
+            return_lse=return_lse, value_ranges=env, sink=sink, normalize=self._normalize)
 
     def _bind(self, dtypes: Mapping[str, DType]):
         key = tuple(sorted((n, d.value) for n, d in dtypes.items()))
@@ -201,7 +236,7 @@ class Variant:
         if got is None:
             original = bind(self._checked, dtypes)
             simple = bind(Checked(self._simplified.score, self._simplified.mask, self._checked.tensors,
-                                  self._checked.sources), dtypes)
+                                  self._checked.sources, self._simplified.sink), dtypes)
             shift = None
             if self._simplified.lse_shift is not None:
                 # the shift is numeric: bind it in the score's place (the mask's place must be bool)
@@ -212,9 +247,11 @@ class Variant:
         return got
 
     def _bind_unshifted(self, dtypes: Mapping[str, DType]):
+        """(score, sink) before the shift rule, bound."""
         unshifted = getattr(self._simplified, "score_unshifted", None) or self._checked.score
-        return bind(Checked(unshifted, self._simplified.mask, self._checked.tensors, self._checked.sources),
-                    dtypes).score
+        got = bind(Checked(unshifted, self._simplified.mask, self._checked.tensors, self._checked.sources,
+                           self._simplified.sink_unshifted), dtypes)
+        return got.score, got.sink
 
     def _check_tensors(self, tensors: Mapping[str, Any], device) -> None:
         wanted = self._checked.tensors
@@ -245,6 +282,8 @@ def _connect_unread(out, lse, plan: CallPlan, tensors):
     """A bound tensor that requires grad but that the simplified call does not read (a per-row term dropped from
     the score moves softmax by nothing): give it a zero gradient, as the unsimplified variant would."""
     read = names_used(plan.score) | names_used(plan.mask)
+    if plan.sink is not None:
+        read |= names_used(plan.sink)
     grads = {n: t for n, t in tensors.items() if t.requires_grad}
     unread = [t for n, t in sorted(grads.items()) if n not in read]
     if unread:
@@ -258,7 +297,7 @@ def _connect_unread(out, lse, plan: CallPlan, tensors):
 
 
 def _first_read(checked: Checked, name: str):
-    for where in ("score", "mask"):
+    for where in checked.wheres:
         for node in walk(checked.expr(where)):
             if isinstance(node, Index) and node.tensor == name:
                 return where, node
@@ -350,21 +389,35 @@ def _plain_params(params):
 
 
 @functools.lru_cache(maxsize=1024)
-def _compile_cached(score: str, mask: str, params: tuple) -> Variant:
-    return Variant(score, mask, {name: value for name, (_, value) in params})
+def _compile_cached(score: str, mask: str, params: tuple, sink: str | None = None, normalize: bool = True) -> Variant:
+    return Variant(score, mask, {name: value for name, (_, value) in params}, sink, normalize)
 
 
-def compile(score: str = "score", mask: str = "True", params: Mapping[str, Any] | None = None) -> Variant:
+def _check_denominator_args(sink, normalize) -> None:
+    if sink is not None and not isinstance(sink, str):
+        raise AttnLangError(f"sink must be a string expression or None, got {type(sink).__name__}")
+    if not isinstance(normalize, bool):
+        raise AttnLangError(f"normalize must be True or False, got {normalize!r}")
+
+
+def compile(score: str = "score", mask: str = "True", params: Mapping[str, Any] | None = None,
+            sink: str | None = None, normalize: bool = True) -> Variant:
     """Compile an attention variant from a score expression and a mask expression (LANGUAGE.md).
 
     Args:
         score: how each pre-softmax score is modified; float; default "score".
         mask: which (q_idx, kv_idx) pairs may attend; bool; default "True".
         params: compile-time scalars (int, float or bool) by name.
+        sink: the logit of one extra key per row that enters the softmax's denominator and carries no value
+            (gpt-oss's learned per-head sinks ``"sinks[h]"``; "softmax plus one" (Miller 2023) is ``"0"``); a
+            number expression of b, h, q_idx, q_len, kv_len, params and tensors. Default None: no sink.
+        normalize: False gives the softmax's numerator alone, out = sum exp(s'') V (sigmoid attention,
+            Ramapuram et al. 2024, with score ``log(sigmoid(score - b0))``); lse is unchanged. Default True.
     Returns:
         an immutable, hashable Variant.
     Raises:
-        AttnLangError: any syntax, name or type error, with line, column and a caret under the token.
+        AttnLangError: any syntax, name or type error, with line, column and a caret under the token (a sink
+            that reads ``score`` or ``kv_idx``, or is bool, included).
     """
     if not isinstance(score, str):
         raise AttnLangError(f"score must be a string, got {type(score).__name__}")
@@ -372,13 +425,14 @@ def compile(score: str = "score", mask: str = "True", params: Mapping[str, Any] 
         raise AttnLangError(f"mask must be a string, got {type(mask).__name__}")
     if params is not None and not isinstance(params, Mapping):
         raise AttnLangError(f"params must be a dict of name -> scalar, got {type(params).__name__}")
+    _check_denominator_args(sink, normalize)
     params = _plain_params(params)
     try:
         key = tuple(sorted((k, (type(v).__name__, v)) for k, v in (params or {}).items()))
         hash(key)
     except TypeError:
-        return Variant(score, mask, params)
-    return _compile_cached(score, mask, key)  # the type names keep 1, 1.0 and True apart
+        return Variant(score, mask, params, sink, normalize)
+    return _compile_cached(score, mask, key, sink, normalize)  # the type names keep 1, 1.0 and True apart
 
 
 def from_config(config) -> Variant:
@@ -398,9 +452,15 @@ def from_config(config) -> Variant:
     score = config.get("score", "score")
     mask = config.get("mask", "True")
     params = config.get("params", {})
+    sink = config.get("sink")
+    normalize = config.get("normalize", True)
     for key, value in (("score", score), ("mask", mask)):
         if not isinstance(value, str):
             raise AttnLangError(f"config key {key!r} must be a string expression, got {type(value).__name__}")
+    if sink is not None and not isinstance(sink, str):
+        raise AttnLangError(f"config key 'sink' must be a string expression, got {type(sink).__name__}")
+    if not isinstance(normalize, bool):
+        raise AttnLangError(f"config key 'normalize' must be true or false, got {normalize!r}")
     if params is None:
         params = {}
     if not isinstance(params, Mapping):
@@ -409,7 +469,7 @@ def from_config(config) -> Variant:
         if isinstance(value, bool) or isinstance(value, (int, float)):
             continue
         raise AttnLangError(f"config key 'params.{name}' must be an int, float or bool, got {type(value).__name__}")
-    return compile(score, mask, params)
+    return compile(score, mask, params, sink, normalize)
 
 
 def _no_duplicates(pairs) -> dict:

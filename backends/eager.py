@@ -13,6 +13,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..ast import Binary, Call, Const, DType, Index, Op, names_used, walk
+from ..denominator import finish
 from ..errors import AttnLangError
 from ..lower_torch import evaluate, positions, row_values
 from ..plan import CallPlan
@@ -35,9 +36,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan,
         plan: the bound, simplified expressions, scale and named tensors (``attnlang.plan.CallPlan``).
         chunk_size: query rows per block (default: as many as fit the budget).
     Returns:
-        out [B, Hq, Sq, Dv] in q's dtype, lse [B, Hq, Sq] float32 (natural log; -inf for rows with no key).
+        out [B, Hq, Sq, Dv] in q's dtype, lse [B, Hq, Sq] float32 (natural log; -inf for rows with no key, the
+        sink there when the plan has one). A sink and normalize=False come from ``attnlang.denominator.finish``.
     Raises:
-        AttnLangError: the score expression gives NaN or +inf at an allowed position.
+        AttnLangError: the score expression gives NaN or +inf at an allowed position; the sink is NaN or +inf.
     """
     score, mask, lse_shift, scale, tensors = plan.score, plan.mask, plan.lse_shift, plan.scale, plan.tensors
     B, Hq, Sq, _ = q.shape
@@ -66,8 +68,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan,
             o, l = block(start, qc, k, v, *values)
         outs.append(o)
         lses.append(l)
-    out = torch.cat(outs, dim=2).to(q.dtype)
-    lse = torch.cat(lses, dim=2)
+    out, lse = finish(torch.cat(outs, dim=2), torch.cat(lses, dim=2), plan, fd)
+    out = out.to(q.dtype)
     if lse_shift is not None:
         shift = row_values(lse_shift, B, Hq, Sq, Skv, tensors, fd, q.device)
         lse = lse + shift.to(lse.dtype)

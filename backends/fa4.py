@@ -26,11 +26,15 @@ tile lists), ``dense_tile_list`` (default False: True gives a mask-free call on 
 tile list, FA4's block-sparse schedule), ``bhsd_out`` (default False: True has an inference call write out into
 a [B, H, S, Dv] buffer, as flex's FA4 path does, instead of FA4's own [B, S, H, Dv]), ``varlen`` (default: by
 direction, see ``attnlang.backends.fa4_varlen``; True runs packed documents ``doc[q_idx] == doc[kv_idx] & ...``
-forward and backward on FA4's varlen kernels, False on tile lists).
+forward and backward on FA4's varlen kernels, False on tile lists), ``native_sink`` (default True: a sink of one
+value per query head, finite, goes into the kernel as FA4's ``learnable_sink``; False, and any other sink, is
+applied to FA4's (out, lse) by ``attnlang.denominator.finish``).
 
-Gradients flow to q, k and v through FA4's backward. Gradients to floating tensors bound by name are not computed
-by the kernel: ``unsupported`` declines such calls (grad enabled and a named tensor requiring grad), so "auto"
-runs them on flex, which computes them exactly.
+Gradients flow to q, k and v through FA4's backward. Gradients to floating tensors bound by name that the score or
+mask read are not computed by the kernel: ``unsupported`` declines such calls (grad enabled and such a tensor
+requiring grad), so "auto" runs them on flex, which computes them exactly. Tensors only the sink reads get their
+gradients from FA4's learnable_sink backward (dsink, then autograd through the sink expression) or through FA4's
+differentiable lse.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from pathlib import Path
 import torch
 
 from ..ast import Const, Expr, Index, Var, names_used, walk
+from ..denominator import finish, head_values, per_head, sink_finite
 from ..errors import AttnLangError
 from ..intervals import tensor_range
 from ..lower_torch import row_values
@@ -56,7 +61,8 @@ from ..sparsity import mask_block_sparsity
 from .fa4_varlen import Host
 from .fa4_varlen import route as route_varlen
 
-__all__ = ["unsupported", "attention", "kernel_arguments", "cache_dir", "lowering", "Lowering", "OPTIONS"]
+__all__ = ["unsupported", "attention", "kernel_arguments", "cache_dir", "lowering", "Lowering", "OPTIONS",
+           "native_sink"]
 
 _TILE = (128, 128)          # Hopper forward tile for head dims up to 128: block-sparsity granularity
 _SPARSE_MAX_HEAD_DIM = 128  # larger head dims use other tile widths; they run with the mask_mod alone
@@ -68,7 +74,7 @@ _LOCK = threading.Lock()
 _BAKED: dict = {}  # variant canonical -> set of baked value sets seen
 
 OPTIONS = {"fastmath": True, "bake": True, "dense": False, "keep_mask_mod": False, "window_flags": True,
-           "dense_tile_list": False, "bhsd_out": False, "varlen": None}
+           "dense_tile_list": False, "bhsd_out": False, "varlen": None, "native_sink": True}
 
 
 def _option(plan: CallPlan, name: str) -> bool:
@@ -332,7 +338,8 @@ def unsupported(q: torch.Tensor, plan: CallPlan) -> str | None:
     except Exception as e:  # ImportError, or a broken CUDA / CUTLASS install
         return f"flash_attn.cute (flash-attn-4) is not importable: {e}"
     if torch.is_grad_enabled():
-        needing = sorted(n for n, t in plan.tensors.items() if t.requires_grad)
+        kernel_reads = names_used(plan.score) | names_used(plan.mask)  # the sink's tensors: autograd outside
+        needing = sorted(n for n, t in plan.tensors.items() if t.requires_grad and n in kernel_reads)
         if needing:
             return (f"gradients to named tensors ({', '.join(needing)}) are not computed by the FA4 kernel; "
                     f"flex computes them")
@@ -392,6 +399,10 @@ def kernel_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Ca
     kwargs = dict(softmax_scale=plan.scale, causal=False, window_size=low.window, score_mod=score_mod,
                   score_mod_bwd=score_mod_bwd, mask_mod=mask_mod, aux_tensors=aux, block_sparse_tensors=sparse_fwd,
                   block_sparse_tensors_bwd=sparse_bwd, return_lse=True)
+    if native_sink(plan):
+        # [Hq] float32 natural-log logits: FA4 folds them into its softmax statistics and its backward returns
+        # their gradient (dsink), which autograd carries on to the tensors the sink reads
+        kwargs["learnable_sink"] = head_values(plan, q.device, torch.float32)
     return k, v, kwargs
 
 
@@ -402,6 +413,11 @@ VARLEN_HOST = Host(flash=lambda: _flash(), load=lambda m: _load(m), aux=lambda t
                    kernel_arguments=lambda q, k, v, p: kernel_arguments(q, k, v, p))
 
 
+def native_sink(plan: CallPlan) -> bool:
+    """Whether the call's sink goes into the kernel as FA4's learnable_sink: one finite value per query head."""
+    return (plan.sink is not None and _option(plan, "native_sink") and per_head(plan) and sink_finite(plan))
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan):
     """Attention for one checked call on FlashAttention-4.
 
@@ -410,9 +426,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
         plan: the bound, simplified call (see attnlang.plan.CallPlan).
     Returns:
         out [B, Hq, Sq, Dv] in q's dtype (a transposed view of FA4's [B, Sq, Hq, Dv] output), lse float32
-        [B, Hq, Sq] (natural log, -inf for rows with no allowed key; plus plan.lse_shift).
+        [B, Hq, Sq] (natural log, -inf for rows with no allowed key, the sink there with a sink; plus
+        plan.lse_shift).
     Raises:
-        AttnLangError: a value head dim FA4 does not take.
+        AttnLangError: a value head dim FA4 does not take; the sink is NaN or +inf.
     """
     fa = _flash()
     routed = route_varlen(q, k, v, plan, VARLEN_HOST)  # packed documents on FA4's varlen kernels, where they apply
@@ -433,6 +450,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
     else:
         out, lse = fa.flash_attn_func(qt, kt, vt, **kwargs)
         out = out.transpose(1, 2)
+    if plan.sink is not None or not plan.normalize:
+        out, lse = finish(out, lse, plan, torch.float32, sink_in_kernel="learnable_sink" in kwargs)
+        out = out.to(q.dtype)
     if plan.lse_shift is not None:
         shift = row_values(plan.lse_shift, plan.batch, plan.q_heads, plan.q_len, plan.kv_len, plan.tensors,
                            torch.float32, q.device)

@@ -40,6 +40,7 @@ from collections import OrderedDict
 import torch
 
 from ..ast import Binary, Const, DType, Expr, Index, Op, Var, children, names_used, walk, with_children
+from ..denominator import finish
 from ..errors import AttnLangError
 from ..lower_torch import evaluate, row_values
 from ..memo import MEMO, IdentityMemo
@@ -81,7 +82,8 @@ def _want_lse(plan: CallPlan) -> bool:
     # only when asked (kernel_options={"CPU_COMPILED": True}) and the plan needs no lse.
     if not (plan.options or {}).get("CPU_COMPILED"):
         return True
-    return bool(getattr(plan, "return_lse", True)) or plan.lse_shift is not None
+    return (bool(getattr(plan, "return_lse", True)) or plan.lse_shift is not None or plan.sink is not None
+            or not plan.normalize)  # the denominator's corrections are computed from lse
 
 
 @functools.lru_cache(maxsize=1)
@@ -200,6 +202,9 @@ def unsupported(q, plan: CallPlan) -> str | None:
                     "grads NYI); use kernel_options={'BACKEND': 'TRITON'}")
         if q.dtype not in (torch.float16, torch.bfloat16):
             return f"kernel FLASH takes float16/bfloat16, not {q.dtype}"
+        if (plan.sink is not None or not plan.normalize) and torch.is_grad_enabled() and q.requires_grad:
+            return ("kernel FLASH cannot differentiate lse, which a sink or normalize=False is computed from; use "
+                    "kernel_options={'BACKEND': 'TRITON'}")
         if plan.options.get("BACKEND") == "FLASH" and not _flash_importable():
             return "kernel FLASH needs flash_attn.cute (flash-attn-4), which is not importable"
     return None
@@ -501,7 +506,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
         (zeros of that shape on the compiled CPU path when the plan asks for no lse).
     Raises:
         AttnLangError: ``unsupported`` gives a reason; the kernel asked for in kernel_options fails to compile;
-            the score is NaN or +inf at an allowed position.
+            the score is NaN or +inf at an allowed position; the sink is NaN or +inf.
+
+    A sink and normalize=False are applied to flex's (out, lse) by ``attnlang.denominator.finish`` (flex itself
+    has no sink), differentiably, so on TRITON gradients reach q, k, v and the sink's tensors.
     """
     why = unsupported(q, plan)
     if why is not None:
@@ -576,7 +584,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
             raise _bad_score(plan, "the score expression gives NaN or +inf at an allowed position; scores must be "
                                    "finite or -inf")
         return out, lse
-    lse = lse.to(torch.float32)
+    lse = lse.to(fd)  # float64 for float64 inputs until the denominator's corrections are done
     if ran == "FLASH":
         if _flash_lse_scaled_by_ln2():
             lse = lse / math.log(2.0)
@@ -593,6 +601,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
     empty = lse == -math.inf
     lse = torch.where(empty, torch.full_like(lse, -math.inf), lse)
     out = torch.where(empty.unsqueeze(-1), torch.zeros((), dtype=out.dtype, device=out.device), out)
+    out, lse = finish(out, lse, plan, fd)  # the sink and normalize=False, through lse
+    lse = lse.to(torch.float32)
     if plan.lse_shift is not None:
         shift = row_values(plan.lse_shift, B, Hq, Sq, plan.kv_len, plan.tensors, fd, q.device)
         lse = lse + shift.to(torch.float32)

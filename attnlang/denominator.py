@@ -1,0 +1,125 @@
+"""The softmax's denominator (LANGUAGE.md): the sink and ``normalize=False``, applied to a kernel's (out, lse).
+
+Every backend computes ``out`` and ``lse`` of the softmax over the allowed keys; ``finish`` turns them into the
+variant's result, one piece of code for eager, flex and fa4 (attention-gym and FlexAttention users renormalise
+with lse by hand in the same way):
+
+- sink (one extra key per row with logit ``sink``, carrying no value; gpt-oss's learned per-head sinks):
+  ``lse' = logaddexp(lse, sink)`` and ``out' = out * exp(lse - lse')``. A row with no allowed key (out 0,
+  lse -inf) gives out 0 and lse = sink; sink = -inf changes nothing.
+- ``normalize=False`` (sigmoid attention): ``out' = out * exp(lse)``, the numerator ``sum exp(s'') V`` whether or
+  not the kernel's lse included the sink; lse is returned unchanged (with the sink).
+
+Both are plain torch operations on [B, Hq, Sq] rows, so autograd takes gradients through lse to q, k, v (the
+backend's lse must be differentiable) and through the sink expression to the tensors it reads. FA4 can also
+take a per-head sink into the kernel itself (``learnable_sink``): ``per_head`` says when, ``head_values`` gives
+its [Hq] tensor, and ``finish(..., sink_in_kernel=True)`` then skips the sink's correction.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .ast import Var, walk
+from .errors import AttnLangError
+from .intervals import bounds
+from .lower_torch import evaluate, positions, row_values
+from .memo import IdentityMemo
+from .plan import CallPlan
+
+__all__ = ["finish", "sink_values", "head_values", "per_head", "sink_finite"]
+
+_FINITE = IdentityMemo()  # bound sink expressions and value ranges whose sink is provably finite
+
+
+def sink_finite(plan: CallPlan) -> bool:
+    """Whether interval analysis proves the sink finite for this call (no -inf, +inf or NaN anywhere)."""
+    def compute():
+        r = bounds(plan.sink, plan.value_ranges)
+        return math.isfinite(r.lo) and math.isfinite(r.hi)
+    return _FINITE.get((plan.sink,), tuple(plan.value_ranges.items()), compute)
+
+
+def _check(plan: CallPlan, values: torch.Tensor) -> None:
+    """NaN or +inf sinks are errors, with the caret under the sink expression (-inf is allowed: no sink)."""
+    if sink_finite(plan):
+        return
+    bad = torch.isnan(values) | (values == math.inf)
+    if bool(bad.any()):
+        where = [int(x) for x in bad.nonzero()[0]]
+        at = ", ".join(f"{n}={i}" for n, i in zip(("b", "h", "q_idx") if len(where) == 3 else ("h",), where))
+        message = (f"the sink expression gives {float(values[tuple(where)])} at {at}; a sink must be finite or "
+                   f"-inf (no sink)")
+        checked = plan.checked
+        if checked.sink is None:
+            raise AttnLangError(message)
+        raise AttnLangError.at(message, checked.sources["sink"], checked.sink.span, where="sink")
+
+
+def sink_values(plan: CallPlan, device, float_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The sink of every row: float_dtype [B, Hq, Sq], differentiable in the tensors the sink reads.
+
+    Raises:
+        AttnLangError: the sink is NaN or +inf somewhere.
+    """
+    values = row_values(plan.sink, plan.batch, plan.q_heads, plan.q_len, plan.kv_len, plan.tensors, float_dtype,
+                        device)
+    _check(plan, values)
+    return values
+
+
+def per_head(plan: CallPlan) -> bool:
+    """Whether the sink is one value per query head (it reads neither ``b`` nor ``q_idx``): FA4's learnable_sink."""
+    return plan.sink is not None and not ({"b", "q_idx"} & _grid_names(plan.sink))
+
+
+def head_values(plan: CallPlan, device, float_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The sink of each query head for a ``per_head`` sink: a contiguous float_dtype [Hq] tensor, differentiable in
+    the tensors the sink reads (FA4's ``learnable_sink``, whose backward returns its gradient)."""
+    names = positions(1, plan.q_heads, 0, 1, 1, device)
+    names.update(q_len=torch.tensor(plan.q_len, device=device), kv_len=torch.tensor(plan.kv_len, device=device))
+    val = evaluate(plan.sink, names, plan.tensors, float_dtype, device)
+    val = val.to(float_dtype).expand(1, plan.q_heads, 1, 1).reshape(plan.q_heads).contiguous()
+    _check(plan, val)
+    return val
+
+
+def _grid_names(expr) -> set[str]:
+    return {n.name for n in walk(expr) if isinstance(n, Var)}
+
+
+def finish(out: torch.Tensor, lse: torch.Tensor, plan: CallPlan, float_dtype: torch.dtype = torch.float32,
+           sink_in_kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The variant's (out, lse) from a kernel's softmax over the allowed keys.
+
+    Args:
+        out: [B, Hq, Sq, Dv], the normalised output (0 for rows with no allowed key).
+        lse: [B, Hq, Sq], natural log, -inf for rows with no allowed key (before ``plan.lse_shift``).
+        plan: the call; its ``sink`` and ``normalize`` say what to do.
+        float_dtype: the dtype the correction is computed in and returned in (float32, float64 for float64 q).
+        sink_in_kernel: the kernel's out and lse already include the sink (FA4's learnable_sink).
+    Returns:
+        (out, lse) in float_dtype, or the inputs unchanged when the plan has no sink and normalizes.
+    Raises:
+        AttnLangError: the sink is NaN or +inf somewhere.
+    """
+    if plan.sink is None and plan.normalize:
+        return out, lse
+    out, lse = out.to(float_dtype), lse.to(float_dtype)
+    if not plan.normalize:
+        # exp(lse) * out is the numerator whether or not lse counts the sink; exp(-inf) = 0 for empty rows
+        out = out * torch.exp(lse).unsqueeze(-1)
+    if plan.sink is not None and not sink_in_kernel:
+        sink = sink_values(plan, out.device, float_dtype)
+        zero = torch.zeros((), dtype=float_dtype, device=out.device)
+        # rows with neither a key nor a sink keep lse -inf and out 0; the where()s keep their gradients finite
+        none = (lse == -math.inf) & (sink == -math.inf)
+        a, b = torch.where(none, zero, lse), torch.where(none, zero, sink)
+        both = torch.logaddexp(a, b)
+        if plan.normalize:
+            factor = torch.where(none, zero, torch.exp(a - both))
+            out = out * factor.unsqueeze(-1)
+        lse = torch.where(none, torch.full((), -math.inf, dtype=float_dtype, device=out.device), both)
+    return out, lse
