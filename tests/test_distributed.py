@@ -1,0 +1,322 @@
+"""attnlang.distributed: sharding, the communication plan, and the ring on gloo against the single-process result.
+
+The ring tests spawn 4 CPU processes once (spawning costs seconds): every variant runs on the 4-rank world and on
+two 2-rank groups at once, and each rank compares its rows of out, lse and the gradients (q, k, v, a bias) with the
+single-process eager call. Bad input is checked in the same processes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import attnlang as al
+import attnlang.distributed as ald
+from attnlang import AttnLangError
+
+S = 512
+DOC_LENGTHS = (260, 20, 100, 60, 8, 64)   # documents of very unequal lengths, none aligned to a chunk
+
+
+def _doc(lengths=DOC_LENGTHS) -> torch.Tensor:
+    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+
+
+def _cases(seq_len: int = S):
+    """name -> (variant, tensors for the call); ALiBi's slope and the per-key bias are floating: they get
+    gradients."""
+    g = torch.Generator().manual_seed(3)
+    doc = _doc() if seq_len == S else _doc(_scaled(seq_len))
+    return {
+        "causal": (al.compile(mask="q_idx >= kv_idx"), {}),
+        "sliding_window": (al.compile(mask="0 <= q_idx - kv_idx < window", params={"window": 32}), {}),
+        "documents": (al.compile(mask="doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx"), {"doc": doc}),
+        "prefix_lm": (al.compile(mask="kv_idx < prefix | q_idx >= kv_idx", params={"prefix": 96}), {}),
+        "alibi": (al.compile(score="score + slope[h] * (kv_idx - q_idx)", mask="q_idx >= kv_idx"),
+                  {"slope": torch.rand(4, generator=g, dtype=torch.float64)}),
+        "full_kv_bias": (al.compile(score="score + bias[kv_idx]"),
+                         {"bias": torch.randn(seq_len, generator=g, dtype=torch.float64)}),
+    }
+
+
+def _scaled(seq_len):
+    lengths = [max(1, x * seq_len // S) for x in DOC_LENGTHS]
+    lengths[0] += seq_len - sum(lengths)
+    return tuple(lengths)
+
+
+def _mask_tensors(v, tensors):
+    return {n: t for n, t in tensors.items() if n in ("doc",)}
+
+
+def _allowed_per_rank(v, positions, tensors) -> torch.Tensor:
+    """Exact allowed (q, kv) pairs whose query lies on each rank (1x1 blocks: every block is full or empty)."""
+    seq_len = sum(len(p) for p in positions)
+    bs = v.block_sparsity(q_len=seq_len, kv_len=seq_len, block_size=1, **_mask_tensors(v, tensors))
+    rows = (bs.kind[0, 0] == 2).sum(1).to(torch.float64)
+    return torch.stack([rows[p].sum() for p in positions])
+
+
+# ------------------------------------------------------------------------------------------------ sharding
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+@pytest.mark.parametrize("name", list(_cases()))
+def test_shard_positions_balance(name, world):
+    v, tensors = _cases(1024)[name]
+    positions = ald.shard_positions(v, 1024, world, **tensors)
+    assert len(positions) == world and all(p.dtype == torch.int64 and p.device.type == "cpu" for p in positions)
+    assert torch.equal(torch.sort(torch.cat(positions)).values, torch.arange(1024))
+    loads = _allowed_per_rank(v, positions, tensors)
+    limit = 1.15 if name == "documents" else 1.10
+    assert float(loads.max() / loads.mean()) <= limit, loads.tolist()
+    # whole chunks, ascending, deterministic
+    c = ald.chunk_size(1024, world)
+    for p in positions:
+        assert torch.all(p[1:] > p[:-1])
+        starts = p[(torch.arange(len(p)) % c) == 0]
+        assert torch.all(starts % c == 0)
+    again = ald.shard_positions(v, 1024, world, **tensors)
+    assert all(torch.equal(a, b) for a, b in zip(positions, again))
+
+
+def test_layouts_chosen():
+    causal = al.compile(mask="q_idx >= kv_idx")
+    p = ald.shard_positions(causal, 1024, 4)
+    c = 1024 // 8  # zigzag: rank 0 holds the first and the last eighth
+    assert torch.equal(p[0], torch.cat([torch.arange(0, c), torch.arange(1024 - c, 1024)]))
+    full = ald.shard_positions(al.compile(), 1024, 4)
+    assert torch.equal(full[1], torch.arange(256, 512))  # contiguous: already balanced
+    window = ald.shard_positions(al.compile(mask="0 <= q_idx - kv_idx < 64"), 1024, 4)
+    assert torch.equal(window[2], torch.arange(512, 768))
+
+
+def test_documents_balanced_where_zigzag_is_not():
+    v, tensors = _cases(1024)["documents"]
+    loads = _allowed_per_rank(v, ald.shard_positions(v, 1024, 8, **tensors), tensors)
+    zig = ald._zigzag(torch.zeros(64), 8)
+    zig_pos = [ald._chunk_positions(c, 16, 1024) for c in zig]
+    zig_loads = _allowed_per_rank(v, zig_pos, tensors)
+    assert float(loads.max() / loads.mean()) < float(zig_loads.max() / zig_loads.mean())
+
+
+def test_chunk_size():
+    assert ald.chunk_size(1 << 20, 64) == 128
+    assert ald.chunk_size(1024, 4) == 16
+    assert ald.chunk_size(5, 4) == 1
+
+
+def test_shard_positions_errors():
+    v = al.compile(mask="doc[q_idx] == doc[kv_idx]")
+    with pytest.raises(AttnLangError, match="seq_len"):
+        ald.shard_positions(v, 0, 2, doc=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(AttnLangError, match="doc"):
+        ald.shard_positions(v, 64, 2, doc=torch.zeros(63, dtype=torch.long))   # wrong length
+    with pytest.raises(AttnLangError, match="Variant"):
+        ald.shard_positions("q_idx >= kv_idx", 64, 2)
+
+
+def test_rank_work_matches_exact_counts():
+    v, tensors = _cases(1024)["documents"]
+    positions = ald.shard_positions(v, 1024, 4, **tensors)
+    exact = _allowed_per_rank(v, positions, tensors)
+    assert torch.allclose(torch.tensor(ald.rank_work(v, positions, **tensors), dtype=torch.float64), exact)
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+
+def test_plan_sliding_window_skips_transfers():
+    v = al.compile(mask="0 <= q_idx - kv_idx < 64")
+    positions = ald.shard_positions(v, 1024, 4)
+    plan = ald.plan_communication(v, positions)
+    # each rank needs its own shard and the previous one; the last shard never needs to go round
+    assert plan.last_step == (1, 1, 1, 0)
+    assert plan.transfers_skipped() == 4 * 3 - 3
+    assert plan.computed_steps() == [1, 2, 2, 2]
+    assert plan.skipped_steps() == [3, 2, 2, 2]
+    assert plan.bytes_sent(10.0) == [2560.0, 2560.0, 2560.0, 0.0]
+    assert plan.granularity == 128
+
+
+def test_plan_causal_and_full():
+    causal = al.compile(mask="q_idx >= kv_idx")
+    plan = ald.plan_communication(causal, ald.shard_positions(causal, 1024, 4))
+    assert bool(plan.needed.all()) and plan.transfers_skipped() == 0   # zigzag: every rank sees every shard
+    contiguous = [torch.arange(r * 256, (r + 1) * 256) for r in range(4)]
+    plan = ald.plan_communication(causal, contiguous)
+    assert torch.equal(plan.needed, torch.tril(torch.ones(4, 4, dtype=torch.bool)))
+    assert plan.last_step == (3, 2, 1, 0)
+
+
+def test_plan_is_sound_for_documents():
+    v, tensors = _cases(1024)["documents"]
+    positions = ald.shard_positions(v, 1024, 4, **tensors)
+    plan = ald.plan_communication(v, positions, **tensors)
+    bs = v.block_sparsity(q_len=1024, kv_len=1024, block_size=1, **tensors)
+    allowed = bs.kind[0, 0] == 2
+    for r in range(4):
+        for s in range(4):
+            if not plan.needed[r, s]:
+                assert not bool(allowed[positions[r]][:, positions[s]].any())
+
+
+def test_positions_errors():
+    v = al.compile(mask="q_idx >= kv_idx")
+    with pytest.raises(AttnLangError, match="permutation"):
+        ald.plan_communication(v, [torch.arange(0, 10), torch.arange(9, 20)])
+    with pytest.raises(AttnLangError, match="integer"):
+        ald.plan_communication(v, [torch.arange(0, 10.0)])
+    with pytest.raises(AttnLangError, match="list"):
+        ald.plan_communication(v, torch.arange(10))
+
+
+def test_position_variant():
+    v = al.compile(score="score + slope[h] * (kv_idx - q_idx)", mask="kv_idx <= q_idx + kv_len - q_len")
+    pv = ald.position_variant(v, 64)
+    assert set(pv.tensor_names) == {"slope", "cp_q_positions", "cp_kv_positions"}
+    q = torch.randn(1, 2, 64, 8, dtype=torch.float64)
+    k = torch.randn(1, 2, 64, 8, dtype=torch.float64)
+    slope = torch.rand(2, dtype=torch.float64)
+    qp, kp = torch.arange(40, 64), torch.cat([torch.arange(0, 8), torch.arange(32, 64)])
+    out, lse = pv(q[:, :, qp], k[:, :, kp], k[:, :, kp], cp_q_positions=qp, cp_kv_positions=kp, slope=slope,
+                  return_lse=True)
+    keep = torch.zeros(64, dtype=torch.bool)
+    keep[kp] = True
+    ref_mask = al.compile(score="score + slope[h] * (kv_idx - q_idx)",
+                          mask="kv_idx <= q_idx & keep[kv_idx]")
+    ro, rl = ref_mask(q, k, k, slope=slope, keep=keep, return_lse=True)
+    torch.testing.assert_close(out, ro[:, :, qp])
+    torch.testing.assert_close(lse, rl[:, :, qp])
+    with pytest.raises(AttnLangError, match="cp_q_positions"):
+        ald.position_variant(al.compile(mask="cp_q_positions[q_idx] > 0"), 64)
+
+
+# ------------------------------------------------------------------------------------------------ the ring
+
+def _inputs(seq_len=S, heads=4, kv_heads=2, dim=16):
+    g = torch.Generator().manual_seed(11)
+    shape_q, shape_kv = (1, heads, seq_len, dim), (1, kv_heads, seq_len, dim)
+    q, k, v = (torch.randn(s, generator=g, dtype=torch.float64) for s in (shape_q, shape_kv, shape_kv))
+    gout = torch.randn(shape_q, generator=g, dtype=torch.float64)
+    glse = torch.randn(shape_q[:3], generator=g, dtype=torch.float64)
+    return q, k, v, gout, glse
+
+
+def _reference(variant, tensors, q, k, v, gout, glse):
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    named = {n: (t.clone().requires_grad_() if t.is_floating_point() else t) for n, t in tensors.items()}
+    out, lse = variant(*leaves, backend="eager", return_lse=True, **named)
+    ((out * gout).sum() + (lse * glse).sum()).backward()
+    return out, lse, [x.grad for x in leaves], {n: t.grad for n, t in named.items() if t.is_floating_point()}
+
+
+def _check_ring(variant, tensors, group, rank_in_group, world, ref, data, stats=None):
+    q, k, v, gout, glse = data
+    positions = ald.shard_positions(variant, S, world, **tensors)
+    p = positions[rank_in_group]
+    leaves = [x[:, :, p].clone().requires_grad_() for x in (q, k, v)]
+    named = {n: (t.clone().requires_grad_() if t.is_floating_point() else t) for n, t in tensors.items()}
+    out, lse = ald.attention(variant, *leaves, positions=positions, group=group, comm_stats=stats, **named)
+    ((out * gout[:, :, p]).sum() + (lse * glse[:, :, p]).sum()).backward()
+    r_out, r_lse, r_grads, r_named = ref
+    tol = dict(atol=2e-5, rtol=2e-5)   # lse is float32 on every backend
+    torch.testing.assert_close(out, r_out[:, :, p].detach(), **tol)
+    torch.testing.assert_close(lse, r_lse[:, :, p].detach(), **tol)
+    for name, leaf, r in zip("qkv", leaves, r_grads):
+        torch.testing.assert_close(leaf.grad, r[:, :, p], **tol, msg=lambda m, n=name: f"d{n}: {m}")
+    for n, r in r_named.items():
+        torch.testing.assert_close(named[n].grad, r, **tol, msg=lambda m, n=n: f"d{n}: {m}")
+
+
+def _expect_error_everywhere(match, fn):
+    try:
+        fn()
+    except AttnLangError as e:
+        assert match in str(e), str(e)
+        return
+    raise AssertionError(f"no AttnLangError ({match!r})")
+
+
+def _worker(rank, world, path, out_dir):
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=90))
+        pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        pair = pairs[rank // 2]
+        data = _inputs()
+        for name, (variant, tensors) in _cases().items():
+            ref = _reference(variant, tensors, *data)
+            stats = {}
+            _check_ring(variant, tensors, None, rank, world, ref, data, stats)
+            if name == "sliding_window":
+                # contiguous shards: each rank computes with its own and the previous shard only
+                assert stats["computed"] == (2 if rank == 0 else 4), stats   # forward + backward
+                assert stats["skipped"] == (3 if rank == 0 else 2), stats
+                # forward k / v, backward k / v, the dk / dv accumulator, and its return home from the next rank
+                assert stats["sends"] == (3, 4, 4, 1)[rank], stats
+                assert stats["returns"] == (0, 1, 1, 1)[rank], stats
+            _check_ring(variant, tensors, pair, rank % 2, 2, ref, data)
+        # bad input: an AttnLangError on every rank, never a hang
+        variant, tensors = _cases()["documents"]
+        positions = ald.shard_positions(variant, S, world, **tensors)
+        q, k, v = (x[:, :, positions[rank]] for x in data[:3])
+        short = {"doc": tensors["doc"][:-1]} if rank == 1 else tensors            # a tensor of the wrong length
+        _expect_error_everywhere("rank 1", lambda: ald.attention(variant, q, k, v, positions=positions, **short))
+        wrong = q[:, :, :-1] if rank == 2 else q                                    # shards not matching positions
+        _expect_error_everywhere("rank 2", lambda: ald.attention(variant, wrong, k, v, positions=positions,
+                                                                 **tensors))
+        wide = torch.cat([q, q], 1) if rank == 3 else q                             # unequal shapes across ranks
+        _expect_error_everywhere("differs", lambda: ald.attention(variant, wide, k, v, positions=positions,
+                                                                  **tensors))
+        other = [positions[1], positions[0], *positions[2:]] if rank == 0 else positions  # ranks disagree
+        _expect_error_everywhere("positions", lambda: ald.attention(variant, q, k, v, positions=other, **tensors))
+        doc2 = tensors["doc"].flip(0) if rank == 0 else tensors["doc"]              # different mask tensors
+        _expect_error_everywhere("values", lambda: ald.attention(variant, q, k, v, positions=positions, doc=doc2))
+        _expect_error_everywhere("permutation", lambda: ald.attention(
+            variant, q, k, v, positions=[p[:-1] if i == 0 else p for i, p in enumerate(positions)], **tensors))
+        # still in step after the errors
+        out = ald.attention(variant, q, k, v, positions=positions, return_lse=False, **tensors)
+        ref = variant(*data[:3], backend="eager", **tensors)
+        torch.testing.assert_close(out, ref[:, :, positions[rank]], atol=2e-5, rtol=2e-5)
+        dist.barrier()
+        dist.destroy_process_group()
+        result = "ok"
+    except BaseException:
+        result = traceback.format_exc()
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(result)
+
+
+def test_ring_on_gloo(tmp_path):
+    """One spawn of 4 gloo ranks: every variant on the world and on two 2-rank groups, then bad input."""
+    world = 4
+    context = mp.spawn(_worker, args=(world, os.path.join(tmp_path, "init"), str(tmp_path)), nprocs=world,
+                       join=False)
+    deadline = time.monotonic() + 600
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in context.processes:
+                proc.terminate()
+            pytest.fail("the ranks did not finish within 600 s")
+    got = {}
+    for r in range(world):
+        path = os.path.join(tmp_path, f"rank{r}.txt")
+        got[r] = open(path).read() if os.path.exists(path) else "no result"
+    failures = {r: msg for r, msg in got.items() if msg != "ok"}
+    assert not failures, "\n".join(f"rank {r}:\n{msg}" for r, msg in failures.items())
+
+
+def test_needs_a_process_group():
+    v = al.compile(mask="q_idx >= kv_idx")
+    q = torch.randn(1, 1, 8, 4)
+    if dist.is_initialized():
+        pytest.skip("a process group exists in this process")
+    with pytest.raises(AttnLangError, match="init_process_group"):
+        ald.attention(v, q, q, q, positions=[torch.arange(8)])
