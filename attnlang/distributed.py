@@ -457,6 +457,20 @@ def _plan(v, positions: list[torch.Tensor], batch: int, heads: int, tensors: Map
 
 
 _PLANS: "OrderedDict[tuple, CommPlan]" = OrderedDict()
+_DEVICE_POSITIONS: "OrderedDict[tuple, list]" = OrderedDict()
+
+
+def _device_positions(positions: list[torch.Tensor], device) -> list[torch.Tensor]:
+    """The position tensors on q's device, the same objects call after call (so the backends' per-tensor caches
+    of value ranges and block sparsity hit)."""
+    key = (_positions_digest(positions), str(device))
+    got = _DEVICE_POSITIONS.get(key)
+    if got is None:
+        got = [p.to(device) for p in positions]
+        _DEVICE_POSITIONS[key] = got
+        if len(_DEVICE_POSITIONS) > 16:
+            _DEVICE_POSITIONS.popitem(last=False)
+    return got
 
 
 def _cached_plan(key, make) -> CommPlan:
@@ -821,7 +835,7 @@ def attention(v, q_local: torch.Tensor, k_local: torch.Tensor, v_local: torch.Te
     for field in ("computed", "skipped", "sends", "bytes_sent", "returns"):
         stats.setdefault(field, 0)
     ring = _Ring(v=position_variant(v, S), group=group, rank=rank, world=world,
-                 positions=[p.to(q_local.device) for p in pos], plan=plan, backend=backend, scale=scale,
+                 positions=_device_positions(pos, q_local.device), plan=plan, backend=backend, scale=scale,
                  names=names, grad_names=tuple(n for n in names if tensors[n].is_floating_point()), stats=stats)
     out, lse = _RingAttention.apply(ring, q_local, k_local, v_local, *(tensors[n] for n in names))
     return (out, lse) if return_lse else out
