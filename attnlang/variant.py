@@ -184,14 +184,25 @@ class Variant:
             AttnLangError: bad shapes, dtypes or devices; missing, extra or mis-shaped tensors; an index that can
                 fall outside its tensor; a backend that cannot run this variant here.
         """
+        if torch.compiler.is_compiling():
+            # under torch.compile the call is one custom op (attnlang.op): Dynamo never traces what follows
+            from .op import call
+            return call(self, q, k, v, scale, backend, return_lse, kernel_options, tensors)
+        out, lse = self._eager_call(q, k, v, scale, backend, return_lse, kernel_options, tensors)
+        return (out, lse) if return_lse else out
+
+    def _eager_call(self, q, k, v, scale, backend, return_lse, kernel_options, tensors):
+        """(out, lse) of one call, checks included: the call outside torch.compile, and the custom op's body."""
         plan = self._plan(q, k, v, scale, backend, return_lse, kernel_options, tensors)
         from .backends import run
         out, lse = run(backend, q, k, v, plan)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values()):
             out, lse = _connect_unread(out, lse, plan, tensors)
-        return (out, lse) if return_lse else out
+        return out, lse
 
-    def _plan(self, q, k, v, scale, backend, return_lse, kernel_options, tensors) -> CallPlan:
+    def _static_checks(self, q, k, v, scale, backend, return_lse, kernel_options, tensors):
+        """The call's checks that read no tensor values (shapes, dtypes, devices, names, the expressions' typing):
+        they also run on FakeTensors while torch.compile traces. Returns (scale, dtypes of the named tensors)."""
         _check_qkv(q, k, v)
         if backend not in BACKENDS:
             raise AttnLangError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
@@ -201,9 +212,14 @@ class Variant:
             raise AttnLangError(f"kernel_options must be a dict, got {type(kernel_options).__name__}")
         scale = _check_scale(scale, q.shape[-1])
         self._check_tensors(tensors, q.device)
+        dtypes = {n: dtype_of_torch(t.dtype) for n, t in tensors.items()}
+        self._bind(dtypes)
+        return scale, dtypes
+
+    def _plan(self, q, k, v, scale, backend, return_lse, kernel_options, tensors) -> CallPlan:
+        scale, dtypes = self._static_checks(q, k, v, scale, backend, return_lse, kernel_options, tensors)
         B, Hq, Sq, _ = q.shape
         Hkv, Skv = k.shape[1], k.shape[2]
-        dtypes = {n: dtype_of_torch(t.dtype) for n, t in tensors.items()}
         bound_original, bound_simple, bound_shift = self._bind(dtypes)
         env: dict[str, object] = {
             "b": Interval(0, B - 1), "h": Interval(0, Hq - 1), "q_idx": Interval(0, Sq - 1),

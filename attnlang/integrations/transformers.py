@@ -119,7 +119,14 @@ def _check_pattern(mask_function, B, q_length, kv_length, q_offset, kv_offset, l
     b = torch.arange(B, device=device).view(B, 1, 1, 1)
     h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
     j = torch.arange(kv_offset, kv_offset + kv_length, device=device).view(1, 1, 1, -1)
-    rows = max(1, (1 << 24) // max(1, B * kv_length))
+    compiling = torch.compiler.is_compiling()
+    # under torch.compile one fused comparison (inductor never materialises it), and no loop whose trip count
+    # would specialise the graph on the sequence length
+    rows = q_length if compiling else max(1, (1 << 24) // max(1, B * kv_length))
+    what = "sliding-window causal" if local_size is not None else "causal"
+    message = (f"the model's mask is not plain {what} (packed sequences found from position_ids, a chunked or "
+               f"token-type overlay, or bidirectional attention): attnlang's integration does not map it; express "
+               f"it in config.attnlang instead (e.g. a document mask)")
     for start in range(0, q_length, rows):
         n = min(rows, q_length - start)
         i = torch.arange(q_offset + start, q_offset + start + n, device=device).view(1, 1, -1, 1)
@@ -130,11 +137,11 @@ def _check_pattern(mask_function, B, q_length, kv_length, q_offset, kv_offset, l
         expected = j <= i
         if local_size is not None:
             expected = expected & (i - j < local_size)
-        if not bool((got == expected).all()):
-            what = "sliding-window causal" if local_size is not None else "causal"
-            raise AttnLangError(f"the model's mask is not plain {what} (packed sequences found from position_ids, "
-                                f"a chunked or token-type overlay, or bidirectional attention): attnlang's integration "
-                                f"does not map it; express it in config.attnlang instead (e.g. a document mask)")
+        if compiling:
+            # a value check inside the compiled graph, without a host sync (a RuntimeError with this message)
+            torch._assert_async((got == expected).all(), message)
+        elif not bool((got == expected).all()):
+            raise AttnLangError(message)
 
 
 # ----- the attention function -----
@@ -166,25 +173,59 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         raise AttnLangError(f"attention_mask of shape {tuple(attention_mask.shape)} and dtype {attention_mask.dtype}: "
                             f"attnlang expects the [batch, seq_len] bool padding mask its own mask function makes; "
                             f"register() both interfaces under one name")
-    _check_mask_registered(getattr(module, "config", None))
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     Skv = key.shape[2]
     offset = 0 if attention_mask is None else attention_mask.shape[-1] - Skv
     if offset < 0:
         raise AttnLangError(f"padding mask covers {attention_mask.shape[-1]} keys but attention gets {Skv}")
-    layer = layer_variant(getattr(module, "config", None), getattr(module, "layer_idx", None))
-    variant = _composed(layer, bool(causal), _opt_int(sliding_window, "sliding_window"),
-                        _opt_float(softcap, "softcap"), offset > 0, attention_mask is not None)
     tensors = dict(getattr(module, "_attnlang_tensors", {}) or {})
     tensors.update(kwargs.get("attnlang_tensors") or {})
-    tensors = {n: t for n, t in tensors.items() if n in variant.tensor_names}
+    config = getattr(module, "config", None)
+    # `True if ... else False`, not bool(): under torch.compile offset is symbolic, and a branch makes it a constant
+    shifted = True if offset > 0 else False
+    kind = (getattr(module, "layer_idx", None), bool(causal), sliding_window, softcap, shifted,
+            attention_mask is not None)
+    if torch.compiler.is_compiling():
+        # the variant and the op's key are trace-time constants: Dynamo traces none of attnlang's host code
+        variant_key, names = _op_key(config, kind, scaling, query.device.type, tuple(sorted(tensors)))
+        tensors = _call_tensors(tensors, names, attention_mask, offset, query.device)
+        out, _ = torch.ops.attnlang.attention(query, key, value, [tensors[n] for n in sorted(tensors)], variant_key)
+    else:
+        variant, backend = _layer_call(config, kind, query.device.type)
+        tensors = _call_tensors(tensors, variant.tensor_names, attention_mask, offset, query.device)
+        out = variant(query, key, value, scale=scaling, backend=backend, **tensors)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _layer_call(config, kind: tuple, device_type: str) -> tuple[Variant, str]:
+    """(variant, backend) of one kind of call: (layer_idx, causal, sliding_window, softcap, shifted, padded)."""
+    _check_mask_registered(config)
+    layer_idx, causal, sliding_window, softcap, shifted, padded = kind
+    layer = layer_variant(config, layer_idx)
+    variant = _composed(layer, causal, _opt_int(sliding_window, "sliding_window"), _opt_float(softcap, "softcap"),
+                        shifted, padded)
+    return variant, _backend(config, torch.device(device_type))
+
+
+@torch._dynamo.assume_constant_result
+def _op_key(config, kind: tuple, scaling, device_type: str, given: tuple) -> tuple[str, tuple]:
+    """(the attnlang op's key, the names of the tensors the variant reads) of one kind of call: run by Dynamo at
+    trace time (``assume_constant_result``), never traced."""
+    from ..op import call_key
+    variant, backend = _layer_call(config, kind, device_type)
+    names = variant.tensor_names
+    bound = tuple(sorted(n for n in names if n in given or n in (PAD, _OFFSET)))
+    return call_key(variant, backend, scaling, False, None, bound), names
+
+
+def _call_tensors(given: Mapping, names, attention_mask, offset, device) -> dict:
+    """The named tensors of one call: the bound ones the variant reads, the padding mask, the key offset."""
+    tensors = {n: t for n, t in given.items() if n in names}
     if attention_mask is not None:
         tensors[PAD] = attention_mask[:, offset:]  # the keys this call sees (a sliding cache dropped the first ones)
-    if _OFFSET in variant.tensor_names:
-        tensors[_OFFSET] = torch.tensor([offset], device=query.device)
-    backend = _backend(getattr(module, "config", None), query.device)
-    out = variant(query, key, value, scale=scaling, backend=backend, **tensors)
-    return out.transpose(1, 2).contiguous(), None
+    if _OFFSET in names:
+        tensors[_OFFSET] = torch.tensor([offset], device=device)
+    return tensors
 
 
 def _check_mask_registered(config) -> None:

@@ -1,0 +1,183 @@
+"""attnlang inside torch.compile (attnlang.op): one custom op per call, 0 graph breaks with fullgraph=True, the
+compiled result and gradients equal to the uncompiled ones, trace-time checks as AttnLangError, value checks at run
+time. CPU compile is slow on 2 cores: most tests use backend="aot_eager" (Dynamo + AOTAutograd, no code
+generation); one uses inductor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnlang as al
+from attnlang import op
+
+ALIBI = al.compile(score="score + slope[h] * (kv_idx - q_idx)", mask="q_idx >= kv_idx")
+T5 = al.compile(score="score + rel[h, clamp(q_idx - kv_idx + 8, 0, 16)]", mask="q_idx >= kv_idx")
+DECODE = al.compile(mask="kv_idx <= q_idx + kv_len - q_len")
+
+
+class Biased(torch.nn.Module):
+    """A module calling a variant with a learned per-head tensor."""
+
+    def __init__(self, variant, name, shape, backend="eager"):
+        super().__init__()
+        self.variant, self.name, self.backend = variant, name, backend
+        self.table = torch.nn.Parameter(torch.rand(*shape, generator=torch.Generator().manual_seed(3)))
+
+    def forward(self, q, k, v):
+        out, lse = self.variant(q, k, v, backend=self.backend, return_lse=True, **{self.name: self.table})
+        return out, lse
+
+
+def _qkv(B=2, Hq=4, Hkv=2, Sq=19, Skv=19, D=16, grad=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Sq, D, generator=g)
+    k = torch.randn(B, Hkv, Skv, D, generator=g)
+    v = torch.randn(B, Hkv, Skv, D, generator=g)
+    return [t.requires_grad_(grad) for t in (q, k, v)]
+
+
+def _grads(module, q, k, v):
+    out, lse = module(q, k, v)
+    (out.square().sum() + lse.sum()).backward()
+    grads = [t.grad.clone() for t in (q, k, v, module.table)]
+    for t in (q, k, v, module.table):
+        t.grad = None
+    return out.detach(), lse.detach(), grads
+
+
+def test_zero_graph_breaks_one_op_and_equal_gradients():
+    module = Biased(ALIBI, "slope", (4,))
+    q, k, v = _qkv()
+    explained = torch._dynamo.explain(module)(q, k, v)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    nodes = [n.target for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert torch.ops.attnlang.attention.default in nodes or torch.ops.attnlang.attention in nodes
+    ref = _grads(module, q, k, v)
+    torch._dynamo.reset()
+    got = _grads(torch.compile(module, fullgraph=True, backend="aot_eager"), q, k, v)
+    torch.testing.assert_close(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1])
+    for a, b in zip(got[2], ref[2]):
+        torch.testing.assert_close(a, b)
+    assert got[2][3].abs().sum() > 0  # the learned slope gets a gradient
+
+
+def test_inductor_compiles_the_op_forward_and_backward():
+    module = Biased(T5, "rel", (4, 17))
+    q, k, v = _qkv(Sq=13, Skv=21)
+    ref = _grads(module, q, k, v)
+    torch._dynamo.reset()
+    got = _grads(torch.compile(module, fullgraph=True), q, k, v)
+    torch.testing.assert_close(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1])
+    for a, b in zip(got[2], ref[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_flex_on_the_cpu_inside_compile():
+    q, k, v = _qkv(grad=False, Sq=5, Skv=33)
+
+    def step(q, k, v):
+        return DECODE(q, k, v, backend="flex")
+
+    with torch.no_grad():
+        ref = step(q, k, v)
+        got = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(got, DECODE(q, k, v, backend="eager"), rtol=2e-5, atol=2e-5)
+
+
+def test_lengths_change_without_graph_breaks():
+    """Decoding: kv_len grows every call; Dynamo's automatic dynamic shapes give one graph for every length."""
+    step = torch.compile(lambda q, k, v: DECODE(q, k, v, backend="eager"), fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for kv_len in (7, 8, 9, 12):
+            q, k, v = _qkv(Sq=1, Skv=kv_len, grad=False, seed=kv_len)
+            torch.testing.assert_close(step(q, k, v), DECODE(q, k, v, backend="eager"))
+
+
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_trace_time_checks_raise_attnlang_errors(fullgraph):
+    q, k, v = _qkv(grad=False)
+    compiled = torch.compile(lambda q, k, v, rel: T5(q, k, v, rel=rel), fullgraph=fullgraph, backend="aot_eager")
+    with pytest.raises(al.AttnLangError, match="3 dimensions"):
+        compiled(q, k, v, torch.zeros(4, 17, 1))
+    with pytest.raises(al.AttnLangError, match="multiple of key/value heads"):
+        compiled(q, k[:, :1].expand(2, 3, 19, 16), v[:, :1].expand(2, 3, 19, 16), torch.zeros(4, 17))
+    index = al.compile(score="score + rel[h, pos[kv_idx]]")
+    compiled = torch.compile(lambda q, k, v, rel, pos: index(q, k, v, rel=rel, pos=pos), fullgraph=fullgraph,
+                             backend="aot_eager")
+    with pytest.raises(al.AttnLangError) as err:  # a float tensor as an index: a typing error, with its caret
+        compiled(q, k, v, torch.zeros(4, 19), torch.zeros(19))
+    assert "^" in str(err.value) and err.value.column is not None
+
+
+def test_value_checks_run_inside_the_compiled_graph():
+    """Index bounds from the tensor's values are checked at run time, on every new tensor (nothing is skipped)."""
+    index = al.compile(score="score + rel[h, pos[kv_idx]]")
+    compiled = torch.compile(lambda q, k, v, rel, pos: index(q, k, v, rel=rel, pos=pos), fullgraph=True,
+                             backend="aot_eager")
+    q, k, v = _qkv(grad=False)
+    rel = torch.randn(4, 19)
+    pos = torch.arange(19)
+    torch.testing.assert_close(compiled(q, k, v, rel, pos), index(q, k, v, rel=rel, pos=pos))
+    pos[3] = 19  # in place: a new version of the same tensor
+    with pytest.raises(al.AttnLangError, match="can take values"):
+        compiled(q, k, v, rel, pos)
+
+
+def test_the_key_is_rebuilt_in_a_process_that_did_not_trace():
+    key = op.call_key(ALIBI, "eager", 0.5, True, {"chunk": 1}, ("slope",))
+    spec = op._SPECS.pop(key)
+    rebuilt = op.spec_of(key)
+    assert rebuilt[0] == ALIBI and rebuilt[1:] == spec[1:]
+    with pytest.raises(al.AttnLangError, match="did not make"):
+        op.spec_of("not json")
+
+
+def test_the_op_runs_outside_compile_with_the_fake_layout():
+    q, k, v = _qkv(grad=False)
+    key = op.call_key(DECODE, "eager", None, True, None, ())
+    out, lse = torch.ops.attnlang.attention(q, k, v, [], key)
+    ref, ref_lse = DECODE(q, k, v, backend="eager", return_lse=True)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(lse, ref_lse)
+    with torch._subclasses.FakeTensorMode() as mode:
+        fake = op._attention_fake(*(mode.from_tensor(t) for t in (q, k, v)), [], key)
+    assert [t.stride() for t in fake] == [out.stride(), lse.stride()]
+    assert [t.dtype for t in fake] == [out.dtype, lse.dtype]
+
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_transformers_models_compile_with_fullgraph():
+    """Llama (prefill and cached decoding) and Gemma 2 (soft-capping, sliding window; prefill) in
+    torch.compile(model, fullgraph=True) give the uncompiled logits."""
+    from transformers import DynamicCache, Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    import attnlang.integrations.transformers as alt
+    alt.register()
+    small = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, max_position_embeddings=256, attn_implementation="attnlang")
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(**small)).eval()
+    torch.manual_seed(0)
+    gemma = Gemma2ForCausalLM(Gemma2Config(**small, sliding_window=5, attn_logit_softcapping=50.0,
+                                           query_pre_attn_scalar=16)).eval()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for model, steps in ((llama, 2), (gemma, 0)):
+            compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+            eager_cache, compiled_cache = DynamicCache(config=model.config), DynamicCache(config=model.config)
+            ref = model(ids, past_key_values=eager_cache, use_cache=True).logits
+            got = compiled(ids, past_key_values=compiled_cache, use_cache=True).logits
+            torch.testing.assert_close(got, ref)
+            token = ref[:, -1:].argmax(-1)
+            for _ in range(steps):
+                ref = model(token, past_key_values=eager_cache, use_cache=True).logits
+                got = compiled(token, past_key_values=compiled_cache, use_cache=True).logits
+                torch.testing.assert_close(got, ref)
+                token = ref[:, -1:].argmax(-1)
