@@ -30,9 +30,16 @@ import torch
 
 from .errors import AttnLangError
 
-__all__ = ["call", "call_key", "spec_of", "TraceTimeError"]
+__all__ = ["call", "call_key", "spec_of", "set_loader", "TraceTimeError"]
 
 _SPECS: dict[str, tuple] = {}  # key -> (variant, backend, scale, return_lse, kernel_options, names)
+_LOADER = None  # config -> Variant (attnlang.variant.from_config, set there: this module never imports Variant)
+
+
+def set_loader(loader) -> None:
+    """Where ``spec_of`` rebuilds a variant from its config (``attnlang.variant`` sets ``from_config``)."""
+    global _LOADER
+    _LOADER = loader
 
 
 class TraceTimeError(AttnLangError, IndexError):
@@ -77,14 +84,15 @@ def spec_of(key: str) -> tuple:
     got = _SPECS.get(key)
     if got is not None:
         return got
-    from .variant import from_config
+    if _LOADER is None:
+        raise AttnLangError("torch.ops.attnlang.attention was called before attnlang.variant was imported")
     try:
         d = json.loads(key)
         options = d["options"]
         if isinstance(options, dict) and "__repr__" in options:
             raise AttnLangError(f"the compiled graph calls attnlang with kernel_options {options['__repr__']}, which "
                                 f"are not JSON and cannot be rebuilt in this process; trace the call again")
-        got = (from_config(d["variant"]), d["backend"], d["scale"], d["return_lse"], options, tuple(d["names"]))
+        got = (_LOADER(d["variant"]), d["backend"], d["scale"], d["return_lse"], options, tuple(d["names"]))
     except (ValueError, KeyError, TypeError) as e:
         raise AttnLangError(f"torch.ops.attnlang.attention got a key that attnlang did not make: {e}") from None
     _SPECS[key] = got

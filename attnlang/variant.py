@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import torch
 
+from . import op as _op
 from .ast import DType, Index, names_used, walk
 from .check import Checked, bind, check, check_index_bounds, check_named_tensor, dtype_of_torch
 from .errors import AttnLangError
@@ -186,8 +187,7 @@ class Variant:
         """
         if torch.compiler.is_compiling():
             # under torch.compile the call is one custom op (attnlang.op): Dynamo never traces what follows
-            from .op import call
-            return call(self, q, k, v, scale, backend, return_lse, kernel_options, tensors)
+            return _op.call(self, q, k, v, scale, backend, return_lse, kernel_options, tensors)
         out, lse = self._eager_call(q, k, v, scale, backend, return_lse, kernel_options, tensors)
         return (out, lse) if return_lse else out
 
@@ -541,3 +541,6 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: Varian
         raise AttnLangError("reference() always runs the eager backend and takes no backend=; call the variant "
                             "itself to pick one")
     return variant(q, k, v, scale=scale, backend="eager", return_lse=return_lse, **tensors)
+
+
+_op.set_loader(from_config)  # a compiled graph loaded in a fresh process names its variants by their configs

@@ -34,6 +34,7 @@ import torch
 
 from ..ast import Var, children, with_children
 from ..errors import AttnLangError
+from ..op import call_key
 from ..parse import parse
 from ..printer import to_source
 from ..variant import BACKENDS, Variant, from_config
@@ -211,7 +212,6 @@ def _layer_call(config, kind: tuple, device_type: str) -> tuple[Variant, str]:
 def _op_key(config, kind: tuple, scaling, device_type: str, given: tuple) -> tuple[str, tuple]:
     """(the attnlang op's key, the names of the tensors the variant reads) of one kind of call: run by Dynamo at
     trace time (``assume_constant_result``), never traced."""
-    from ..op import call_key
     variant, backend = _layer_call(config, kind, device_type)
     names = variant.tensor_names
     bound = tuple(sorted(n for n in names if n in given or n in (PAD, _OFFSET)))
