@@ -45,6 +45,7 @@ from ..errors import AttnLangError
 from ..lower_torch import evaluate, row_values
 from ..memo import MEMO, IdentityMemo
 from ..plan import CallPlan
+from ..printer import to_source
 from ..sparsity import mask_block_sparsity
 
 __all__ = ["attention", "unsupported", "kernel_for", "cache_info", "clear_caches", "BLOCK_SIZE", "FLASH_HEAD_DIMS"]
@@ -282,7 +283,7 @@ def _prepare(expr: Expr, q_len: int, kv_len: int, fd: torch.dtype, fold_lengths:
 
 
 def _mods(score: Expr, mask: Expr, names: tuple[str, ...], values, q_len: int, kv_len: int, fd: torch.dtype,
-          tie_to_score: bool = False, int_dtype: torch.dtype = torch.int64, lengths=None):
+          tie_to_score: bool = False, int_dtype: torch.dtype = torch.int64, lengths=None, code_key=None):
     """score_mod and mask_mod of ``_prepare``-d expressions over the tensors ``values`` (bound by ``names``):
     closures over the caller's own arguments, so inside a compiled function the tensors are graph inputs, not
     constants.
@@ -294,6 +295,8 @@ def _mods(score: Expr, mask: Expr, names: tuple[str, ...], values, q_len: int, k
     int_dtype: the dtype ints are computed in (int32 only where ``_ints_fit_int32`` proved it exact).
     lengths: a [2] int tensor (q_len, kv_len) read by the mods instead of the constants q_len / kv_len (a callable
         compiled for every length).
+    code_key: when given (``_code_key``; mods built outside a traced function), each mod gets a code object of its
+        own for that key (``_own_code``).
     """
     tensors = dict(zip(names, values))
     used_s, used_m = names_used(score), names_used(mask)
@@ -325,7 +328,43 @@ def _mods(score: Expr, mask: Expr, names: tuple[str, ...], values, q_len: int, k
         return evaluate(mask, grid(q_idx.device, used_m, b, h, q_idx, kv_idx), tensors, fd, q_idx.device,
                         int_dtype)
 
+    if code_key is not None:
+        score_mod = None if score_mod is None else _own_code(score_mod, "score_mod", code_key)
+        mask_mod = _own_code(mask_mod, "mask_mod", code_key)
     return score_mod, mask_mod
+
+
+def _code_key(score: Expr, mask: Expr, names: tuple[str, ...], q_len: int, kv_len: int, fd: torch.dtype,
+              tie_to_score: bool, int_dtype: torch.dtype, any_length: bool) -> tuple:
+    """Everything the mods of ``_mods`` compute from besides the tensors' values: the expressions in canonical text
+    with every node's type, the tensor names, dtypes, the tie, and the lengths they fold in."""
+    def typed(expr: Expr) -> tuple:
+        return to_source(expr), tuple(n.dtype for n in walk(expr))
+    return (typed(score), typed(mask), names, None if any_length else (q_len, kv_len), str(fd), str(int_dtype),
+            tie_to_score)
+
+
+_CODES: dict[tuple, types.CodeType] = {}  # (mod kind, _code_key) -> its code object, kept for the process
+
+
+def _own_code(fn, kind: str, key: tuple):
+    """``fn`` with the code object of ``key``: one per distinct expression, kept alive for the process.
+
+    Flex's unfused (eager) path compiles one shared wrapper (``_flex_attention_hop_wrapper``) with Dynamo, whose
+    cache tells score_mod / mask_mod apart only by the guards it installs on their code and closures; those
+    guards missed the comparison at the top of a mask (torch 2.13: ``kv_idx < pre[0]`` then ``kv_idx >=
+    pre[0]`` gave the first variant's result). Dynamo always guards a function's code object by identity, so a
+    code object per expression keys its cache by the expression; keeping them alive keeps an id from being reused.
+    """
+    full = (kind,) + key
+    code = _CODES.get(full)
+    if code is None:
+        name = f"{kind}_{hashlib.sha1(repr(full).encode()).hexdigest()[:16]}"
+        code = fn.__code__.replace(co_name=name)
+        if hasattr(code, "co_qualname"):
+            code = code.replace(co_qualname=name)
+        _CODES[full] = code
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -363,10 +402,12 @@ def _block_tensors(bm) -> tuple:
 # the flex call, compiled once per key
 
 def _make_body(plan: CallPlan, names: tuple[str, ...], fd, kernel_options, want_lse: bool, gqa: bool, block_size,
-               tie_to_score: bool, int_dtype: torch.dtype, detach_lse: bool, any_length: bool):
+               tie_to_score: bool, int_dtype: torch.dtype, detach_lse: bool, any_length: bool, traced: bool):
     """f(q, k, v, lengths, *block_mask_tensors, *named) -> (out, lse or None), building its mods from its own
     arguments. any_length: the lengths come from q / k's shapes and the ``lengths`` tensor, never from constants,
-    so one compiled graph (dynamic in the sequence dims) serves every length; else ``lengths`` is None."""
+    so one compiled graph (dynamic in the sequence dims) serves every length; else ``lengths`` is None.
+    traced: the body runs inside torch.compile (its own code object per key, ``_renamed``); else it runs eagerly
+    and flex compiles the mods itself, so they get code objects of their own (``_own_code``)."""
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
     try:
         from torch.nn.attention.flex_attention import AuxRequest
@@ -377,9 +418,12 @@ def _make_body(plan: CallPlan, names: tuple[str, ...], fd, kernel_options, want_
     fold = not any_length
     score, mask = _prepare(plan.score, q_len, kv_len, fd, fold), _prepare(plan.mask, q_len, kv_len, fd, fold)
     options = dict(kernel_options) if kernel_options else None
+    code_key = None if traced else _code_key(score, mask, names, q_len, kv_len, fd, tie_to_score, int_dtype,
+                                             any_length)
 
     def body(q, k, v, lengths, kv_num, kv_idx, full_num, full_idx, q_num, q_idx_, full_q_num, full_q_idx, *named):
-        score_mod, mask_mod = _mods(score, mask, names, named, q_len, kv_len, fd, tie_to_score, int_dtype, lengths)
+        score_mod, mask_mod = _mods(score, mask, names, named, q_len, kv_len, fd, tie_to_score, int_dtype, lengths,
+                                    code_key)
         seq_lengths = (q_len, kv_len) if lengths is None else (q.shape[2], k.shape[2])
         bm = BlockMask(seq_lengths, kv_num, kv_idx, full_num, full_idx, q_num, q_idx_, full_q_num, full_q_idx,
                        BLOCK_SIZE=block_size, mask_mod=mask_mod)
@@ -460,7 +504,8 @@ def _callable(q, k, v, plan: CallPlan, names, named, fd, kernel, compiled: bool,
         _compiled.move_to_end(key)
         return fn, any_length
     body = _make_body(plan, names, fd, kernel_options or None, want_lse, gqa, tuple(bm.BLOCK_SIZE),
-                      tie_to_score=compiled, int_dtype=int_dtype, detach_lse=detach_lse, any_length=any_length)
+                      tie_to_score=compiled, int_dtype=int_dtype, detach_lse=detach_lse, any_length=any_length,
+                      traced=compiled)
     if compiled:
         _raise_limits()
         fn = torch.compile(_renamed(body, f"flex_{_slug(plan)}" + ("_any_length" if any_length else "")),
