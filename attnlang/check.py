@@ -36,7 +36,7 @@ from .ast import (
     with_children,
 )
 from .errors import AttnLangError
-from .intervals import Interval, bounds
+from .intervals import TOP, Interval, bounds
 from .parse import parse
 
 __all__ = ["Checked", "check", "bind", "check_index_bounds", "check_named_tensor", "CALL_KEYWORDS", "RESERVED_NAMES",
@@ -234,21 +234,53 @@ def _check_int_range(tree: Expr, env, checked: Checked, where: str) -> None:
     def ring(n) -> bool:
         return isinstance(n, (Binary, Unary)) and n.op in _RING_OPS and n.dtype is DType.INT
 
+    def fail(message, node):
+        raise AttnLangError.at(message, checked.sources[where], node.span, where)
+
     leaving = [tree] + [kid for node in walk(tree) if not ring(node) for kid in children(node)]
     for kid in leaving:
         if not ring(kid):
             continue
         r = bounds(kid, env)
         if _beyond_int64(r):
-            raise AttnLangError.at(f"this integer can reach {_fmt_interval(r)}, outside 64 bits; compute it "
-                                   f"in float (e.g. 2.0 ** 70)", checked.sources[where], kid.span, where)
-    for node in walk(tree):  # int() of a float past int64 has no int64 value (torch gives garbage)
+            fail(f"this integer can reach {_fmt_interval(r)}, outside 64 bits (int64 overflow); compute it in "
+                 f"float (e.g. 2.0 ** 70)", kid)
+    for node in walk(tree):
+        if ring(node) or node.dtype is not DType.INT:
+            continue
         if isinstance(node, Call) and node.func == "int" and node.args[0].dtype is DType.FLOAT:
-            r = bounds(node, env)
-            if _beyond_int64(r):
-                raise AttnLangError.at(f"int() of a value that can reach {_fmt_interval(bounds(node.args[0], env))}"
-                                       f", outside 64 bits; keep it a float, or clamp it first",
-                                       checked.sources[where], node.span, where)
+            _check_int_of_float(node, env, fail)
+            continue
+        # abs(-2**63) and -2**63 // -1 are 2**63, which int64 wraps to -2**63 (other int ops stay in their range)
+        if not (isinstance(node, Call) and node.func == "abs" or isinstance(node, Binary) and node.op is Op.FLOORDIV):
+            continue
+        r = bounds(node, env)
+        if _beyond_int64(r):
+            fail(f"this integer can reach {_fmt_interval(r)}, outside 64 bits (int64 overflow: it would wrap "
+                 f"around)", node)
+
+
+# The score's own range is known only inside the kernel: int() of an expression of the score is checked with the
+# score taken in [-1, 1], so that an infinity or NaN found there comes from the rest of the expression.
+_SCORE_FOR_INT = Interval(-1.0, 1.0)
+
+
+def _check_int_of_float(node: Call, env, fail) -> None:
+    """int() of a float must have an int64 value: not past int64 (int(1e30)), not inf, not NaN (int(inf),
+    int(inf - inf), int(t[kv_idx]) of a tensor holding inf or NaN): torch gives garbage there."""
+    arg = node.args[0]
+    env = dict(env, score=_SCORE_FOR_INT)
+    r = bounds(arg, env)
+    if not (math.isfinite(r.lo) and math.isfinite(r.hi)):
+        fail(f"int() of a value that can be {_fmt_interval(r)} here: inf and NaN are outside 64 bits (int64 "
+             f"overflow: they have no int value); clamp it into a finite range first", node)
+    for read in walk(arg):  # clamp() gives finite bounds, but a NaN passes through it
+        if isinstance(read, Index) and read.dtype is DType.FLOAT and env.get(read.tensor) == TOP:
+            fail(f"int() of a value read from tensor {read.tensor!r}, which holds NaN (or both -inf and inf): "
+                 f"NaN is outside 64 bits (int64 overflow: it has no int value)", node)
+    if _beyond_int64(bounds(node, env)):
+        fail(f"int() of a value that can reach {_fmt_interval(r)}, outside 64 bits (int64 overflow); keep it a "
+             f"float, or clamp it first", node)
 
 
 def _beyond_int64(r: Interval) -> bool:

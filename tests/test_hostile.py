@@ -4,6 +4,8 @@ Each test names the behaviour it pins; each failed on the code before its fix.
 """
 
 
+import math
+
 import pytest
 import torch
 
@@ -49,3 +51,44 @@ def test_flex_same_expression_other_lengths_reuses_nothing_wrong():
         q = torch.randn(1, 1, s, 4, generator=torch.Generator().manual_seed(s))
         k = torch.randn(1, 1, s + 2, 4, generator=torch.Generator().manual_seed(s + 1))
         torch.testing.assert_close(v(q, k, k, backend="flex"), v(q, k, k, backend="eager"), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. int() of inf / NaN and int64 wrap-around are errors naming the overflow, with a caret
+
+_INF = torch.full((4,), math.inf)
+_NAN = torch.tensor([1.0, math.nan, 2.0, 3.0])
+_MIN64 = torch.full((4,), -2 ** 63)
+
+
+@pytest.mark.parametrize("mask, tensors, token", [
+    ("int(t[kv_idx]) >= 0", {"t": _INF}, "int(t[kv_idx])"),
+    ("int(t[kv_idx]) >= 0", {"t": -_INF}, "int(t[kv_idx])"),
+    ("int(t[kv_idx]) >= 0", {"t": _NAN}, "int(t[kv_idx])"),
+    ("int(clamp(t[kv_idx], -5.0, 5.0)) >= 0", {"t": _NAN}, "int(clamp"),   # NaN passes through clamp
+    ("int(inf) >= 0", {}, "int(inf)"),
+    ("int(inf - inf) >= 0", {}, "int(inf - inf)"),
+    ("int(1.0 / float(q_idx - kv_idx)) >= 0", {}, "int(1.0"),              # 1.0 / 0.0 on the diagonal
+    ("abs(t[kv_idx]) > 0", {"t": _MIN64}, "abs(t[kv_idx])"),
+    ("t[kv_idx] // -1 > 0", {"t": _MIN64}, "t[kv_idx] // -1"),
+])
+@pytest.mark.parametrize("backend", ["eager", "flex"])
+def test_int_overflow_of_inf_nan_and_wraparound_is_an_error(mask, tensors, token, backend):
+    q = torch.randn(1, 1, 4, 8)
+    v = al.compile(mask=mask)
+    with pytest.raises(al.AttnLangError, match="64 bits") as info:
+        v(q, q, q, backend=backend, **tensors)
+    err = info.value
+    assert err.where == "mask" and err.column == mask.index(token) + 1, str(err)
+    assert "overflow" in str(err) and "^" in str(err)
+
+
+def test_int_of_finite_values_and_of_the_score_still_run():
+    q = torch.randn(1, 1, 4, 8)
+    t = torch.tensor([1.5, -2.5, 3.0, 1e9])
+    out = al.compile(mask="int(t[kv_idx]) != 0")(q, q, q, backend="eager", t=t)
+    assert torch.isfinite(out).all()
+    out = al.compile("score + float(int(score * 3.7)) * 0.05")(q, q, q, backend="eager")
+    assert torch.isfinite(out).all()
+    ok = al.compile(mask="int(clamp(t[kv_idx], -5.0, 5.0)) >= 0")(q, q, q, backend="eager", t=_INF)
+    assert torch.isfinite(ok).all()
