@@ -1,22 +1,42 @@
 """TensorMemo: values derived from a tensor (its value range, an int32 copy, a cache-key token), computed once
 while that very tensor object is alive and unmodified, so repeated calls with the same tensors cost no device
-sync. IdentityMemo: values derived from objects that are costly to hash (bound ASTs), keyed by identity.
+sync. "Unmodified": the version counter is unchanged and, for CPU tensors, so is a checksum of the bytes, which
+also sees writes the version counter misses (``t.data[i] = x``, ``t.numpy()[i] = x``, DLPack aliases); CUDA
+tensors are judged by their version counter alone (reading a checksum would sync the device on every call), so
+such unversioned writes to a CUDA tensor are not seen: bind a new tensor instead.
+IdentityMemo: values derived from objects that are costly to hash (bound ASTs), keyed by identity.
 Shared by the call checks and the backends."""
 
 from __future__ import annotations
 
 import weakref
+import zlib
 from collections import OrderedDict
 
 import torch
 
-__all__ = ["TensorMemo", "MEMO", "IdentityMemo"]
+__all__ = ["TensorMemo", "MEMO", "IdentityMemo", "fingerprint"]
+
+
+def fingerprint(t: torch.Tensor):
+    """A checksum of a CPU tensor's values that changes whenever an element does, however it was written: the
+    CRC-32 of its bytes and their count (one pass over them, about 2 GB/s; a call reads the tensor anyway). None
+    for tensors on other devices (their version counter stands alone there)."""
+    if t.device.type != "cpu":
+        return None
+    x = t.detach()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    raw = x.reshape(-1).view(torch.uint8).numpy()
+    return raw.size, zlib.crc32(raw)
 
 
 class TensorMemo:
-    """An LRU of ``fn(t)`` keyed by (tensor object, tag), valid while ``t._version`` is unchanged.
+    """An LRU of ``fn(t)`` keyed by (tensor object, tag), valid while ``t._version`` and ``fingerprint(t)`` are
+    unchanged.
 
-    Inference-mode tensors keep no version counter: for them nothing is cached and ``fn`` runs every time.
+    Inference-mode tensors keep no version counter: on the CPU their checksum alone keys the entry; elsewhere
+    nothing is cached for them and ``fn`` runs every time.
     """
 
     def __init__(self, size: int = 256):
@@ -27,7 +47,11 @@ class TensorMemo:
         try:
             version = t._version
         except RuntimeError:  # "Inference tensors do not track version counter"
+            version = None
+        check = fingerprint(t)
+        if version is None and check is None:
             return fn(t)
+        version = (version, check)
         key = (id(t), tag)
         hit = self._entries.get(key)
         if hit is not None and hit[0]() is t and hit[1] == version:

@@ -92,3 +92,70 @@ def test_int_of_finite_values_and_of_the_score_still_run():
     assert torch.isfinite(out).all()
     ok = al.compile(mask="int(clamp(t[kv_idx], -5.0, 5.0)) >= 0")(q, q, q, backend="eager", t=_INF)
     assert torch.isfinite(ok).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. writes PyTorch does not version (t.data[...] =, t.numpy()[...] =) are seen by the checks and caches (CPU)
+
+def _unversioned_writes():
+    def via_numpy(t, i, x):
+        t.numpy()[i] = x
+
+    def via_data(t, i, x):
+        t.data[i] = x
+    return [via_numpy, via_data]
+
+
+@pytest.mark.parametrize("write", _unversioned_writes(), ids=["numpy", "data"])
+@pytest.mark.parametrize("backend", ["eager", "flex"])
+def test_row_term_set_to_minus_inf_after_a_call_masks_its_row(write, backend):
+    q = torch.randn(1, 1, 8, 4, generator=torch.Generator().manual_seed(2))
+    v = al.compile("score + t[q_idx]")   # t[q_idx] is a row term: dropped from the score, added to lse
+    t = torch.zeros(8)
+    v(q, q, q, t=t, backend=backend, return_lse=True)
+    write(t, 5, -math.inf)
+    out, lse = v(q, q, q, t=t, backend=backend, return_lse=True)
+    assert lse[0, 0, 5] == -math.inf and bool((out[0, 0, 5] == 0).all())
+    assert bool(torch.isfinite(lse[0, 0, :5]).all())
+
+
+@pytest.mark.parametrize("write", _unversioned_writes(), ids=["numpy", "data"])
+@pytest.mark.parametrize("backend", ["eager", "flex"])
+def test_index_tensor_written_out_of_range_after_a_call_is_a_caret_error(write, backend):
+    q = torch.randn(1, 1, 8, 4)
+    src = "score + w[i[kv_idx]]"
+    v = al.compile(src)
+    i, w = torch.zeros(8, dtype=torch.long), torch.zeros(3)
+    v(q, q, q, i=i, w=w, backend=backend)
+    write(i, 3, 7)
+    with pytest.raises(al.AttnLangError, match="index 0 of 'w'") as info:
+        v(q, q, q, i=i, w=w, backend=backend)
+    assert info.value.column == src.index("i[kv_idx]") + 1 and "^" in str(info.value)
+
+
+@pytest.mark.parametrize("write", _unversioned_writes(), ids=["numpy", "data"])
+def test_flex_block_mask_is_rebuilt_after_an_unversioned_write(write):
+    q = torch.randn(1, 1, 256, 8, generator=torch.Generator().manual_seed(3))
+    v = al.compile(mask="doc[q_idx] == doc[kv_idx]")
+    doc = torch.zeros(256, dtype=torch.long)
+    from attnlang.backends import flex
+    v(q, q, q, doc=doc, backend="flex")
+    built = flex.cache_info()["block_masks"]
+    write(doc, slice(128, 256), 1)   # now two documents: the off-diagonal blocks are empty
+    # (the unfused CPU kernel evaluates mask_mod everywhere; the compiled ones trust the blocks marked full)
+    torch.testing.assert_close(v(q, q, q, doc=doc, backend="flex"), v(q, q, q, doc=doc, backend="eager"),
+                               atol=1e-5, rtol=1e-5)
+    assert flex.cache_info()["block_masks"] == built + 1
+
+
+def test_inference_tensors_on_the_cpu_are_checked_and_cached_by_their_values():
+    from attnlang.memo import TensorMemo
+    memo, calls = TensorMemo(), []
+    with torch.inference_mode():
+        t = torch.zeros(4)
+    for _ in range(2):
+        memo.get(t, "x", lambda x: calls.append(1))
+    assert len(calls) == 1
+    t.numpy()[0] = 1.0
+    memo.get(t, "x", lambda x: calls.append(1))
+    assert len(calls) == 2
