@@ -240,8 +240,20 @@ def _tables(plan: CallPlan) -> tuple:
 _LOWERED = IdentityMemo()
 
 
+_LAST_LOWERING: list = [None, None]  # (plan, lowering): unsupported() and attention() ask for the same plan
+
+
 def lowering(plan: CallPlan) -> Lowering:
     """The (cached) lowering of one call. Raises emit_cute.Unsupported for what the kernel cannot compute."""
+    last = _LAST_LOWERING
+    if last[0] is plan:
+        return last[1]
+    low = _lowering_of(plan)
+    _LAST_LOWERING[:] = [plan, low]
+    return low
+
+
+def _lowering_of(plan: CallPlan) -> Lowering:
     dtypes = tuple(sorted((n, str(t.dtype)) for n, t in plan.tensors.items()))
     fastmath, window_flags = _option(plan, "fastmath"), _option(plan, "window_flags")
     tables = _tables(plan)
@@ -318,16 +330,29 @@ def _aux(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
+@functools.lru_cache(maxsize=16)
+def _capability(index: int) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
+def _device_problem(q: torch.Tensor) -> str | None:
+    """Why q's device cannot run FA4 (None if it can); the capability is asked once per device."""
+    if not q.is_cuda or not torch.cuda.is_available():
+        return "FA4 needs a CUDA GPU (q is on the CPU or CUDA is unavailable)"
+    major, minor = _capability(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    if major < 9:
+        return f"FA4 needs a Hopper (sm90) or newer GPU; this one is sm{major}{minor}"
+    return None
+
+
 def unsupported(q: torch.Tensor, plan: CallPlan) -> str | None:
     """None when FA4 can run this call, else why not (so "auto" falls back to flex)."""
     bad = _check_options(plan.options)
     if bad:
         return bad
-    if not torch.cuda.is_available() or not q.is_cuda:
-        return "FA4 needs a CUDA GPU (q is on the CPU or CUDA is unavailable)"
-    major, minor = torch.cuda.get_device_capability(q.device)
-    if major < 9:
-        return f"FA4 needs a Hopper (sm90) or newer GPU; this one is sm{major}{minor}"
+    bad = _device_problem(q)
+    if bad:
+        return bad
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"FA4 computes in float16 / bfloat16; q is {q.dtype}"
     D = q.shape[-1]
@@ -398,7 +423,7 @@ def kernel_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Ca
         sparse_fwd, sparse_bwd, _ = _block_sparse(plan, low, q.device)
     kwargs = dict(softmax_scale=plan.scale, causal=False, window_size=low.window, score_mod=score_mod,
                   score_mod_bwd=score_mod_bwd, mask_mod=mask_mod, aux_tensors=aux, block_sparse_tensors=sparse_fwd,
-                  block_sparse_tensors_bwd=sparse_bwd, return_lse=True)
+                  block_sparse_tensors_bwd=sparse_bwd, return_lse=_wants_lse(plan))
     if native_sink(plan):
         # [Hq] float32 natural-log logits: FA4 folds them into its softmax statistics and its backward returns
         # their gradient (dsink), which autograd carries on to the tensors the sink reads
@@ -411,6 +436,11 @@ VARLEN_HOST = Host(flash=lambda: _flash(), load=lambda m: _load(m), aux=lambda t
                    tables=lambda p: _tables(p), option=lambda p, n: _option(p, n),
                    native_window=lambda *a: _native_window(*a),
                    kernel_arguments=lambda q, k, v, p: kernel_arguments(q, k, v, p))
+
+
+def _wants_lse(plan: CallPlan) -> bool:
+    """Whether this call needs FA4's lse (a backward gets it from FA4 anyway)."""
+    return plan.return_lse or plan.sink is not None or not plan.normalize
 
 
 def native_sink(plan: CallPlan) -> bool:
@@ -427,7 +457,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
     Returns:
         out [B, Hq, Sq, Dv] in q's dtype (a transposed view of FA4's [B, Sq, Hq, Dv] output), lse float32
         [B, Hq, Sq] (natural log, -inf for rows with no allowed key, the sink there with a sink; plus
-        plan.lse_shift).
+        plan.lse_shift); lse is None when neither the caller (plan.return_lse), a sink or normalize=False, nor a
+        backward needs it: the kernel then skips it.
     Raises:
         AttnLangError: a value head dim FA4 does not take; the sink is NaN or +inf.
     """
@@ -441,7 +472,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
     if _option(plan, "bhsd_out") and not grads:
         # inference: out written straight into a [B, H, S, Dv] buffer (the layout of q), as flex's FA4 path does
         out = torch.empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1], dtype=q.dtype, device=q.device)
-        lse = torch.empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32, device=q.device)
+        lse = torch.empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32, device=q.device) \
+            if _wants_lse(plan) else None
         for name in ("block_sparse_tensors_bwd", "score_mod_bwd"):
             kwargs.pop(name)
         left, right = kwargs.pop("window_size")

@@ -366,3 +366,46 @@ def test_describe_says_which_path(fake):
         q, q, q, None, "fa4", False, {"varlen": True}, {"doc": _doc_ids(LENGTHS)})
     text = fa4_varlen.describe(q, q, q, plan, fa4.VARLEN_HOST)
     assert "varlen forward" in text and "4 sequences" in text and "(None, 0)" in text
+
+
+# ----- per-call host work of the fa4 path (no timings: what it asks the kernel for) -----
+
+def test_fa4_asks_for_lse_only_when_wanted(monkeypatch):
+    import sys
+    from pathlib import Path
+
+    from attnlang.backends import fa4
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from bench_host import StubFA4
+    seen = []
+
+    class Recording(StubFA4):
+        def flash_attn_func(self, q, k, v, return_lse=False, **kw):
+            seen.append(return_lse)
+            return super().flash_attn_func(q, k, v, return_lse=return_lse, **kw)
+
+    stub = Recording()
+    monkeypatch.setattr(fa4, "_flash", lambda: stub)
+    monkeypatch.setattr(fa4, "_device_problem", lambda q: None)
+    q = torch.randn(2, 4, 16, 32, dtype=torch.bfloat16)
+    variant = al.compile(mask="q_idx >= kv_idx")
+    out = variant(q, q, q, backend="fa4")
+    assert out.shape == (2, 4, 16, 32)
+    _, lse = variant(q, q, q, backend="fa4", return_lse=True)
+    assert seen == [False, True] and lse.shape == (2, 4, 16)
+
+
+def test_bench_host_cpu_mode_runs(tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    from attnlang.backends import fa4
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench_host
+    monkeypatch.setattr(fa4, "_flash", fa4._flash)          # the benchmark replaces both: undo afterwards
+    monkeypatch.setattr(fa4, "_device_problem", fa4._device_problem)
+    bench_host.main(["--n", "3", "--out", str(tmp_path)])
+    import json
+    doc = json.loads((tmp_path / "host_cpu.json").read_text())
+    assert set(doc["variants"]) == set(bench_host.VARIANTS)
+    assert all(row["attnlang_fa4_us"] > 0 for row in doc["variants"].values())
