@@ -36,13 +36,31 @@ VARIANTS = {
     "prefix_lm": ("score", "kv_idx < 1024 | q_idx >= kv_idx"),
     "alibi_causal": ("score + slope[h] * (kv_idx - q_idx)", "q_idx >= kv_idx"),
     "softcap_causal": ("30 * tanh(score / 30)", "q_idx >= kv_idx"),
+    "document_random": ("score", "doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx"),
 }
-CONTENDERS = ("sdpa", "flex_triton", "flex_flash", "fa4_builtin", "attnlang_fa4")
+CONTENDERS = ("sdpa", "flex_triton", "flex_flash", "fa4_builtin", "fa4_varlen", "attnlang_fa4", "attnlang_auto")
+
+
+def document_lengths(S: int, seed: int = 0, lo: int = 64, hi: int = 3000) -> list:
+    """Seeded random document lengths in [lo, hi] filling S positions (the last one cut to fit)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    while sum(out) < S:
+        out.append(int(torch.randint(lo, hi + 1, (1,), generator=g)))
+    out[-1] -= sum(out) - S
+    return [n for n in out if n > 0]
+
+
+def document_ids(S: int, device, seed: int = 0) -> torch.Tensor:
+    lengths = document_lengths(S, seed)
+    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(device)
 
 
 def named_tensors(name: str, S: int, H: int, device) -> dict:
     if name == "document":
         return {"doc": torch.arange(S, device=device) // (S // 8)}  # 8 equal documents
+    if name == "document_random":
+        return {"doc": document_ids(S, device)}
     if name == "alibi_causal":
         return {"slope": torch.exp2(-8.0 * torch.arange(1, H + 1, device=device, dtype=torch.float32) / H)}
     return {}
@@ -70,6 +88,7 @@ def _flex_mods(name, tensors):
         "causal": causal,
         "sliding_window": lambda b, h, q, kv: (q - kv >= 0) & (q - kv < 1024),
         "document": lambda b, h, q, kv: doc[q] == doc[kv],
+        "document_random": lambda b, h, q, kv: (doc[q] == doc[kv]) & (q >= kv),
         "prefix_lm": lambda b, h, q, kv: (kv < 1024) | (q >= kv),
         "alibi_causal": causal,
         "softcap_causal": causal,
@@ -108,6 +127,38 @@ def make_fa4_builtin(name, tensors, S, H):
     return run
 
 
+def make_fa4_varlen(name, tensors, S, H, B=None, Hkv=None):
+    """flash_attn_varlen_func(causal=True) on packed [B * S, H, D] copies of q / k / v made once per input (a
+    varlen user's tensors are packed already), cu_seqlens from the document ids; documents rows only."""
+    doc = tensors.get("doc")
+    if doc is None or not name.startswith("document"):
+        return None
+    from flash_attn.cute import flash_attn_varlen_func
+    ids = doc.tolist()
+    starts = [i for i in range(S) if i == 0 or ids[i] != ids[i - 1]]
+    packed: dict = {}
+
+    def run(q, k, v):
+        B_, H_, S_, D = q.shape
+        key = (id(q), id(k), id(v), q.requires_grad)
+        if key not in packed:
+            packed.clear()
+            flat = tuple(t.detach().transpose(1, 2).reshape(B_ * S_, t.shape[1], t.shape[3]).clone()
+                         .requires_grad_(t.requires_grad) for t in (q, k, v))
+            cu = torch.tensor([b * S_ + s for b in range(B_) for s in starts] + [B_ * S_], dtype=torch.int32,
+                              device=q.device)
+            longest = int((cu[1:] - cu[:-1]).max())
+            packed[key] = ((q, k, v), flat, cu, longest)
+        _, flat, cu, longest = packed[key]
+        for t in flat:
+            t.grad = None
+        out = flash_attn_varlen_func(*flat, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest,
+                                     max_seqlen_k=longest, causal=True)
+        out = out[0] if isinstance(out, tuple) else out
+        return out.view(B_, S_, H_, out.shape[-1]).transpose(1, 2)
+    return run
+
+
 EXPERIMENTS = {  # contender -> the fa4 kernel_options it runs attnlang with
     "attnlang_fa4_tiles": {"window_flags": False, "dense_tile_list": True},
     "attnlang_fa4_keep_mask": {"keep_mask_mod": True},
@@ -115,12 +166,12 @@ EXPERIMENTS = {  # contender -> the fa4 kernel_options it runs attnlang with
 }
 
 
-def make_attnlang(options=None):
+def make_attnlang(options=None, backend="fa4"):
     def make(name, tensors, S, H):
         import attnlang as al
         score, mask = VARIANTS[name]
         variant = al.compile(score=score, mask=mask)
-        return lambda q, k, v: variant(q, k, v, backend="fa4", kernel_options=options, **tensors)
+        return lambda q, k, v: variant(q, k, v, backend=backend, kernel_options=options, **tensors)
     return make
 
 
@@ -145,7 +196,8 @@ def make_fa4_direct(name, tensors, S, H):
 
 
 MAKERS = {"sdpa": make_sdpa, "flex_triton": make_flex("TRITON"), "flex_flash": make_flex("FLASH"),
-          "fa4_builtin": make_fa4_builtin, "attnlang_fa4": make_attnlang(),
+          "fa4_builtin": make_fa4_builtin, "fa4_varlen": make_fa4_varlen, "attnlang_fa4": make_attnlang(),
+          "attnlang_auto": make_attnlang(backend="auto"),
           # experiments (not in the default set): other lowerings of the same variant, and the bare kernel
           **{name: make_attnlang(options) for name, options in EXPERIMENTS.items()},
           "fa4_direct": make_fa4_direct}
@@ -169,8 +221,22 @@ def describe_lowering(name, tensors, q, options=None) -> str:
         mask = "no mask: an all-full tile list (FA4's block-sparse schedule)"
     if options.get("bhsd_out"):
         mask += "; out written into a [B, H, S, D] buffer (inference)"
+    if name.startswith("document"):
+        mask += "; " + describe_varlen(al.compile(score=score, mask=VARIANTS[name][1]), q, q, tensors, options)
     return (f"{mask}; score_mod={'yes' if low.score_mod else 'no'}; aux={list(low.tensors)}; "
             f"baked={baked}; block_sparsity={'yes' if low.mask_mod else 'no'}")
+
+
+def describe_varlen(variant, q, k, tensors, options=None) -> str:
+    """The fa4 backend's varlen choice for a documents call, for inference and for training."""
+    from attnlang.backends import fa4, fa4_varlen
+    out = []
+    for what, grad in (("inference", False), ("training", True)):
+        qq, kk = (t.detach().requires_grad_(grad) for t in (q, k))
+        plan = variant._plan(qq, kk, kk, None, "fa4", False, options, tensors)
+        with torch.set_grad_enabled(grad):
+            out.append(f"{what}: {fa4_varlen.describe(qq, kk, kk, plan, fa4.VARLEN_HOST)}")
+    return "; ".join(out)
 
 
 def _tile_aligned(plan) -> bool:
@@ -308,6 +374,304 @@ def table(results: dict, suffix: str, contenders=CONTENDERS) -> list[str]:
     return lines
 
 
+# ----- the shape suite (--suite): shape groups x variants x contenders -> <out>/shapes.{json,md} -----
+
+SUITE_GROUPS = {
+    # name: B, Hq, Hkv, q_len, kv_len, D, whether forward+backward is measured
+    "gqa": dict(B=2, Hq=32, Hkv=8, Sq=4096, Skv=4096, D=128, bwd=True),
+    "hd64": dict(B=4, Hq=16, Hkv=16, Sq=4096, Skv=4096, D=64, bwd=True),
+    "long": dict(B=1, Hq=32, Hkv=8, Sq=32768, Skv=32768, D=128, bwd=False),
+    "decode_q1": dict(B=16, Hq=32, Hkv=8, Sq=1, Skv=16384, D=128, bwd=False),
+    "decode_q16": dict(B=16, Hq=32, Hkv=8, Sq=16, Skv=16384, D=128, bwd=False),
+}
+SUITE_VARIANTS = ("causal", "sliding_window", "document_random", "alibi", "softcap", "rel_table")
+SUITE_CONTENDERS = ("sdpa", "flex_triton", "flex_flash", "flex_default", "fa4_builtin", "fa4_varlen",
+                    "attnlang_fa4", "attnlang_auto")
+SUITE_EXPERIMENTS = {  # documents only: attnlang with the varlen path forced on / off in both directions
+    "attnlang_fa4_varlen_on": {"varlen": True}, "attnlang_fa4_varlen_off": {"varlen": False}}
+REL_SIZE = 256  # relative-position table: rel[h, clamp(d, 0, 255)], d = distance below the diagonal
+
+
+def _decode(group: dict) -> bool:
+    return group["Sq"] != group["Skv"]
+
+
+def _window(group: dict) -> int:
+    return 4096 if _decode(group) else 1024
+
+
+def suite_variant(name: str, group: dict):
+    """(score, mask) of a suite variant, LANGUAGE.md spelling; decode groups align on the bottom-right diagonal
+    (d = q_idx + kv_len - q_len - kv_idx), training groups on the top-left one (d = q_idx - kv_idx)."""
+    d = "q_idx + kv_len - q_len - kv_idx" if _decode(group) else "q_idx - kv_idx"
+    causal = "kv_idx <= q_idx + kv_len - q_len" if _decode(group) else "q_idx >= kv_idx"
+    table = {
+        "causal": ("score", causal),
+        "sliding_window": ("score", f"0 <= {d} < {_window(group)}"),
+        "document_random": ("score", "doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx"),
+        "alibi": ("score + slope[h] * (kv_idx - q_idx)", causal),
+        "softcap": ("30 * tanh(score / 30)", causal),
+        "rel_table": (f"score + rel[h, clamp({d}, 0, {REL_SIZE - 1})]", causal),
+    }
+    return table[name]
+
+
+def suite_tensors(name: str, group: dict, device) -> dict:
+    H = group["Hq"]
+    if name == "document_random":
+        return {"doc": document_ids(group["Sq"], device)}
+    if name == "alibi":
+        return {"slope": torch.exp2(-8.0 * torch.arange(1, H + 1, device=device, dtype=torch.float32) / H)}
+    if name == "rel_table":
+        g = torch.Generator(device=device).manual_seed(0)
+        return {"rel": 0.5 * torch.randn(H, REL_SIZE, device=device, generator=g)}
+    return {}
+
+
+def _suite_flex_mods(name: str, group: dict, tensors: dict):
+    doc, slope, rel = tensors.get("doc"), tensors.get("slope"), tensors.get("rel")
+    off = group["Skv"] - group["Sq"]
+    W = _window(group)
+
+    def causal(b, h, q, kv):
+        return kv <= q + off
+
+    masks = {"causal": causal, "sliding_window": lambda b, h, q, kv: (q + off - kv >= 0) & (q + off - kv < W),
+             "document_random": lambda b, h, q, kv: (doc[q] == doc[kv]) & (q >= kv),
+             "alibi": causal, "softcap": causal, "rel_table": causal}
+    scores = {"alibi": lambda s, b, h, q, kv: s + slope[h] * (kv - q),
+              "softcap": lambda s, b, h, q, kv: 30 * torch.tanh(s / 30),
+              "rel_table": lambda s, b, h, q, kv: s + rel[h, torch.clamp(q + off - kv, 0, REL_SIZE - 1)]}
+    return scores.get(name), masks[name]
+
+
+def suite_maker(contender: str, name: str, group: dict, tensors: dict):
+    """A callable (q, k, v) -> out [B, Hq, Sq, D] for this cell, or None where the contender has no entry."""
+    gqa = group["Hq"] != group["Hkv"]
+    decode = _decode(group)
+    if contender == "sdpa":
+        if name != "causal":
+            return None
+        import torch.nn.functional as F
+        if not decode:
+            return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if group["Sq"] == 1:  # one query row at the end: every key is allowed
+            return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        from torch.nn.attention.bias import causal_lower_right
+        bias = causal_lower_right(group["Sq"], group["Skv"])
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=gqa)
+    if contender in ("flex_triton", "flex_flash", "flex_default"):
+        if contender == "flex_default" and not decode:
+            return None
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        score_mod, mask_mod = _suite_flex_mods(name, group, tensors)
+        block_mask = create_block_mask(mask_mod, None, None, group["Sq"], group["Skv"], device="cuda")
+        compiled = torch.compile(flex_attention)
+        opts = None if contender == "flex_default" else {"BACKEND": contender.split("_")[1].upper()}
+        return lambda q, k, v: compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa,
+                                        kernel_options=opts)
+    if contender == "fa4_builtin":
+        W = _window(group)
+        flags = {"causal": {"causal": True}, "sliding_window": {"window_size": (W - 1, 0)},
+                 "softcap": {"causal": True, "softcap": 30.0}}.get(name)
+        if flags is None:
+            return None
+        if decode:
+            flags = dict(flags, num_splits=0, pack_gqa=gqa)  # num_splits < 1: FA4's split heuristic
+        from flash_attn.cute import flash_attn_func
+
+        def run(q, k, v):
+            out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **flags)
+            out = out[0] if isinstance(out, tuple) else out
+            return out.transpose(1, 2)
+        return run
+    if contender == "fa4_varlen":
+        if decode:
+            return None
+        return make_fa4_varlen(name, tensors, group["Sq"], group["Hq"])
+    if contender.startswith("attnlang"):
+        if contender in SUITE_EXPERIMENTS and name != "document_random":
+            return None
+        import attnlang as al
+        score, mask = suite_variant(name, group)
+        variant = al.compile(score=score, mask=mask)
+        backend = "auto" if contender == "attnlang_auto" else "fa4"
+        options = SUITE_EXPERIMENTS.get(contender)
+        return lambda q, k, v: variant(q, k, v, backend=backend, kernel_options=options, **tensors)
+    raise ValueError(f"unknown suite contender {contender!r}")
+
+
+def suite_inputs(group: dict, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    B, Hq, Hkv, Sq, Skv, D = (group[x] for x in ("B", "Hq", "Hkv", "Sq", "Skv", "D"))
+
+    def rnd(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
+    return rnd(B, Hq, Sq, D), rnd(B, Hkv, Skv, D), rnd(B, Hkv, Skv, D), rnd(B, Hq, Sq, D)
+
+
+def suite_worker(jobs):
+    """Worker mode: the first forward call (and, on training groups, one backward) of each (group, variant,
+    contender) job, so compiled kernels land in the on-disk caches; prints RESULT {"g/v/c": seconds}."""
+    res = {}
+    for gname, name, contender in jobs:
+        group = SUITE_GROUPS[gname]
+        try:
+            q, k, v, dout = suite_inputs(group)
+            fn = suite_maker(contender, name, group, suite_tensors(name, group, "cuda"))
+            if fn is None:
+                continue
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                fn(q, k, v)
+            torch.cuda.synchronize()
+            res[f"{gname}/{name}/{contender}"] = time.perf_counter() - t0
+            if group["bwd"]:
+                qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
+                out = fn(qg, kg, vg)
+                if out.requires_grad:
+                    out.backward(dout)
+                torch.cuda.synchronize()
+        except Exception as e:
+            print(f"worker: {gname}/{name}/{contender} failed: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+    print("RESULT" + json.dumps(res), flush=True)
+
+
+def suite_warm(jobs, n: int, timeout: float) -> dict:
+    """First calls of ``jobs`` in ``n`` fresh processes side by side (compilation is CPU-bound); {"g/v/c": s}."""
+    # FA4 jobs first in every worker: they fill the kernel cache the attnlang contenders then hit
+    order = sorted(jobs, key=lambda j: (not j[2].startswith(("fa4", "attnlang")), j))
+    parts = [order[i::n] for i in range(n)]
+    base = [sys.executable, str(Path(__file__).resolve()), "--suite-worker"]
+    procs = [subprocess.Popen(base + [json.dumps(p)], stdout=subprocess.PIPE, text=True) for p in parts if p]
+    out = {}
+    deadline = time.time() + timeout
+    for p in procs:
+        try:
+            stdout, _ = p.communicate(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            stdout, _ = p.communicate()
+            print("suite: a warm-up worker ran out of time; its remaining cells compile in the main process",
+                  flush=True)
+        for line in stdout.splitlines():
+            if line.startswith("RESULT"):
+                out.update(json.loads(line[6:]))
+    return out
+
+
+def _fastest(row: dict, suffix: str):
+    cells = {c: row[f"{c}_{suffix}"] for c in SUITE_CONTENDERS if f"{c}_{suffix}" in row
+             and not c.startswith("attnlang")}
+    return min(cells.items(), key=lambda kv: kv[1]) if cells else (None, None)
+
+
+def suite_markdown(doc: dict) -> str:
+    md = [f"# Kernel benchmark across shapes: {doc['device']}", "",
+          f"versions: {json.dumps(doc['versions'])}", "",
+          "ms, median of triton.testing.do_bench (CUDA events) per cell; one process, contenders one after another "
+          "on the same tensors. `best` is the fastest non-attnlang contender; `fa4/best` is attnlang_fa4's time "
+          "over it (target <= 1.02), `auto/fa4` attnlang_auto's over attnlang_fa4 (target <= 1.02).", ""]
+    for gname, g in doc["groups"].items():
+        shape = g["shape"]
+        md += [f"## {gname}: B={shape['B']} Hq={shape['Hq']} Hkv={shape['Hkv']} q_len={shape['Sq']} "
+               f"kv_len={shape['Skv']} D={shape['D']} bf16", ""]
+        contenders = [c for c in (*SUITE_CONTENDERS, *SUITE_EXPERIMENTS)
+                      if any(f"{c}_fwd_ms" in r for r in g["variants"].values())]
+        for suffix, title in (("fwd_ms", "forward"), ("fwdbwd_ms", "forward+backward")):
+            if not any(f"{c}_{suffix}" in r for r in g["variants"].values() for c in contenders):
+                continue
+            md += [f"{title}, ms:", "", "| variant | " + " | ".join(contenders) + " | best | fa4/best | auto/fa4 |",
+                   "|---" * (len(contenders) + 4) + "|"]
+            for name, row in g["variants"].items():
+                cells = [("" if row.get(f"{c}_{suffix}") is None else f"{row[f'{c}_{suffix}']:.3f}")
+                         for c in contenders]
+                best, t = _fastest(row, suffix)
+                mine, auto = row.get(f"attnlang_fa4_{suffix}"), row.get(f"attnlang_auto_{suffix}")
+                ratio = f"{mine / t:.2f}" if mine and t else ""
+                auto_ratio = f"{auto / mine:.2f}" if mine and auto else ""
+                md.append(f"| {name} | " + " | ".join(cells) + f" | {best or ''} | {ratio} | {auto_ratio} |")
+            md.append("")
+        notes = [(n, r[k]) for n, r in g["variants"].items() for k in r if k.endswith("_lowering")]
+        errors = [(n, k[:-6], r[k]) for n, r in g["variants"].items() for k in r if k.endswith("_error")]
+        if notes:
+            md += ["How attnlang_fa4 ran each variant:", ""] + [f"- {n}: {x}" for n, x in notes] + [""]
+        if errors:
+            md += ["Errors:", ""] + [f"- {n} / {c}: {x}" for n, c, x in errors] + [""]
+    return "\n".join(md) + "\n"
+
+
+def suite_main(args):
+    """Run the shape suite for args.groups x args.variants x args.contenders; merge into <out>/<name>.json."""
+    t_start = time.time()
+    groups = args.groups or list(SUITE_GROUPS)
+    variants = args.variants if args.variants_given else list(SUITE_VARIANTS)
+    contenders = args.contenders if args.contenders_given else list(SUITE_CONTENDERS) + list(SUITE_EXPERIMENTS)
+    for g in groups:
+        if g not in SUITE_GROUPS:
+            raise SystemExit(f"unknown group {g!r}; expected some of {', '.join(SUITE_GROUPS)}")
+    jobs = [(g, n, c) for g in groups for n in variants for c in contenders
+            if not (n == "document_random" and _decode(SUITE_GROUPS[g]))]
+    first = suite_warm(jobs, args.parallel_first, args.warm_timeout) if args.parallel_first else {}
+    print(f"suite: warm-up done in {time.time() - t_start:.0f} s ({len(first)} first calls)", flush=True)
+    out_dir = Path(args.out)
+    path = out_dir / f"{args.name}.json"
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    doc.update({"device": torch.cuda.get_device_name(), "versions": versions()})
+    doc.setdefault("groups", {})
+    ref: dict = {}
+    for gname, name, contender in jobs:
+        if args.budget and time.time() - t_start > args.budget:
+            print(f"suite: time budget of {args.budget} s spent; cells from {gname}/{name}/{contender} on not "
+                  "measured", flush=True)
+            break
+        group = SUITE_GROUPS[gname]
+        entry = doc["groups"].setdefault(gname, {"shape": {k: group[k] for k in ("B", "Hq", "Hkv", "Sq", "Skv", "D")},
+                                                 "variants": {}})
+        row = entry["variants"].setdefault(name, {})
+        for key in [k for k in row if k.startswith(contender + "_")]:
+            del row[key]  # this run replaces the cell
+        try:
+            tensors = suite_tensors(name, group, "cuda")
+            fn = suite_maker(contender, name, group, tensors)
+            if fn is None:
+                continue
+            q, k, v, dout = suite_inputs(group)
+            first_s, fwd, fwdbwd, out = bench(fn, q, k, v, dout, group["bwd"], args.reps)
+        except Exception as e:
+            row[f"{contender}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(f"{gname}/{name}/{contender} failed: {row[f'{contender}_error']}", flush=True)
+            torch.cuda.empty_cache()
+            continue
+        row[f"{contender}_fwd_ms"] = round(fwd, 4)
+        if fwdbwd is not None:
+            row[f"{contender}_fwdbwd_ms"] = round(fwdbwd, 4)
+        row[f"{contender}_first_s"] = round(first.get(f"{gname}/{name}/{contender}", first_s), 3)
+        key = (gname, name)
+        if not contender.startswith("attnlang") and key not in ref:
+            ref[key] = out.float()
+        elif contender.startswith("attnlang") and key in ref:
+            row[f"{contender}_max_abs_diff"] = float((out.float() - ref[key]).abs().max())
+        if contender == "attnlang_fa4" and name == "document_random":
+            row["attnlang_fa4_lowering"] = describe_varlen(al_compile(*suite_variant(name, group)), q, k, tensors)
+        print(f"{gname:10s} {name:16s} {contender:24s} fwd {fwd:8.3f} ms  fwd+bwd "
+              f"{'' if fwdbwd is None else f'{fwdbwd:8.3f}'}", flush=True)
+        del fn, out
+        torch.cuda.empty_cache()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    (out_dir / f"{args.name}.md").write_text(suite_markdown(doc))
+    print(suite_markdown(doc))
+    print(f"suite: {time.time() - t_start:.0f} s in all", flush=True)
+
+
+def al_compile(score, mask):
+    import attnlang as al
+    return al.compile(score=score, mask=mask)
+
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="B=1 H=4 S=1024: a smoke run")
@@ -327,7 +691,32 @@ def main(argv=None):
                          "which also fill the on-disk caches; the main process then times warm kernels and its "
                          "own first call of attnlang_fa4 is the second-process (cached) first call")
     ap.add_argument("--first-only", help=argparse.SUPPRESS)  # worker mode: a JSON list of [variant, contender]
+    ap.add_argument("--suite", action="store_true",
+                    help="the shape suite instead: shape groups (--groups) x suite variants x suite contenders, "
+                         "written to <out>/shapes.{json,md} (merged cell by cell into an existing shapes.json); "
+                         "--variants / --contenders pick subsets, --parallel-first N warms up in N processes")
+    ap.add_argument("--groups", nargs="*", default=None, help=f"suite groups: {', '.join(SUITE_GROUPS)}")
+    ap.add_argument("--budget", type=float, default=0,
+                    help="suite: stop starting new cells after this many seconds (0: no limit)")
+    ap.add_argument("--warm-timeout", type=float, default=300, help="suite: seconds the warm-up workers may take")
+    ap.add_argument("--suite-worker", help=argparse.SUPPRESS)  # suite worker mode: a JSON list of jobs
     args = ap.parse_args(argv)
+    if args.suite_worker or args.suite:
+        import torch._dynamo
+        torch._dynamo.config.recompile_limit = 1000
+        torch._dynamo.config.cache_size_limit = 1000
+        import attnlang.backends.fa4 as fa4_backend
+        fa4_backend._flash()
+        if args.suite_worker:
+            return suite_worker(json.loads(args.suite_worker))
+        raw = sys.argv[1:] if argv is None else argv
+        args.variants_given = "--variants" in raw
+        args.contenders_given = "--contenders" in raw
+        if args.name == "latest":
+            args.name = "shapes"
+        if "--reps" not in raw:
+            args.reps = 40
+        return suite_main(args)
     import torch._dynamo
     from tqdm import tqdm
     torch._dynamo.config.recompile_limit = 1000

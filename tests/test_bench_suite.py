@@ -1,0 +1,91 @@
+"""CPU checks of benchmarks/bench_kernels.py --suite: every suite variant, as attnlang runs it, computes what the
+Flex contenders' score_mod / mask_mod compute (so the table compares like with like), at shrunken shapes of each
+group, against a dense float64 reference; the document lengths; the markdown report."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import bench_kernels as bk  # noqa: E402
+
+
+def _small(group: dict) -> dict:
+    """The group at a CPU size, keeping its kind (GQA or not, decode or not)."""
+    small = dict(group, B=2, Hq=4, Hkv=2 if group["Hq"] != group["Hkv"] else 4, D=16)
+    if group["Sq"] == group["Skv"]:
+        small.update(Sq=160, Skv=160)
+    else:
+        small.update(Sq=min(group["Sq"], 5), Skv=150)
+    return small
+
+
+def _dense_reference(q, k, v, score_mod, mask_mod):
+    B, H, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+    s = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(D)
+    b = torch.arange(B)[:, None, None, None]
+    h = torch.arange(H)[None, :, None, None]
+    qi = torch.arange(Sq)[None, None, :, None]
+    ki = torch.arange(Skv)[None, None, None, :]
+    if score_mod is not None:
+        s = score_mod(s, b, h, qi, ki)
+    allowed = mask_mod(b, h, qi, ki).expand_as(s)
+    s = s.masked_fill(~allowed, -math.inf)
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return p @ v
+
+
+@pytest.mark.parametrize("gname", sorted(bk.SUITE_GROUPS))
+@pytest.mark.parametrize("name", bk.SUITE_VARIANTS)
+def test_suite_variant_matches_the_flex_contenders_mods(gname, name, monkeypatch):
+    monkeypatch.setattr(bk, "_window", lambda group: 37)  # a window shorter than the shrunken rows
+    group = _small(bk.SUITE_GROUPS[gname])
+    if name == "document_random" and bk._decode(group):
+        pytest.skip("documents are not a decode variant")
+    import attnlang as al
+    tensors = bk.suite_tensors(name, group, "cpu")
+    if name == "document_random":
+        tensors["doc"] = bk.document_ids(group["Sq"], "cpu", seed=3)
+    tensors = {n: (t.double() if t.is_floating_point() else t) for n, t in tensors.items()}
+    score, mask = bk.suite_variant(name, group)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(group["B"], group["Hq"], group["Sq"], group["D"], dtype=torch.float64, generator=g)
+    k = torch.randn(group["B"], group["Hkv"], group["Skv"], group["D"], dtype=torch.float64, generator=g)
+    v = torch.randn(group["B"], group["Hkv"], group["Skv"], group["D"], dtype=torch.float64, generator=g)
+    got = al.compile(score=score, mask=mask)(q, k, v, backend="eager", **tensors)
+    score_mod, mask_mod = bk._suite_flex_mods(name, group, tensors)
+    torch.testing.assert_close(got, _dense_reference(q, k, v, score_mod, mask_mod), atol=1e-5, rtol=1e-5)
+
+
+def test_document_lengths_are_seeded_and_fill_the_row():
+    a, b = bk.document_lengths(4096), bk.document_lengths(4096)
+    assert a == b and sum(a) == 4096 and all(1 <= n <= 3000 for n in a)
+    assert all(64 <= n for n in a[:-1])
+    assert bk.document_lengths(4096, seed=1) != a
+    ids = bk.document_ids(4096, "cpu")
+    assert ids.shape == (4096,) and bool((ids[1:] >= ids[:-1]).all())
+
+
+def test_suite_markdown_marks_the_fastest_and_the_ratios():
+    doc = {"device": "H200", "versions": {}, "groups": {"gqa": {
+        "shape": {"B": 2, "Hq": 32, "Hkv": 8, "Sq": 4096, "Skv": 4096, "D": 128},
+        "variants": {"causal": {"sdpa_fwd_ms": 0.5, "flex_flash_fwd_ms": 0.4, "attnlang_fa4_fwd_ms": 0.41,
+                                "attnlang_auto_fwd_ms": 0.42, "flex_flash_fwdbwd_ms": 1.0,
+                                "attnlang_fa4_fwdbwd_ms": 0.9},
+                     "alibi": {"attnlang_fa4_error": "RuntimeError: boom"}}}}}
+    md = bk.suite_markdown(doc)
+    assert "| causal | 0.500 | 0.400 | 0.410 | 0.420 | flex_flash | 1.02 | 1.02 |" in md
+    assert "forward+backward" in md and "alibi / attnlang_fa4: RuntimeError: boom" in md
+
+
+def test_suite_jobs_cover_every_group_and_contender():
+    makers = {c for c in (*bk.SUITE_CONTENDERS, *bk.SUITE_EXPERIMENTS)}
+    assert {"fa4_varlen", "attnlang_auto", "flex_default", "fa4_builtin"} <= makers
+    assert set(bk.SUITE_GROUPS) == {"gqa", "hd64", "long", "decode_q1", "decode_q16"}
+    assert not bk.SUITE_GROUPS["long"]["bwd"] and bk.SUITE_GROUPS["gqa"]["bwd"]
