@@ -16,7 +16,9 @@ allows are exactly the pairs inside one run, so each run is one varlen sequence.
    lse come back as views ([total, H, Dv] -> [B, H, S, Dv]; lse [H, total] -> [B, H, S]).
 
 Direction by direction (``kernel_options={"varlen": ...}``): True runs the forward and the backward on the varlen
-kernels, False neither (tile lists, the path of ``attnlang.backends.fa4``). Without the key: the backward always
+kernels, False neither (tile lists, the path of ``attnlang.backends.fa4``). Without the key (and unless the mask
+is the equality alone with every document on a 128-row tile boundary: then every tile is full or empty and the
+tile lists run without a mask_mod, as measured for BENCHMARKS.md's ``document`` row): the backward always
 runs varlen (H200, GQA B=2 S=4096 random documents: 0.95 ms against 1.23 ms for tile lists); the forward runs
 varlen from ``VARLEN_FORWARD_MIN_TOKENS`` packed tokens on (tile lists were faster at 2 x 4096 tokens, 0.304 against
 0.395 ms, varlen at 1 x 32768, 1.208 against 1.420 ms). A tile-list forward and a varlen backward are one autograd
@@ -40,6 +42,7 @@ from ..patterns import Documents, documents
 __all__ = ["Host", "Packing", "pack_documents", "route", "describe", "VARLEN_FORWARD_MIN_TOKENS"]
 
 VARLEN_FORWARD_MIN_TOKENS = 16384  # packed tokens (B * S) from which the forward also runs varlen by default
+_TILE = 128  # FA4's Hopper tile rows: documents on these boundaries leave the tile-list path no partial tile
 _INT32_MAX = (1 << 31) - 1
 
 
@@ -63,11 +66,12 @@ class Host:
 @dataclass(frozen=True)
 class Packing:
     """The varlen sequences of one call. cu_seqlens: int32 [n + 1] on the device (0, ..., B * S); max_seqlen: the
-    longest sequence; count: n."""
+    longest sequence; count: n; aligned: every sequence starts on a 128-row tile boundary."""
 
     cu_seqlens: torch.Tensor
     max_seqlen: int
     count: int
+    aligned: bool = False
 
 
 def pack_documents(doc: torch.Tensor, batch: int, length: int, batched: bool) -> Packing | None:
@@ -96,7 +100,8 @@ def pack_documents(doc: torch.Tensor, batch: int, length: int, batched: bool) ->
         starts = starts.expand(batch, length)
     first = starts.reshape(-1).nonzero().squeeze(1)
     cu = torch.cat([first, first.new_full((1,), batch * length)]).to(torch.int32)
-    return Packing(cu_seqlens=cu, max_seqlen=int((cu[1:] - cu[:-1]).max()), count=int(cu.numel()) - 1)
+    longest, aligned = torch.stack([(cu[1:] - cu[:-1]).max().long(), (cu % _TILE != 0).sum().long()]).tolist()
+    return Packing(cu_seqlens=cu, max_seqlen=int(longest), count=int(cu.numel()) - 1, aligned=aligned == 0)
 
 
 def _packing(plan, docs: Documents) -> Packing | None:
@@ -187,6 +192,8 @@ def _choice(q, k, v, plan):
     packing = _packing(plan, docs)
     if packing is None:
         return None
+    if forced is None and packing.aligned and isinstance(docs.rest, Const) and docs.rest.value is True:
+        return None  # whole documents on tile boundaries: every tile full or empty, the tile lists need no mask
     return docs, packing, forward, grads
 
 

@@ -127,7 +127,7 @@ def make_fa4_builtin(name, tensors, S, H):
     return run
 
 
-def make_fa4_varlen(name, tensors, S, H, B=None, Hkv=None):
+def make_fa4_varlen(name, tensors, S, H):
     """flash_attn_varlen_func(causal=True) on packed [B * S, H, D] copies of q / k / v made once per input (a
     varlen user's tensors are packed already), cu_seqlens from the document ids; documents rows only."""
     doc = tensors.get("doc")

@@ -66,7 +66,12 @@ def test_pack_sorted_ids():
     doc = torch.tensor([0, 0, 0, 1, 1, 4, 4, 4, 4, 9])
     p = _pack(doc, 1, 10, False)
     assert p.cu_seqlens.tolist() == [0, 3, 5, 9, 10] and p.cu_seqlens.dtype == torch.int32
-    assert (p.max_seqlen, p.count) == (4, 4)
+    assert (p.max_seqlen, p.count, p.aligned) == (4, 4, False)
+
+
+def test_pack_knows_tile_aligned_documents():
+    assert _pack(torch.arange(512) // 128, 2, 512, False).aligned
+    assert not _pack(torch.arange(512) // 100, 1, 512, False).aligned
 
 
 def test_pack_shared_ids_repeat_per_batch_row():
@@ -347,6 +352,10 @@ def test_route_declines(fake):
     assert route(q, q, {"varlen": True}, {"doc": torch.tensor([0, 1] * 24)}) is None   # ids in many runs
     assert route(q, torch.randn(1, 2, 64, 32), {"varlen": True}, {"doc": torch.arange(64) // 8}) is None  # q != kv
     assert route(torch.randn(1, 2, 48, 40), torch.randn(1, 2, 48, 40), {"varlen": True}) is None  # head dim 40
+    aligned = al.compile(mask="doc[q_idx] == doc[kv_idx]")
+    qa = torch.randn(1, 2, 256, 32, requires_grad=True)
+    plan = aligned._plan(qa, qa, qa, None, "fa4", False, None, {"doc": torch.arange(256) // 128})
+    assert fa4_varlen.route(qa, qa, qa, plan, fa4.VARLEN_HOST) is None  # tile lists need no mask_mod there
     plain = al.compile(mask="q_idx >= kv_idx")._plan(q, q, q, None, "fa4", False, {"varlen": True}, {})
     assert fa4_varlen.route(q, q, q, plain, fa4.VARLEN_HOST) is None
 
