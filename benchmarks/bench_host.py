@@ -23,14 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# attnlang comes from its install (`pip install -e .` here, a regular install on the GPU host): the checkout's own
+# attnlang/ has no backends/ (package-dir maps it), so ROOT must not go in front of the installed package
 
 VARIANTS = {
     "full": "True",

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# attnlang comes from its install (`pip install -e .` here, a regular install on the GPU host): the checkout's own
+# attnlang/ has no backends/ (package-dir maps it), so ROOT must not go in front of the installed package
 
 VARIANTS = {
     # name: (score, mask, tensors needed)
@@ -332,7 +333,6 @@ def second_process(names, shape) -> dict:
     """First-call seconds of attnlang_fa4 per variant in a fresh process (kernels from the disk cache)."""
     code = f"""
 import json, sys, time, torch
-sys.path.insert(0, {str(ROOT)!r})
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 from bench_kernels import VARIANTS, named_tensors
 import attnlang as al
@@ -349,7 +349,8 @@ for name in {list(names)!r}:
     torch.cuda.synchronize(); res[name] = time.perf_counter() - t0
 print("RESULT" + json.dumps(res))
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900,
+                          cwd=str(Path(__file__).resolve().parent))  # not the checkout root: see ROOT above
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT"):
             return json.loads(line[6:])

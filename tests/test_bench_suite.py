@@ -89,3 +89,44 @@ def test_suite_jobs_cover_every_group_and_contender():
     assert {"fa4_varlen", "attnlang_auto", "flex_default", "fa4_builtin"} <= makers
     assert set(bk.SUITE_GROUPS) == {"gqa", "hd64", "long", "decode_q1", "decode_q16"}
     assert not bk.SUITE_GROUPS["long"]["bwd"] and bk.SUITE_GROUPS["gqa"]["bwd"]
+
+
+def test_suite_main_runs_with_stand_ins(tmp_path, monkeypatch):
+    """The suite's driver end to end on the CPU: kernels replaced by stand-ins, so what is checked is the loop,
+    the merge into shapes.json and the report."""
+    import json
+
+    from attnlang.backends import fa4
+    monkeypatch.setattr(fa4, "_flash", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stand-in")
+    made = []
+
+    def maker(contender, name, group, tensors):
+        made.append((contender, name))
+        if contender == "flex_default" and not bk._decode(group):
+            return None
+        if contender == "sdpa" and name != "causal":
+            return None
+        return lambda q, k, v: torch.zeros(1)
+
+    def fake_bench(fn, q, k, v, dout, do_bwd, reps):
+        return 0.5, 1.0, (3.0 if do_bwd else None), fn(q, k, v)
+
+    monkeypatch.setattr(bk, "suite_maker", maker)
+    monkeypatch.setattr(bk, "bench", fake_bench)
+    monkeypatch.setattr(bk, "suite_inputs", lambda group, seed=0: (torch.zeros(1),) * 4)
+    monkeypatch.setattr(bk, "suite_tensors", lambda name, group, device: {})
+    monkeypatch.setattr(bk, "describe_varlen", lambda *a, **k: "stand-in lowering")
+    bk.main(["--suite", "--groups", "gqa", "decode_q1", "--variants", "causal", "document_random",
+             "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "shapes.json").read_text())
+    gqa = doc["groups"]["gqa"]["variants"]
+    assert gqa["causal"]["sdpa_fwdbwd_ms"] == 3.0 and "sdpa_fwd_ms" not in gqa["document_random"]
+    assert "document_random" not in doc["groups"]["decode_q1"]["variants"]
+    assert doc["groups"]["decode_q1"]["variants"]["causal"]["flex_default_fwd_ms"] == 1.0
+    assert gqa["document_random"]["attnlang_fa4_lowering"] == "stand-in lowering"
+    # a second run of one group merges into the file instead of replacing it
+    bk.main(["--suite", "--groups", "gqa", "--variants", "causal", "--contenders", "sdpa", "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "shapes.json").read_text())
+    assert "decode_q1" in doc["groups"] and "flex_flash_fwd_ms" in doc["groups"]["gqa"]["variants"]["causal"]
+    assert "## gqa" in (tmp_path / "shapes.md").read_text()
