@@ -667,6 +667,24 @@ def suite_main(args):
     print(f"suite: {time.time() - t_start:.0f} s in all", flush=True)
 
 
+def suite_merge(paths, out_dir: Path, name: str):
+    """Cell-by-cell union of suite result files (later ones win), written as <out_dir>/<name>.{json,md}."""
+    doc: dict = {"groups": {}}
+    for p in paths:
+        part = json.loads(Path(p).read_text())
+        doc.update({k: part[k] for k in ("device", "versions") if k in part})
+        for gname, g in part.get("groups", {}).items():
+            into = doc["groups"].setdefault(gname, {"shape": g["shape"], "variants": {}})
+            for vname, row in g["variants"].items():
+                into["variants"].setdefault(vname, {}).update(row)
+    doc.setdefault("device", "unknown")
+    doc.setdefault("versions", {})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out_dir / f"{name}.md").write_text(suite_markdown(doc))
+    return doc
+
+
 def al_compile(score, mask):
     import attnlang as al
     return al.compile(score=score, mask=mask)
@@ -701,7 +719,12 @@ def main(argv=None):
                     help="suite: stop starting new cells after this many seconds (0: no limit)")
     ap.add_argument("--warm-timeout", type=float, default=300, help="suite: seconds the warm-up workers may take")
     ap.add_argument("--suite-worker", help=argparse.SUPPRESS)  # suite worker mode: a JSON list of jobs
+    ap.add_argument("--suite-merge", nargs="+", metavar="JSON",
+                    help="no GPU: merge suite results (several runs' shapes.json, later files win per cell) into "
+                         "<out>/<name>.{json,md}")
     args = ap.parse_args(argv)
+    if args.suite_merge:
+        return suite_merge(args.suite_merge, Path(args.out), "shapes" if args.name == "latest" else args.name)
     if args.suite_worker or args.suite:
         import torch._dynamo
         torch._dynamo.config.recompile_limit = 1000

@@ -130,3 +130,19 @@ def test_suite_main_runs_with_stand_ins(tmp_path, monkeypatch):
     doc = json.loads((tmp_path / "shapes.json").read_text())
     assert "decode_q1" in doc["groups"] and "flex_flash_fwd_ms" in doc["groups"]["gqa"]["variants"]["causal"]
     assert "## gqa" in (tmp_path / "shapes.md").read_text()
+
+
+def test_suite_merge_unions_cells(tmp_path):
+    import json
+    shape = {"B": 1, "Hq": 1, "Hkv": 1, "Sq": 1, "Skv": 1, "D": 1}
+    def run(groups):
+        return {"device": "d", "versions": {},
+                "groups": {g: {"shape": shape, "variants": rows} for g, rows in groups.items()}}
+    a = run({"gqa": {"causal": {"sdpa_fwd_ms": 1.0, "attnlang_fa4_fwd_ms": 2.0}}})
+    b = run({"gqa": {"causal": {"attnlang_fa4_fwd_ms": 0.9}}, "long": {"alibi": {"flex_flash_fwd_ms": 3.0}}})
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    bk.main(["--suite-merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "out")])
+    doc = json.loads((tmp_path / "out" / "shapes.json").read_text())
+    assert doc["groups"]["gqa"]["variants"]["causal"] == {"sdpa_fwd_ms": 1.0, "attnlang_fa4_fwd_ms": 0.9}
+    assert "long" in doc["groups"] and (tmp_path / "out" / "shapes.md").exists()
