@@ -129,12 +129,14 @@ def make_fa4_builtin(name, tensors, S, H):
 
 
 def make_fa4_varlen(name, tensors, S, H):
-    """flash_attn_varlen_func(causal=True) on packed [B * S, H, D] copies of q / k / v made once per input (a
-    varlen user's tensors are packed already), cu_seqlens from the document ids; documents rows only."""
+    """flash_attn_varlen_func on packed [B * S, H, D] copies of q / k / v made once per input (a varlen user's
+    tensors are packed already), cu_seqlens from the document ids; documents rows only, causal=True where the
+    row's mask is causal inside documents (document_random), False for whole documents (document)."""
     doc = tensors.get("doc")
     if doc is None or not name.startswith("document"):
         return None
     from flash_attn.cute import flash_attn_varlen_func
+    causal = "q_idx >= kv_idx" in VARIANTS.get(name, ("", "q_idx >= kv_idx"))[1]
     ids = doc.tolist()
     starts = [i for i in range(S) if i == 0 or ids[i] != ids[i - 1]]
     packed: dict = {}
@@ -154,7 +156,7 @@ def make_fa4_varlen(name, tensors, S, H):
         for t in flat:
             t.grad = None
         out = flash_attn_varlen_func(*flat, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest,
-                                     max_seqlen_k=longest, causal=True)
+                                     max_seqlen_k=longest, causal=causal)
         out = out[0] if isinstance(out, tuple) else out
         return out.view(B_, S_, H_, out.shape[-1]).transpose(1, 2)
     return run
