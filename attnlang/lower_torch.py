@@ -62,7 +62,8 @@ def _minimum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor],
-             float_dtype: torch.dtype = torch.float32, device=None, int_dtype: torch.dtype = _INT) -> torch.Tensor:
+             float_dtype: torch.dtype = torch.float32, device=None, int_dtype: torch.dtype = _INT,
+             full_consts: bool = False) -> torch.Tensor:
     """Evaluate a bound (fully typed) expression.
 
     Args:
@@ -74,6 +75,9 @@ def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str
         device: where constants live (defaults to the device of the first name).
         int_dtype: the dtype of int values: int64 (LANGUAGE.md's ints); int32 only where the caller has proved
             that every int value fits (flex's FLASH kernel stores no int64).
+        full_consts: literals as ``torch.full((), value)`` instead of ``torch.tensor(value)``: traced, the latter
+            is a lifted constant tensor (get_attr + lift_fresh_copy), the former an op of the graph (flex's TRITON
+            mods); the same values either way.
     Returns:
         a tensor of the broadcast shape of the names used (0-d if none), int_dtype, float_dtype or bool.
     """
@@ -85,6 +89,8 @@ def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str
 
     def const(node: Const) -> torch.Tensor:
         dt = {DType.FLOAT: float_dtype, DType.INT: int_dtype, DType.BOOL: torch.bool}[node.dtype]
+        if full_consts:
+            return torch.full((), node.value, dtype=dt, device=device)
         return torch.tensor(node.value, dtype=dt, device=device)
 
     def visit(node: Expr) -> torch.Tensor:

@@ -1,43 +1,160 @@
 """Backends: one module each (``eager``, ``flex``, ``fa4``), each with one entry point
-``attention(q, k, v, plan) -> (out, lse)``; ``run`` dispatches, and ``select`` says which one "auto" picks."""
+``attention(q, k, v, plan) -> (out, lse)``; ``run`` dispatches, and ``select`` says which one "auto" picks.
+
+``backend="auto"`` tries, in order, fa4, flex and eager on a CUDA device (eager alone elsewhere), skipping each
+backend whose ``unsupported()`` declines. When the kernel of the backend it picked fails to compile or launch (any
+exception but an AttnLangError about the user's input, or a ``KernelFailure``), it warns once, naming the failure,
+and runs the next one: every backend computes the same attention, so the result stays the same. The choice is
+cached per call signature (the variant's bound expressions, shapes, dtypes, device, requires_grad flags, named
+tensors by identity and version, options, grad mode), so a warm ``auto`` call asks no backend anything."""
 
 from __future__ import annotations
 
 import importlib
+import warnings
+
+import torch
 
 from ..errors import AttnLangError
+from ..memo import MEMO
 from ..plan import CallPlan
 
-__all__ = ["run", "select", "NAMES"]
+__all__ = ["run", "select", "NAMES", "KernelFailure", "clear_choices"]
 
 NAMES = ("eager", "flex", "fa4")
+_CUDA_ORDER = ("fa4", "flex", "eager")
+_CHOICES_MAX = 1024
 
 
-def select(q, plan: CallPlan) -> tuple[str, str]:
-    """(backend, reason) that ``backend="auto"`` picks for this call: fa4, then flex, on a CUDA device; eager
-    on the CPU, where compiled flex is inference-only (no gradients, no lse) and compiles for seconds per variant
-    while eager gives the first result sooner."""
-    if q.device.type != "cuda":
-        return "eager", f"eager on {q.device.type}: fa4 and flex are chosen automatically on CUDA devices only"
-    reasons = []
-    for name in ("fa4", "flex"):
-        try:
-            module = importlib.import_module(f"{__name__}.{name}")
-        except ImportError as e:  # a backend whose optional dependency is missing
-            reasons.append(f"{name}: {e}")
-            continue
-        why_not = module.unsupported(q, plan)
-        if why_not is None:
-            return name, f"{name} runs this call" + (f" ({'; '.join(reasons)})" if reasons else "")
-        reasons.append(f"{name}: {why_not}")
-    return "eager", "; ".join(reasons) or "eager"
+class KernelFailure(AttnLangError):
+    """A backend's kernel failed to compile or launch on a call its ``unsupported()`` accepted: a fault of the
+    kernel, not of the user's input, so ``backend="auto"`` moves on to the next backend."""
+
+
+def _order(q) -> tuple[str, ...]:
+    """The backends "auto" tries, best first: fa4, then flex, then eager on CUDA; eager on the CPU, where compiled
+    flex is inference-only (no gradients, no lse) and compiles for seconds per variant while eager gives the first
+    result sooner."""
+    return _CUDA_ORDER if q.device.type == "cuda" else ("eager",)
+
+
+def _module(name: str):
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+class _Choice:
+    """What "auto" knows about one call signature: the backends still to try (``order[pos:]``), why the earlier
+    ones were skipped, and the one that ran last time (None until one is found)."""
+
+    __slots__ = ("order", "pos", "reasons", "name")
+
+    def __init__(self, order):
+        self.order, self.pos, self.reasons, self.name = order, 0, [], None
+
+    def next_runnable(self, q, plan: CallPlan):
+        """Advance to the next backend whose ``unsupported()`` accepts the call; its name (eager always does)."""
+        while self.pos < len(self.order):
+            name = self.order[self.pos]
+            if name == "eager":
+                self.name = name
+                return name
+            try:
+                why_not = _module(name).unsupported(q, plan)
+            except ImportError as e:  # a backend whose optional dependency is missing
+                why_not = str(e)
+            if why_not is None:
+                self.name = name
+                return name
+            self.reasons.append(f"{name}: {why_not}")
+            self.pos += 1
+        raise AssertionError("eager ends every order")  # pragma: no cover
+
+    def reason(self) -> str:
+        if self.name == "eager" and not self.reasons:
+            return "eager on the CPU: fa4 and flex are chosen automatically on CUDA devices only" \
+                if self.order == ("eager",) else "eager"
+        why = "; ".join(self.reasons)
+        if self.name == "eager":
+            return why
+        return f"{self.name} runs this call" + (f" ({why})" if why else "")
+
+
+_CHOICES: dict = {}
+
+
+def _signature(q, k, v, plan: CallPlan):
+    """(objects held by identity, hashable key) of everything ``unsupported()`` may look at."""
+    tensors = tuple((n, tuple(t.shape), t.dtype, t.requires_grad, MEMO.token(t))
+                    for n, t in sorted(plan.tensors.items()))
+    try:
+        options = tuple(sorted(plan.options.items()))
+        hash(options)
+    except TypeError:  # unhashable option values: their repr
+        options = tuple(sorted((str(a), repr(b)) for a, b in plan.options.items()))
+    key = (tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, k.dtype, v.dtype, q.device,
+           q.requires_grad, k.requires_grad, v.requires_grad, torch.is_grad_enabled(),
+           torch.is_inference_mode_enabled(), tensors, options, plan.return_lse, plan.lse_shift is None,
+           plan.scale)
+    return (plan.score, plan.mask, plan.lse_shift), (plan.key, key)
+
+
+def _choice(q, k, v, plan: CallPlan) -> _Choice:
+    objs, key = _signature(q, k, v, plan)
+    full = (tuple(map(id, objs)), key)
+    hit = _CHOICES.get(full)
+    if hit is not None and all(a is b for a, b in zip(hit[0], objs)):
+        return hit[1]
+    choice = _Choice(_order(q))
+    choice.next_runnable(q, plan)
+    if len(_CHOICES) >= _CHOICES_MAX:
+        _CHOICES.clear()
+    _CHOICES[full] = (objs, choice)  # the objects are kept alive with the entry: their ids are not reused
+    return choice
+
+
+def clear_choices() -> None:
+    """Forget every cached "auto" choice (tests; after installing or removing a backend's dependency)."""
+    _CHOICES.clear()
+
+
+def select(q, plan: CallPlan, k=None, v=None) -> tuple[str, str]:
+    """(backend, reason) that ``backend="auto"`` picks for this call (k / v default to q's shapes)."""
+    choice = _choice(q, q if k is None else k, q if v is None else v, plan)
+    return choice.name, choice.reason()
+
+
+def _is_kernel_failure(e: Exception) -> bool:
+    """Whether ``e`` is the kernel's fault (compile or launch), not the user's: AttnLangErrors are the user's
+    (a NaN score, a bad option) unless raised as KernelFailure; running out of device memory is no kernel fault
+    either (the next backend needs as much or more)."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return False
+    return isinstance(e, KernelFailure) or not isinstance(e, AttnLangError)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
 def run(backend: str, q, k, v, plan: CallPlan):
-    if backend == "auto":
-        backend, _ = select(q, plan)  # select has asked the backend already
-    elif backend != "eager":
-        why_not = importlib.import_module(f"{__name__}.{backend}").unsupported(q, plan)
-        if why_not is not None:
-            raise AttnLangError(f"backend {backend!r} cannot run this call: {why_not}")
-    return importlib.import_module(f"{__name__}.{backend}").attention(q, k, v, plan)
+    if backend != "auto":
+        if backend != "eager":
+            why_not = _module(backend).unsupported(q, plan)
+            if why_not is not None:
+                raise AttnLangError(f"backend {backend!r} cannot run this call: {why_not}")
+        return _module(backend).attention(q, k, v, plan)
+    choice = _choice(q, k, v, plan)
+    while True:
+        name = choice.name
+        try:
+            return _module(name).attention(q, k, v, plan)
+        except Exception as e:
+            if name == "eager" or not _is_kernel_failure(e):
+                raise
+            # the choice is shared by every later call of this signature: the failing backend is not tried again
+            choice.reasons.append(f"{name} failed: {_first_line(e)}")
+            choice.pos += 1
+            nxt = choice.next_runnable(q, plan)
+            warnings.warn(f"attnlang: backend {name!r} failed on this call ({_first_line(e)}); backend='auto' "
+                          f"runs {nxt!r} instead, which computes the same attention", RuntimeWarning, stacklevel=3)

@@ -28,7 +28,10 @@ a [B, H, S, Dv] buffer, as flex's FA4 path does, instead of FA4's own [B, S, H, 
 direction, see ``attnlang.backends.fa4_varlen``; True runs packed documents ``doc[q_idx] == doc[kv_idx] & ...``
 forward and backward on FA4's varlen kernels, False on tile lists), ``native_sink`` (default True: a sink of one
 value per query head, finite, goes into the kernel as FA4's ``learnable_sink``; False, and any other sink, is
-applied to FA4's (out, lse) by ``attnlang.denominator.finish``).
+applied to FA4's (out, lse) by ``attnlang.denominator.finish``), ``guards`` (default True: the GUARDS
+table's fixes for configurations the kernel's backward gets wrong: zero-padding head dims that are not
+multiples of 32, expanding grouped k / v; False runs the kernel as is, for benchmarks/gpu_matrix.py's
+evidence).
 
 Gradients flow to q, k and v through FA4's backward. Gradients to floating tensors bound by name that the score or
 mask read are not computed by the kernel: ``unsupported`` declines such calls (grad enabled and such a tensor
@@ -52,7 +55,6 @@ import torch
 
 from ..ast import Const, Expr, Index, Var, names_used, walk
 from ..denominator import finish, head_values, per_head, sink_finite
-from ..errors import AttnLangError
 from ..intervals import tensor_range
 from ..lower_torch import row_values
 from ..memo import MEMO, IdentityMemo
@@ -62,7 +64,7 @@ from .fa4_varlen import Host
 from .fa4_varlen import route as route_varlen
 
 __all__ = ["unsupported", "attention", "kernel_arguments", "cache_dir", "lowering", "Lowering", "OPTIONS",
-           "native_sink"]
+           "native_sink", "GUARDS", "Guard", "KNOWN_GOOD", "guards_for"]
 
 _TILE = (128, 128)          # Hopper forward tile for head dims up to 128: block-sparsity granularity
 _SPARSE_MAX_HEAD_DIM = 128  # larger head dims use other tile widths; they run with the mask_mod alone
@@ -74,7 +76,68 @@ _LOCK = threading.Lock()
 _BAKED: dict = {}  # variant canonical -> set of baked value sets seen
 
 OPTIONS = {"fastmath": True, "bake": True, "dense": False, "keep_mask_mod": False, "window_flags": True,
-           "dense_tile_list": False, "bhsd_out": False, "varlen": None, "native_sink": True}
+           "dense_tile_list": False, "bhsd_out": False, "varlen": None, "native_sink": True,
+           "guards": True}
+
+
+# ----- guards: configurations the kernel gets wrong, as data -----
+
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """One configuration of FA4 4.0.0b36's SM90 backward found wrong, and what this backend does instead.
+
+    head_dims: "not_multiple_of_32" (q / k or v head dim) or "any". gqa / modifier: True or False to match only
+    calls with (without) grouped heads / an emitted score_mod or mask_mod; None matches both. Every guard is for
+    calls that need the backward (gradients to q, k or v); forward-only calls run the kernel as is.
+    fix: "pad32" zero-pads q / k / v to the next multiple of 32 (scale from the true head dim, out sliced back,
+    gradients sliced by autograd); "expand" repeats k / v to the query heads (autograd sums dk / dv over each group).
+    wrong / evidence: what is wrong, and where it was measured (benchmarks/results/gpu_matrix.json: the cells with
+    kernel_options={"guards": False} show the kernel itself).
+    """
+
+    head_dims: str
+    gqa: bool | None
+    modifier: bool | None
+    fix: str
+    wrong: str
+    evidence: str
+
+    def matches(self, head_dim: int, head_dim_v: int, gqa: bool, modifier: bool) -> bool:
+        if self.head_dims == "not_multiple_of_32" and head_dim % 32 == 0 and head_dim_v % 32 == 0:
+            return False
+        return (self.gqa is None or self.gqa == gqa) and (self.modifier is None or self.modifier == modifier)
+
+
+GUARDS = (
+    Guard("not_multiple_of_32", None, None, "pad32",
+          "dq (relative error 0.4-0.8 against float64 at head dims 8, 16, 48, 80; forward and 32, 64, 96, 128, "
+          "192, 256 right)",
+          "issue 12 (H200, flash-attn-4 4.0.0b36); upstream flash-attention PR #2896: the kernel rounds head dims "
+          "to multiples of 16, its dq accumulator is allocated for multiples of 32; gpu_matrix.json"),
+    Guard("not_multiple_of_32", True, None, "expand",
+          "dk / dv with grouped heads and no modifier at those head dims (the grouped dK / dV accumulators are "
+          "rounded like dq's)",
+          "issue 12; gpu_matrix.json. Expanded as well as padded: the ungrouped padded kernel is the one the "
+          "matrix verifies at every head dim"),
+    Guard("any", True, True, "expand",
+          "dq with grouped heads and an aux-reading score_mod (relative error 0.81; forward right)",
+          "tests/test_fa4_gpu.py test_gqa[alibi], benchmarks/results/NOTES.md 02:55; flex FLASH test_bf16_grads"),
+)
+
+# (head_dim, head_dim_v, gqa) backward configurations that gpu_matrix.py found right without a guard that GUARDS would
+# otherwise apply: none so far (the matrix's "guards": False cells are the evidence to add one).
+KNOWN_GOOD: frozenset = frozenset()
+
+
+def guards_for(head_dim: int, head_dim_v: int, gqa: bool, modifier: bool, grads: bool) -> tuple[Guard, ...]:
+    """The GUARDS rows that apply to one call (none without gradients, none for a KNOWN_GOOD configuration)."""
+    if not grads or (head_dim, head_dim_v, gqa) in KNOWN_GOOD:
+        return ()
+    return tuple(g for g in GUARDS if g.matches(head_dim, head_dim_v, gqa, modifier))
+
+
+def _round32(d: int) -> int:
+    return -(-d // 32) * 32
 
 
 def _option(plan: CallPlan, name: str) -> bool:
@@ -385,13 +448,15 @@ def unsupported(q: torch.Tensor, plan: CallPlan) -> str | None:
     return None
 
 
-def kernel_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan):
+def kernel_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan, fixes=None):
     """(k, v, kwargs) for ``flash_attn_func(q, k, v, **kwargs)`` on [B, S, H, D] views: the lowering's modifiers,
-    aux_tensors, window flags and tile lists for this call (k / v expanded to the query heads where FA4's grouped
-    backward cannot be trusted). Raises AttnLangError for a value head dim FA4 does not take."""
+    aux_tensors, window flags and tile lists for this call (k / v expanded to the query heads where a GUARDS row
+    says so; ``fixes``: the guards' fixes when the caller has computed them, before padding). Raises KernelFailure
+    (an AttnLangError) for a value head dim FA4 does not take."""
     Dv = v.shape[-1]
     if not (8 <= Dv <= 256 and Dv % 8 == 0):
-        raise AttnLangError(f"FA4 takes value head dims that are multiples of 8 in [8, 256]; got {Dv}")
+        from . import KernelFailure  # a KernelFailure: "auto" moves on to flex
+        raise KernelFailure(f"FA4 takes value head dims that are multiples of 8 in [8, 256]; got {Dv}")
     low = lowering(plan)
     mod = _load(low.module) if low.module is not None else None
     score_mod = getattr(mod, "score_mod", None) if low.score_mod else None
@@ -399,10 +464,11 @@ def kernel_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Ca
     mask_mod = getattr(mod, "mask_mod", None) if low.mask_mod else None
     aux = [MEMO.get(plan.tensors[n], "aux", _aux) for n in low.tensors] or None
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if grads and k.shape[1] != q.shape[1] and low.module is not None:
-        # FA4 4.0.0b36's backward gave wrong dq for grouped-query attention with an aux-reading score_mod
-        # (GPU test test_gqa[alibi]); with modifiers and gradients, k / v go in expanded to the query heads
-        # (h_kv = h // group, as repeat_interleave lays them out) and autograd sums dk / dv back over the group.
+    if fixes is None:
+        fixes = {g.fix for g in _guards(q, k, v, plan, low, grads)}
+    if "expand" in fixes:
+        # k / v expanded to the query heads (h_kv = h // group, as repeat_interleave lays them out); autograd sums
+        # dk / dv back over the group
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     sparse_fwd = sparse_bwd = None
@@ -448,6 +514,17 @@ def native_sink(plan: CallPlan) -> bool:
     return (plan.sink is not None and _option(plan, "native_sink") and per_head(plan) and sink_finite(plan))
 
 
+def _guards(q, k, v, plan: CallPlan, low: Lowering, grads: bool) -> tuple[Guard, ...]:
+    if not _option(plan, "guards"):
+        return ()
+    return guards_for(q.shape[-1], v.shape[-1], k.shape[1] != q.shape[1], low.module is not None, grads)
+
+
+def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
+    """``t`` with zeros appended to its last dim up to ``size`` (differentiable: the gradient is sliced back)."""
+    return t if t.shape[-1] == size else torch.nn.functional.pad(t, (0, size - t.shape[-1]))
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan):
     """Attention for one checked call on FlashAttention-4.
 
@@ -460,15 +537,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
         plan.lse_shift); lse is None when neither the caller (plan.return_lse), a sink or normalize=False, nor a
         backward needs it: the kernel then skips it.
     Raises:
-        AttnLangError: a value head dim FA4 does not take; the sink is NaN or +inf.
+        AttnLangError: the sink is NaN or +inf; KernelFailure (an AttnLangError): a value head dim FA4
+            does not take.
     """
     fa = _flash()
+    grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    Dv = v.shape[-1]
+    # the guards' fixes first, so that both paths below (varlen and the rest) run the fixed configuration
+    fixes = {g.fix for g in _guards(q, k, v, plan, lowering(plan), grads)}
+    if "expand" in fixes:
+        # k / v expanded to the query heads (h_kv = h // group, as repeat_interleave lays them out); autograd sums
+        # dk / dv back over the group
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    if "pad32" in fixes:
+        # zeros add nothing to q·k and give zero columns of out; plan.scale is the true head dim's
+        D = _round32(q.shape[-1])
+        q, k, v = _pad_last(q, D), _pad_last(k, D), _pad_last(v, _round32(Dv))
     routed = route_varlen(q, k, v, plan, VARLEN_HOST)  # packed documents on FA4's varlen kernels, where they apply
     if routed is not None:
-        return routed
-    k, v, kwargs = kernel_arguments(q, k, v, plan)
+        out, lse = routed
+        return (out[..., :Dv] if out.shape[-1] != Dv else out), lse
+    k, v, kwargs = kernel_arguments(q, k, v, plan, fixes=())  # fixed above
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if _option(plan, "bhsd_out") and not grads:
         # inference: out written straight into a [B, H, S, Dv] buffer (the layout of q), as flex's FA4 path does
         out = torch.empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1], dtype=q.dtype, device=q.device)
@@ -482,6 +573,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
     else:
         out, lse = fa.flash_attn_func(qt, kt, vt, **kwargs)
         out = out.transpose(1, 2)
+        if out.shape[-1] != Dv:
+            out = out[..., :Dv]
     if plan.sink is not None or not plan.normalize:
         out, lse = finish(out, lse, plan, torch.float32, sink_in_kernel="learnable_sink" in kwargs)
         out = out.to(q.dtype)

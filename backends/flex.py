@@ -39,7 +39,7 @@ from collections import OrderedDict
 
 import torch
 
-from ..ast import Binary, Const, DType, Expr, Index, Op, Var, children, names_used, walk, with_children
+from ..ast import Binary, Call, Const, DType, Expr, Index, Op, Var, children, names_used, walk, with_children
 from ..denominator import finish
 from ..errors import AttnLangError
 from ..lower_torch import evaluate, row_values
@@ -62,7 +62,7 @@ _block_masks: "OrderedDict[tuple, tuple]" = OrderedDict()
 _flash_failed: dict[tuple, str] = {}
 _first_lengths: "OrderedDict[tuple, tuple]" = OrderedDict()  # key without lengths -> the first (q_len, kv_len)
 _flash_lengths: dict[tuple, tuple] = {}  # automatic FLASH: variant and shape class -> the first lengths
-_stats = {"compiled": 0, "graphs": 0, "block_masks": 0, "flash_fallbacks": 0}
+_stats = {"compiled": 0, "graphs": 0, "block_masks": 0, "flash_fallbacks": 0, "tile_retries": 0}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -232,13 +232,47 @@ def _is_true(expr: Expr) -> bool:
 _GRID = frozenset({"b", "h", "q_idx", "kv_idx"})
 
 
+_MAX_PRODUCT_POWER = 64
+
+
+def _small_integral(c: Expr) -> int | None:
+    """n when ``c`` is a literal integer (or integral float) exponent 0 <= n <= 64, else None."""
+    if not isinstance(c, Const) or c.dtype not in (DType.INT, DType.FLOAT) or isinstance(c.value, bool):
+        return None
+    value = c.value
+    if not math.isfinite(value) or value != int(value) or not 0 <= value <= _MAX_PRODUCT_POWER:
+        return None
+    return int(value)
+
+
+def _power_as_products(x: Expr, n: int, dtype: DType, tied) -> Expr:
+    """``x ** n`` for a literal n >= 0 as products by repeated squaring (x ** 5 = (x*x)*(x*x)*x), computed in
+    ``dtype``. Inductor lowers an int ** int to an extern kernel, which a mod's pointwise subgraph cannot hold
+    ("Buffers cannot be created while lowering a pointwise subgraph", TRITON and compiled CPU flex); products
+    lower everywhere. Same value: ints exactly (the checker proved no overflow), floats within an ulp per step."""
+    if n == 0:
+        return tied(Const(1 if dtype is DType.INT else 1.0, dtype))
+    if x.dtype is not dtype:  # an int base of a float power: converted once, as evaluate would
+        x = Call("float", (x,), dtype=DType.FLOAT)
+
+    def power(m: int) -> Expr:
+        if m == 1:
+            return x
+        half = power(m // 2)
+        square = Binary(Op.MUL, half, half, dtype=dtype)
+        return Binary(Op.MUL, square, x, dtype=dtype) if m % 2 else square
+
+    return power(n)
+
+
 def _prepare(expr: Expr, q_len: int, kv_len: int, fd: torch.dtype, fold_lengths: bool = True) -> Expr:
     """The expression as the mods evaluate it: the same values, friendlier to flex's tracing.
 
     - Every subexpression of literals, ``q_len`` and ``kv_len`` only is folded into one literal (with this call's
       lengths, by ``evaluate`` itself, so the value is the one eager computes).
-    - ``t[c]`` becomes ``t[c + 0 * q_idx]`` for every index c that depends on no position, and a literal operand
-      of ``**`` becomes ``c + 0 * q_idx``.
+    - ``t[c]`` becomes ``t[c + 0 * q_idx]`` for every index c that depends on no position; ``x ** n`` for a
+      literal integral n in [0, 64] becomes products (``_power_as_products``), and any other literal operand of
+      ``**`` becomes ``c + 0 * q_idx``.
     Tracing specialises constant-only ops and reads at constant indices, leaving dead constant tensors in the
     mod's graph, which compiled CPU flex cannot lower (torch 2.13: "'Tensor' object has no attribute
     'get_dtype'"). Expressions are at most a hundred levels deep (the parser's limit), so recursion is fine.
@@ -273,9 +307,12 @@ def _prepare(expr: Expr, q_len: int, kv_len: int, fd: torch.dtype, fold_lengths:
         if isinstance(node, Index):
             return with_children(node, tuple(anchor(visit(ix)) for ix in node.indices))
         if isinstance(node, Binary) and node.op is Op.POW:
+            left, right = visit(node.left), visit(node.right)
+            n = _small_integral(right)
+            if n is not None:
+                return _power_as_products(left, n, node.dtype, tied)
             # tracing specialises pow at a literal (x ** 2 -> x * x) and leaves the literal dead
-            return with_children(node, tuple(tied(c) if isinstance(c, Const) else c
-                                             for c in (visit(node.left), visit(node.right))))
+            return with_children(node, tuple(tied(c) if isinstance(c, Const) else c for c in (left, right)))
         kids = children(node)
         return with_children(node, tuple(visit(c) for c in kids)) if kids else node
 
@@ -283,7 +320,8 @@ def _prepare(expr: Expr, q_len: int, kv_len: int, fd: torch.dtype, fold_lengths:
 
 
 def _mods(score: Expr, mask: Expr, names: tuple[str, ...], values, q_len: int, kv_len: int, fd: torch.dtype,
-          tie_to_score: bool = False, int_dtype: torch.dtype = torch.int64, lengths=None, code_key=None):
+          tie_to_score: bool = False, int_dtype: torch.dtype = torch.int64, lengths=None, code_key=None,
+          full_consts: bool = False):
     """score_mod and mask_mod of ``_prepare``-d expressions over the tensors ``values`` (bound by ``names``):
     closures over the caller's own arguments, so inside a compiled function the tensors are graph inputs, not
     constants.
@@ -297,8 +335,16 @@ def _mods(score: Expr, mask: Expr, names: tuple[str, ...], values, q_len: int, k
         compiled for every length).
     code_key: when given (``_code_key``; mods built outside a traced function), each mod gets a code object of its
         own for that key (``_own_code``).
+    full_consts: literals and lengths built with torch.full (an op of the traced graph) rather than torch.tensor
+        (a lifted constant tensor, which TRITON's pointwise-subgraph lowering can meet as a plain tensor: "'Tensor'
+        object has no attribute 'get_dtype'"); FLASH keeps torch.tensor, the form its code generator was run with.
     """
     tensors = dict(zip(names, values))
+
+    def length(value, dev):
+        if full_consts:
+            return torch.full((), value, device=dev, dtype=int_dtype)
+        return torch.tensor(value, device=dev, dtype=int_dtype)
     used_s, used_m = names_used(score), names_used(mask)
     tie = tie_to_score and "score" not in used_s
 
@@ -307,11 +353,9 @@ def _mods(score: Expr, mask: Expr, names: tuple[str, ...], values, q_len: int, k
         # lengths are read at an index tied to q_idx: FLASH's code generator cannot index at a literal
         # ("Expected TensorSSA, but got int"), the same reason _prepare anchors constant indices
         if "q_len" in used:
-            out["q_len"] = (torch.tensor(q_len, device=dev, dtype=int_dtype) if lengths is None
-                            else lengths[q_idx * 0])
+            out["q_len"] = length(q_len, dev) if lengths is None else lengths[q_idx * 0]
         if "kv_len" in used:
-            out["kv_len"] = (torch.tensor(kv_len, device=dev, dtype=int_dtype) if lengths is None
-                             else lengths[q_idx * 0 + 1])
+            out["kv_len"] = length(kv_len, dev) if lengths is None else lengths[q_idx * 0 + 1]
         return out
 
     score_mod = None
@@ -321,12 +365,12 @@ def _mods(score: Expr, mask: Expr, names: tuple[str, ...], values, q_len: int, k
             names_["score"] = s
             # float32 (float64 for float64 inputs) whatever s's dtype: compiled CPU flex miscomputes a score_mod
             # that casts back to bf16/fp16 (torch 2.13), and every kernel accumulates scores in float32 anyway
-            out = evaluate(score, names_, tensors, fd, s.device, int_dtype)
+            out = evaluate(score, names_, tensors, fd, s.device, int_dtype, full_consts)
             return out + s.to(fd) * 0.0 if tie else out
 
     def mask_mod(b, h, q_idx, kv_idx):
         return evaluate(mask, grid(q_idx.device, used_m, b, h, q_idx, kv_idx), tensors, fd, q_idx.device,
-                        int_dtype)
+                        int_dtype, full_consts)
 
     if code_key is not None:
         score_mod = None if score_mod is None else _own_code(score_mod, "score_mod", code_key)
@@ -421,9 +465,11 @@ def _make_body(plan: CallPlan, names: tuple[str, ...], fd, kernel_options, want_
     code_key = None if traced else _code_key(score, mask, names, q_len, kv_len, fd, tie_to_score, int_dtype,
                                              any_length)
 
+    full_consts = (options or {}).get("BACKEND") != "FLASH"
+
     def body(q, k, v, lengths, kv_num, kv_idx, full_num, full_idx, q_num, q_idx_, full_q_num, full_q_idx, *named):
         score_mod, mask_mod = _mods(score, mask, names, named, q_len, kv_len, fd, tie_to_score, int_dtype, lengths,
-                                    code_key)
+                                    code_key, full_consts)
         seq_lengths = (q_len, kv_len) if lengths is None else (q.shape[2], k.shape[2])
         bm = BlockMask(seq_lengths, kv_num, kv_idx, full_num, full_idx, q_num, q_idx_, full_q_num, full_q_idx,
                        BLOCK_SIZE=block_size, mask_mod=mask_mod)
@@ -465,7 +511,8 @@ def _raise_limits() -> None:
             setattr(cfg, attr, _RECOMPILE_LIMIT)
 
 
-def _callable(q, k, v, plan: CallPlan, names, named, fd, kernel, compiled: bool, want_lse: bool, bm):
+def _callable(q, k, v, plan: CallPlan, names, named, fd, kernel, compiled: bool, want_lse: bool, bm,
+              tiles: dict | None = None):
     """(fn, any_length): the compiled flex call for this key, and whether it is the one compiled for every length.
 
     The first length pair seen for a key gets a graph specialised to it (training: one length, fastest code). A
@@ -474,6 +521,8 @@ def _callable(q, k, v, plan: CallPlan, names, named, fd, kernel, compiled: bool,
     (inference calls on TRITON / the CPU kernel; calls with gradients and explicit FLASH stay per length)."""
     kernel_options = {key: value for key, value in (plan.options or {}).items() if key != "CPU_COMPILED"}
     kernel_options.pop("BACKEND", None)
+    for key, value in (tiles or {}).items():  # smaller tiles after "out of resource"; a user's own keys win
+        kernel_options.setdefault(key, value)
     if kernel is not None:
         kernel_options["BACKEND"] = kernel
     gqa = q.shape[1] != k.shape[1]
@@ -538,6 +587,73 @@ def _mark_lengths_dynamic(lengths: tuple[int, int], q, k, v, block_tensors, name
                 mark(t, dim)
 
 
+# Smaller Triton tiles, tried in turn when a kernel needs more shared memory than the GPU has ("out of resource:
+# shared memory", H200 at head dim 64 with gradients to a [Sq, Skv] bias: Required 245760, limit 232448). BLOCK_M /
+# BLOCK_N are the forward's tiles, BLOCK_M1 / BLOCK_N1 / BLOCK_M2 / BLOCK_N2 the backward's (dK/dV and dQ loops;
+# BLOCK_N1 % BLOCK_M1 == 0 and BLOCK_M2 % BLOCK_N2 == 0, all dividing the 128-token BlockMask block), num_stages
+# the software pipeline depth; torch.nn.attention.flex_attention.FlexKernelOptions, torch 2.11-2.13.
+SMALLER_TILES = (
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32,
+     "num_stages": 2, "num_warps": 4},
+    {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_M1": 16, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 16,
+     "num_stages": 1, "num_warps": 4},
+)
+_FORWARD_TILE_KEYS = ("BLOCK_M", "BLOCK_N")
+_tile_level: dict = {}  # (variant, shape class, grads) -> index into SMALLER_TILES that last worked
+
+
+def _tiles_key(plan: CallPlan, q, grads: bool) -> tuple:
+    return (*_flash_key(plan, q), grads)
+
+
+def _out_of_resource(e: BaseException) -> bool:
+    """Whether ``e`` (or an exception it was raised from) is Triton's "out of resource" (shared memory, registers)."""
+    seen = 0
+    while e is not None and seen < 8:
+        text = f"{type(e).__name__}: {e}"
+        if "out of resource" in text.lower() or "OutOfResources" in text:
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+def _run_with_smaller_tiles(run, kernel, key, q_len: int):
+    """``run(kernel, tiles)`` -> (out, lse, kernel), first with the kernel's own tiles (or those that worked last
+    time for ``key``), then with each smaller entry of SMALLER_TILES while Triton runs out of resources. FLASH has
+    no such options; a short query (q_len < 128, flex's decoding kernel, whose BLOCK_M covers the grouped query
+    rows) keeps its forward tiles."""
+    level = _tile_level.get(key, -1) if kernel != "FLASH" else -1
+    while True:
+        tiles = None
+        if level >= 0:
+            tiles = dict(SMALLER_TILES[level])
+            if q_len < 128:
+                for name in _FORWARD_TILE_KEYS:
+                    tiles.pop(name)
+        try:
+            out, lse = run(kernel, tiles)
+        except AttnLangError:
+            raise
+        except Exception as e:
+            if kernel == "FLASH" or level + 1 >= len(SMALLER_TILES) or not _out_of_resource(e):
+                raise
+            level += 1
+            _stats["tile_retries"] += 1
+            continue
+        if level >= 0:
+            _tile_level[key] = level
+        return out, lse, kernel
+
+
+def _kernel_failure(kernel, e: BaseException):
+    """The KernelFailure for a flex kernel that failed to compile or launch (``backend="auto"`` moves on)."""
+    from . import KernelFailure
+    what = f"kernel {kernel}" if kernel else "FlexAttention"
+    text = str(e).strip()
+    return KernelFailure(f"backend 'flex': {what} failed on this call: {type(e).__name__}: "
+                         f"{text.splitlines()[0] if text else ''}")
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention for one checked call through FlexAttention.
 
@@ -587,14 +703,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
     q, k, v = (t if t.is_contiguous() else t.contiguous() for t in (q, k, v))
     bm = _block_mask(q, plan, mask_names, fd)
 
-    def run(kern):
+    def run(kern, tiles=None):
         kk, vv = k, v
         if kern == "FLASH" and grads and k.shape[1] != q.shape[1]:
             # FA4 4.0.0b36's backward gave NaN / wrong dq for grouped heads with a score_mod (H200: flex FLASH
             # test_bf16_grads[alibi], and the fa4 backend's test_gqa): k / v go in expanded to the query heads
             group = q.shape[1] // k.shape[1]
             kk, vv = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        fn, any_length = _callable(q, kk, vv, plan, names, named, fd, kern, compiled, want_lse or not compiled, bm)
+        fn, any_length = _callable(q, kk, vv, plan, names, named, fd, kern, compiled, want_lse or not compiled, bm,
+                                   tiles)
         lengths = None
         if any_length:
             lengths = _lengths_tensor(plan.q_len, plan.kv_len, q.device)
@@ -607,20 +724,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
 
     explicit = bool(plan.options) and "BACKEND" in plan.options
     try:
-        out, lse = run(kernel)
-        ran = kernel
+        out, lse, ran = _run_with_smaller_tiles(run, kernel, _tiles_key(plan, q, grads), plan.q_len)
     except AttnLangError:
         raise
     except Exception as e:  # compile failures surface as BackendCompilerFailed / InductorError / RuntimeError
         if kernel == "FLASH" and not explicit:
             _flash_failed[_flash_key(plan, q)] = str(e)[:500]
             _stats["flash_fallbacks"] += 1
-            out, lse = run("TRITON")
-            ran = "TRITON"
+            try:
+                out, lse, ran = _run_with_smaller_tiles(run, "TRITON", _tiles_key(plan, q, grads), plan.q_len)
+            except AttnLangError:
+                raise
+            except Exception as e2:
+                raise _kernel_failure("TRITON", e2) from e2
         else:
-            what = f"kernel {kernel}" if kernel else "FlexAttention"
-            raise AttnLangError(f"backend 'flex': {what} failed on this call: {type(e).__name__}: "
-                                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+            raise _kernel_failure(kernel, e) from e
     B, Hq, Sq = q.shape[0], q.shape[1], q.shape[2]
     if lse is None:
         # compiled CPU flex returns no lse; the plan said it needs none, so zeros keep the contract's shape
@@ -713,3 +831,4 @@ def clear_caches() -> None:
     _first_lengths.clear()
     _flash_lengths.clear()
     _LENGTHS.clear()
+    _tile_level.clear()
