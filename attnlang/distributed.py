@@ -28,6 +28,9 @@ spirit of MagiAttention):
   recomputes its partial results, backpropagates through the merge (the backends differentiate lse), and the dk / dv
   accumulator of a shard travels with it and then returns to its owner; gradients of floating named tensors are
   summed over ranks with ``all_reduce``.
+- Sinks and ``normalize=False`` (LANGUAGE.md) apply once, to the merged result: the sink is evaluated at the
+  local rows' global positions (``sink_variant``) and enters the denominator after the ring, as
+  ``attnlang.denominator`` does for one process; its tensors' gradients are summed over ranks.
 - Before any ring step every rank checks its inputs and the ranks agree through one ``all_gather_object``: bad input
   on any rank is an AttnLangError on every rank, never a hang.
 """
@@ -48,7 +51,8 @@ from .ast import Const, DType, Index, Var, children, with_children
 from .errors import AttnLangError
 from .printer import to_source
 
-__all__ = ["shard_positions", "attention", "plan_communication", "CommPlan", "position_variant", "chunk_size",
+__all__ = ["shard_positions", "attention", "plan_communication", "CommPlan", "position_variant", "sink_variant",
+           "chunk_size",
            "chunk_work", "rank_work", "POSITION_TENSORS"]
 
 Q_POSITIONS, KV_POSITIONS = "cp_q_positions", "cp_kv_positions"
@@ -76,8 +80,14 @@ def position_variant(v, seq_len: int):
     return _position_variant(v, int(seq_len))
 
 
+def sink_variant(v, seq_len: int):
+    """None without a sink; else a variant whose lse, called on gathered query rows with ``cp_q_positions``, is
+    ``v``'s sink at those global positions (its mask allows no key: out 0, lse = sink)."""
+    return _position_variant(v, int(seq_len), "sink") if v.sink is not None else None
+
+
 @functools.lru_cache(maxsize=256)
-def _position_variant(v, seq_len: int):
+def _position_variant(v, seq_len: int, kind: str = "softmax"):
     from .variant import compile as compile_variant
     clash = sorted(set(POSITION_TENSORS) & set(v.tensor_names))
     if clash:
@@ -98,6 +108,9 @@ def _position_variant(v, seq_len: int):
         return with_children(node, tuple(sub(k) for k in kids)) if kids else node
 
     checked = v.checked
+    if kind == "sink":
+        # the sink alone: no key is allowed, so a call's lse is the sink of each row (LANGUAGE.md)
+        return compile_variant("score", "False", sink=to_source(sub(checked.sink)))
     return compile_variant(to_source(sub(checked.score)), to_source(sub(checked.mask)))
 
 
@@ -838,4 +851,50 @@ def attention(v, q_local: torch.Tensor, k_local: torch.Tensor, v_local: torch.Te
                  positions=_device_positions(pos, q_local.device), plan=plan, backend=backend, scale=scale,
                  names=names, grad_names=tuple(n for n in names if tensors[n].is_floating_point()), stats=stats)
     out, lse = _RingAttention.apply(ring, q_local, k_local, v_local, *(tensors[n] for n in names))
+    if v.sink is not None or not v.normalize:
+        out, lse = _denominator(v, S, out, lse, q_local, ring.positions[rank], group, tensors)
     return (out, lse) if return_lse else out
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Identity; the backward sums the gradient over the ranks (a tensor every rank holds whole)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _denominator(v, S, out, lse, q, positions, group, tensors):
+    """The sink and normalize=False on the merged softmax over every allowed key (as attnlang.denominator does for
+    a single-process call): the sink enters once, after the ring; its tensors' gradients are summed over ranks."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    o, l = out.to(acc), lse.to(acc)
+    if not v.normalize:
+        o = o * torch.exp(l).unsqueeze(-1)       # the numerator: sum over allowed keys of exp(s'') V
+    if v.sink is not None:
+        sv = sink_variant(v, S)
+        wanted = set(sv.tensor_names)
+        call = {n: (_SumOverRanks.apply(t, group) if t.requires_grad else t) for n, t in tensors.items()
+                if n in wanted}
+        if Q_POSITIONS in wanted:
+            call[Q_POSITIONS] = positions
+        B, _, _, D = q.shape
+        k1 = torch.zeros(B, 1, 1, D, dtype=q.dtype, device=q.device)   # the mask allows no key: any one will do
+        v1 = torch.zeros(B, 1, 1, 1, dtype=q.dtype, device=q.device)
+        _, sink = sv(q.detach(), k1, v1, backend="eager", return_lse=True, **call)
+        sink = sink.to(acc)
+        zero = torch.zeros((), dtype=acc, device=q.device)
+        none = (l == -math.inf) & (sink == -math.inf)     # neither a key nor a sink: lse -inf, out 0
+        a, b = torch.where(none, zero, l), torch.where(none, zero, sink)
+        both = torch.logaddexp(a, b)
+        if v.normalize:
+            o = o * torch.where(none, zero, torch.exp(a - both)).unsqueeze(-1)
+        l = torch.where(none, torch.full((), -math.inf, dtype=acc, device=q.device), both)
+    return o.to(out.dtype), l.to(lse.dtype)

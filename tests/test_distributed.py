@@ -43,6 +43,12 @@ def _cases(seq_len: int = S):
                   {"slope": torch.rand(4, generator=g, dtype=torch.float64)}),
         "full_kv_bias": (al.compile(score="score + bias[kv_idx]"),
                          {"bias": torch.randn(seq_len, generator=g, dtype=torch.float64)}),
+        # LANGUAGE.md's denominator: learned per-head sinks (gpt-oss) on a window; sigmoid attention (no
+        # normalization) with a sink that reads the global q_idx
+        "sinks_window": (al.compile(mask="q_idx >= kv_idx & q_idx - kv_idx < 128", sink="sinks[h]"),
+                         {"sinks": torch.randn(4, generator=g, dtype=torch.float64)}),
+        "sigmoid_sink": (al.compile(score="log(sigmoid(score - 1.0))", mask="q_idx >= kv_idx",
+                                    sink="0.01 * q_idx - 2", normalize=False), {}),
     }
 
 
