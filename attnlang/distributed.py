@@ -13,9 +13,11 @@ spirit of MagiAttention):
   gets at least 16 chunks), counts the allowed (q, kv) pairs of every query chunk from the mask's block sparsity
   (full blocks exactly, partial blocks by evaluating the mask on them within a budget, else half their size), and
   gives each rank chunks of about the same work: contiguous shards when that is balanced already (full, sliding
-  window), else the zigzag split (rank r takes pieces r and 2W-1-r of 2W; causal, prefix LM, ALiBi), else a
-  per-document split: the sequence falls into groups that no allowed pair crosses (documents), each group is cut
-  into head-and-tail pairs of its chunks, and the pairs go, largest first, to the rank with the least work.
+  window), else the zigzag split (rank r takes pieces r and 2W-1-r of 2W; causal, prefix LM, ALiBi), else
+  contiguous shards cut by work (many short documents: each rank keeps its neighbours, so shards stop travelling
+  early) where that leaves no rank more than 1.25x the mean positions, else a per-document split: the sequence
+  falls into groups that no allowed pair crosses (documents), each group is cut into head-and-tail pairs of its
+  chunks, and the pairs go, largest first, to the rank with the least work.
 - ``attention`` evaluates the variant on local query rows against one shard of keys at a time, with the GLOBAL
   positions of LANGUAGE.md: the variant is rewritten once (``position_variant``) so that ``q_idx`` reads
   ``cp_q_positions[q_idx]``, ``kv_idx`` reads ``cp_kv_positions[kv_idx]`` and ``q_len`` / ``kv_len`` are the global
@@ -63,6 +65,7 @@ MIN_CHUNKS_PER_RANK = 16     # finer chunks for short sequences, so that balanci
 COUNT_BUDGET = 1 << 25       # (q, kv) positions evaluated, at most, to count the allowed pairs of partial blocks
 PLAN_BLOCKS = 1 << 28        # blocks analysed, at most, for a communication plan (beyond: no step is skipped)
 BALANCED = 1.05              # max / mean work per rank up to which a simpler layout (less traffic) is kept
+TOKEN_SPREAD = 1.25          # max / mean positions per rank that a contiguous cut by work may give (memory)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,6 +207,22 @@ def _zigzag(work: torch.Tensor, world: int) -> list[list[int]]:
     return [list(pieces[r]) + list(pieces[2 * world - 1 - r]) for r in range(world)]
 
 
+def _contiguous_by_work(work: torch.Tensor, world: int) -> list[list[int]]:
+    """Contiguous shards cut where the running work crosses r / W of the total (each rank keeps its neighbours)."""
+    total = float(work.sum())
+    if total <= 0:
+        return _contiguous(work, world)
+    mid = torch.cumsum(work, 0) - work / 2          # the work before each chunk's middle
+    owner = torch.clamp((mid / total * world).floor().long(), 0, world - 1)
+    owner = torch.cummax(owner, 0).values
+    return [torch.nonzero(owner == r).flatten().tolist() for r in range(world)]
+
+
+def _token_spread(assignment: list[list[int]], sizes: torch.Tensor) -> float:
+    tokens = [float(sizes[a].sum()) if a else 0.0 for a in assignment]
+    return max(tokens) / (sum(tokens) / len(tokens))
+
+
 def _groups(kind: torch.Tensor) -> list[range]:
     """Maximal runs of chunks that no allowed pair crosses (documents, at the chunks' granularity)."""
     n = kind.shape[0]
@@ -261,8 +280,9 @@ def shard_positions(v, seq_len: int, world_size: int, **tensors) -> list[torch.T
     Returns:
         a list of W int64 CPU tensors of global positions, ascending, together a permutation of range(S), made of
         whole chunks of ``chunk_size(S, W)`` positions. The first layout whose max / mean work per rank is within
-        5% is taken, in this order: contiguous, zigzag, per document (see the module docstring); if none is, the
-        most balanced one. Work is counted for b = 0, h = 0. Deterministic: every rank computes the same list.
+        5% is taken, in this order: contiguous, zigzag, contiguous cut by work (only where no rank holds more than
+        1.25x the mean positions), per document (see the module docstring); if none is, the most balanced one.
+        Work is counted for b = 0, h = 0. Deterministic: every rank computes the same list.
     Raises:
         AttnLangError: bad sizes, or tensors the variant cannot read at these lengths.
     """
@@ -278,10 +298,14 @@ def shard_positions(v, seq_len: int, world_size: int, **tensors) -> list[torch.T
         chunks = _contiguous(work, world_size)
     else:
         best = None
-        layouts = (lambda: _contiguous(work, world_size), lambda: _zigzag(work, world_size),
-                   lambda: _per_document(bs.kind[0, 0], work, sizes, world_size))
-        for make in layouts:
+        layouts = ((lambda: _contiguous(work, world_size), math.inf),
+                   (lambda: _zigzag(work, world_size), math.inf),
+                   (lambda: _contiguous_by_work(work, world_size), TOKEN_SPREAD),
+                   (lambda: _per_document(bs.kind[0, 0], work, sizes, world_size), math.inf))
+        for make, spread in layouts:
             candidate = make()
+            if _token_spread(candidate, sizes) > spread:
+                continue
             score = _imbalance(candidate, work)
             if best is None or score < best[0] - 1e-9:
                 best = (score, candidate)

@@ -30,12 +30,14 @@ KV_BYTES_PER_TOKEN = 2 * 8 * 128 * 2      # k and v, Hkv = 8, D = 128, bf16
 GRAD_BYTES_PER_TOKEN = 2 * 8 * 128 * 4    # dk and dv accumulators in float32
 
 
-def document_ids(seq_len: int, seed: int = 0) -> torch.Tensor:
-    """Documents of very unequal lengths: one of a quarter of the sequence, the rest log-uniform in [128, S/16]."""
+def document_ids(seq_len: int, seed: int = 0, longest: int | None = None, most: int | None = None) -> torch.Tensor:
+    """Documents of very unequal lengths: one of ``longest`` (default S/4) positions, the rest log-uniform in
+    [128, ``most``] (default S/16), shuffled."""
     g = torch.Generator().manual_seed(seed)
-    lengths = [seq_len // 4]
+    lengths = [seq_len // 4 if longest is None else longest]
+    most = seq_len // 16 if most is None else most
     while sum(lengths) < seq_len:
-        lo, hi = 7.0, float(torch.log2(torch.tensor(seq_len / 16)))
+        lo, hi = 7.0, float(torch.log2(torch.tensor(float(most))))
         lengths.append(int(2 ** (lo + (hi - lo) * float(torch.rand(1, generator=g)))))
     lengths[-1] -= sum(lengths) - seq_len
     order = torch.randperm(len(lengths), generator=g)
@@ -49,20 +51,21 @@ def masks(seq_len: int):
         "causal": (al.compile(mask="q_idx >= kv_idx"), {}),
         "sliding_window_4096": (al.compile(mask="0 <= q_idx - kv_idx < 4096"), {}),
         "documents": (al.compile(mask="doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx"), {"doc": doc}),
+        "short_documents": (al.compile(mask="doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx"),
+                            {"doc": document_ids(seq_len, seed=1, longest=8192, most=8192)}),
         "prefix_lm_65536": (al.compile(mask="kv_idx < 65536 | q_idx >= kv_idx"), {}),
         "full": (al.compile(), {}),
     }
 
 
 def layout_name(positions, chunk: int) -> str:
-    p0 = positions[0]
-    runs = int((p0[1:] != p0[:-1] + 1).sum()) + 1
-    world = len(positions)
-    if runs == 1 and all(int(p[0]) == i * len(positions[0]) for i, p in enumerate(positions) if len(p)):
-        return "contiguous"
-    zig = ald._zigzag(torch.zeros(sum(len(p) for p in positions) // chunk), world)
-    if all(torch.equal(p, ald._chunk_positions(c, chunk, sum(len(x) for x in positions)))
-           for p, c in zip(positions, zig)):
+    seq_len, world = sum(len(p) for p in positions), len(positions)
+    single_runs = all(len(p) == 0 or int(p[-1]) - int(p[0]) + 1 == len(p) for p in positions)
+    if single_runs:
+        lengths = [len(p) for p in positions]
+        return "contiguous" if max(lengths) - min(lengths) <= chunk else "contiguous_by_work"
+    zig = ald._zigzag(torch.zeros(-(-seq_len // chunk)), world)
+    if all(torch.equal(p, ald._chunk_positions(c, chunk, seq_len)) for p, c in zip(positions, zig)):
         return "zigzag"
     return "per_document"
 
@@ -113,7 +116,8 @@ def write(rows: list[dict], seq_len: int) -> None:
              "picks, the balance of allowed (q, kv) pairs per rank (max / mean), and the ring's traffic per rank "
              "for B=1, Hkv=8, D=128 bf16 k / v (4 KiB per position; the backward adds float32 dk / dv and their "
              "return home). `full ring` is what a ring without skipping sends per rank in the forward. "
-             "Documents: one of S/4 positions, the rest log-uniform in [128, S/16], shuffled (seed 0).", "",
+             "documents: one of S/4 positions, the rest log-uniform in [128, S/16], shuffled (seed 0); "
+             "short_documents: log-uniform in [128, 8192] (seed 1).", "",
              "| mask | W | layout | balance | tokens/rank min..max | fwd MiB/rank max | full ring MiB | bwd MiB/rank "
              "max | steps skipped (mean) | sends skipped | shard s | plan s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

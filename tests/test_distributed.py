@@ -112,6 +112,18 @@ def test_documents_balanced_where_zigzag_is_not():
     assert float(loads.max() / loads.mean()) < float(zig_loads.max() / zig_loads.mean())
 
 
+def test_short_documents_stay_with_their_neighbours():
+    """Many short documents: contiguous shards cut by work, balanced, and most shards never travel."""
+    v = al.compile(mask="doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx")
+    doc = _doc((40,) * 25 + (24,))
+    positions = ald.shard_positions(v, 1024, 4, doc=doc)
+    assert all(torch.equal(p, torch.arange(int(p[0]), int(p[0]) + len(p))) for p in positions)
+    loads = _allowed_per_rank(v, positions, {"doc": doc})
+    assert float(loads.max() / loads.mean()) <= 1.15
+    plan = ald.plan_communication(v, positions, doc=doc)
+    assert max(plan.last_step) <= 1 and plan.transfers_skipped() >= 4 * 3 - 4
+
+
 def test_chunk_size():
     assert ald.chunk_size(1 << 20, 64) == 128
     assert ald.chunk_size(1024, 4) == 16
