@@ -65,6 +65,7 @@ MIN_CHUNKS_PER_RANK = 16     # finer chunks for short sequences, so that balanci
 COUNT_BUDGET = 1 << 25       # (q, kv) positions evaluated, at most, to count the allowed pairs of partial blocks
 PLAN_BLOCKS = 1 << 28        # blocks analysed, at most, for a communication plan (beyond: no step is skipped)
 BALANCED = 1.05              # max / mean work per rank up to which a simpler layout (less traffic) is kept
+KEEP_FACTOR = 1.5            # keep the forward's graphs when remote shards used hold <= this x own positions
 TOKEN_SPREAD = 1.25          # max / mean positions per rank that a contiguous cut by work may give (memory)
 
 
@@ -631,6 +632,7 @@ class _Ring:
     names: tuple                 # named tensors, in the order passed to the Function
     grad_names: tuple            # those that are floating (their gradients are all-reduced)
     stats: dict
+    keep: bool = False           # keep each step's autograd graph (no recompute, no backward ring)
 
     def peer(self, r: int) -> int:
         return dist.get_global_rank(self.group, r % self.world) if self.group is not None else r % self.world
@@ -702,6 +704,12 @@ class _RingAttention(torch.autograd.Function):
         lse = torch.full(q.shape[:3], -math.inf, dtype=acc, device=q.device)
         held = _pack(k, v)
         lse_dtype = torch.float32  # the backends' lse dtype (the first partial result tells)
+        keep = ring.keep and any(ctx.needs_input_grad[1:])
+        kept = []
+        if keep:
+            need_t = {n for n, need in zip(ring.names, ctx.needs_input_grad[4:]) if need and n in ring.grad_names}
+            qg = q.detach().requires_grad_(ctx.needs_input_grad[1])
+            tg = {n: (x.detach().requires_grad_() if n in need_t else x) for n, x in tensors.items()}
         for t in range(W):
             s, nxt = (rank - t) % W, (rank - t - 1) % W
             transfers, recv = [], None
@@ -715,7 +723,14 @@ class _RingAttention(torch.autograd.Function):
             reqs = ring.post(transfers)
             if plan.needed[rank, s]:
                 ks, vs = (k, v) if s == rank else _unpack(held, _kv_shapes(k, v, plan.lengths[s]))
-                o, l = ring.partial(q, ks, vs, s, tensors)
+                if keep:
+                    with torch.enable_grad():
+                        kg, vg = ks.detach().requires_grad_(), vs.detach().requires_grad_()
+                        o, l = ring.partial(qg, kg, vg, s, tg)
+                    kept.append((s, o, l, kg, vg))
+                    o, l = o.detach(), l.detach()
+                else:
+                    o, l = ring.partial(q, ks, vs, s, tensors)
                 lse_dtype = l.dtype
                 out, lse = _merge(out, lse, o, l.to(acc))
             else:
@@ -723,6 +738,7 @@ class _RingAttention(torch.autograd.Function):
             _wait(reqs)
             held = recv
         ctx.ring = ring
+        ctx.kept = (qg, tg, kept) if keep else None
         ctx.save_for_backward(q, k, v, out, lse, *values)
         return out.to(q.dtype), lse.to(lse_dtype)
 
@@ -738,6 +754,10 @@ class _RingAttention(torch.autograd.Function):
         dout = torch.zeros_like(out) if dout is None else dout.to(acc)
         dlse = torch.zeros_like(lse) if dlse is None else dlse.to(acc)
         row = (dout * out).sum(-1)                     # <dout, out> per row
+        if ctx.kept is not None:
+            _, dq, dk, dv, *grads_t = _backward_kept(ring, ctx.kept, k, v, lse, dout, dlse, row, need_q, need_t)
+            ctx.kept = None
+            return (None, dq, dk if need_k else None, dv if need_v else None, *grads_t)
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         dt = {n: torch.zeros(tensors[n].shape, dtype=acc, device=q.device) for n in need_t}
         held = _pack(k, v)
@@ -766,13 +786,9 @@ class _RingAttention(torch.autograd.Function):
                     vg = vs.detach().requires_grad_(True)
                     tg = {n: (x.detach().requires_grad_(True) if n in need_t else x) for n, x in tensors.items()}
                     o, l = ring.partial(qg, kg, vg, s, tg)
-                    # d out / d o_i = w_i and d out / d lse_i = w_i (o_i - out), w_i = exp(lse_i - lse)
-                    lf = l.detach().to(acc)
-                    w = torch.where(lse == -math.inf, 0.0, torch.exp(lf - lse))
-                    do = (w[..., None] * dout).to(o.dtype)
-                    dl = w * ((dout * o.detach().to(acc)).sum(-1) - row + dlse)
+                    do, dl = _step_grads(o, l, lse, dout, dlse, row, acc)
                     inputs = [kg, vg] + ([qg] if need_q else []) + [tg[n] for n in sorted(need_t)]
-                    grads = torch.autograd.grad([o, l], inputs, [do, dl.to(l.dtype)], allow_unused=True)
+                    grads = torch.autograd.grad([o, l], inputs, [do, dl], allow_unused=True)
                 gk, gv = (torch.zeros_like(x) if g is None else g for g, x in zip(grads[:2], (kg, vg)))
                 contribution = _pack(gk.to(acc), gv.to(acc))
                 rest = list(grads[2:])
@@ -821,6 +837,74 @@ class _RingAttention(torch.autograd.Function):
                 dv.to(v.dtype) if need_v else None, *grads_t)
 
 
+def _step_grads(o, l, lse, dout, dlse, row, acc):
+    """Gradients to one step's (o_i, lse_i) from those to the merged (out, lse): d out / d o_i = w_i and
+    d out / d lse_i = w_i (o_i - out), w_i = exp(lse_i - lse)."""
+    w = torch.where(lse == -math.inf, 0.0, torch.exp(l.detach().to(acc) - lse))
+    do = (w[..., None] * dout).to(o.dtype)
+    dl = w * ((dout * o.detach().to(acc)).sum(-1) - row + dlse)
+    return do, dl.to(l.dtype)
+
+
+def _backward_kept(ring: _Ring, kept, k, v, lse, dout, dlse, row, need_q, need_t):
+    """The backward from the graphs the forward kept: one autograd pass over every step, then each shard's dk / dv
+    goes straight to its owner."""
+    qg, tg, steps = kept
+    acc = lse.dtype
+    outputs, grad_outputs = [], []
+    for _, o, l, _, _ in steps:
+        do, dl = _step_grads(o, l, lse, dout, dlse, row, acc)
+        outputs += [o, l]
+        grad_outputs += [do, dl]
+    inputs = [x for _, _, _, kg, vg in steps for x in (kg, vg)]
+    inputs += ([qg] if need_q else []) + [tg[n] for n in sorted(need_t)]
+    grads = list(torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)) if outputs else []
+    rank, W, plan = ring.rank, ring.world, ring.plan
+    own = torch.zeros(_kv_numel(k, v, plan.lengths[rank]), dtype=acc, device=k.device)
+    transfers, received = [], []
+    for i, (s, _, _, kg, vg) in enumerate(steps):
+        gk, gv = (torch.zeros_like(x) if g is None else g for g, x in zip(grads[2 * i:2 * i + 2], (kg, vg)))
+        packed = _pack(gk.to(acc), gv.to(acc))
+        if s == rank:
+            own += packed
+        else:
+            transfers.append((rank, s, packed, None, _HOME))
+            ring.stats["returns"] += 1
+    for r in range(W):
+        if r != rank and plan.needed[r, rank]:
+            buf = torch.empty_like(own)
+            received.append(buf)
+            transfers.append((r, rank, None, buf, _HOME))
+    transfers.sort(key=lambda x: (x[0], x[1]))            # the same order on every rank
+    reqs = ring.post(transfers)
+    rest = grads[2 * len(steps):]
+    dq = rest.pop(0) if need_q else None
+    dt = {}
+    for n in sorted(need_t):
+        g = rest.pop(0)
+        dt[n] = (torch.zeros_like(tg[n]) if g is None else g).to(acc).contiguous()
+    _wait(reqs)
+    for buf in received:
+        own += buf
+    dk, dv = _unpack(own, _kv_shapes(k, v, plan.lengths[rank]))
+    for n in sorted(need_t):
+        dist.all_reduce(dt[n], group=ring.group)
+    q_dtype = qg.dtype
+    grads_t = [dt[n].to(tg[n].dtype) if n in need_t else None for n in ring.names]
+    return (None, None if dq is None else dq.to(q_dtype), dk.to(k.dtype), dv.to(v.dtype), *grads_t)
+
+
+def _keep_graphs(plan: CommPlan) -> bool:
+    """Whether every rank's remote shards that it computes with hold at most KEEP_FACTOR x its own positions:
+    then keeping the forward's graphs costs little memory and saves the backward's recompute and k / v ring.
+    Decided from the plan alone, so every rank decides alike."""
+    for r in range(plan.world_size):
+        remote = sum(plan.lengths[s] for s in range(plan.world_size) if s != r and plan.needed[r, s])
+        if remote > KEEP_FACTOR * plan.lengths[r]:
+            return False
+    return True
+
+
 def _kv_numel(k, v, n: int) -> int:
     """Elements of a packed k / v shard (or of its dk / dv) of n positions."""
     return n * (k.shape[0] * k.shape[1] * k.shape[3] + v.shape[0] * v.shape[1] * v.shape[3])
@@ -832,7 +916,8 @@ def _or_zeros(buf, k, v, n: int, dtype):
 
 def attention(v, q_local: torch.Tensor, k_local: torch.Tensor, v_local: torch.Tensor, *,
               positions: Sequence[torch.Tensor], group=None, backend: str = "auto", return_lse: bool = True,
-              scale: float | None = None, comm_stats: dict | None = None, **tensors):
+              scale: float | None = None, comm_stats: dict | None = None, recompute: bool | None = None,
+              **tensors):
     """Context-parallel self-attention: this rank's rows of ``v(q, k, v_, **tensors)``.
 
     Args:
@@ -844,6 +929,10 @@ def attention(v, q_local: torch.Tensor, k_local: torch.Tensor, v_local: torch.Te
         scale: as ``Variant.__call__``'s scale=.
         comm_stats: a dict to fill with this call's counts (forward ring): computed / skipped steps, sends,
             bytes_sent; the backward adds returns and its own sends.
+        recompute: True: the backward recomputes each step and runs the ring again (memory of one shard at a
+            time); False: the forward keeps each step's graph and the backward sends each dk / dv straight home.
+            None (default): False where the remote shards each rank computes with hold at most 1.5x its own
+            positions (2 ranks; sliding windows), else True.
         **tensors: the variant's tensors, global (``doc`` is ``[S]``), the same on every rank.
     Returns:
         out [B, Hq, len(positions[rank]), Dv] in q's dtype (and lse [B, Hq, len(positions[rank])] in the dtype
@@ -862,6 +951,8 @@ def attention(v, q_local: torch.Tensor, k_local: torch.Tensor, v_local: torch.Te
                             "(torch.distributed.init_process_group)")
     if not isinstance(return_lse, bool):
         raise AttnLangError(f"return_lse must be True or False, got {return_lse!r}")
+    if recompute is not None and not isinstance(recompute, bool):
+        raise AttnLangError(f"recompute must be True, False or None, got {recompute!r}")
     rank, world, pos = _agree(v, q_local, k_local, v_local, positions, group, backend, scale, tensors)
     S = sum(len(p) for p in pos)
     key = (v, _positions_digest(pos), q_local.shape[0], q_local.shape[1],
@@ -873,7 +964,8 @@ def attention(v, q_local: torch.Tensor, k_local: torch.Tensor, v_local: torch.Te
         stats.setdefault(field, 0)
     ring = _Ring(v=position_variant(v, S), group=group, rank=rank, world=world,
                  positions=_device_positions(pos, q_local.device), plan=plan, backend=backend, scale=scale,
-                 names=names, grad_names=tuple(n for n in names if tensors[n].is_floating_point()), stats=stats)
+                 names=names, grad_names=tuple(n for n in names if tensors[n].is_floating_point()), stats=stats,
+                 keep=_keep_graphs(plan) if recompute is None else not recompute)
     out, lse = _RingAttention.apply(ring, q_local, k_local, v_local, *(tensors[n] for n in names))
     if v.sink is not None or not v.normalize:
         out, lse = _denominator(v, S, out, lse, q_local, ring.positions[rank], group, tensors)

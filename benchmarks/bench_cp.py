@@ -16,8 +16,8 @@ Run under torchrun, one process per GPU (NCCL; NVLink multicast left off: NCCL_N
    this torch has it).
 3. Balance: max / mean over ranks of the time of a rank's own block computations alone (the partial attention calls
    the plan asks of it). Hidden communication: 1 - (t_ring - max_rank t_compute) / t_transfers, clipped to [0, 1],
-   where t_transfers is the ring's transfers alone (the same schedule, no compute; the backward's counted as two k / v
-   rings plus one float32 dk / dv ring).
+   where t_transfers is the ring's transfers alone (the same schedule, no compute; with the backward: the forward's
+   k / v ring plus, when the backward recomputes, its k / v ring, plus one float32 dk / dv ring).
 
 Writes benchmarks/results/cp_h200.json and cp_h200.md (rank 0): {"device", "world_size", "rows": [{"variant",
 "seq_len", "pass", "tokens_per_s_per_gpu", "single_gpu_tokens_per_s", "torch_cp_tokens_per_s", "balance",
@@ -205,7 +205,9 @@ def ring_transfers(plan: ald.CommPlan, numel_per_pos: int, dtype, device, rank: 
 
 
 def own_compute(variant, positions, plan, q, k, v, tensors, backend, rank, S, grad: bool, gout):
-    """This rank's block computations alone (the partial calls the plan asks of it), k / v of the right lengths."""
+    """This rank's block computations alone (the partial calls the plan asks of it), k / v of the right lengths:
+    with gradients, a forward and a backward per step where attention keeps the forward's graphs
+    (ald._keep_graphs), else the forward ring's call plus the backward's recompute and backward."""
     pv = ald.position_variant(variant, S)
     wanted = set(pv.tensor_names)
     device = q.device
@@ -233,9 +235,11 @@ def own_compute(variant, positions, plan, q, k, v, tensors, backend, rank, S, gr
                 for s in shards:
                     call(q, s)
             return
+        keep = ald._keep_graphs(plan)
         for s in shards:
-            with torch.no_grad():
-                call(q, s)                                # the forward ring
+            if not keep:
+                with torch.no_grad():
+                    call(q, s)                            # the forward ring
             qq = q.detach().requires_grad_()
             o, lse = call(qq, s)                          # the backward's recompute and backward
             torch.autograd.backward([o, lse], [gout, torch.zeros_like(lse)])
@@ -353,7 +357,9 @@ def throughput(args, rank, world, device):
                 if grad:
                     t_acc = timed(ring_transfers(plan, numel, torch.float32, device, rank, world), device,
                                   args.iters, args.warmup)
-                    t_comm = 3 * t_kv + t_acc
+                    # recompute: forward ring, backward k / v ring, dk / dv ring; kept graphs: forward ring and
+                    # each dk / dv home once (about one float32 ring's bytes)
+                    t_comm = (t_kv + t_acc) if ald._keep_graphs(plan) else (2 * t_kv + t_acc)
                 exposed = max(0.0, t_ring - max(per_rank))
                 row.update({
                     "time_s": t_ring, "tokens_per_s_per_gpu": S / (t_ring * world),

@@ -234,13 +234,14 @@ def _reference(variant, tensors, q, k, v, gout, glse):
     return out, lse, [x.grad for x in leaves], {n: t.grad for n, t in named.items() if t.is_floating_point()}
 
 
-def _check_ring(variant, tensors, group, rank_in_group, world, ref, data, stats=None):
+def _check_ring(variant, tensors, group, rank_in_group, world, ref, data, stats=None, recompute=None):
     q, k, v, gout, glse = data
     positions = ald.shard_positions(variant, S, world, **tensors)
     p = positions[rank_in_group]
     leaves = [x[:, :, p].clone().requires_grad_() for x in (q, k, v)]
     named = {n: (t.clone().requires_grad_() if t.is_floating_point() else t) for n, t in tensors.items()}
-    out, lse = ald.attention(variant, *leaves, positions=positions, group=group, comm_stats=stats, **named)
+    out, lse = ald.attention(variant, *leaves, positions=positions, group=group, comm_stats=stats,
+                             recompute=recompute, **named)
     ((out * gout[:, :, p]).sum() + (lse * glse[:, :, p]).sum()).backward()
     r_out, r_lse, r_grads, r_named = ref
     tol = dict(atol=2e-5, rtol=2e-5)   # lse is float32 on every backend
@@ -272,7 +273,10 @@ def _worker(rank, world, path, out_dir):
         for name, (variant, tensors) in _cases().items():
             ref = _reference(variant, tensors, *data)
             stats = {}
-            _check_ring(variant, tensors, None, rank, world, ref, data, stats)
+            # 4 ranks: the backward recomputes and runs the ring again (forced for the window, which would keep
+            # its graphs); 2 ranks: the forward keeps each step's graph (the default there)
+            _check_ring(variant, tensors, None, rank, world, ref, data, stats,
+                        recompute=True if name == "sliding_window" else None)
             if name == "sliding_window":
                 # contiguous shards: each rank computes with its own and the previous shard only
                 assert stats["computed"] == (2 if rank == 0 else 4), stats   # forward + backward
@@ -280,6 +284,11 @@ def _worker(rank, world, path, out_dir):
                 # forward k / v, backward k / v, the dk / dv accumulator, and its return home from the next rank
                 assert stats["sends"] == (3, 4, 4, 1)[rank], stats
                 assert stats["returns"] == (0, 1, 1, 1)[rank], stats
+                stats = {}
+                _check_ring(variant, tensors, None, rank, world, ref, data, stats, recompute=False)
+                # kept graphs: no recompute, no backward ring; each dk / dv goes straight home
+                assert stats["computed"] == (1, 2, 2, 2)[rank], stats
+                assert stats["sends"] == (1, 2, 2, 1)[rank], stats
             _check_ring(variant, tensors, pair, rank % 2, 2, ref, data)
         # bad input: an AttnLangError on every rank, never a hang
         variant, tensors = _cases()["documents"]
