@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import weakref
 from typing import Any, Mapping
 
 import torch
 
 from .errors import AttnLangError
 
-__all__ = ["call", "call_key", "spec_of", "set_loader", "TraceTimeError"]
+__all__ = ["call", "call_key", "grad_bits", "spec_of", "set_loader", "TraceTimeError", "GRAPHS"]
 
 _SPECS: dict[str, tuple] = {}  # key -> (variant, backend, scale, return_lse, kernel_options, names)
 _LOADER = None  # config -> Variant (attnlang.variant.from_config, set there: this module never imports Variant)
@@ -140,22 +141,87 @@ def _bshd_like(out: torch.Tensor) -> torch.Tensor:
     return buf
 
 
-@torch.library.custom_op("attnlang::attention", mutates_args=())
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor],
-              key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """out [B, Hq, Sq, Dv] (q's dtype, [B, Sq, Hq, Dv] strides), lse [B, Hq, Sq] float32 of the call ``key``."""
-    with torch.no_grad():
-        out, lse = _run(q, k, v, tensors, key)
-    if not isinstance(lse, torch.Tensor):
-        lse = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)
-    out = _bshd_like(out.to(q.dtype))
-    if any(out.data_ptr() == t.data_ptr() for t in (q, k, v, *tensors) if t.numel()):
+def grad_bits(q, k, v, tensors) -> int:
+    """Bit i set when input i (q, k, v, then the named tensors in order) is floating and needs a gradient. Computed
+    while Dynamo traces (from the fake tensors' requires_grad and the grad mode): a constant of the graph, because
+    inside a compiled forward no intermediate requires grad and the op could not tell."""
+    if not torch.is_grad_enabled():
+        return 0
+    bits = 0
+    for i, t in enumerate((q, k, v, *tensors)):
+        if t.requires_grad and t.is_floating_point():
+            bits |= 1 << i
+    return bits
+
+
+def _leaves(inputs, wanted: int) -> list:
+    return [t.detach().requires_grad_(True) if wanted >> i & 1 else t.detach() for i, t in enumerate(inputs)]
+
+
+class _Graphs:
+    """The backend's own autograd graph of a forward call, kept from the op's forward until its backward, so the
+    backward runs the backend's backward on what its forward saved: no second forward. Keyed by the memory of the
+    op's output ``out`` (the backward gets another tensor object over the same memory); an entry goes with the
+    ``out`` the forward returned (a forward whose backward never runs), so a live entry's memory is never reused."""
+
+    def __init__(self):
+        self._entries: dict[tuple, tuple] = {}
+
+    @staticmethod
+    def _key(out: torch.Tensor) -> tuple:
+        return (out.data_ptr(), str(out.device), out.dtype, tuple(out.shape), out.stride())
+
+    def put(self, out: torch.Tensor, graph: tuple) -> None:
+        key = self._key(out)
+        self._entries[key] = (weakref.ref(out), graph)
+        weakref.finalize(out, self._entries.pop, key, None)
+
+    def take(self, out: torch.Tensor):
+        key = self._key(out)
+        hit = self._entries.get(key)
+        if hit is None or hit[0]() is None:
+            return None
+        del self._entries[key]
+        return hit[1]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+GRAPHS = _Graphs()
+
+
+def _finish(q, o, l, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(l, torch.Tensor):
+        l = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)
+    out = _bshd_like(o.detach().to(q.dtype))
+    if any(out.data_ptr() == t.data_ptr() for t in inputs if t.numel()):
         out = _bshd_like(out.clone())  # a custom op's outputs must not alias its inputs
-    return out, lse.to(torch.float32).contiguous()
+    return out, l.detach().to(torch.float32).contiguous()
+
+
+@torch.library.custom_op("attnlang::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor], key: str,
+              wanted: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """out [B, Hq, Sq, Dv] (q's dtype, [B, Sq, Hq, Dv] strides), lse [B, Hq, Sq] float32 of the call ``key``.
+
+    ``wanted`` (``grad_bits``): which inputs need gradients. With any, the backend runs under autograd (so it
+    picks the kernel it picks for training, as outside compile) and its graph is kept for the backward."""
+    inputs = (q, k, v, *tensors)
+    if not wanted:
+        with torch.no_grad():
+            o, l = _run(q, k, v, tensors, key)
+        return _finish(q, o, l, inputs)
+    leaves = _leaves(inputs, wanted)
+    with torch.enable_grad(), _dispatch_restored():
+        o, l = _run(leaves[0], leaves[1], leaves[2], leaves[3:], key)
+    out, lse = _finish(q, o, l, inputs)
+    GRAPHS.put(out, (o, l, leaves))
+    return out, lse
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, tensors, key):
+def _attention_fake(q, k, v, tensors, key, wanted):
     variant, backend, scale, return_lse, options, names = spec_of(key)
     try:
         variant._static_checks(q, k, v, scale, backend, return_lse, options, dict(zip(names, tensors)))
@@ -173,17 +239,26 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensor
                        out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor, grad_lse: torch.Tensor,
                        key: str, wanted: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """(dq, dk, dv, [d tensor for each of ``tensors``]) of the call ``key``; ``wanted``: bit i set when input i
-    (q, k, v, then tensors) needs a gradient (others come back as zeros, named ones of size 0)."""
+    (q, k, v, then tensors) needs a gradient (others come back as zeros, named ones of size 0).
+
+    Runs the backend's backward on the graph its forward kept (``GRAPHS``); where none was kept (a second
+    backward through the same graph, a forward recomputed by activation checkpointing) the forward is recomputed
+    under autograd first."""
     inputs = [q, k, v, *tensors]
-    leaves = [t.detach().requires_grad_(bool(wanted >> i & 1)) if t.is_floating_point() else t.detach()
-              for i, t in enumerate(inputs)]
-    needing = [i for i, t in enumerate(leaves) if t.requires_grad]
+    needing = [i for i in range(len(inputs)) if wanted >> i & 1]
     grads: list = [None] * len(inputs)
+    return_lse = spec_of(key)[3]
     if needing:
         with torch.enable_grad(), _dispatch_restored():  # autograd.grad too: the eager backend checkpoints
-            o, l = _run(leaves[0], leaves[1], leaves[2], leaves[3:], key)
+            graph = GRAPHS.take(out)
+            if graph is None:
+                leaves = _leaves(inputs, wanted)
+                o, l = _run(leaves[0], leaves[1], leaves[2], leaves[3:], key)
+            else:
+                o, l, leaves = graph
             outs, gouts = [o], [grad_out.to(o.dtype)]
-            if isinstance(l, torch.Tensor) and l.requires_grad and bool(grad_lse.ne(0).any()):
+            # lse's gradient only where the caller sees lse: otherwise it is zero
+            if return_lse and isinstance(l, torch.Tensor) and l.requires_grad:
                 outs.append(l)
                 gouts.append(grad_lse.to(l.dtype))
             got = torch.autograd.grad(outs, [leaves[i] for i in needing], gouts, allow_unused=True)
@@ -193,7 +268,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensor
     for i, t in enumerate(inputs):
         g = grads[i]
         if g is None:
-            g = torch.zeros_like(t) if i < 3 else t.new_zeros((0,) if not wanted >> i & 1 else t.shape)
+            g = torch.zeros_like(t) if i < 3 or wanted >> i & 1 else t.new_zeros((0,))
         result.append(g.to(t.dtype).contiguous())
     return result[0], result[1], result[2], result[3:]
 
@@ -208,13 +283,9 @@ def _attention_backward_fake(q, k, v, tensors, out, lse, grad_out, grad_lse, key
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, tensors, key = inputs
+    q, k, v, tensors, key, wanted = inputs
     out, lse = output
-    wanted = 0
-    for i, t in enumerate((q, k, v, *tensors)):
-        if t.is_floating_point() and t.requires_grad:
-            wanted |= 1 << i
-    ctx.key, ctx.wanted, ctx.count = key, wanted, len(tensors)
+    ctx.key, ctx.wanted = key, wanted
     ctx.save_for_backward(q, k, v, out, lse, *tensors)
 
 
@@ -227,7 +298,7 @@ def _backward(ctx, grad_out, grad_lse):
     dq, dk, dv, dnamed = attention_backward(q, k, v, list(tensors), out, lse, grad_out, grad_lse, ctx.key,
                                             ctx.wanted)
     named = [g if ctx.wanted >> (3 + i) & 1 else None for i, g in enumerate(dnamed)]
-    return dq, dk, dv, named, None
+    return dq, dk, dv, named, None, None
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
@@ -239,6 +310,7 @@ def call(variant, q, k, v, scale, backend, return_lse, kernel_options, tensors: 
     Dynamo traces only this function; the key is a trace-time constant and the op is one graph node."""
     names = tuple(sorted(tensors))
     key = call_key(variant, backend, scale, return_lse, kernel_options, names)
-    out, lse = torch.ops.attnlang.attention(q, k, v, [tensors[n] for n in names], key)
+    named = [tensors[n] for n in names]
+    out, lse = torch.ops.attnlang.attention(q, k, v, named, key, grad_bits(q, k, v, named))
     return (out, lse) if return_lse else out
 

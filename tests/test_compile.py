@@ -63,6 +63,23 @@ def test_zero_graph_breaks_one_op_and_equal_gradients():
     assert got[2][3].abs().sum() > 0  # the learned slope gets a gradient
 
 
+def test_the_backward_reuses_the_forward_graph(monkeypatch):
+    """One backend forward per training step: the op's backward runs the backend's backward on the graph its
+    forward kept (no recompute), and keeps nothing afterwards."""
+    module = Biased(ALIBI, "slope", (4,))
+    q, k, v = _qkv()
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    _grads(compiled, q, k, v)  # compile
+    runs = []
+    real = op._run
+    monkeypatch.setattr(op, "_run", lambda *a: runs.append(1) or real(*a))
+    ref = _grads(module, q, k, v)
+    got = _grads(compiled, q, k, v)
+    assert len(runs) == 1 and len(op.GRAPHS) == 0
+    for a, b in zip(got[2], ref[2]):
+        torch.testing.assert_close(a, b)
+
+
 def test_inductor_compiles_the_op_forward_and_backward():
     module = Biased(T5, "rel", (4, 17))
     q, k, v = _qkv(Sq=13, Skv=21)
@@ -139,12 +156,12 @@ def test_the_key_is_rebuilt_in_a_process_that_did_not_trace():
 def test_the_op_runs_outside_compile_with_the_fake_layout():
     q, k, v = _qkv(grad=False)
     key = op.call_key(DECODE, "eager", None, True, None, ())
-    out, lse = torch.ops.attnlang.attention(q, k, v, [], key)
+    out, lse = torch.ops.attnlang.attention(q, k, v, [], key, 0)
     ref, ref_lse = DECODE(q, k, v, backend="eager", return_lse=True)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(lse, ref_lse)
     with torch._subclasses.FakeTensorMode() as mode:
-        fake = op._attention_fake(*(mode.from_tensor(t) for t in (q, k, v)), [], key)
+        fake = op._attention_fake(*(mode.from_tensor(t) for t in (q, k, v)), [], key, 0)
     assert [t.stride() for t in fake] == [out.stride(), lse.stride()]
     assert [t.dtype for t in fake] == [out.dtype, lse.dtype]
 
@@ -168,6 +185,16 @@ def test_transformers_models_compile_with_fullgraph():
     gemma = Gemma2ForCausalLM(Gemma2Config(**small, sliding_window=5, attn_logit_softcapping=50.0,
                                            query_pre_attn_scalar=16)).eval()
     torch._dynamo.reset()
+    compiled = torch.compile(llama.train(), fullgraph=True, backend="aot_eager")
+    for model in (llama, compiled):  # a training step: gradients through the op's backward
+        model(ids, labels=ids).loss.backward()
+    weights = [p for p in llama.parameters() if p.grad is not None]
+    grads = [p.grad.clone() / 2 for p in weights]  # the eager and the compiled step accumulated the same gradient
+    llama.zero_grad()
+    llama(ids, labels=ids).loss.backward()
+    for p, g in zip(weights, grads):
+        torch.testing.assert_close(p.grad, g)
+    llama.eval().zero_grad()
     with torch.no_grad():
         for model, steps in ((llama, 2), (gemma, 0)):
             compiled = torch.compile(model, fullgraph=True, backend="aot_eager")

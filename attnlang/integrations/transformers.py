@@ -34,7 +34,7 @@ import torch
 
 from ..ast import Var, children, with_children
 from ..errors import AttnLangError
-from ..op import call_key
+from ..op import call_key, grad_bits
 from ..parse import parse
 from ..printer import to_source
 from ..variant import BACKENDS, Variant, from_config
@@ -190,7 +190,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         # the variant and the op's key are trace-time constants: Dynamo traces none of attnlang's host code
         variant_key, names = _op_key(config, kind, scaling, query.device.type, tuple(sorted(tensors)))
         tensors = _call_tensors(tensors, names, attention_mask, offset, query.device)
-        out, _ = torch.ops.attnlang.attention(query, key, value, [tensors[n] for n in sorted(tensors)], variant_key)
+        named = [tensors[n] for n in sorted(tensors)]
+        out, _ = torch.ops.attnlang.attention(query, key, value, named, variant_key,
+                                              grad_bits(query, key, value, named))
     else:
         variant, backend = _layer_call(config, kind, query.device.type)
         tensors = _call_tensors(tensors, variant.tensor_names, attention_mask, offset, query.device)
