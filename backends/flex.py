@@ -756,7 +756,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
     # a NaN or +inf score at an allowed position poisons its row's lse: an error, as on the eager reference
     # (one reduction and one host sync per call)
     bad = torch.isnan(lse) | (lse == math.inf)
-    if bool(bad.any()):
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        # a CUDA graph being captured (a decode step) allows no host sync: the same check as a device-side assert,
+        # which fails the replay (and the CUDA context) instead of raising AttnLangError
+        torch._assert_async(~bad.any(), "attnlang flex: the score expression gives NaN or +inf at an allowed "
+                                        "position; scores must be finite or -inf")
+    elif bool(bad.any()):
         b, h, i = (int(x) for x in bad.nonzero()[0])
         raise _bad_score(plan, f"the score expression gives NaN or +inf at an allowed position in row b={b}, "
                                f"h={h}, q_idx={i}; scores must be finite or -inf")
