@@ -47,6 +47,7 @@ import importlib.util
 import os
 import sys
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,16 +304,18 @@ def _tables(plan: CallPlan) -> tuple:
 _LOWERED = IdentityMemo()
 
 
-_LAST_LOWERING: list = [None, None]  # (plan, lowering): unsupported() and attention() ask for the same plan
+_LAST_LOWERING = (lambda: None, None)  # (weakref to a plan, its lowering): unsupported() and attention() ask for
+# the same plan; one tuple, replaced whole, so a thread never pairs one plan with another's lowering
 
 
 def lowering(plan: CallPlan) -> Lowering:
     """The (cached) lowering of one call. Raises emit_cute.Unsupported for what the kernel cannot compute."""
-    last = _LAST_LOWERING
-    if last[0] is plan:
-        return last[1]
+    global _LAST_LOWERING
+    ref, low = _LAST_LOWERING
+    if ref() is plan:
+        return low
     low = _lowering_of(plan)
-    _LAST_LOWERING[:] = [plan, low]
+    _LAST_LOWERING = (weakref.ref(plan), low)
     return low
 
 

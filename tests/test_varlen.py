@@ -418,3 +418,21 @@ def test_bench_host_cpu_mode_runs(tmp_path, monkeypatch):
     doc = json.loads((tmp_path / "host_cpu.json").read_text())
     assert set(doc["variants"]) == set(bench_host.VARIANTS)
     assert all(row["attnlang_fa4_us"] > 0 for row in doc["variants"].values())
+
+
+def test_lowering_reuse_keeps_no_plan_alive():
+    """The lowering is reused for the very plan unsupported() just saw, without holding the plan (and its named
+    tensors) after the call."""
+    import gc
+    import weakref
+
+    from attnlang.backends import fa4
+    q = torch.randn(1, 2, 64, 32)
+    doc = torch.arange(64) // 8
+    plan = al.compile(mask="doc[q_idx] == doc[kv_idx]")._plan(q, q, q, None, "fa4", False, None, {"doc": doc})
+    low = fa4.lowering(plan)
+    assert fa4.lowering(plan) is low
+    gone = weakref.ref(doc)
+    del plan, doc
+    gc.collect()
+    assert gone() is None
