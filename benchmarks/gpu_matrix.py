@@ -203,8 +203,11 @@ def run_cell(cell: dict, device: str = "cuda") -> dict:
             errors, bad, ran, reason = _call(al, backends, cell, q, k, v, dout, tensors, torch)
         declined = reason is not None
         outcome = "fail" if bad else ("declined" if declined else "pass")
-        result.update(outcome=outcome, max_rel_err=max(errors.values()) if all(map(math.isfinite, errors.values()))
-                      else float("nan"), errors=errors, declined_to=ran if declined else None, reason=reason,
+        finite = all(map(math.isfinite, errors.values()))
+        # JSON has no NaN / inf: a non-finite error is written as its name (and max_rel_err as None)
+        errors = {key: e if math.isfinite(e) else str(e) for key, e in errors.items()}
+        result.update(outcome=outcome, max_rel_err=max(errors.values()) if finite else None, errors=errors,
+                      declined_to=ran if declined else None, reason=reason,
                       failed=bad or None,
                       warnings=sorted({str(w.message)[:300] for w in caught if "attnlang" in str(w.message)}) or None)
     except Exception as e:
@@ -215,7 +218,7 @@ def run_cell(cell: dict, device: str = "cuda") -> dict:
     return result
 
 
-def worker(tasks, results):
+def worker(tasks, results, device="cuda"):
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     import torch  # noqa: F401 - before the first cell: its import is not the cell's time
     _import_attnlang()
@@ -227,7 +230,7 @@ def worker(tasks, results):
         if index is None:
             return
         results.put(("start", os.getpid(), index, time.time()))
-        results.put(("done", os.getpid(), index, run_cell(cell)))
+        results.put(("done", os.getpid(), index, run_cell(cell, device)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -287,6 +290,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=470.0, help="seconds for the whole matrix")
     ap.add_argument("--no-evidence", action="store_true", help="leave out the unguarded fa4 cells")
     ap.add_argument("--list", action="store_true", help="print the cell ids and exit")
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only to try the driver itself (cells then decline)")
     args = ap.parse_args(argv)
     cells = all_cells()
     if args.no_evidence:
@@ -312,7 +316,7 @@ def main(argv=None) -> int:
     procs = {}
 
     def spawn():
-        p = ctx.Process(target=worker, args=(tasks, results_q), daemon=True)
+        p = ctx.Process(target=worker, args=(tasks, results_q, args.device), daemon=True)
         p.start()
         procs[p.pid] = p
 
@@ -341,7 +345,7 @@ def main(argv=None) -> int:
                 procs[pid].kill()
                 running.pop(pid)
                 results[index] = dict(cells[index], outcome="fail", max_rel_err=None, declined_to=None,
-                                      error=f"timeout: more than {args.timeout:.0f} s")
+                                      error=f"timeout: more than {args.timeout:g} s")
                 print(f"{cell_id(cells[index])}: timeout, worker {pid} killed", flush=True)
                 _write(out, header, cells, results, started)
                 spawn()
