@@ -1,11 +1,17 @@
-"""Interval arithmetic over attnlang expressions: one ``bounds(expr, env)`` for every stage that reasons about
-ranges (the bounds check of tensor reads, the simplifier, the block-sparsity analysis).
+"""Interval arithmetic over attnlang expressions: one table of operator rules (``RULES``) for every stage that
+reasons about ranges.
+
+- ``bounds(expr, env)``: scalar bounds in exact arithmetic (ints as Python ints), for the call checks (tensor-read
+  bounds, int64 range, divisors), flex's int32 proofs and the finiteness of dropped row terms.
+- ``apply(key, TENSOR, ctx(..., device=True), args)``: the same rules over tensors of bounds (one entry per block),
+  for the block-sparsity analysis (attnlang.sparsity), covering what the backends compute in float32.
+- ``decide(op, x, y, ops, margin)``: (always, sometimes) of a comparison, for both.
 
 An ``Interval`` holds every value the expression can take when each name ranges over its interval in ``env``.
 Booleans are intervals over {0, 1}: ``[1, 1]`` is always true, ``[0, 0]`` always false. Results are sound
 (never too narrow); they are exact for sums and differences of independent names and monotone functions of them.
 A float operation that can give NaN (``0 * inf``, ``inf % y``) gives TOP. Int bounds past int64 (an overflow error of
-check.py) are capped at +-2**128.
+check.py) are capped at +-2**128. Soundness is tested in one place, tests/test_intervals.py.
 """
 
 from __future__ import annotations
@@ -13,11 +19,14 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Mapping
+
+import torch
 
 from .ast import Call, Const, DType, Expr, Index, Op, Unary, Var
 
-__all__ = ["Interval", "bounds", "tensor_range", "TOP", "TRUE", "FALSE", "BOOL", "BlockKind"]
+__all__ = ["Interval", "bounds", "tensor_range", "TOP", "TRUE", "FALSE", "BOOL", "BlockKind", "RULES", "apply",
+           "decide", "ctx", "SCALAR", "TENSOR"]
 
 
 class BlockKind(enum.IntEnum):
@@ -61,87 +70,365 @@ BOOL = Interval(0, 1)
 Env = Mapping[str, object]
 
 
-def _safe(op: Callable[[float, float], float], a: float, b: float) -> float:
-    try:
-        r = op(a, b)
-    except (OverflowError, ZeroDivisionError):
-        return math.nan
-    return r
+# ---------------------------------------------------------------------------------------------------------------
+# One table of operator rules, for scalar bounds (checks, flex's int32 proofs, finite row terms) and for the
+# block-sparsity analysis's per-block bounds (lo / hi tensors, one entry per block).
+#
+# A rule maps the bounds of its arguments to the bounds of its result. Bounds are a triple ``(lo, hi, nan)``:
+# every value that is not NaN lies in [lo, hi], and ``nan`` says NaN can occur. ``lo`` / ``hi`` are Python numbers
+# under SCALAR (ints stay exact Python ints) or broadcastable float64 tensors (or Python floats) under TENSOR; a rule
+# is written once against the operations of ``ops`` and runs under both. ``ctx`` says what the result is and whose
+# arithmetic the bounds must cover:
+#   integer:   the result is an int (Python-sign // and %, 0 * inf counts as 0: an int's infinite bound is never met)
+#   device:    the bounds must hold for what the backends compute in float32 (floor / ceil / int / // / % of a float
+#              can land one step off, int() of a float past int64 gives any int, floats past float32's range
+#              overflow to inf); False: exact arithmetic (the checks and the simplifier-facing scalar bounds)
+#   arg_float: the (first) argument is a float (for floor, ceil, int)
+# Adding an operator is one row of RULES (and, for an elementary function, its scalar and tensor spellings in
+# _SCALAR_FUNCS / _TENSOR_FUNCS). Rows for the language's planned additions (LANGUAGE.md, issue 20) are here under
+# the names the ast is expected to use: functions "erf", "cos", "sin" and int bit operations "bitand", "bitor",
+# "bitxor", "lshift", "rshift" (keyed by name until ast.Op has members for them).
+
+_INF = math.inf
 
 
-def _corners(op, x: Interval, y: Interval) -> Interval:
-    vals = [_safe(op, a, b) for a in (x.lo, x.hi) for b in (y.lo, y.hi)]
-    if any(math.isnan(v) for v in vals):
-        return TOP
-    return Interval(min(vals), max(vals))
+@dataclass(frozen=True)
+class Ctx:
+    integer: bool = False
+    device: bool = False
+    arg_float: bool = False
 
 
-def _mul(a: float, b: float) -> float:
-    if a == 0 or b == 0:  # 0 * inf counts as 0: an int's bound of inf is never reached
-        return 0
-    return a * b
+_CTX: dict = {}
 
 
-def _fmul(a: float, b: float) -> float:
-    # floats can hold inf, and 0 * inf is NaN: the corners give TOP then
-    return math.nan if (a == 0 and math.isinf(b)) or (b == 0 and math.isinf(a)) else a * b
+def ctx(integer: bool = False, device: bool = False, arg_float: bool = False) -> Ctx:
+    """The (shared) Ctx for these flags."""
+    key = (integer, device, arg_float)
+    got = _CTX.get(key)
+    if got is None:
+        got = _CTX[key] = Ctx(*key)
+    return got
 
 
-def _add(x: Interval, y: Interval) -> Interval:
-    lo = x.lo + y.lo if not (math.isinf(x.lo) and math.isinf(y.lo) and x.lo != y.lo) else -math.inf
-    hi = x.hi + y.hi if not (math.isinf(x.hi) and math.isinf(y.hi) and x.hi != y.hi) else math.inf
-    return Interval(lo, hi)
+def _sigmoid(v: float) -> float:
+    if v >= 0:
+        return 1.0 / (1.0 + math.exp(-v)) if v != math.inf else 1.0
+    return math.exp(v) / (1.0 + math.exp(v)) if v != -math.inf else 0.0
 
 
-def _neg(x: Interval) -> Interval:
-    return Interval(-x.hi, -x.lo)
+def _scalar_fn(f):
+    def g(v):
+        try:
+            return f(v)
+        except (OverflowError, ValueError):
+            return math.inf if v > 0 else -math.inf
+    return g
 
 
-def _truediv(x: Interval, y: Interval) -> Interval:
-    if y.lo <= 0 <= y.hi:
-        return TOP
-    return _corners(lambda a, b: a / b if not (math.isinf(a) and math.isinf(b)) else math.nan, x, y)
+_SCALAR_FUNCS = {
+    "exp": _scalar_fn(math.exp), "exp2": _scalar_fn(lambda v: 2.0 ** v),
+    "log": lambda v: -math.inf if v == 0 else math.log(v), "log2": lambda v: -math.inf if v == 0 else math.log2(v),
+    "sqrt": math.sqrt, "tanh": math.tanh, "sigmoid": _sigmoid, "erf": math.erf,
+    "floor": lambda v: math.floor(v) if math.isfinite(v) else v,
+    "ceil": lambda v: math.ceil(v) if math.isfinite(v) else v,
+    "sign": lambda v: (v > 0) - (v < 0), "float": float,
+    "int": lambda v: float(math.trunc(v)) if math.isfinite(v) else v,
+    "cos": math.cos, "sin": math.sin,
+}
 
 
-def _floordiv(x: Interval, y: Interval, integer: bool) -> Interval:
-    if y.lo <= 0 <= y.hi:
-        return TOP
-    if not integer and not (_finite(x) and _finite(y)):
-        return TOP  # inf // y is NaN, and x // inf is 0 or -1 by x's sign
-    q = _truediv(x, y)
-    return Interval(math.floor(q.lo) if math.isfinite(q.lo) else q.lo,
-                    math.floor(q.hi) if math.isfinite(q.hi) else q.hi)
+class ScalarOps:
+    """Bounds as Python numbers; ints exact. A NaN bound makes the whole result TOP (see ``_scalar_result``)."""
+
+    tensor = False
+
+    @staticmethod
+    def t(x):
+        return x
+
+    minimum, maximum = staticmethod(min), staticmethod(max)
+
+    @staticmethod
+    def where(c, a, b):
+        return a if c else b
+
+    @staticmethod
+    def any(c) -> bool:
+        return bool(c)
+
+    all = any
+
+    @staticmethod
+    def isinf(x) -> bool:
+        return isinstance(x, float) and math.isinf(x)
+
+    @staticmethod
+    def finite(x) -> bool:
+        return not isinstance(x, float) or math.isfinite(x)
+
+    @staticmethod
+    def point(lo, hi):
+        """The value when lo == hi (a Python number), else None."""
+        return lo if lo == hi else None
+
+    @staticmethod
+    def mul0(a, b):
+        return 0 if a == 0 or b == 0 else a * b
+
+    @staticmethod
+    def div(a, b):
+        try:
+            return a / b
+        except (OverflowError, ZeroDivisionError):
+            return math.nan
+
+    @staticmethod
+    def floordiv(a, b):
+        return a // b
+
+    @staticmethod
+    def pow(a, n):
+        try:
+            r = a ** n
+        except (OverflowError, ZeroDivisionError):
+            return math.nan
+        return math.nan if isinstance(r, complex) else r
+
+    @staticmethod
+    def corners(vals):
+        if any(v != v for v in vals):  # NaN
+            return -_INF, _INF
+        return min(vals), max(vals)
+
+    @staticmethod
+    def clean_lo(x):
+        return -_INF if x != x else x
+
+    @staticmethod
+    def clean_hi(x):
+        return _INF if x != x else x
+
+    @staticmethod
+    def fn(name, x):
+        return _SCALAR_FUNCS[name](x)
+
+    @staticmethod
+    def floor(x):
+        return math.floor(x) if ScalarOps.finite(x) else x
+
+    @staticmethod
+    def ceil(x):
+        return math.ceil(x) if ScalarOps.finite(x) else x
 
 
-def _mod(x: Interval, y: Interval, integer: bool) -> Interval:
-    # Python's sign convention: the result has the divisor's sign, |r| < |divisor|.
-    if not integer and not _finite(x):
-        return TOP  # inf % y is NaN
-    if y.lo > 0:
-        if x.lo >= 0 and x.hi < y.lo:  # x % y == x when 0 <= x < y
+def _tt(x):
+    return x if isinstance(x, torch.Tensor) else torch.tensor(float(x), dtype=torch.float64)
+
+
+class TensorOps:
+    """Bounds as float64 tensors (one entry per block, broadcastable) or Python floats; NaN bounds widen to inf."""
+
+    tensor = True
+
+    @staticmethod
+    def t(x):
+        return _tt(x)
+
+    @staticmethod
+    def minimum(a, b):
+        if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
+            return min(a, b)
+        return torch.minimum(_tt(a).double(), _tt(b).double())
+
+    @staticmethod
+    def maximum(a, b):
+        if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
+            return max(a, b)
+        return torch.maximum(_tt(a).double(), _tt(b).double())
+
+    @staticmethod
+    def where(c, a, b):
+        if isinstance(c, bool):
+            return a if c else b
+        return torch.where(c, _tt(a).double(), _tt(b).double())
+
+    @staticmethod
+    def any(c) -> bool:
+        return bool(c.any()) if isinstance(c, torch.Tensor) else bool(c)
+
+    @staticmethod
+    def all(c) -> bool:
+        return bool(c.all()) if isinstance(c, torch.Tensor) else bool(c)
+
+    @staticmethod
+    def isinf(x):
+        return torch.isinf(x) if isinstance(x, torch.Tensor) else math.isinf(x)
+
+    @staticmethod
+    def finite(x):
+        return torch.isfinite(x) if isinstance(x, torch.Tensor) else math.isfinite(x)
+
+    @staticmethod
+    def point(lo, hi):
+        if isinstance(lo, torch.Tensor) or isinstance(hi, torch.Tensor):
+            return None  # a per-block value: rules that need one constant decline
+        return lo if lo == hi else None
+
+    @staticmethod
+    def mul0(a, b):
+        return torch.nan_to_num(_tt(a) * b, nan=0.0, posinf=_INF, neginf=-_INF)
+
+    @staticmethod
+    def div(a, b):
+        return _tt(a) / b
+
+    @staticmethod
+    def floordiv(a, b):
+        return torch.floor(_tt(a).double() / b)
+
+    @staticmethod
+    def pow(a, n):
+        return _tt(a).double() ** n
+
+    @staticmethod
+    def corners(vals):
+        lo = torch.minimum(torch.minimum(vals[0], vals[1]), torch.minimum(vals[2], vals[3])).double()
+        hi = torch.maximum(torch.maximum(vals[0], vals[1]), torch.maximum(vals[2], vals[3])).double()
+        return TensorOps.clean_lo(lo), TensorOps.clean_hi(hi)
+
+    @staticmethod
+    def clean_lo(x):
+        x = _tt(x).double()
+        return torch.where(torch.isnan(x), torch.tensor(-_INF, dtype=x.dtype, device=x.device), x)
+
+    @staticmethod
+    def clean_hi(x):
+        x = _tt(x).double()
+        return torch.where(torch.isnan(x), torch.tensor(_INF, dtype=x.dtype, device=x.device), x)
+
+    @staticmethod
+    def fn(name, x):
+        if name == "float":
             return x
-        top = y.hi - 1 if integer else y.hi
-        return Interval(0, top)
-    if y.hi < 0:
-        if x.hi <= 0 and x.lo > y.hi:
-            return x
-        return Interval(y.lo + 1 if integer else y.lo, 0)
-    return TOP
+        return getattr(torch, _TENSOR_FUNCS[name])(_tt(x))
+
+    @staticmethod
+    def floor(x):
+        return torch.floor(_tt(x))
+
+    @staticmethod
+    def ceil(x):
+        return torch.ceil(_tt(x))
 
 
-def _finite(x: Interval) -> bool:
-    return -math.inf < x.lo and x.hi < math.inf
+_TENSOR_FUNCS = {"exp": "exp", "exp2": "exp2", "log": "log", "log2": "log2", "sqrt": "sqrt", "tanh": "tanh",
+                 "sigmoid": "sigmoid", "erf": "erf", "floor": "floor", "ceil": "ceil", "sign": "sign",
+                 "int": "trunc", "cos": "cos", "sin": "sin"}
+
+SCALAR, TENSOR = ScalarOps(), TensorOps()
 
 
-# Past int64 an int is an overflow error (check.py), whatever its size: int bounds are kept within +-_INT_CAP so that
-# a huge power costs nothing and every bound still converts to a float.
+def _top(nan: bool = True):
+    return (-_INF, _INF, nan)
+
+
+def _can_be(ops, lo, hi, v) -> bool:
+    return ops.any((lo <= v) & (hi >= v)) if ops.tensor else lo <= v <= hi
+
+
+def _has_pos_inf(ops, hi) -> bool:
+    return ops.any(hi == _INF) if ops.tensor else hi == _INF
+
+
+def _has_neg_inf(ops, lo) -> bool:
+    return ops.any(lo == -_INF) if ops.tensor else lo == -_INF
+
+
+def _infinite(ops, lo, hi) -> bool:
+    return _has_neg_inf(ops, lo) or _has_pos_inf(ops, hi)
+
+
+# ----- the rules: (ops, ctx, *argument bounds) -> result bounds -----
+
+def _r_neg(ops, c, x):  # -[a, b] = [-b, -a]
+    return (-x[1], -x[0], x[2])
+
+
+def _r_add(ops, c, x, y):  # [a, b] + [c, d] = [a + c, b + d]; inf + -inf is NaN
+    nan = x[2] or y[2]
+    if not c.integer and ((_has_pos_inf(ops, x[1]) and _has_neg_inf(ops, y[0]))
+                          or (_has_neg_inf(ops, x[0]) and _has_pos_inf(ops, y[1]))):
+        nan = True
+    return (ops.clean_lo(ops.t(x[0]) + y[0]), ops.clean_hi(ops.t(x[1]) + y[1]), nan)
+
+
+def _r_sub(ops, c, x, y):  # x - y = x + (-y)
+    return _r_add(ops, c, x, _r_neg(ops, c, y))
+
+
+def _r_mul(ops, c, x, y):  # the corners; a float 0 * inf is NaN, an int's is 0 (its infinite bound is never met)
+    nan = x[2] or y[2]
+    if not c.integer and ((_can_be(ops, x[0], x[1], 0) and _infinite(ops, y[0], y[1]))
+                          or (_can_be(ops, y[0], y[1], 0) and _infinite(ops, x[0], x[1]))):
+        nan = True
+    lo, hi = ops.corners([ops.mul0(a, b) for a in (x[0], x[1]) for b in (y[0], y[1])])
+    return (lo, hi, nan)
+
+
+def _zero_in(ops, y) -> bool:
+    return _can_be(ops, y[0], y[1], 0)
+
+
+def _r_truediv(ops, c, x, y):  # the corners, unless the divisor can be 0; inf / inf is NaN
+    if _zero_in(ops, y):
+        return _top(True)
+    nan = x[2] or y[2] or (_infinite(ops, x[0], x[1]) and _infinite(ops, y[0], y[1]))
+    lo, hi = ops.corners([ops.div(a, b) for a in (x[0], x[1]) for b in (y[0], y[1])])
+    return (lo, hi, nan)
+
+
+def _r_floordiv(ops, c, x, y):  # floor of the quotient's bounds; a float inf // y is NaN, x // inf is 0 or -1
+    if _zero_in(ops, y):
+        return _top(x[2] or y[2] or not c.integer)
+    nan = x[2] or y[2]
+    if not c.integer and (_infinite(ops, x[0], x[1]) or _infinite(ops, y[0], y[1])):
+        if not ops.tensor:
+            return _top(True)
+        nan = True
+    lo, hi = ops.corners([ops.div(a, b) for a in (x[0], x[1]) for b in (y[0], y[1])])
+    lo, hi = ops.floor(lo), ops.floor(hi)
+    if c.device and not c.integer:  # float32 quotients round across an integer
+        lo, hi = lo - 1, hi + 1
+    return (lo, hi, nan)
+
+
+def _r_mod(ops, c, x, y):
+    """Python's %: the divisor's sign, |r| < |divisor|. Exact where the dividend's range does not wrap: x % y == x
+    for 0 <= x < y (and y < x <= 0), and x - q*y with one quotient q over the range for a constant int y."""
+    nan = x[2] or y[2]
+    if not c.integer and _infinite(ops, x[0], x[1]):
+        if not ops.tensor:
+            return _top(True)
+        nan = True  # inf % y is NaN
+    pos, neg = ops.all(y[0] > 0), ops.all(y[1] < 0)
+    if not (pos or neg):
+        return _top(True)
+    step = 1 if c.integer else 0
+    lo, hi = (0, y[1] - step) if pos else (y[0] + step, 0)
+    if (c.device and not c.integer) or not (ops.all(ops.finite(x[0])) and ops.all(ops.finite(x[1]))):
+        return (lo, hi, nan)  # (float32 rounds near the wrap point)
+    d = y[0] if pos else y[1]  # the divisor nearest zero: one quotient for it is one quotient for all
+    qlo, qhi = ops.floordiv(x[0], d), ops.floordiv(x[1], d)
+    one = (qlo == qhi) if c.integer and ops.point(y[0], y[1]) is not None else (qlo == qhi) & (qlo == 0)
+    if not ops.tensor:
+        return (x[0] - qlo * d if qlo else x[0], x[1] - qlo * d if qlo else x[1], nan) if one else (lo, hi, nan)
+    return (ops.where(one, x[0] - qlo * d, lo), ops.where(one, x[1] - qlo * d, hi), nan)
+
+
+# Past int64 an int is an overflow error (check.py), whatever its size: exact int bounds are kept within
+# +-_INT_CAP so that a huge power costs nothing and every bound still converts to a float.
 _INT_CAP = 1 << 128
-
-
-def _saturate(r: Interval) -> Interval:
-    lo = -_INT_CAP if isinstance(r.lo, int) and r.lo < -_INT_CAP else r.lo
-    hi = _INT_CAP if isinstance(r.hi, int) and r.hi > _INT_CAP else r.hi
-    return r if (lo, hi) == (r.lo, r.hi) else Interval(lo, hi)
 
 
 def _ipow(a: int, e: int) -> int:
@@ -151,103 +438,364 @@ def _ipow(a: int, e: int) -> int:
     return _INT_CAP if a > 0 or e % 2 == 0 else -_INT_CAP
 
 
-def _int_pow(x: Interval, y: Interval) -> Interval:
-    """int ** int, exponent >= 0 (a negative one is an error of its own)."""
-    if y.lo < 0 or not (_finite(x) and _finite(y)):
-        return TOP
-    a_lo, a_hi, e_lo, e_hi = int(x.lo), int(x.hi), int(y.lo), int(y.hi)
+def _exact_int_pow(x, y):
+    """int ** int on exact Python ints, exponent >= 0 (a negative one is an error of its own)."""
+    if y[0] < 0 or not all(ScalarOps.finite(v) for v in (x[0], x[1], y[0], y[1])):
+        return _top(False)
+    a_lo, a_hi, e_lo, e_hi = int(x[0]), int(x[1]), int(y[0]), int(y[1])
     if e_lo == e_hi:
+        if e_lo == 0:
+            return (1, 1, False)
         vals = [_ipow(a, e_lo) for a in (a_lo, a_hi)]
         lo, hi = min(vals), max(vals)
         if e_lo % 2 == 0 and a_lo < 0 < a_hi:
             lo = 0
-        return Interval(lo, hi) if e_lo else Interval(1, 1)
+        return (lo, hi, False)
     if a_lo >= 0:  # monotone in the base; in the exponent too once the base is at least 1 (0 ** 0 == 1 is a corner)
         vals = [_ipow(a, e) for a in (a_lo, a_hi) for e in (e_lo, e_hi)]
-        return Interval(min(vals), max(vals))
+        return (min(vals), max(vals), False)
     big = max(1, _ipow(max(-a_lo, abs(a_hi)), e_hi))  # a negative base: the sign alternates with the exponent
-    return Interval(-big, big)
+    return (-big, big, False)
 
 
-def _pow(x: Interval, y: Interval, integer: bool = False) -> Interval:
-    if integer:
-        return _int_pow(x, y)
-    x, y = Interval(float(x.lo), float(x.hi)), Interval(float(y.lo), float(y.hi))  # float powers overflow to inf
-    if y.is_point and float(y.lo).is_integer() and y.lo >= 0 and math.isfinite(y.lo):
-        n = int(y.lo)
+def _r_pow(ops, c, x, y):
+    """A constant exponent n >= 0: the corners (0 inside for even n); a float base > 0: the corners (inf ** 0 = 1);
+    exact ints under SCALAR."""
+    if c.integer and not ops.tensor:
+        return _exact_int_pow(x, y)
+    nan = x[2] or y[2]
+    n = ops.point(y[0], y[1])
+    if n is not None and math.isfinite(n) and float(n).is_integer() and n >= 0:
+        n = int(n)
         if n == 0:
-            return Interval(1, 1)
-        vals = [_safe(lambda a, b: a ** b, v, n) for v in (x.lo, x.hi)]
-        if any(isinstance(v, complex) or math.isnan(v) for v in vals):
-            return TOP
-        lo, hi = min(vals), max(vals)
-        if n % 2 == 0 and x.lo < 0 < x.hi:
-            lo = 0
-        return Interval(lo, hi)
-    if x.lo > 0:
-        r = _corners(lambda a, b: a ** b if not (a == math.inf and b == 0) else 1.0, x, y)
-        return r
-    return TOP
+            return (1.0, 1.0, nan)
+        xlo, xhi = (float(x[0]), float(x[1])) if not ops.tensor else (x[0], x[1])
+        a, b = ops.pow(xlo, n), ops.pow(xhi, n)
+        if not ops.tensor and (a != a or b != b):
+            return _top(True)
+        lo, hi = ops.minimum(a, b), ops.maximum(a, b)
+        if n % 2 == 0:
+            lo = ops.where((ops.t(x[0]) < 0) & (ops.t(x[1]) > 0) if ops.tensor else x[0] < 0 < x[1], 0.0, lo)
+        return (ops.clean_lo(lo), ops.clean_hi(hi), nan)
+    if not c.integer and ops.all(ops.t(x[0]) > 0 if ops.tensor else x[0] > 0):
+        xs = (float(x[0]), float(x[1])) if not ops.tensor else (x[0], x[1])
+        ys = (float(y[0]), float(y[1])) if not ops.tensor else (y[0], y[1])
+        vals = [ops.pow(a, b) for a in xs for b in ys]
+        lo, hi = ops.corners(vals if not ops.tensor else [ops.t(v) for v in vals])
+        return (lo, hi, nan)
+    return _top(True)
 
 
-def _monotone(f: Callable[[float], float], x: Interval, domain_lo: float = -math.inf) -> Interval:
-    if x.lo < domain_lo:
-        return TOP
-
-    def g(v):
-        try:
-            return f(v)
-        except (OverflowError, ValueError):
-            return math.inf if v > 0 else -math.inf
-    return Interval(g(x.lo), g(x.hi))
-
-
-def _log(v: float) -> float:
-    return -math.inf if v == 0 else math.log(v)
-
-
-def _log2(v: float) -> float:
-    return -math.inf if v == 0 else math.log2(v)
+def _monotone(name: str, domain: float | None = None):
+    """A non-decreasing function: its values at the ends (TOP below its domain)."""
+    def rule(ops, c, x):
+        if domain is not None and ops.any(x[0] < domain):
+            return _top(True)
+        lo, hi = ops.fn(name, x[0]), ops.fn(name, x[1])
+        if c.device and c.arg_float and name in ("floor", "ceil", "int"):
+            if name == "int":  # a float outside int64 (inf, NaN, 1e30) converts to whatever the device gives
+                xlo, xhi = ops.t(x[0]).double(), ops.t(x[1]).double()
+                wild = (xlo < -_INT64_EDGE) | (xhi >= _INT64_EDGE) | bool(x[2])
+                lo = torch.where(wild, torch.tensor(-_INF, dtype=torch.float64), torch.trunc(xlo))
+                hi = torch.where(wild, torch.tensor(_INF, dtype=torch.float64), torch.trunc(xhi))
+                return (lo - 1, hi + 1, False)
+            return (lo - 1, hi + 1, x[2])  # float32 lands one step off float64
+        return (lo, hi, x[2])
+    return rule
 
 
-def _sigmoid(v: float) -> float:
-    if v >= 0:
-        return 1.0 / (1.0 + math.exp(-v)) if v != math.inf else 1.0
-    return math.exp(v) / (1.0 + math.exp(v)) if v != -math.inf else 0.0
+_INT64_EDGE = 2.0 ** 63
 
 
-_UNARY_MONOTONE = {
-    "exp": (math.exp, -math.inf), "exp2": (lambda v: 2.0 ** v, -math.inf), "log": (_log, 0.0),
-    "log2": (_log2, 0.0), "sqrt": (math.sqrt, 0.0), "tanh": (math.tanh, -math.inf),
-    "sigmoid": (_sigmoid, -math.inf),
-    "floor": (lambda v: math.floor(v) if math.isfinite(v) else v, -math.inf),
-    "ceil": (lambda v: math.ceil(v) if math.isfinite(v) else v, -math.inf),
-    "sign": (lambda v: (v > 0) - (v < 0), -math.inf), "float": (float, -math.inf),
+def _periodic(name: str):
+    """cos / sin: [-1, 1], narrowed to the values at the ends (plus a float32 margin) when no maximum / minimum of
+    the function lies between them."""
+    top_at, bottom_at = (0.0, math.pi) if name == "cos" else (math.pi / 2, -math.pi / 2)
+    two_pi, eps = 2 * math.pi, 1e-9
+
+    def rule(ops, c, x):
+        if _infinite(ops, x[0], x[1]):
+            return (-1.0, 1.0, True)  # cos(inf) is NaN
+        if _absmax(x[0], x[1]) > 2 ** 20:
+            return (-1.0, 1.0, x[2])  # the argument's own rounding is a large part of a period past here
+        lo_x, hi_x = (ops.t(x[0]).double(), ops.t(x[1]).double()) if ops.tensor else (float(x[0]), float(x[1]))
+        a, b = ops.fn(name, lo_x), ops.fn(name, hi_x)
+
+        def has(phase):  # some phase + 2 pi k in [lo_x, hi_x], give or take eps
+            k = ops.ceil((lo_x - eps - phase) / two_pi)
+            return phase + k * two_pi <= hi_x + eps
+
+        m = 1e-6  # float32 cos / sin differ from float64 by about an ulp
+        hi = ops.where(has(top_at), 1.0, ops.minimum(ops.maximum(a, b) + m, 1.0))
+        lo = ops.where(has(bottom_at), -1.0, ops.maximum(ops.minimum(a, b) - m, -1.0))
+        return (lo, hi, x[2])
+    return rule
+
+
+def _r_abs(ops, c, x):  # [a, b] when a >= 0; [-b, -a] when b <= 0; else [0, max(-a, b)]
+    lo, hi = x[0], x[1]
+    if not ops.tensor:
+        if lo >= 0:
+            return x
+        if hi <= 0:
+            return (-hi, -lo, x[2])
+        return (0, max(-lo, hi), x[2])
+    lo, hi = ops.t(lo), ops.t(hi)
+    alo = torch.where(lo >= 0, lo, torch.where(hi <= 0, -hi, torch.zeros_like(lo)))
+    return (alo, torch.maximum(lo.abs(), hi.abs()), x[2])
+
+
+def _r_min(ops, c, x, y):
+    return (ops.minimum(x[0], y[0]), ops.minimum(x[1], y[1]), x[2] or y[2])
+
+
+def _r_max(ops, c, x, y):
+    return (ops.maximum(x[0], y[0]), ops.maximum(x[1], y[1]), x[2] or y[2])
+
+
+def _r_clamp(ops, c, x, lo, hi):  # min(max(x, lo), hi)
+    return _r_min(ops, c, _r_max(ops, c, x, lo), hi)
+
+
+def _r_identity(ops, c, x):
+    return x
+
+
+# ----- int bit operations (LANGUAGE.md, to be built) -----
+
+def _bits(ops, *vals) -> int:
+    """n with every value in [-2**n, 2**n - 1] (infinite: None)."""
+    top = 0
+    for v in vals:
+        m = float(ops.t(v).abs().max()) if ops.tensor else abs(v)
+        if not math.isfinite(m):
+            return None
+        top = max(top, int(m))
+    return (top + 1).bit_length()
+
+
+def _nonneg(ops, lo) -> bool:
+    return ops.all(lo >= 0)
+
+
+def _r_bitand(ops, c, x, y):  # x & y <= y for y >= 0 (a subset of its bits), and <= min(x, y) for both negative
+    if _nonneg(ops, x[0]) and _nonneg(ops, y[0]):
+        return (0, ops.minimum(x[1], y[1]), False)
+    if _nonneg(ops, x[0]):
+        return (0, x[1], False)
+    if _nonneg(ops, y[0]):
+        return (0, y[1], False)
+    n = _bits(ops, x[0], x[1], y[0], y[1])
+    return _top(False) if n is None else (-(1 << n), (1 << n) - 1, False)
+
+
+def _r_bitor_xor(ops, c, x, y):  # both >= 0: [0 (max for |), 2**n - 1]; else within the common two's-complement width
+    n = _bits(ops, x[0], x[1], y[0], y[1])
+    if n is None:
+        return _top(False)
+    if _nonneg(ops, x[0]) and _nonneg(ops, y[0]):
+        return (0, (1 << n) - 1, False)
+    return (-(1 << n), (1 << n) - 1, False)
+
+
+def _r_bitor(ops, c, x, y):
+    lo, hi, nan = _r_bitor_xor(ops, c, x, y)
+    if _nonneg(ops, x[0]) and _nonneg(ops, y[0]):  # x | y >= max(x, y) for non-negative ints
+        lo = ops.maximum(x[0], y[0])
+    return (lo, hi, nan)
+
+
+def _shift_ok(ops, y) -> bool:
+    return ops.all(y[0] >= 0) and ops.all(y[1] <= 63)
+
+
+def _r_lshift(ops, c, x, y):  # x * 2**y: monotone in each argument for a fixed sign of x, so the corners
+    if not _shift_ok(ops, y) or _infinite(ops, x[0], x[1]):
+        return _top(False)
+    if ops.tensor:
+        vals = [ops.t(a).double() * torch.exp2(ops.t(b).double()) for a in (x[0], x[1]) for b in (y[0], y[1])]
+    else:
+        vals = [int(a) << int(b) for a in (x[0], x[1]) for b in (y[0], y[1])]
+    lo, hi = ops.corners(vals)
+    return (lo, hi, False)
+
+
+def _r_rshift(ops, c, x, y):  # floor(x / 2**y): non-decreasing in x, monotone in y for a fixed sign of x
+    if not _shift_ok(ops, y) or _infinite(ops, x[0], x[1]):
+        return _top(False)
+    if ops.tensor:
+        vals = [torch.floor(ops.t(a).double() / torch.exp2(ops.t(b).double())) for a in (x[0], x[1])
+                for b in (y[0], y[1])]
+    else:
+        vals = [int(a) >> int(b) for a in (x[0], x[1]) for b in (y[0], y[1])]
+    lo, hi = ops.corners(vals)
+    return (lo, hi, False)
+
+
+RULES = {
+    # key: rule(ops, ctx, *argument bounds) -> (lo, hi, nan)
+    Op.NEG: _r_neg,            # -[a, b] = [-b, -a]
+    Op.ADD: _r_add,            # [a + c, b + d]; inf + -inf is NaN
+    Op.SUB: _r_sub,            # [a - d, b - c]
+    Op.MUL: _r_mul,            # corners; float 0 * inf is NaN
+    Op.TRUEDIV: _r_truediv,    # corners unless the divisor can be 0
+    Op.FLOORDIV: _r_floordiv,  # floor of the quotient's corners (float32: one step wider)
+    Op.MOD: _r_mod,            # Python's sign; exact where the range does not wrap
+    Op.POW: _r_pow,            # constant exponents, positive bases; exact ints
+    "exp": _monotone("exp"), "exp2": _monotone("exp2"), "log": _monotone("log", 0.0),
+    "log2": _monotone("log2", 0.0), "sqrt": _monotone("sqrt", 0.0), "tanh": _monotone("tanh"),
+    "sigmoid": _monotone("sigmoid"), "floor": _monotone("floor"), "ceil": _monotone("ceil"),
+    "sign": _monotone("sign"), "int": _monotone("int"), "float": _monotone("float"),  # float(): same bounds
+    "abs": _r_abs, "min": _r_min, "max": _r_max, "clamp": _r_clamp,
+    # planned (LANGUAGE.md "to be built"; issue 20): sound bounds, ready for the ast to name them
+    "erf": _monotone("erf"), "cos": _periodic("cos"), "sin": _periodic("sin"),
+    "bitand": _r_bitand, "bitor": _r_bitor, "bitxor": _r_bitor_xor, "lshift": _r_lshift, "rshift": _r_rshift,
 }
 
 
-def _compare(op: Op, x: Interval, y: Interval) -> Interval:
+def apply(key, ops, c: Ctx, args):
+    """The bounds of one operation (a RULES key) from its arguments' bounds."""
+    r = RULES[key](ops, c, *args)
+    if c.device and not c.integer and key is not Op.NEG:
+        r = _f32_overflow(ops, r)
+    return r
+
+
+_F32_MAX = 3.4028234663852886e38
+
+
+def _absmax(lo, hi) -> float:
+    vals = []
+    for v in (lo, hi):
+        if isinstance(v, torch.Tensor):
+            f = v[torch.isfinite(v)]
+            vals.append(float(f.abs().max()) if f.numel() else 0.0)
+        elif math.isfinite(v):
+            vals.append(abs(v))
+    return max(vals, default=0.0)
+
+
+def _f32_overflow(ops, r):
+    """A float the backends compute in float32 overflows to inf past float32's largest value (and inf can then
+    make NaN): bounds beyond it become infinite, which later arithmetic treats as possibly NaN."""
+    lo, hi, nan = r
+    if _absmax(lo, hi) <= _F32_MAX:
+        return r
+    lo = torch.where(_tt(lo) < -_F32_MAX, -_INF, _tt(lo).double())
+    hi = torch.where(_tt(hi) > _F32_MAX, _INF, _tt(hi).double())
+    return (lo, hi, nan)
+
+
+def decide(op: Op, x, y, ops, margin: float = 0.0):
+    """(full, some) of the comparison ``x op y``: it holds for every pair / for some pair of values in the bounds.
+    ``margin`` widens float comparisons by the rounding the backends may add; a side that may be NaN makes <, <=,
+    ==, >, >= not always true and != possibly true."""
+    xlo, xhi, xn = x
+    ylo, yhi, yn = y
+    if op in (Op.GT, Op.GE):
+        op = Op.LT if op is Op.GT else Op.LE
+        xlo, xhi, ylo, yhi = ylo, yhi, xlo, xhi
+    m = margin
     if op is Op.LT:
-        return TRUE if x.hi < y.lo else FALSE if x.lo >= y.hi else BOOL
-    if op is Op.LE:
-        return TRUE if x.hi <= y.lo else FALSE if x.lo > y.hi else BOOL
-    if op is Op.GT:
-        return _compare(Op.LT, y, x)
-    if op is Op.GE:
-        return _compare(Op.LE, y, x)
-    if op is Op.EQ:
-        if x.is_point and y.is_point and x.lo == y.lo:
-            return TRUE
-        return FALSE if (x.hi < y.lo or y.hi < x.lo) else BOOL
-    eq = _compare(Op.EQ, x, y)
-    return Interval(1 - eq.hi, 1 - eq.lo)
+        full, some = _lt(_add_m(xhi, m), ylo), _lt(_add_m(xlo, -m), yhi)
+    elif op is Op.LE:
+        full, some = _le(_add_m(xhi, m), ylo), _le(_add_m(xlo, -m), yhi)
+    else:
+        # equal everywhere only when both sides are the same single value: NaN stands for "not a point"
+        all_equal = _eq(_point_or_nan(xlo, xhi), _point_or_nan(ylo, yhi)) if m == 0 else False
+        if op is Op.EQ:
+            full, some = all_equal, _and(_ge(_add_m(xhi, m), ylo), _ge(_add_m(yhi, m), xlo))
+        else:
+            full, some = _or_b(_lt(_add_m(xhi, m), ylo), _lt(_add_m(yhi, m), xlo)), _not(all_equal)
+    if xn or yn:
+        if op is Op.NE:
+            some = True
+        else:
+            full = False
+    return full, some
+
+
+# ----- comparison helpers: operands are Python numbers or tensors -----
+
+def _bool_op(fn, a, b):
+    r = fn(a, b)
+    return r if isinstance(r, torch.Tensor) else bool(r)
+
+
+def _ge(a, b):
+    return _bool_op(lambda x, y: x >= y, a, b)
+
+
+def _gt(a, b):
+    return _bool_op(lambda x, y: x > y, a, b)
+
+
+def _le(a, b):
+    return _bool_op(lambda x, y: x <= y, a, b)
+
+
+def _lt(a, b):
+    return _bool_op(lambda x, y: x < y, a, b)
+
+
+def _eq(a, b):
+    return _bool_op(lambda x, y: x == y, a, b)
+
+
+def _and(a, b):
+    if isinstance(a, bool) and isinstance(b, bool):
+        return a and b
+    if isinstance(a, bool):
+        return b if a else False
+    if isinstance(b, bool):
+        return a if b else False
+    return a & b
+
+
+def _or_b(a, b):
+    if isinstance(a, bool) and isinstance(b, bool):
+        return a or b
+    if isinstance(a, bool):
+        return True if a else b
+    if isinstance(b, bool):
+        return True if b else a
+    return a | b
+
+
+def _not(a):
+    return (not a) if isinstance(a, bool) else ~a
+
+
+def _add_m(x, m):
+    return x + m if m else x
+
+
+def _point_or_nan(lo, hi):
+    if not isinstance(lo, torch.Tensor) and not isinstance(hi, torch.Tensor):
+        return lo if lo == hi else math.nan
+    lo_t = _tt(lo).double()
+    return torch.where(lo_t == _tt(hi), lo_t, torch.tensor(math.nan, dtype=torch.float64, device=lo_t.device))
+
+
+# ----- scalar bounds of an expression -----
+
+def _scalar_result(r) -> Interval:
+    lo, hi, nan = r
+    if nan or lo != lo or hi != hi:  # NaN possible: TOP (an Interval holds no NaN)
+        return TOP
+    return Interval(lo, hi)
+
+
+def _b(x: Interval):
+    return (x.lo, x.hi, False)
 
 
 def bounds(expr: Expr, env: Env) -> Interval:
     """An interval holding every value of ``expr`` when each name takes any value of its interval in ``env``.
 
     Names absent from ``env`` are unbounded. A tensor's entry is an Interval of its values, or a callable
-    ``(index_node, env) -> Interval`` for analyses that know more about the indices.
+    ``(index_node, env) -> Interval`` for analyses that know more about the indices. Exact arithmetic (ints as
+    Python ints); the operator rules are RULES, which the block-sparsity analysis runs over tensors of bounds.
     """
     if isinstance(expr, Const):
         v = float(expr.value) if expr.dtype is not DType.INT else expr.value
@@ -262,7 +810,9 @@ def bounds(expr: Expr, env: Env) -> Interval:
         return got if isinstance(got, Interval) else TOP
     if isinstance(expr, Unary):
         x = bounds(expr.operand, env)
-        return _saturate(_neg(x)) if expr.op is Op.NEG else Interval(1 - x.hi, 1 - x.lo)
+        if expr.op is Op.NEG:
+            return _saturate(_scalar_result(apply(Op.NEG, SCALAR, ctx(), [_b(x)])))
+        return Interval(1 - x.hi, 1 - x.lo)
     if isinstance(expr, Call):
         return _saturate(_call(expr, env))
     return _saturate(_binary(expr, env))
@@ -271,26 +821,15 @@ def bounds(expr: Expr, env: Env) -> Interval:
 def _binary(expr, env: Env) -> Interval:
     x, y = bounds(expr.left, env), bounds(expr.right, env)
     op = expr.op
-    integer = expr.dtype is DType.INT or _is_int(expr.left, expr.right)
-    if op is Op.ADD:
-        return _add(x, y)
-    if op is Op.SUB:
-        return _add(x, _neg(y))
-    if op is Op.MUL:
-        return _corners(_mul if integer else _fmul, x, y)
-    if op is Op.TRUEDIV:
-        return _truediv(x, y)
-    if op is Op.FLOORDIV:
-        return _floordiv(x, y, integer)
-    if op is Op.MOD:
-        return _mod(x, y, integer)
-    if op is Op.POW:
-        return _pow(x, y, integer)
     if op is Op.AND:
         return Interval(min(x.lo, y.lo), min(x.hi, y.hi))
     if op is Op.OR:
         return Interval(max(x.lo, y.lo), max(x.hi, y.hi))
-    return _compare(op, x, y)
+    if op in RULES:
+        integer = expr.dtype is DType.INT or _is_int(expr.left, expr.right)
+        return _scalar_result(apply(op, SCALAR, ctx(integer), [_b(x), _b(y)]))
+    full, some = decide(op, _b(x), _b(y), SCALAR)
+    return TRUE if full else FALSE if not some else BOOL
 
 
 def _is_int(*nodes) -> bool:
@@ -299,26 +838,6 @@ def _is_int(*nodes) -> bool:
 
 def _call(expr: Call, env: Env) -> Interval:
     f, args = expr.func, [bounds(a, env) for a in expr.args]
-    if f in _UNARY_MONOTONE:
-        fn, domain_lo = _UNARY_MONOTONE[f]
-        return _monotone(fn, args[0], domain_lo)
-    if f == "int":  # truncation toward zero is monotone (non-decreasing)
-        return _monotone(lambda v: float(math.trunc(v)) if math.isfinite(v) else v, args[0])
-    if f == "abs":
-        x = args[0]
-        if x.lo >= 0:
-            return x
-        if x.hi <= 0:
-            return _neg(x)
-        return Interval(0, max(-x.lo, x.hi))
-    if f == "min":
-        return Interval(min(args[0].lo, args[1].lo), min(args[0].hi, args[1].hi))
-    if f == "max":
-        return Interval(max(args[0].lo, args[1].lo), max(args[0].hi, args[1].hi))
-    if f == "clamp":  # min(max(x, lo), hi)
-        x, lo, hi = args
-        m = Interval(max(x.lo, lo.lo), max(x.hi, lo.hi))
-        return Interval(min(m.lo, hi.lo), min(m.hi, hi.hi))
     if f == "where":
         c, a, b = args
         if c == TRUE:
@@ -326,13 +845,21 @@ def _call(expr: Call, env: Env) -> Interval:
         if c == FALSE:
             return b
         return a.join(b)
+    if f in RULES:
+        integer = expr.dtype is DType.INT
+        return _scalar_result(apply(f, SCALAR, ctx(integer), [_b(a) for a in args]))
     return TOP
 
+
+def _saturate(r: Interval) -> Interval:
+    """Int bounds past int64 (an overflow error of check.py) are capped at +-2**128."""
+    lo = -_INT_CAP if isinstance(r.lo, int) and r.lo < -_INT_CAP else r.lo
+    hi = _INT_CAP if isinstance(r.hi, int) and r.hi > _INT_CAP else r.hi
+    return r if (lo, hi) == (r.lo, r.hi) else Interval(lo, hi)
 
 
 def tensor_range(t) -> Interval:
     """The interval of a torch tensor's values (bools as 0/1; unbounded when it holds NaN; [0, 0] when empty)."""
-    import torch
     if t.numel() == 0:
         return Interval(0, 0)
     x = t.detach()

@@ -7,7 +7,8 @@ How (one vectorised pass over the mask AST, no loop over blocks):
   exact points ``[B, 1, 1, 1]`` / ``[1, H, 1, 1]`` when the mask uses them;
 - a comparison of two affine forms of (b, h, q_idx, kv_idx) is decided exactly from per-axis minima and maxima
   (one broadcast comparison of a ``[.., Qb, 1]`` tensor with a ``[.., 1, Kb]`` one);
-- anything else goes through vectorised interval arithmetic (the same rules as ``attnlang.intervals.bounds``);
+- anything else goes through vectorised interval arithmetic: ``attnlang.intervals.RULES`` (the rules the scalar
+  ``bounds`` uses) over tensors of per-block bounds, with float32 device semantics;
   tensor reads indexed by positions (``doc[q_idx]``, ``bias[h, kv_idx]``) use range-minimum / range-maximum
   tables of the tensor along the one axis the index varies on (a sparse table: O(S log block) memory and time);
 - booleans are block kinds: 0 always false, 1 unknown, 2 always true; ``&`` is min, ``|`` max, ``~`` is 2 - k;
@@ -46,7 +47,25 @@ from .ast import (
 )
 from .check import Checked, bind, check_index_bounds, check_named_tensor, dtype_of_torch
 from .errors import AttnLangError
-from .intervals import BlockKind, Interval, tensor_range
+from .intervals import (
+    RULES,
+    TENSOR,
+    BlockKind,
+    Interval,
+    _absmax,
+    _and,
+    _eq,
+    _ge,
+    _gt,
+    _le,
+    _lt,
+    _not,
+    apply,
+    ctx,
+    decide,
+    tensor_range,
+)
+from .intervals import _or_b as _or
 from .simplify import affine_difference, affine_form, subtract_affine
 
 __all__ = ["BlockKind", "BlockSparsity", "block_sparsity", "block_sparsity_of", "mask_block_sparsity", "known_exact",
@@ -369,9 +388,6 @@ class _Grid:
 # the vectorised analysis
 
 
-
-
-
 def _leaf_bound(node: Expr, negated: bool, q_len: int, kv_len: int):
     """An integer affine comparison as ((a, c) of d = a*q_idx + c*kv_idx, lower, upper, other) with
     lower <= d <= upper (None: unbounded), or None when it is not one. ``other``: it also reads b / h, or is !=."""
@@ -504,7 +520,7 @@ class _Analysis:
             else:
                 lo_rest, hi_rest = lo_rest + lo, hi_rest + hi
         # d in [lo_rest + lo_kv, hi_rest + hi_kv]; every test below is "rest vs -kv part"
-        neg_lo_kv, neg_hi_kv = _neg(lo_kv), _neg(hi_kv)
+        neg_lo_kv, neg_hi_kv = -lo_kv, -hi_kv
         parts = [lo_rest, hi_rest, neg_lo_kv, neg_hi_kv]
         if max(_absmax(x, x) for x in parts) < 2 ** 30:  # int32 halves the memory traffic, exactly
             lo_rest, hi_rest, neg_lo_kv, neg_hi_kv = (x.to(torch.int32) if isinstance(x, torch.Tensor) else x
@@ -546,7 +562,7 @@ class _Analysis:
             (x,) = kids
             if node.op is Op.NOT:
                 return 2 - x
-            return (_neg(x[1]), _neg(x[0]), x[2])
+            return apply(Op.NEG, TENSOR, _DEVICE, [x])
         if isinstance(node, Binary):
             x, y = kids
             if node.op is Op.AND:
@@ -555,8 +571,8 @@ class _Analysis:
                 return _kmax(x, y)
             if node.op in COMPARISONS:
                 return self._compare(node, x, y)
-            return _f32_overflow(node, _arith(node, x, y))
-        return _f32_overflow(node, self._call(node, kids))
+            return apply(node.op, TENSOR, ctx(node.dtype is DType.INT, True), [_as_num(x), _as_num(y)])
+        return self._call(node, kids)
 
     def _compare(self, node: Binary, x, y):
         if isinstance(x, (int, torch.Tensor)) and not isinstance(x, tuple):
@@ -581,26 +597,7 @@ class _Analysis:
             if max(_absmax(xlo, xhi), _absmax(ylo, yhi)) < 2 ** 30:
                 xlo, xhi, ylo, yhi = (v.to(torch.int32) if isinstance(v, torch.Tensor) else v
                                       for v in (xlo, xhi, ylo, yhi))
-        op = node.op
-        if op in (Op.GT, Op.GE):
-            op = MIRRORED[op]
-            xlo, xhi, ylo, yhi = ylo, yhi, xlo, xhi
-        if op is Op.LT:
-            full, some = _lt(_add_s(xhi, m), ylo), _lt(_add_s(xlo, -m), yhi)
-        elif op is Op.LE:
-            full, some = _le(_add_s(xhi, m), ylo), _le(_add_s(xlo, -m), yhi)
-        else:
-            # equal everywhere only when both sides are the same single value: NaN stands for "not a point"
-            all_equal = _eq(_point_or_nan(xlo, xhi), _point_or_nan(ylo, yhi)) if m == 0 else False
-            if op is Op.EQ:
-                full, some = all_equal, _and(_ge(_add_s(xhi, m), ylo), _ge(_add_s(yhi, m), xlo))
-            else:
-                full, some = _or(_lt(_add_s(xhi, m), ylo), _lt(_add_s(yhi, m), xlo)), _not(all_equal)
-        if may_nan:  # NaN makes <, <=, ==, >, >= false and != true
-            if op is Op.NE:
-                some = True
-            else:
-                full = False
+        full, some = decide(node.op, (xlo, xhi, may_nan), (ylo, yhi, False), TENSOR, m)
         return _kind(full, some, self.g.device)
 
     def _magnitude(self, node: Expr) -> float:
@@ -628,36 +625,8 @@ class _Analysis:
         if node.dtype is DType.BOOL:
             return 1  # no other function gives a bool
         xs = [_as_num(k) for k in kids]
-        nan = any(x[2] for x in xs)
-        if f in _MONOTONE:
-            fn, domain = _MONOTONE[f]
-            lo, hi = _t(xs[0][0]), _t(xs[0][1])
-            if domain is not None and bool((lo < domain).any()):
-                return _TOP(True)
-            if f == "int" and node.args[0].dtype is DType.FLOAT:
-                # a float outside int64 (inf, NaN, 1e30) converts to whatever the device gives: any int
-                lo, hi = lo.double(), hi.double()
-                wild = (lo < -_INT64_EDGE) | (hi >= _INT64_EDGE) | bool(nan)
-                lo = torch.where(wild, torch.tensor(-math.inf, dtype=torch.float64), torch.trunc(lo))
-                hi = torch.where(wild, torch.tensor(math.inf, dtype=torch.float64), torch.trunc(hi))
-                return _widen_rounding((lo, hi, False))
-            r = (fn(lo), fn(hi), nan)
-            return _widen_rounding(r) if f in ("floor", "ceil", "int") and node.args[0].dtype is DType.FLOAT else r
-        if f == "float":
-            return xs[0]
-        if f == "abs":
-            lo, hi = _t(xs[0][0]), _t(xs[0][1])
-            alo = torch.where(lo >= 0, lo, torch.where(hi <= 0, -hi, torch.zeros_like(lo)))
-            ahi = torch.maximum(lo.abs(), hi.abs())
-            return (alo, ahi, nan)
-        if f == "min":
-            return (_min(xs[0][0], xs[1][0]), _min(xs[0][1], xs[1][1]), nan)
-        if f == "max":
-            return (_max(xs[0][0], xs[1][0]), _max(xs[0][1], xs[1][1]), nan)
-        if f == "clamp":
-            x, lo, hi = xs
-            m = (_max(x[0], lo[0]), _max(x[1], lo[1]))
-            return (_min(m[0], hi[0]), _min(m[1], hi[1]), nan)
+        if f in RULES:
+            return apply(f, TENSOR, ctx(node.dtype is DType.INT, True, node.args[0].dtype is DType.FLOAT), xs)
         return _TOP(True)
 
     # -- tensor reads --
@@ -724,8 +693,6 @@ class _Analysis:
         return (lo, hi, False)
 
 
-
-
 def _sure_of(node: Expr, kinds: list, sures: list):
     """Where a partial result is known to be really partial: ~ keeps it; x & y is really partial where one side is
     surely partial and the other full; x | y where one side is surely partial and the other empty."""
@@ -759,57 +726,7 @@ def _t(x):
     return x if isinstance(x, torch.Tensor) else torch.tensor(x)
 
 
-def _neg(x):
-    return -x
-
-
-def _bool_op(fn, a, b):
-    r = fn(a, b)
-    return r if isinstance(r, torch.Tensor) else bool(r)
-
-
-def _ge(a, b):
-    return _bool_op(lambda x, y: x >= y, a, b)
-
-
-def _gt(a, b):
-    return _bool_op(lambda x, y: x > y, a, b)
-
-
-def _le(a, b):
-    return _bool_op(lambda x, y: x <= y, a, b)
-
-
-def _lt(a, b):
-    return _bool_op(lambda x, y: x < y, a, b)
-
-
-def _eq(a, b):
-    return _bool_op(lambda x, y: x == y, a, b)
-
-
-def _and(a, b):
-    if isinstance(a, bool) and isinstance(b, bool):
-        return a and b
-    if isinstance(a, bool):
-        return b if a else False
-    if isinstance(b, bool):
-        return a if b else False
-    return a & b
-
-
-def _or(a, b):
-    if isinstance(a, bool) and isinstance(b, bool):
-        return a or b
-    if isinstance(a, bool):
-        return True if a else b
-    if isinstance(b, bool):
-        return True if b else a
-    return a | b
-
-
-def _not(a):
-    return (not a) if isinstance(a, bool) else ~a
+_DEVICE = ctx(device=True)  # bounds of what the backends compute (float32 rounding and overflow)
 
 
 def _kind(full, some, device):
@@ -862,42 +779,8 @@ def _as_num(x):
     return _kind_to_interval(x)
 
 
-def _point_or_nan(lo, hi):
-    if not isinstance(lo, torch.Tensor) and not isinstance(hi, torch.Tensor):
-        return lo if lo == hi else math.nan
-    lo_t = _t(lo).double()
-    return torch.where(lo_t == _t(hi), lo_t, torch.tensor(math.nan, dtype=torch.float64, device=lo_t.device))
-
-
 def _TOP(nan: bool):
     return (-math.inf, math.inf, nan)
-
-
-def _absmax(lo, hi) -> float:
-    vals = []
-    for v in (lo, hi):
-        if isinstance(v, torch.Tensor):
-            f = v[torch.isfinite(v)]
-            vals.append(float(f.abs().max()) if f.numel() else 0.0)
-        elif math.isfinite(v):
-            vals.append(abs(v))
-    return max(vals, default=0.0)
-
-
-_F32_MAX = 3.4028234663852886e38
-
-
-def _f32_overflow(node: Expr, r):
-    """A float the backends compute in float32 overflows to inf past float32's largest value (and inf can then
-    make NaN): bounds beyond it become infinite, which later arithmetic treats as possibly NaN."""
-    if node.dtype is not DType.FLOAT or not isinstance(r, tuple):
-        return r
-    lo, hi, nan = r
-    if _absmax(lo, hi) <= _F32_MAX:
-        return r
-    lo = torch.where(_t(lo) < -_F32_MAX, -math.inf, _t(lo).double())
-    hi = torch.where(_t(hi) > _F32_MAX, math.inf, _t(hi).double())
-    return (lo, hi, nan)
 
 
 def _finite(v) -> bool:
@@ -906,129 +789,6 @@ def _finite(v) -> bool:
 
 def _too_big(lo, hi) -> bool:
     return _absmax(lo, hi) >= _EXACT
-
-
-def _add_s(x, m):
-    return x + m if m else x
-
-
-def _min(a, b):
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return torch.minimum(_t(a).double(), _t(b).double())
-    return min(a, b)
-
-
-def _max(a, b):
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return torch.maximum(_t(a).double(), _t(b).double())
-    return max(a, b)
-
-
-def _clean(lo, hi, nan):
-    """NaN bounds (inf - inf, 0 * inf) become the widest bound: sound."""
-    lo, hi = _t(lo).double(), _t(hi).double()
-    lo = torch.where(torch.isnan(lo), torch.tensor(-math.inf, dtype=lo.dtype, device=lo.device), lo)
-    hi = torch.where(torch.isnan(hi), torch.tensor(math.inf, dtype=hi.dtype, device=hi.device), hi)
-    return (lo, hi, nan)
-
-
-def _has_inf(*xs) -> bool:
-    return any(bool(torch.isinf(_t(x)).any()) for x in xs)
-
-
-def _widen_rounding(r):
-    """floor / ceil / int of a float computed in float32 on the backends may land one step off float64."""
-    lo, hi, nan = r
-    return (lo - 1, hi + 1, nan)
-
-
-def _arith(node: Binary, x, y):
-    x, y = _as_num(x), _as_num(y)
-    op = node.op
-    is_float = node.dtype is DType.FLOAT
-    xlo, xhi, xn = x
-    ylo, yhi, yn = y
-    nan = xn or yn
-    if is_float and _has_inf(xlo, xhi, ylo, yhi):
-        nan = True  # inf - inf, 0 * inf, inf / inf are NaN at run time
-    if op is Op.ADD:
-        return _clean(_t(xlo) + ylo, _t(xhi) + yhi, nan)
-    if op is Op.SUB:
-        return _clean(_t(xlo) - yhi, _t(xhi) - ylo, nan)
-    if op is Op.MUL:
-        cs = [_t(a) * b for a in (xlo, xhi) for b in (ylo, yhi)]
-        cs = [torch.nan_to_num(c, nan=0.0, posinf=math.inf, neginf=-math.inf) for c in cs]
-        lo = torch.minimum(torch.minimum(cs[0], cs[1]), torch.minimum(cs[2], cs[3]))
-        hi = torch.maximum(torch.maximum(cs[0], cs[1]), torch.maximum(cs[2], cs[3]))
-        return (lo.double(), hi.double(), nan)
-    zero_in = _t(ylo) <= 0
-    zero_in = zero_in & (_t(yhi) >= 0)
-    if op in (Op.TRUEDIV, Op.FLOORDIV):
-        if bool(zero_in.any()):
-            return _TOP(nan or is_float)
-        cs = [_t(a) / b for a in (xlo, xhi) for b in (ylo, yhi)]
-        lo = torch.minimum(torch.minimum(cs[0], cs[1]), torch.minimum(cs[2], cs[3])).double()
-        hi = torch.maximum(torch.maximum(cs[0], cs[1]), torch.maximum(cs[2], cs[3])).double()
-        lo, hi, nan = _clean(lo, hi, nan)
-        if op is Op.FLOORDIV:
-            lo, hi = torch.floor(lo), torch.floor(hi)
-            if is_float:
-                lo, hi = lo - 1, hi + 1
-        return (lo, hi, nan)
-    if op is Op.MOD:
-        return _mod(x, y, is_float, nan)
-    return _pow(x, y, nan or is_float)
-
-
-def _mod(x, y, is_float, nan):
-    """Python's %: the sign of the divisor. Exact when the divisor is a positive constant and the block's
-    dividend range does not wrap."""
-    xlo, xhi, _ = x
-    ylo, yhi, _ = y
-    if not isinstance(ylo, torch.Tensor) and ylo == yhi and ylo > 0 and math.isfinite(ylo):
-        c = ylo
-        xlo_t, xhi_t = _t(xlo).double(), _t(xhi).double()
-        if not _has_inf(xlo_t, xhi_t):
-            qlo, qhi = torch.floor(xlo_t / c), torch.floor(xhi_t / c)
-            same = qlo == qhi
-            top = c if is_float else c - 1
-            lo = torch.where(same, xlo_t - qlo * c, torch.zeros_like(xlo_t))
-            hi = torch.where(same, xhi_t - qhi * c, torch.full_like(xhi_t, top))
-            if is_float:  # float32 rounding near the wrap point
-                lo, hi = torch.zeros_like(lo), torch.full_like(hi, c)
-            return (lo, hi, nan)
-        return (0.0, c if is_float else c - 1, nan or is_float)
-    ylo_t, yhi_t = _t(ylo).double(), _t(yhi).double()
-    if bool((ylo_t > 0).all()):
-        return (0.0, float(yhi_t.max()) - (0 if is_float else 1), nan)
-    if bool((yhi_t < 0).all()):
-        return (float(ylo_t.min()) + (0 if is_float else 1), 0.0, nan)
-    return _TOP(True)
-
-
-def _pow(x, y, nan):
-    ylo, yhi, _ = y
-    xlo, xhi, _ = x
-    if not isinstance(ylo, torch.Tensor) and ylo == yhi and math.isfinite(ylo) and float(ylo).is_integer() \
-            and ylo >= 0:
-        n = int(ylo)
-        if n == 0:
-            return (1.0, 1.0, nan)
-        a, b = _t(xlo).double() ** n, _t(xhi).double() ** n
-        lo, hi = torch.minimum(a, b), torch.maximum(a, b)
-        if n % 2 == 0:
-            lo = torch.where((_t(xlo) < 0) & (_t(xhi) > 0), torch.zeros_like(lo), lo)
-        return _clean(lo, hi, nan)
-    return _TOP(True)
-
-
-_MONOTONE = {
-    # name: (non-decreasing torch function, lowest argument it is defined for, or None)
-    "exp": (torch.exp, None), "exp2": (torch.exp2, None), "log": (torch.log, 0.0), "log2": (torch.log2, 0.0),
-    "sqrt": (torch.sqrt, 0.0), "tanh": (torch.tanh, None), "sigmoid": (torch.sigmoid, None),
-    "floor": (torch.floor, None), "ceil": (torch.ceil, None), "sign": (torch.sign, None),
-    "int": (torch.trunc, None),
-}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -3,9 +3,10 @@ every position), 128 x 128 blocks, one batch and head.
 
     python benchmarks/bench_sparsity.py [--max-s 1048576] [--cbm-max-s 16384] [--out benchmarks/results]
     python benchmarks/bench_sparsity.py --frontend-only     # adds the front-end timings to the existing results
+    python benchmarks/bench_sparsity.py --sizes 4096,16384,65536,262144 --variants all --name sparsity_cpu_after
 
-Writes sparsity_cpu.json and sparsity_cpu.md. Times are medians of repeated calls after one warm-up call. Also
-times the front end (check, and simplify alone) on the BENCHMARKS.md variants.
+Writes sparsity_cpu.json and sparsity_cpu.md (``--name`` for other file names). Times are medians of repeated
+calls after one warm-up call. Also times the front end (check, and simplify alone) on the BENCHMARKS.md variants.
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ VARIANTS = {
     "sliding_window": ("0 <= q_idx - kv_idx < 1024", None),
     "document": ("doc[q_idx] == doc[kv_idx]", "doc"),
     "prefix_lm": ("kv_idx < 1024 | q_idx >= kv_idx", None),
+    # not in the default set: masks the exact affine path does not decide, so the generic interval arithmetic runs
+    "document_1000": ("doc[q_idx] == doc[kv_idx]", "doc1000"),   # documents every 1000 tokens, unaligned
+    "chunked_causal": ("q_idx // 1000 == kv_idx // 1000 & q_idx >= kv_idx", None),
+    "dilated_window": ("abs(q_idx - kv_idx) <= 1024 & (q_idx - kv_idx) % 4 == 0", None),
+    "exp_cutoff": ("exp(-0.01 * float(q_idx - kv_idx)) > 0.001 & q_idx >= kv_idx", None),
 }
+DEFAULT_VARIANTS = ("causal", "sliding_window", "document", "prefix_lm")
 
 
 def _median_time(fn, repeat: int) -> float:
@@ -44,8 +51,14 @@ def _flex_mask_mod(name, doc):
         return lambda b, h, q, k: q >= k
     if name == "sliding_window":
         return lambda b, h, q, k: (q - k >= 0) & (q - k < 1024)
-    if name == "document":
+    if name in ("document", "document_1000"):
         return lambda b, h, q, k: doc[q] == doc[k]
+    if name == "chunked_causal":
+        return lambda b, h, q, k: (q // 1000 == k // 1000) & (q >= k)
+    if name == "dilated_window":
+        return lambda b, h, q, k: ((q - k).abs() <= 1024) & ((q - k) % 4 == 0)
+    if name == "exp_cutoff":
+        return lambda b, h, q, k: (torch.exp(-0.01 * (q - k).float()) > 0.001) & (q >= k)
     return lambda b, h, q, k: (k < 1024) | (q >= k)
 
 
@@ -86,26 +99,40 @@ def main() -> None:
     p.add_argument("--cbm-max-s", type=int, default=16384, help="largest S for create_block_mask on the CPU")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     p.add_argument("--frontend-only", action="store_true")
+    p.add_argument("--name", default="sparsity_cpu", help="base name of the .json / .md written")
+    p.add_argument("--sizes", default=None, help="comma-separated S values (default: powers of 2 up to --max-s)")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma-separated, or 'all' ({', '.join(VARIANTS)})")
+    p.add_argument("--repeat", type=int, default=None, help="timed calls per attnlang cell (default 5, 3 past 128k)")
     args = p.parse_args()
     if args.frontend_only:
-        path = os.path.join(args.out, "sparsity_cpu.json")
+        path = os.path.join(args.out, f"{args.name}.json")
         with open(path) as f:
             result = json.load(f)
         result["frontend"] = frontend()
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
-        with open(os.path.join(args.out, "sparsity_cpu.md"), "a") as f:
+        with open(os.path.join(args.out, f"{args.name}.md"), "a") as f:
             f.write("\n".join(_frontend_md(result["frontend"])) + "\n")
         return
     from torch.nn.attention.flex_attention import create_block_mask
 
-    sizes = [s for s in (4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576) if s <= args.max_s]
+    if args.sizes:
+        sizes = [int(x) for x in args.sizes.split(",")]
+    else:
+        sizes = [s for s in (4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576) if s <= args.max_s]
+    names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
     rows = []
-    for name, (mask, tensor) in VARIANTS.items():
+    for name in names:
+        mask, tensor = VARIANTS[name]
         v = al.compile(mask=mask)
         for S in sizes:
-            kw = {"doc": torch.arange(S) // (S // 8)} if tensor else {}
-            repeat = 5 if S <= 131072 else 3
+            kw = {}
+            if tensor == "doc":
+                kw = {"doc": torch.arange(S) // (S // 8)}
+            elif tensor == "doc1000":
+                kw = {"doc": torch.arange(S) // 1000}
+            repeat = args.repeat or (5 if S <= 131072 else 3)
             t_al = _median_time(lambda: v.block_sparsity(S, S, **kw), repeat)
             bs = v.block_sparsity(S, S, **kw)
             row = {"variant": name, "S": S, "attnlang_ms": round(t_al * 1e3, 3), "density": round(bs.density, 6),
@@ -126,7 +153,7 @@ def main() -> None:
               "note": "medians after a warm-up call; the CPU was shared with other jobs while measured",
               "rows": rows, "frontend": frontend()}
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "sparsity_cpu.json"), "w") as f:
+    with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
         json.dump(result, f, indent=1)
     lines = ["# Block sparsity on the CPU (128x128 blocks, B=H=1)", "",
              f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians after warm-up. "
@@ -140,7 +167,7 @@ def main() -> None:
                      f"{r.get('speedup', '')} | {r.get('same_blocks', '')} | {r['full']} | {r['partial']} | "
                      f"{r['empty']} |")
     lines += _frontend_md(result["frontend"])
-    with open(os.path.join(args.out, "sparsity_cpu.md"), "w") as f:
+    with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
