@@ -39,8 +39,8 @@ from .errors import AttnLangError
 from .intervals import TOP, Interval, bounds
 from .parse import parse
 
-__all__ = ["Checked", "check", "bind", "check_index_bounds", "check_named_tensor", "CALL_KEYWORDS", "RESERVED_NAMES",
-           "dtype_of_torch"]
+__all__ = ["Checked", "check", "bind", "check_index_bounds", "check_float_range", "check_named_tensor",
+           "CALL_KEYWORDS", "RESERVED_NAMES", "dtype_of_torch"]
 
 # Keywords of Variant.__call__ and al.reference; they can never name a scalar or a tensor.
 CALL_KEYWORDS = ("scale", "backend", "return_lse", "kernel_options")
@@ -225,6 +225,29 @@ def check_index_bounds(checked: Checked, env: Mapping[str, object], shapes: Mapp
         _check_int_range(checked.expr(where), env, checked, where)
 
 
+def check_float_range(checked: Checked, env: Mapping[str, object], fmax: float) -> None:
+    """Raise if a float literal (or scalar param) or a float tensor's values are finite but past ``fmax``, the
+    largest value of the compute dtype (float32's 3.4e38 for float32 / 16-bit inputs): there they would turn
+    into inf, a silent mask or an overflowing lse (``score - 1e39``, ``score + c`` with c = 1e308)."""
+    def beyond(x) -> bool:
+        return math.isfinite(x) and abs(x) > fmax
+
+    name = "float64" if fmax > 1e300 else "float32"
+    for where in checked.wheres:
+        for node in walk(checked.expr(where)):
+            if isinstance(node, Const) and node.dtype is DType.FLOAT and beyond(node.value):
+                raise AttnLangError.at(f"{node.value!r} is outside {name}'s range (largest {fmax:.4g}), the dtype "
+                                       f"this call computes scores in; it would become inf",
+                                       checked.sources[where], node.span, where)
+            if isinstance(node, Index) and node.dtype is DType.FLOAT:
+                r = env.get(node.tensor)
+                if isinstance(r, Interval) and (beyond(r.lo) or beyond(r.hi)):
+                    raise AttnLangError.at(f"tensor {node.tensor!r} holds values in [{r.lo:.4g}, {r.hi:.4g}], outside "
+                                           f"{name}'s range (largest {fmax:.4g}), the dtype this call computes "
+                                           f"scores in; they would become inf", checked.sources[where],
+                                           node.span, where)
+
+
 # int64 wraps around; for these operations the wrapped result is still right whenever the final value fits, so
 # only an int that leaves such a chain (into a comparison, //, float(), an index, ...) must fit in 64 bits.
 _RING_OPS = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.POW, Op.NEG})
@@ -274,10 +297,10 @@ def _check_int_of_float(node: Call, env, fail) -> None:
     if not (math.isfinite(r.lo) and math.isfinite(r.hi)):
         fail(f"int() of a value that can be {_fmt_interval(r)} here: inf and NaN are outside 64 bits (int64 "
              f"overflow: they have no int value); clamp it into a finite range first", node)
-    for read in walk(arg):  # clamp() gives finite bounds, but a NaN passes through it
-        if isinstance(read, Index) and read.dtype is DType.FLOAT and env.get(read.tensor) == TOP:
-            fail(f"int() of a value read from tensor {read.tensor!r}, which holds NaN (or both -inf and inf): "
-                 f"NaN is outside 64 bits (int64 overflow: it has no int value)", node)
+    for sub in walk(arg):  # clamp() gives finite bounds, but a NaN passes through it
+        if sub.dtype is DType.FLOAT and bounds(sub, env) == TOP:  # NaN tensors, sqrt(-1.0), 0.0 * inf, ...
+            fail("int() of a value that can be NaN here (a NaN passes through clamp, min and max): NaN is "
+                 "outside 64 bits (int64 overflow: it has no int value)", node)
     if _beyond_int64(bounds(node, env)):
         fail(f"int() of a value that can reach {_fmt_interval(r)}, outside 64 bits (int64 overflow); keep it a "
              f"float, or clamp it first", node)

@@ -29,7 +29,7 @@ from .lower_torch import evaluate, positions, row_values
 from .memo import IdentityMemo
 from .plan import CallPlan
 
-__all__ = ["finish", "sink_values", "head_values", "per_head", "sink_finite"]
+__all__ = ["finish", "sink_values", "head_values", "per_head", "sink_finite", "lse_float32"]
 
 _FINITE = IdentityMemo()  # bound sink expressions and value ranges whose sink is provably finite
 
@@ -123,3 +123,22 @@ def finish(out: torch.Tensor, lse: torch.Tensor, plan: CallPlan, float_dtype: to
             out = out * factor.unsqueeze(-1)
         lse = torch.where(none, torch.full((), -math.inf, dtype=float_dtype, device=out.device), both)
     return out, lse
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def lse_float32(lse: torch.Tensor, returned: bool = True) -> torch.Tensor:
+    """lse as the float32 every backend returns. A float64 lse past float32's range (float64 inputs with
+    ``scale=1e200``) would become +-inf there, and lse = -inf means an empty row (out 0): an AttnLangError instead,
+    when the lse is ``returned`` to the caller. One reduction over [B, Hq, Sq] and one host sync, for float64 lse
+    only (a float32 lse cannot overflow)."""
+    if lse.dtype != torch.float64 or not returned:
+        return lse.to(torch.float32)
+    beyond = torch.isfinite(lse) & (lse.abs() > _FLOAT32_MAX)
+    if bool(beyond.any()):
+        where = [int(x) for x in beyond.nonzero()[0]]
+        raise AttnLangError(f"lse is {float(lse[tuple(where)]):.4g} in row b={where[0]}, h={where[1]}, "
+                            f"q_idx={where[2]}, outside float32's range (largest {_FLOAT32_MAX:.4g}); lse is "
+                            f"float32: scale the scores down (scale=, or the score expression)")
+    return lse.to(torch.float32)

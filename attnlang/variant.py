@@ -12,7 +12,7 @@ import torch
 
 from . import op as _op
 from .ast import DType, Index, names_used, walk
-from .check import Checked, bind, check, check_index_bounds, check_named_tensor, dtype_of_torch
+from .check import Checked, bind, check, check_float_range, check_index_bounds, check_named_tensor, dtype_of_torch
 from .errors import AttnLangError
 from .intervals import Interval, bounds, tensor_range
 from .memo import MEMO, IdentityMemo
@@ -183,7 +183,15 @@ class Variant:
             out [B, Hq, Sq, Dv] in q's dtype, or (out, lse) with return_lse.
         Raises:
             AttnLangError: bad shapes, dtypes or devices; missing, extra or mis-shaped tensors; an index that can
-                fall outside its tensor; a backend that cannot run this variant here.
+                fall outside its tensor; a backend that cannot run this variant here; int() of inf or NaN, or an
+                int that overflows int64; a float literal, param or tensor value past the compute dtype's range
+                (float32's 3.4e38 for float32 / 16-bit inputs; float64 for float64); a float64 lse past
+                float32's (lse is float32); a NaN or +inf score at an allowed position.
+
+        NaN, on every backend: comparisons with NaN are False as in IEEE (``!=`` is True), NaN propagates
+        through arithmetic, functions and min / max / clamp (``sign(NaN)`` is 0, as torch gives), and a mask
+        that is False masks its position: ``sqrt(-1.0) > 0.0`` masks every key, silently. A score that is NaN
+        at an allowed position is an error; at a masked position it is never seen.
         """
         if torch.compiler.is_compiling():
             # under torch.compile the call is one custom op (attnlang.op): Dynamo never traces what follows
@@ -228,8 +236,12 @@ class Variant:
         env.update({n: _value_range(t) for n, t in tensors.items()})
         shapes = {n: tuple(t.shape) for n, t in tensors.items()}
         # the interval walk costs ~0.1 ms per call: once per bound expressions, sizes and value ranges
-        _BOUNDS_OK.get((bound_original,), (tuple(env.items()), tuple(shapes.items())),
-                       lambda: check_index_bounds(bound_original, env, shapes))
+        fmax = _compute_max(q)
+
+        def checks():
+            check_index_bounds(bound_original, env, shapes)
+            check_float_range(bound_original, env, fmax)
+        _BOUNDS_OK.get((bound_original,), (tuple(env.items()), tuple(shapes.items()), fmax), checks)
         score, sink = bound_simple.score, bound_simple.sink
         if bound_shift is not None and not _finite_rows(bound_shift, env, q, B, Hq, Sq, Skv, tensors):
             # A row term that is not finite masks its whole row: dropping it would change the result.
@@ -322,15 +334,23 @@ def _first_read(checked: Checked, name: str):
 
 
 def _finite_rows(shift, env, q, B, Hq, Sq, Skv, tensors) -> bool:
-    """Whether the dropped row term is finite for every (b, h, q_idx): by intervals when they can tell, else by
-    evaluating it on the [B, Hq, Sq] grid."""
+    """Whether the dropped row term is finite in the compute dtype (float32, float64 for float64 q) for every
+    (b, h, q_idx): by intervals when they can tell, else by evaluating it on the [B, Hq, Sq] grid. A term past
+    float32's range (``score - t[q_idx] * 1e30``) is not: the score itself then leaves the range in the kernel,
+    where +inf is an error and -inf masks, and lse stays -inf only where out is 0."""
+    fmax = _compute_max(q)
     r = bounds(shift, env)
-    if math.isfinite(r.lo) and math.isfinite(r.hi):
+    if -fmax <= r.lo and r.hi <= fmax:
         return True
     from .lower_torch import row_values
     with torch.no_grad():
         val = row_values(shift, B, Hq, Sq, Skv, tensors, torch.float64, q.device)
-    return bool(torch.isfinite(val).all())
+    return bool((val.abs() <= fmax).all())
+
+
+def _compute_max(q: torch.Tensor) -> float:
+    """The largest finite value of the dtype every backend computes scores in for q's dtype."""
+    return torch.finfo(torch.float64 if q.dtype == torch.float64 else torch.float32).max
 
 
 _NAMES = IdentityMemo()  # bound expressions -> the names they read

@@ -13,7 +13,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..ast import Binary, Call, Const, DType, Index, Op, names_used, walk
-from ..denominator import finish
+from ..denominator import finish, lse_float32
 from ..errors import AttnLangError
 from ..lower_torch import evaluate, positions, row_values
 from ..plan import CallPlan
@@ -73,7 +73,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan,
     if lse_shift is not None:
         shift = row_values(lse_shift, B, Hq, Sq, Skv, tensors, fd, q.device)
         lse = lse + shift.to(lse.dtype)
-    return out, lse.to(torch.float32)
+    return out, lse_float32(lse, plan.return_lse)
 
 
 def _raise_bad_score(s3: torch.Tensor, start: int, source: tuple | None = None):

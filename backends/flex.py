@@ -40,7 +40,7 @@ from collections import OrderedDict
 import torch
 
 from ..ast import Binary, Call, Const, DType, Expr, Index, Op, Var, children, names_used, walk, with_children
-from ..denominator import finish
+from ..denominator import finish, lse_float32
 from ..errors import AttnLangError
 from ..lower_torch import evaluate, row_values
 from ..memo import MEMO, IdentityMemo
@@ -770,11 +770,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
     lse = torch.where(empty, torch.full_like(lse, -math.inf), lse)
     out = torch.where(empty.unsqueeze(-1), torch.zeros((), dtype=out.dtype, device=out.device), out)
     out, lse = finish(out, lse, plan, fd)  # the sink and normalize=False, through lse
-    lse = lse.to(torch.float32)
     if plan.lse_shift is not None:
         shift = row_values(plan.lse_shift, B, Hq, Sq, plan.kv_len, plan.tensors, fd, q.device)
-        lse = lse + shift.to(torch.float32)
-    return out.to(q.dtype), lse
+        lse = lse + shift.to(lse.dtype)
+    return out.to(q.dtype), lse_float32(lse, plan.return_lse)
 
 
 _LENGTHS: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()

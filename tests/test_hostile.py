@@ -159,3 +159,122 @@ def test_inference_tensors_on_the_cpu_are_checked_and_cached_by_their_values():
     t.numpy()[0] = 1.0
     memo.get(t, "x", lambda x: calls.append(1))
     assert len(calls) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. scores and lse that leave the compute dtype's range are errors on every backend; lse = -inf only where out = 0
+
+@pytest.mark.parametrize("score, params, tensors, token", [
+    ("score - 1e39", {}, {}, "1e39"),                      # was: lse -inf on every row, out finite
+    ("score + 1e39", {}, {}, "1e39"),                      # was: lse +inf
+    ("score + c", {"c": 1e308}, {}, "c"),                  # was: lse +inf (while score * c was refused)
+    ("score * c", {"c": 1e308}, {}, "c"),
+    ("score + t[q_idx]", {}, {"t": torch.full((6,), 1e39, dtype=torch.float64)}, "t[q_idx]"),
+    ("score - t[kv_idx]", {}, {"t": torch.full((6,), 1e39, dtype=torch.float64)}, "t[kv_idx]"),
+])
+@pytest.mark.parametrize("backend", ["eager", "flex"])
+def test_float32_values_past_its_range_are_an_error(score, params, tensors, token, backend):
+    q = torch.randn(1, 2, 6, 8, generator=torch.Generator().manual_seed(0))
+    v = al.compile(score, params=params)
+    with pytest.raises(al.AttnLangError, match="outside float32's range") as info:
+        v(q, q, q, backend=backend, return_lse=True, **tensors)
+    assert info.value.where == "score" and info.value.column == score.rindex(token) + 1
+
+
+def test_float64_inputs_keep_float64_range():
+    q = torch.randn(1, 2, 6, 8, dtype=torch.float64)
+    out = al.compile("score - 1e39")(q, q, q, backend="eager")
+    torch.testing.assert_close(out, al.compile("score")(q, q, q, backend="eager"))
+
+
+@pytest.mark.parametrize("backend", ["eager", "flex"])
+def test_float64_lse_past_float32_is_an_error_not_inf(backend):
+    q = torch.randn(1, 2, 6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    v = al.compile("score")
+    with pytest.raises(al.AttnLangError, match="lse .* outside float32's range"):
+        v(q, q, q, backend=backend, return_lse=True, scale=1e200)   # was: lse alternating -inf / +inf
+    out = v(q, q, q, backend=backend, scale=1e200)                  # out alone is fine in float64
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("sign, backend", [(1.0, "eager"), (1.0, "flex"), (-1.0, "eager"), (-1.0, "flex")])
+def test_row_term_overflowing_float32_in_the_product_is_never_a_lone_inf_lse(sign, backend):
+    # t * 1e30 fits neither float32 nor the dropped-row-term shortcut: the score itself leaves the range
+    q = torch.randn(1, 1, 4, 8, generator=torch.Generator().manual_seed(4))
+    v = al.compile("score + t[q_idx] * 1e30")
+    t = torch.tensor([0.0, sign * 1e10, 0.0, 0.0])
+    if sign > 0:
+        with pytest.raises(al.AttnLangError, match="inf"):
+            v(q, q, q, backend=backend, return_lse=True, t=t)
+        return
+    out, lse = v(q, q, q, backend=backend, return_lse=True, t=t)
+    assert lse[0, 0, 1] == -math.inf and bool((out[0, 0, 1] == 0).all())
+    assert bool(torch.isfinite(lse[0, 0, [0, 2, 3]]).all())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. NaN in masks: one rule on every backend. A comparison with NaN is False (IEEE; != is True), NaN propagates
+#    through arithmetic, abs, min / max / clamp; a False mask masks. A NaN *score* at an allowed position is an error.
+
+_T5 = torch.tensor([-1.0, 4.0, -2.0, 9.0, 0.25, -3.0, 1.0, 16.0])
+
+
+def _ieee(mask: str, t: torch.Tensor) -> list[bool]:
+    """The mask per kv_idx for q_idx = 0, with Python floats (IEEE) and NaN-propagating min / max / clamp."""
+    def sqrt(x):
+        return math.sqrt(x) if x >= 0 else math.nan
+
+    def pmax(a, b):
+        return a if (a >= b or a != a) else b
+
+    def pmin(a, b):
+        return a if (a <= b or a != a) else b
+    fns = {"sqrt": sqrt, "max": pmax, "min": pmin, "clamp": lambda x, lo, hi: pmin(pmax(x, lo), hi),
+           "abs": abs, "where": lambda c, a, b: a if c else b}
+    cases = {
+        "sqrt(-1.0) > 0.0": lambda j: sqrt(-1.0) > 0.0,
+        "sqrt(-1.0) != 0.0": lambda j: sqrt(-1.0) != 0.0,
+        "~(sqrt(-1.0) > 0.0)": lambda j: not sqrt(-1.0) > 0.0,
+        "sqrt(t[kv_idx]) > 0.5": lambda j: sqrt(t[j]) > 0.5,
+        "~(sqrt(t[kv_idx]) > 0.5)": lambda j: not sqrt(t[j]) > 0.5,
+        "sqrt(t[kv_idx]) <= 2.0": lambda j: sqrt(t[j]) <= 2.0,
+        "sqrt(t[kv_idx]) != sqrt(t[kv_idx])": lambda j: sqrt(t[j]) != sqrt(t[j]),
+        "max(sqrt(t[kv_idx]), 0.0) >= 0.0": lambda j: fns["max"](sqrt(t[j]), 0.0) >= 0.0,
+        "min(0.0, sqrt(t[kv_idx])) <= 0.0": lambda j: fns["min"](0.0, sqrt(t[j])) <= 0.0,
+        "clamp(sqrt(t[kv_idx]), 0.0, 1.0) >= 0.0": lambda j: fns["clamp"](sqrt(t[j]), 0.0, 1.0) >= 0.0,
+        "abs(sqrt(t[kv_idx])) >= 0.0": lambda j: abs(sqrt(t[j])) >= 0.0,
+        "sqrt(t[kv_idx]) < 100.0 | kv_idx == 0": lambda j: sqrt(t[j]) < 100.0 or j == 0,
+        "~(sqrt(t[kv_idx]) >= 1.0) & kv_idx < 6": lambda j: (not sqrt(t[j]) >= 1.0) and j < 6,
+    }
+    t = t.tolist()
+    return [bool(cases[mask](j)) for j in range(len(t))]
+
+
+@pytest.mark.parametrize("mask", ["sqrt(-1.0) > 0.0", "sqrt(-1.0) != 0.0", "~(sqrt(-1.0) > 0.0)",
+                                  "sqrt(t[kv_idx]) > 0.5", "~(sqrt(t[kv_idx]) > 0.5)", "sqrt(t[kv_idx]) <= 2.0",
+                                  "sqrt(t[kv_idx]) != sqrt(t[kv_idx])", "max(sqrt(t[kv_idx]), 0.0) >= 0.0",
+                                  "min(0.0, sqrt(t[kv_idx])) <= 0.0", "clamp(sqrt(t[kv_idx]), 0.0, 1.0) >= 0.0",
+                                  "abs(sqrt(t[kv_idx])) >= 0.0", "sqrt(t[kv_idx]) < 100.0 | kv_idx == 0",
+                                  "~(sqrt(t[kv_idx]) >= 1.0) & kv_idx < 6"])
+def test_nan_in_a_mask_follows_ieee_on_every_backend(mask):
+    S = len(_T5)
+    q = torch.zeros(1, 1, S, S)
+    one_hot = torch.eye(S).view(1, 1, S, S)   # out[q_idx] is the allowed set of that row, averaged
+    want = _ieee(mask, _T5)
+    v = al.compile(mask=mask)
+    tensors = {"t": _T5} if "t[" in mask else {}
+    for backend in ("eager", "flex"):
+        out, lse = v(q, q, one_hot, backend=backend, return_lse=True, **tensors)
+        got = (out[0, 0, 0] > 0).tolist()
+        assert got == want, (backend, got, want)
+        assert (lse[0, 0, 0] == -math.inf) == (not any(want))
+
+
+@pytest.mark.parametrize("backend", ["eager", "flex"])
+def test_nan_score_at_an_allowed_position_is_an_error_and_masked_nan_is_not(backend):
+    q = torch.randn(1, 1, 8, 4, generator=torch.Generator().manual_seed(5))
+    v = al.compile("score + sqrt(t[kv_idx])")
+    with pytest.raises(al.AttnLangError, match="(?i)nan"):
+        v(q, q, q, backend=backend, t=_T5)
+    masked = al.compile("score + sqrt(t[kv_idx])", "t[kv_idx] >= 0.0")   # NaN only where masked
+    assert torch.isfinite(masked(q, q, q, backend=backend, t=_T5)).all()
