@@ -335,3 +335,71 @@ def test_eager_gradients_equal_dense_float64(score, mask, lengths, seed):
         # lse comes back in float32, so its share of the gradient is float32-accurate
         torch.testing.assert_close(x, w, rtol=1e-5, atol=1e-5,
                                    msg=lambda m, name=name: f"d{name}: {score[0]!r} {mask[0]!r}\n{m}")
+
+
+# ----- (c) eager and flex (CPU) == dense float64, many variants in one process -----
+
+def _comparison_twins():
+    """Two masks ``a OP1 b`` and ``a OP2 b`` with the same operands: variants whose generated code differs in one
+    comparison only, the shape of the cross-variant cache collision of issue 19 (``kv_idx < pre[0]`` then
+    ``kv_idx >= pre[0]`` gave the first one's kernel)."""
+    I, F = _mask_int_float()
+    num = st.one_of(I, F)
+    ops = st.sampled_from(sorted(_CMP))
+
+    def build(t):
+        a, o1, o2, b = t
+        return [node(f"({a[0]} {o} {b[0]})", lambda e, a=a[1], o=o, b=b[1]: _bool_nodes_cmp(a(e), o, b(e)))
+                for o in (o1, o2)]
+    return st.tuples(num, ops, ops, num).filter(lambda t: t[1] != t[2]).map(build)
+
+
+def _bool_nodes_cmp(x, op, y):
+    if x.is_floating_point() or y.is_floating_point():
+        x, y = _f(x), _f(y)
+    return _CMP[op](x, y)
+
+
+def _mask_int_float():
+    I = st.one_of(st.sampled_from(["q_idx", "kv_idx", "h"]).map(lambda n: node(n, lambda e, n=n: e[n])),
+                  st.integers(-2, 9).map(lambda c: node(f"({c})", lambda e, c=c: _i(c))),
+                  st.just(node("ti[kv_idx]", lambda e: e["ti"][e["kv_idx"]])),
+                  st.just(node("ti[0]", lambda e: e["ti"][0])))
+    F = st.one_of(st.sampled_from(FLOAT_CONSTS).map(lambda c: node(f"({c!r})", lambda e, c=c: _f(c))),
+                  st.just(node("tf[1]", lambda e: e["tf"][1])),
+                  st.just(node("tf[h]", lambda e: e["tf"][e["h"]])))
+    return I, F
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.filter_too_much])
+@given(SCORES, MASKS, _comparison_twins(), st.sampled_from([(7, 11), (1, 5), (6, 1)]), st.integers(0, 3))
+def test_eager_and_flex_equal_dense_float64_in_one_process(score, mask, twins, lengths, seed):
+    """Every generated variant runs on eager and on flex's CPU path in this one process, each against the
+    independent interpreter: a cache keyed too loosely (one variant's kernel for another) shows as a mismatch."""
+    sq, skv = lengths
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, HQ, sq, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, HKV, skv, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, HKV, skv, D, generator=g, dtype=torch.float64)
+    env = env_for(q, k, sq, skv, seed)
+    shape = (B, HQ, sq, skv)
+    for sc, mk in [(score, mask), (score, twins[0]), (score, twins[1]), (node("score", lambda e: e["score"]),
+                                                                          twins[0])]:
+        want_s = torch.broadcast_to(_f(sc[1](env)), shape)
+        allowed = torch.broadcast_to(mk[1](env), shape)
+        var = al.compile(sc[0], mk[0])
+        tensors = {n: env[n] for n in ("tf", "ti", "tb") if f"{n}[" in sc[0] + mk[0]}
+        bad = bool(((torch.isnan(want_s) | (want_s == math.inf)) & allowed).any())
+        want_out, want_lse = dense_attention(want_s, allowed, v)
+        for backend in ("eager", "flex"):
+            if bad:
+                with pytest.raises(al.AttnLangError, match="allowed position"):
+                    var(q, k, v, backend=backend, return_lse=True, **tensors)
+                continue
+            out, lse = var(q, k, v, backend=backend, return_lse=True, **tensors)
+            msg = f"{backend}: {sc[0]!r} {mk[0]!r}"
+            torch.testing.assert_close(out, want_out, rtol=1e-7, atol=1e-7, msg=lambda m, msg=msg: f"{msg}\n{m}")
+            assert torch.equal(torch.isinf(lse), torch.isinf(want_lse)), msg
+            fin = torch.isfinite(want_lse)
+            torch.testing.assert_close(lse[fin].double(), want_lse[fin], rtol=1e-5, atol=1e-5)
