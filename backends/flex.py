@@ -381,7 +381,8 @@ def _mods(score: Expr, mask: Expr, names: tuple[str, ...], values, q_len: int, k
 def _code_key(score: Expr, mask: Expr, names: tuple[str, ...], q_len: int, kv_len: int, fd: torch.dtype,
               tie_to_score: bool, int_dtype: torch.dtype, any_length: bool) -> tuple:
     """Everything the mods of ``_mods`` compute from besides the tensors' values: the expressions in canonical text
-    with every node's type, the tensor names, dtypes, the tie, and the lengths they fold in."""
+    with every node's type, the tensor names, dtypes, the tie, and the lengths they fold in (callers add any
+    further option of ``_mods``, such as ``full_consts``)."""
     def typed(expr: Expr) -> tuple:
         return to_source(expr), tuple(n.dtype for n in walk(expr))
     return (typed(score), typed(mask), names, None if any_length else (q_len, kv_len), str(fd), str(int_dtype),
@@ -462,10 +463,9 @@ def _make_body(plan: CallPlan, names: tuple[str, ...], fd, kernel_options, want_
     fold = not any_length
     score, mask = _prepare(plan.score, q_len, kv_len, fd, fold), _prepare(plan.mask, q_len, kv_len, fd, fold)
     options = dict(kernel_options) if kernel_options else None
-    code_key = None if traced else _code_key(score, mask, names, q_len, kv_len, fd, tie_to_score, int_dtype,
-                                             any_length)
-
     full_consts = (options or {}).get("BACKEND") != "FLASH"
+    code_key = None if traced else _code_key(score, mask, names, q_len, kv_len, fd, tie_to_score, int_dtype,
+                                             any_length) + (full_consts,)
 
     def body(q, k, v, lengths, kv_num, kv_idx, full_num, full_idx, q_num, q_idx_, full_q_num, full_q_idx, *named):
         score_mod, mask_mod = _mods(score, mask, names, named, q_len, kv_len, fd, tie_to_score, int_dtype, lengths,
