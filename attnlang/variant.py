@@ -220,6 +220,7 @@ class Variant:
             raise AttnLangError(f"kernel_options must be a dict, got {type(kernel_options).__name__}")
         scale = _check_scale(scale, q.shape[-1])
         self._check_tensors(tensors, q.device)
+        _declared_ranges(kernel_options, tensors)
         dtypes = {n: dtype_of_torch(t.dtype) for n, t in tensors.items()}
         self._bind(dtypes)
         return scale, dtypes
@@ -233,7 +234,10 @@ class Variant:
             "b": Interval(0, B - 1), "h": Interval(0, Hq - 1), "q_idx": Interval(0, Sq - 1),
             "kv_idx": Interval(0, Skv - 1), "q_len": Interval(Sq, Sq), "kv_len": Interval(Skv, Skv),
         }
-        env.update({n: _value_range(t) for n, t in tensors.items()})
+        declared = _declared_ranges(kernel_options, tensors)
+        env.update({n: declared[n] if n in declared else _value_range(t) for n, t in tensors.items()})
+        for name, r in declared.items():
+            _assert_within(name, tensors[name], r)
         shapes = {n: tuple(t.shape) for n, t in tensors.items()}
         # the interval walk costs ~0.1 ms per call: once per bound expressions, sizes and value ranges
         fmax = _compute_max(q)
@@ -256,7 +260,8 @@ class Variant:
             score=score, mask=bound_simple.mask, lse_shift=bound_shift if return_lse else None,
             scale=scale, tensors={n: t for n, t in tensors.items() if n in used}, key=self._key,
             checked=self._checked, q_len=Sq,
-            kv_len=Skv, batch=B, q_heads=Hq, kv_heads=Hkv, options=dict(kernel_options or {}),
+            kv_len=Skv, batch=B, q_heads=Hq, kv_heads=Hkv,
+            options={k: o for k, o in (kernel_options or {}).items() if k != VALUE_RANGES},
             return_lse=return_lse, value_ranges=env, sink=sink, normalize=self._normalize)
 
     def _bind(self, dtypes: Mapping[str, DType]):
@@ -355,6 +360,47 @@ def _compute_max(q: torch.Tensor) -> float:
 
 _NAMES = IdentityMemo()  # bound expressions -> the names they read
 _BOUNDS_OK = IdentityMemo(1024)  # (bound expressions, sizes and value ranges) that passed check_index_bounds
+
+
+VALUE_RANGES = "value_ranges"  # kernel_options key: {tensor name: (lo, hi)}, declared instead of read
+
+
+def _declared_ranges(kernel_options, tensors) -> dict[str, Interval]:
+    """``kernel_options={"value_ranges": {name: (lo, hi)}}``: value ranges of named tensors the caller declares, so
+    the call checks need not read them (a read syncs the device, which a CUDA graph being captured forbids, and
+    which costs a sync per new version of a tensor written in place between calls)."""
+    spec = kernel_options.get(VALUE_RANGES) if isinstance(kernel_options, Mapping) else None
+    if spec is None:
+        return {}
+    if not isinstance(spec, Mapping):
+        raise AttnLangError(f"kernel_options['value_ranges'] must map tensor names to (lo, hi), got "
+                            f"{type(spec).__name__}")
+    out = {}
+    for name, r in spec.items():
+        if name not in tensors:
+            raise AttnLangError(f"kernel_options['value_ranges'] names {name!r}, which is not a tensor of this call "
+                                f"(tensors: {', '.join(sorted(tensors)) or 'none'})")
+        ok = (isinstance(r, (tuple, list)) and len(r) == 2
+              and all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in r)
+              and not any(math.isnan(x) for x in r) and r[0] <= r[1])
+        if not ok:
+            raise AttnLangError(f"kernel_options['value_ranges'][{name!r}] must be (lo, hi) numbers with lo <= hi, "
+                                f"got {r!r}")
+        out[name] = Interval(float(r[0]), float(r[1]))
+    return out
+
+
+def _assert_within(name: str, t: torch.Tensor, r: Interval) -> None:
+    """The declared range is checked, not trusted: on a GPU by a device-side assert (no sync; it fails the step and
+    the CUDA context), elsewhere at once as an AttnLangError."""
+    if t.numel() == 0:
+        return
+    inside = ((t >= r.lo) & (t <= r.hi)).all()
+    message = f"tensor {name!r} holds values outside its declared value_ranges [{r.lo}, {r.hi}]"
+    if t.is_cuda:
+        torch._assert_async(inside, message)
+    elif not bool(inside):
+        raise AttnLangError(message)
 
 
 def _value_range(t: torch.Tensor) -> Interval:

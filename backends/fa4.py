@@ -444,7 +444,8 @@ def unsupported(q: torch.Tensor, plan: CallPlan) -> str | None:
         if t.is_complex():
             return f"tensor {name!r} has a complex dtype"
         if not t.is_floating_point() and t.dtype != torch.bool and t.numel():
-            r = MEMO.get(t, "range", tensor_range)
+            # the call checks' range (read once per tensor version, or declared with kernel_options value_ranges)
+            r = plan.value_ranges.get(name) or MEMO.get(t, "range", tensor_range)
             lo, hi = int(r.lo), int(r.hi)
             if lo < -(1 << 31) or hi >= (1 << 31):
                 return f"tensor {name!r} holds values outside int32 ({lo}..{hi}); the kernel computes in int32"
@@ -465,7 +466,10 @@ def kernel_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Ca
     score_mod = getattr(mod, "score_mod", None) if low.score_mod else None
     score_mod_bwd = getattr(mod, "score_mod_bwd", None) if low.score_mod else None
     mask_mod = getattr(mod, "mask_mod", None) if low.mask_mod else None
-    aux = [MEMO.get(plan.tensors[n], "aux", _aux) for n in low.tensors] or None
+    # while a CUDA graph is captured the conversion is captured too (a cached copy would freeze the values a
+    # replay reads: a tensor written in place between replays, e.g. a cache length, keeps its version then)
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    aux = [_aux(plan.tensors[n]) if capturing else MEMO.get(plan.tensors[n], "aux", _aux) for n in low.tensors] or None
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if fixes is None:
         fixes = {g.fix for g in _guards(q, k, v, plan, low, grads)}

@@ -144,6 +144,30 @@ def test_value_checks_run_inside_the_compiled_graph():
         compiled(q, k, v, rel, pos)
 
 
+def test_declared_value_ranges_replace_the_read_and_are_checked(monkeypatch):
+    """kernel_options={"value_ranges": {name: (lo, hi)}}: the bounds check uses the declared range (no read, so no
+    sync in a CUDA-graph capture), the values are still checked against it, and the range must prove the bounds."""
+    import attnlang.variant as variant_module
+    index = al.compile(score="score + rel[h, pos[kv_idx]]")
+    q, k, v = _qkv(grad=False)
+    rel, pos = torch.randn(4, 19), torch.arange(19)
+    ref = index(q, k, v, rel=rel, pos=pos)
+    monkeypatch.setattr(variant_module, "_value_range", lambda t: pytest.fail("a declared range was read"))
+    options = {"value_ranges": {"pos": (0, 18), "rel": (-10.0, 10.0)}}
+    torch.testing.assert_close(index(q, k, v, rel=rel, pos=pos, kernel_options=options), ref)
+    compiled = torch.compile(lambda q, k, v, rel, pos: index(q, k, v, rel=rel, pos=pos, kernel_options=options),
+                             fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v, rel, pos), ref)
+    monkeypatch.undo()
+    with pytest.raises(al.AttnLangError, match="outside its declared value_ranges"):
+        index(q, k, v, rel=rel, pos=pos * 0 - 1, kernel_options={"value_ranges": {"pos": (0, 18)}})
+    with pytest.raises(al.AttnLangError, match="can take values"):  # the declared range proves nothing
+        index(q, k, v, rel=rel, pos=pos, kernel_options={"value_ranges": {"pos": (0, 19)}})
+    for bad in ({"nope": (0, 1)}, {"pos": (3, 1)}, {"pos": "0..18"}, [("pos", (0, 18))]):
+        with pytest.raises(al.AttnLangError, match="value_ranges"):
+            index(q, k, v, rel=rel, pos=pos, kernel_options={"value_ranges": bad})
+
+
 def test_the_key_is_rebuilt_in_a_process_that_did_not_trace():
     key = op.call_key(ALIBI, "eager", 0.5, True, {"chunk": 1}, ("slope",))
     spec = op._SPECS.pop(key)

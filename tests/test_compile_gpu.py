@@ -136,6 +136,46 @@ def test_decode_step_in_a_cuda_graph_replays_correctly(backend):
         torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
 
 
+LENGTH = al.compile(mask="kv_idx <= n[0]")
+
+
+@pytest.mark.skipif(not _fa4_available(), reason="needs flash-attn-4, sm90+")
+@torch.no_grad()
+def test_decode_with_a_length_tensor_in_a_cuda_graph():
+    """A static buffer filled up to n[0] (an int64 [1] device tensor written in place every step): the length's
+    range is declared (value_ranges), the kernel reads n from memory (bake False) without tiles derived from its
+    values (dense True), so the captured step needs no sync and every replay sees the current n."""
+    step = DecodeStep(backend="fa4")
+    L = step.k_cache.shape[2]
+    options = {"value_ranges": {"n": (0, L - 1)}, "bake": False, "dense": True}
+
+    def attend(q, k_new, v_new, pos):
+        step.k_cache.index_copy_(2, pos, k_new)
+        step.v_cache.index_copy_(2, pos, v_new)
+        return LENGTH(q, step.k_cache, step.v_cache, n=pos, backend="fa4", kernel_options=options)
+
+    static = _decode_inputs(step, 3)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            attend(*static)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attend(*static)
+    for seed in (10, 200, 701):
+        new = _decode_inputs(step, seed)
+        k, v = step.k_cache.clone(), step.v_cache.clone()
+        k.index_copy_(2, new[3], new[1])
+        v.index_copy_(2, new[3], new[2])
+        expected = LENGTH(new[0], k, v, n=new[3].clone(), backend="eager")
+        for buf, value in zip(static, new):
+            buf.copy_(value)
+        graph.replay()
+        torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @torch.no_grad()
 def test_decode_step_compiled_with_reduce_overhead(backend):
