@@ -1,6 +1,7 @@
 """The GPU trust matrix: every (backend, head dim, GQA, gradients, variant) cell against float64, on one GPU.
 
     python3 benchmarks/gpu_matrix.py --workers 10 --out benchmarks/results/gpu_matrix.json [--cells REGEX]
+    python3 benchmarks/gpu_matrix.py --cells 'REGEX' --merge --out SAME.json   # rerun some cells into a result
 
 Cells: backends fa4 and flex; head dims 8, 16, 32, 48, 64, 80, 96, 128, 192, 256; without GQA (Hq = Hkv = 4) and
 with it (Hq 4, Hkv 2); forward alone and forward + backward (gradients to q, k, v); variants
@@ -270,9 +271,15 @@ def _source_hash() -> str:
     return h.hexdigest()
 
 
+_PRIOR: list = []  # --merge: an earlier run's results for cells this run does not repeat
+
+
 def _write(path: Path, header: dict, cells: list, results: dict, started: float) -> None:
-    done = [results[i] for i in sorted(results) if not cells[i].get("unguarded")]
-    evidence = [results[i] for i in sorted(results) if cells[i].get("unguarded")]
+    order = {cell_id(c): n for n, c in enumerate(all_cells())}
+    merged = _PRIOR + [results[i] for i in sorted(results)]
+    merged.sort(key=lambda r: order.get(cell_id(r), len(order)))
+    done = [r for r in merged if not r.get("unguarded")]
+    evidence = [r for r in merged if r.get("unguarded")]
     counts = {o: sum(r["outcome"] == o for r in done) for o in ("pass", "declined", "fail")}
     doc = dict(header, seconds=round(time.time() - started, 1), counts=counts, tolerances=TOL, cells=done,
                evidence=evidence)
@@ -290,6 +297,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=470.0, help="seconds for the whole matrix")
     ap.add_argument("--no-evidence", action="store_true", help="leave out the unguarded fa4 cells")
     ap.add_argument("--list", action="store_true", help="print the cell ids and exit")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the cells of an existing --out file that this run does not repeat (a rerun of some)")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to try the driver itself (cells then decline)")
     args = ap.parse_args(argv)
     cells = all_cells()
@@ -309,6 +318,11 @@ def main(argv=None) -> int:
               "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)), "workers": args.workers}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge and out.exists():
+        ids = {cell_id(c) for c in cells}
+        old = json.loads(out.read_text())
+        _PRIOR.extend(r for r in old.get("cells", []) + old.get("evidence", []) if cell_id(r) not in ids)
+        header["merged_from"] = old.get("started")
     ctx = mp.get_context("spawn")
     tasks, results_q = ctx.Queue(), ctx.Queue()
     for i, c in enumerate(cells):
@@ -364,8 +378,10 @@ def main(argv=None) -> int:
             p.kill()
     _write(out, header, cells, results, started)
     done = [r for i, r in results.items() if not cells[i].get("unguarded")]
+    done += [r for r in _PRIOR if not r.get("unguarded")]
     fails = [cell_id(r) for r in done if r["outcome"] == "fail"]
-    print(f"{len(done)} cells: {sum(r['outcome'] == 'pass' for r in done)} pass, "
+    merged = " (with the merged ones)" if _PRIOR else ""
+    print(f"{len(done)} cells{merged}: {sum(r['outcome'] == 'pass' for r in done)} pass, "
           f"{sum(r['outcome'] == 'declined' for r in done)} declined, {len(fails)} fail "
           f"({time.time() - started:.0f} s); written to {out}")
     for f in fails:
