@@ -146,7 +146,17 @@ def _flash_fits(q, plan: CallPlan, dv: int, grads: bool) -> str | None:
         return "flash_attn.cute (flash-attn-4) is not importable"
     if not _ints_fit_int32(plan):
         return "an int value may leave int32 here, and the FLASH kernel computes ints in int32"
+    if _has_floor_division(plan):
+        # GPU matrix (benchmarks/results/gpu_run1/gpu_matrix.json, H200, torch 2.11): FLASH forward of
+        # `(q_idx - kv_idx) % 5 != 2` was wrong at head dims 64, 96 and 128 (max rel. error 0.43-1.11) where TRITON
+        # and the fa4 backend were right: FLASH's code generator does not keep Python's signs for % and //
+        return "FLASH's code generator gets % and // of negative ints wrong (GPU matrix); TRITON runs this call"
     return None
+
+
+def _has_floor_division(plan: CallPlan) -> bool:
+    exprs = [plan.score, plan.mask] + ([plan.sink] if getattr(plan, "sink", None) is not None else [])
+    return any(isinstance(n, Binary) and n.op in (Op.MOD, Op.FLOORDIV) for e in exprs for n in walk(e))
 
 
 def _flash_key(plan: CallPlan, q) -> tuple:
@@ -600,6 +610,7 @@ SMALLER_TILES = (
 )
 _FORWARD_TILE_KEYS = ("BLOCK_M", "BLOCK_N")
 _tile_level: dict = {}  # (variant, shape class, grads) -> index into SMALLER_TILES that last worked
+_backward_compiled: set = set()  # (variant, shape class, tiles) whose TRITON backward has compiled and run
 
 
 def _tiles_key(plan: CallPlan, q, grads: bool) -> tuple:
@@ -643,6 +654,21 @@ def _run_with_smaller_tiles(run, kernel, key, q_len: int):
         if level >= 0:
             _tile_level[key] = level
         return out, lse, kernel
+
+
+def _compile_backward_now(out: torch.Tensor, inputs, key) -> None:
+    """Run this graph's backward once, with a zero upstream gradient and the graph kept, the first time a key is
+    seen. AOTAutograd compiles the backward lazily, so a Triton backward that runs out of shared memory (H200,
+    head dim 128, gradients to a [Sq, Skv] bias: "Required: 233472, Hardware limit: 232448",
+    benchmarks/results/gpu_run1) would otherwise fail in the caller's ``backward()``, where no smaller tiles can be
+    tried. Here it fails inside ``_run_with_smaller_tiles``, which retries with SMALLER_TILES; the caller's backward
+    then reuses the compiled kernel. Costs one backward per (variant, shape class, tiles), not per call."""
+    if key in _backward_compiled:
+        return
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    if leaves and out.requires_grad:
+        torch.autograd.grad(out, leaves, grad_outputs=torch.zeros_like(out), retain_graph=True, allow_unused=True)
+    _backward_compiled.add(key)
 
 
 def _kernel_failure(kernel, e: BaseException):
@@ -720,7 +746,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
             # the unfused path warns that it is unfused, and return_lse is deprecated on newer torch
             warnings.simplefilter("ignore", UserWarning)
             warnings.simplefilter("ignore", FutureWarning)
-            return fn(q, kk, vv, lengths, *_block_tensors(bm), *named)
+            res = fn(q, kk, vv, lengths, *_block_tensors(bm), *named)
+            if grads and kern != "FLASH" and q.is_cuda and not torch.cuda.is_current_stream_capturing():
+                _compile_backward_now(res[0], (q, kk, vv, *named), (_tiles_key(plan, q, grads), repr(tiles)))
+            return res
 
     explicit = bool(plan.options) and "BACKEND" in plan.options
     try:
@@ -836,3 +865,4 @@ def clear_caches() -> None:
     _flash_lengths.clear()
     _LENGTHS.clear()
     _tile_level.clear()
+    _backward_compiled.clear()

@@ -272,3 +272,28 @@ def test_decoding_compiles_a_bounded_number_of_graphs():
     after = flex.cache_info()
     assert after["compiled"] - before["compiled"] <= 1, (before, after)
     assert after["graphs"] - before["graphs"] <= 2, (before, after)
+
+
+def test_flash_is_not_chosen_for_floor_division():
+    # GPU matrix: FLASH's forward of `(q_idx - kv_idx) % 5 != 2` was wrong on the H200; TRITON runs such calls
+    q = torch.randn(1, 2, 64, 16)
+    plan = al.compile(mask="(q_idx - kv_idx) % 5 != 2")._plan(q, q, q, None, "flex", False, None, {})
+    assert flex._has_floor_division(plan)
+    plan = al.compile(score="score + float(kv_idx // 3)")._plan(q, q, q, None, "flex", False, None, {})
+    assert flex._has_floor_division(plan)
+    plan = al.compile(mask="q_idx >= kv_idx")._plan(q, q, q, None, "flex", False, None, {})
+    assert not flex._has_floor_division(plan)
+
+
+def test_backward_is_compiled_once_per_key_with_the_graph_kept():
+    # the eager probe of a lazily compiled backward: a zero upstream gradient, the caller's graph still usable
+    flex._backward_compiled.clear()
+    x = torch.randn(4, requires_grad=True)
+    out = (x * 2).exp()
+    flex._compile_backward_now(out, (x,), "key")
+    assert "key" in flex._backward_compiled and x.grad is None
+    flex._compile_backward_now(out, (x,), "key")  # a second call is a no-op
+    out.sum().backward()  # the graph was retained
+    torch.testing.assert_close(x.grad, 2 * (x * 2).exp())
+    flex.clear_caches()
+    assert not flex._backward_compiled
