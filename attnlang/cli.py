@@ -18,6 +18,7 @@ import sys
 import time
 
 from .ast import Index, walk
+from .check import check_named_tensor
 from .errors import AttnLangError
 
 __all__ = ["main"]
@@ -102,12 +103,14 @@ def cmd_explain(args) -> int:
     kv_len = args.kv_len if args.kv_len is not None else q_len
     if kv_len is not None and q_len is None:
         q_len = kv_len
+    tensors = _tensors(args.tensor)  # loaded and checked with or without --png: a bad file is never ignored
+    for name, t in tensors.items():
+        check_named_tensor(name, t, v.checked.tensors)
     print(v.explain(q_len=q_len, kv_len=kv_len))
     if args.png:
         from .picture import draw
         q_len = q_len or 1024
         kv_len = kv_len or q_len
-        tensors = _tensors(args.tensor)
         missing = sorted({n.tensor for n in walk(v.simplified.mask) if isinstance(n, Index)} - set(tensors))
         if missing:
             raise AttnLangError(f"the mask reads tensor {missing[0]!r}; to draw it pass --tensor {missing[0]}=FILE "

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -85,21 +86,23 @@ _MAX_LEN = 1 << 62           # lengths whose block bounds still fit int64
 def _as_block_size(block_size) -> tuple[int, int]:
     if isinstance(block_size, bool):
         raise AttnLangError(f"block_size must be an int or a pair of ints, got {block_size!r}")
-    if isinstance(block_size, int):
+    if isinstance(block_size, numbers.Integral):
         block_size = (block_size, block_size)
     try:
         bq, bk = block_size
     except (TypeError, ValueError):
         raise AttnLangError(f"block_size must be an int or a pair of ints, got {block_size!r}") from None
     for x in (bq, bk):
-        if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 1:
             raise AttnLangError(f"block sizes must be positive ints, got {block_size!r}")
+        if x > _MAX_LEN:  # kind's block counts and the analysis' int64 block bounds
+            raise AttnLangError(f"block sizes must be at most 2**62, got {block_size!r}")
     return int(bq), int(bk)
 
 
 def positive_int(name: str, value) -> int:
     """``value`` as an int, or AttnLangError naming ``name`` unless it is a positive int (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:  # numpy ints too
         raise AttnLangError(f"{name} must be a positive int, got {value!r}")
     return int(value)
 
@@ -111,6 +114,8 @@ def _as_device(device) -> torch.device:
         torch.empty(0, device=device)
     except (RuntimeError, TypeError, ValueError, AssertionError) as e:
         raise AttnLangError(f"device {device!r} is not a usable torch device here: {e}") from None
+    if device.type == "meta":
+        raise AttnLangError("device 'meta' holds no values; block_sparsity's kind needs a real device")
     return device
 
 

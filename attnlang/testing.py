@@ -44,6 +44,7 @@ from .ast import DType, Index, walk
 from .check import bind
 from .errors import AttnLangError
 from .intervals import Interval, bounds
+from .sparsity import positive_int
 from .variant import Variant
 from .variant import compile as compile_variant
 
@@ -391,6 +392,8 @@ def tensors_for(variant: Variant, batch: int, q_heads: int, q_len: int, kv_len: 
         AttnLangError: an index whose range is unbounded for these sizes (it reads another tensor's values
             without clamp), or no element types that type-check.
     """
+    for name, value in (("batch", batch), ("q_heads", q_heads), ("q_len", q_len), ("kv_len", kv_len)):
+        positive_int(name, value)
     types_ = _tensor_dtypes(variant, dtypes)
     env = {"b": Interval(0, batch - 1), "h": Interval(0, q_heads - 1), "q_idx": Interval(0, q_len - 1),
            "kv_idx": Interval(0, kv_len - 1), "q_len": Interval(q_len, q_len), "kv_len": Interval(kv_len, kv_len)}
@@ -462,6 +465,20 @@ def _compare(what: str, got: torch.Tensor, ref: torch.Tensor, atol: float, rtol:
             f"{float(err.max()):.3g}\n{context}")
 
 
+def _tolerance_pair(dtype, value) -> tuple:
+    """A tolerances entry as ((atol, rtol) for out / lse, (atol, rtol) for grads): one (atol, rtol) pair serves
+    both."""
+    def pair(x) -> bool:
+        return (isinstance(x, (tuple, list)) and len(x) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in x))
+    if pair(value):
+        return (tuple(value), tuple(value))
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(pair(v) for v in value):
+        return (tuple(value[0]), tuple(value[1]))
+    raise AttnLangError(f"tolerances[{dtype}] must be (atol, rtol) or ((atol, rtol), (grad atol, grad rtol)) of "
+                        f"non-negative numbers, got {value!r}")
+
+
 def assert_backends_agree(variant: Variant, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                           backend: str = "flex", reference: str = "eager", grads: bool = True,
                           named_grads: bool = True, lse_grads: bool = True,
@@ -482,7 +499,8 @@ def assert_backends_agree(variant: Variant, q: torch.Tensor, k: torch.Tensor, v:
         lse_grads: with ``grads``, put lse into the loss (flex's FLASH kernel cannot differentiate lse: False
             leaves the ``sum(lse * g_lse)`` term out; lse values are still compared).
         kernel_options: passed to the backend under test only.
-        tolerances: {dtype: ((atol, rtol) for out/lse, (atol, rtol) for grads)}, overriding ``TOLERANCES``.
+        tolerances: {dtype: ((atol, rtol) for out/lse, (atol, rtol) for grads)}, or {dtype: (atol, rtol)} for
+            both, overriding ``TOLERANCES``.
         **tensors: the variant's named tensors.
     Raises:
         AssertionError: a mismatch, naming the quantity, the worst element, both values and the tolerance.
@@ -490,7 +508,9 @@ def assert_backends_agree(variant: Variant, q: torch.Tensor, k: torch.Tensor, v:
     """
     tol = dict(TOLERANCES)
     if tolerances:
-        tol.update(tolerances)
+        if not isinstance(tolerances, Mapping):
+            raise AttnLangError(f"tolerances must be a dict {{dtype: (atol, rtol)}}, got {type(tolerances).__name__}")
+        tol.update({dt: _tolerance_pair(dt, value) for dt, value in tolerances.items()})
     (atol, rtol), (gatol, grtol) = tol[q.dtype]
     context = (f"variant: score={variant.canonical[0]!r}, mask={variant.canonical[1]!r}; backend {backend!r} vs "
                f"{reference!r}; q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, {q.dtype}, "

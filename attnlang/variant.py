@@ -16,6 +16,7 @@ from .check import Checked, bind, check, check_float_range, check_index_bounds, 
 from .errors import AttnLangError
 from .intervals import Interval, bounds, tensor_range
 from .memo import MEMO, IdentityMemo
+from .parse import MAX_LENGTH
 from .plan import CallPlan
 from .printer import to_source
 from .simplify import Simplified, simplify_variant
@@ -315,7 +316,7 @@ class _ZeroGrads(torch.autograd.Function):
 def _connect_unread(out, lse, plan: CallPlan, tensors):
     """A bound tensor that requires grad but that the simplified call does not read (a per-row term dropped from
     the score moves softmax by nothing): give it a zero gradient, as the unsimplified variant would."""
-    read = names_used(plan.score) | names_used(plan.mask)
+    read = names_used(plan.score)  # a tensor read only by the mask (a bool) carries no gradient either
     if plan.sink is not None:
         read |= names_used(plan.sink)
     grads = {n: t for n, t in tensors.items() if t.requires_grad}
@@ -491,7 +492,11 @@ def compile(score: str = "score", mask: str = "True", params: Mapping[str, Any] 
     Args:
         score: how each pre-softmax score is modified; float; default "score".
         mask: which (q_idx, kv_idx) pairs may attend; bool; default "True".
-        params: compile-time scalars (int, float or bool) by name.
+        params: compile-time scalars (int, float or bool) by name. A param keeps its Python type, as a literal
+            would: ``{"w": 3}`` is the int 3 and ``{"w": 3.0}`` the float 3.0, so the two variants differ (their
+            canonical forms spell ``3`` and ``3.0``) even where the results agree (``score * w``), because
+            elsewhere they do not (``q_idx // w`` is an int, ``q_idx // 3.0`` a float; ``w`` as an index must be
+            an int).
         sink: the logit of one extra key per row that enters the softmax's denominator and carries no value
             (gpt-oss's learned per-head sinks ``"sinks[h]"``; "softmax plus one" (Miller 2023) is ``"0"``); a
             number expression of b, h, q_idx, q_len, kv_len, params and tensors. Default None: no sink.
@@ -533,8 +538,8 @@ def from_config(config) -> Variant:
     unknown = [k for k in config if k not in CONFIG_KEYS]
     if unknown:
         raise AttnLangError(f"unknown key {unknown[0]!r} in variant config; expected keys: {', '.join(CONFIG_KEYS)}")
-    score = config.get("score", "score")
-    mask = config.get("mask", "True")
+    score = _constant_text(config.get("score", "score"), "score")
+    mask = _constant_text(config.get("mask", "True"), "mask")
     params = config.get("params", {})
     sink = config.get("sink")
     normalize = config.get("normalize", True)
@@ -556,9 +561,21 @@ def from_config(config) -> Variant:
     return compile(score, mask, params, sink, normalize)
 
 
+def _constant_text(value, key: str):
+    """A constant written as a YAML / JSON value (``mask: True``, ``score: 0.5``) as the expression it spells;
+    anything else unchanged (the type checks that follow report it)."""
+    if key == "mask" and isinstance(value, bool):
+        return "True" if value else "False"
+    if key == "score" and isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+        return repr(float(value)) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
 def _no_duplicates(pairs) -> dict:
     out = {}
     for key, value in pairs:
+        if not isinstance(key, (str, int, float, bool)) and key is not None:
+            raise AttnLangError(f"variant config keys are names; got a {type(key).__name__} key")
         if key in out:  # JSON and YAML keep the last silently; a config with two masks is a mistake
             raise AttnLangError(f"key {key!r} appears twice in the variant config")
         out[key] = value
@@ -570,25 +587,50 @@ def _yaml_loader():
 
     class UniqueKeyLoader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
+            explicit = sum(1 for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge")
+            self.flatten_mapping(node)  # merge keys (<<): their entries come first, explicit keys override them
             pairs = [(self.construct_object(k, deep=deep), self.construct_object(v, deep=deep))
                      for k, v in node.value]
-            return _no_duplicates(pairs)
+            cut = len(pairs) - explicit
+            for pair in pairs[:cut]:
+                _no_duplicates([pair])  # the key's type
+            # later merged entries win, as PyYAML orders them; explicit keys win over all and may not repeat
+            return {**dict(pairs[:cut]), **_no_duplicates(pairs[cut:])}
     return UniqueKeyLoader
+
+
+# a config holds at most three expressions of parse.MAX_LENGTH characters and a few params: longer text is refused
+# before any parser sees it (a 50 MB YAML document took 14 s to parse before the expression limit applied)
+_MAX_CONFIG_TEXT = 4 * MAX_LENGTH + 20_000
 
 
 def _load_text(text) -> Any:
     if isinstance(text, bytes):
+        if len(text) > 4 * _MAX_CONFIG_TEXT:  # utf-8: at most 4 bytes a character
+            raise AttnLangError(f"variant config text is {len(text)} bytes long; at most {_MAX_CONFIG_TEXT} "
+                                f"characters are read")
         text = text.decode("utf-8", errors="replace")
+    if len(text) > _MAX_CONFIG_TEXT:
+        raise AttnLangError(f"variant config text is {len(text)} characters long; at most {_MAX_CONFIG_TEXT} are "
+                            f"read (three expressions of {MAX_LENGTH} and params)")
     try:
         return json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError:
         pass
+    except RecursionError:
+        raise AttnLangError("variant config JSON is nested too deeply") from None
+    except ValueError as e:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        raise AttnLangError(f"variant config JSON holds a value Python cannot read: {e}") from None
     try:
         import yaml
     except ImportError:  # pragma: no cover - PyYAML is a dependency
         raise AttnLangError("variant config text is not JSON, and PyYAML is not installed to read YAML") from None
     try:
         return yaml.load(text, Loader=_yaml_loader())
+    except RecursionError:
+        raise AttnLangError("variant config YAML is nested too deeply") from None
+    except (TypeError, ValueError) as e:  # e.g. a complex key (? [a, b]) that Python cannot hash
+        raise AttnLangError(f"variant config YAML cannot be read as a mapping of names: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         if mark is not None:

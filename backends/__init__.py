@@ -137,7 +137,28 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
+def _option_problem(backend: str, options) -> str | None:
+    """Unknown kernel_options keys: for a named backend, keys it does not take (eager takes none); for "auto",
+    keys no backend takes. None when they are fine."""
+    if not options:
+        return None
+    if backend == "eager":
+        return (f"backend 'eager' takes no kernel_options; got {', '.join(map(repr, sorted(map(str, options))))} "
+                f"(kernel_options are for 'flex' and 'fa4')")
+    if backend != "auto":
+        return None  # the backend's unsupported() checks its own keys
+    from . import fa4, flex
+    unknown = [k for k in options if k not in fa4.OPTIONS and flex.option_problem({k: None}) is not None]
+    if unknown:
+        return (f"{flex.option_problem({k: None for k in unknown})}; backend 'fa4' takes "
+                f"{', '.join(fa4.OPTIONS)}")
+    return None
+
+
 def run(backend: str, q, k, v, plan: CallPlan):
+    bad = _option_problem(backend, plan.options)
+    if bad is not None:
+        raise AttnLangError(bad)
     if backend != "auto":
         if backend != "eager":
             why_not = _module(backend).unsupported(q, plan)

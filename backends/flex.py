@@ -48,7 +48,8 @@ from ..plan import CallPlan
 from ..printer import to_source
 from ..sparsity import mask_block_sparsity
 
-__all__ = ["attention", "unsupported", "kernel_for", "cache_info", "clear_caches", "BLOCK_SIZE", "FLASH_HEAD_DIMS"]
+__all__ = ["attention", "unsupported", "option_problem", "kernel_for", "cache_info", "clear_caches", "BLOCK_SIZE",
+           "FLASH_HEAD_DIMS"]
 
 BLOCK_SIZE = (128, 128)              # (query rows, key columns) per BlockMask block: the flex kernels' tile
 FLASH_HEAD_DIMS = (64, 96, 128)      # head dims the FLASH (FlashAttention-4) kernel is chosen for automatically
@@ -179,8 +180,33 @@ def kernel_for(q, plan: CallPlan, dv: int | None = None, grads: bool = False) ->
     return "TRITON"
 
 
+def _known_options() -> frozenset:
+    """kernel_options keys flex takes: torch's FlexKernelOptions (also with its ``fwd_`` / ``bwd_`` prefixes) and
+    attnlang's own CPU_COMPILED; None where torch does not list them (every key is passed on then)."""
+    try:
+        from torch.nn.attention.flex_attention import FlexKernelOptions
+    except ImportError:  # pragma: no cover - torch without the TypedDict
+        return None
+    names = set(getattr(FlexKernelOptions, "__annotations__", {}))
+    return frozenset(names | {f"{p}{n}" for p in ("fwd_", "bwd_") for n in names} | {"CPU_COMPILED"})
+
+
+def option_problem(options) -> str | None:
+    """None when every kernel_options key is one flex takes, else which are not (with the known keys)."""
+    known = _known_options()
+    unknown = sorted(str(k) for k in (options or {}) if known is not None and k not in known)
+    if unknown:
+        listed = ", ".join(sorted(n for n in known if not n.startswith(("fwd_", "bwd_"))))
+        return (f"unknown kernel_options for backend 'flex': {', '.join(map(repr, unknown))}; expected some of "
+                f"{listed} (FlexAttention's, also with fwd_ / bwd_ prefixes)")
+    return None
+
+
 def unsupported(q, plan: CallPlan) -> str | None:
     """None if flex can run this call here, else the reason (shown by ``backend="auto"`` and in errors)."""
+    bad = option_problem(plan.options)
+    if bad:
+        return bad
     try:
         import torch.nn.attention.flex_attention  # noqa: F401
     except ImportError as e:  # pragma: no cover - torch >= 2.5 has it

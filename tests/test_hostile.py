@@ -278,3 +278,137 @@ def test_nan_score_at_an_allowed_position_is_an_error_and_masked_nan_is_not(back
         v(q, q, q, backend=backend, t=_T5)
     masked = al.compile("score + sqrt(t[kv_idx])", "t[kv_idx] >= 0.0")   # NaN only where masked
     assert torch.isfinite(masked(q, q, q, backend=backend, t=_T5)).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. kernel_options with unknown keys are errors listing the known keys, on every backend
+
+@pytest.mark.parametrize("backend, options, known", [
+    ("eager", {"BACKED": "TRITON"}, "takes no kernel_options"),
+    ("flex", {"BACKED": "TRITON"}, "BACKEND"),
+    ("auto", {"BACKED": "TRITON"}, "fastmath"),
+])
+def test_unknown_kernel_options_are_an_error(backend, options, known):
+    q = torch.randn(1, 1, 4, 8)
+    v = al.compile(mask="q_idx >= kv_idx")
+    with pytest.raises(al.AttnLangError, match="BACKED") as info:
+        v(q, q, q, backend=backend, kernel_options=options)
+    assert known in str(info.value)
+
+
+def test_known_kernel_options_still_run():
+    q = torch.randn(1, 1, 4, 8)
+    v = al.compile(mask="q_idx >= kv_idx")
+    want = v(q, q, q, backend="eager")
+    for backend, options in (("flex", {"BACKEND": "TRITON"}), ("flex", {"CPU_COMPILED": False}),
+                             ("auto", {"fastmath": True}), ("auto", {"BACKEND": "TRITON"})):
+        torch.testing.assert_close(v(q, q, q, backend=backend, kernel_options=options), want, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# wrong exception types: each an AttnLangError with a clear message
+
+@pytest.mark.parametrize("text, match", [
+    ('{"params": {"w": ' + "1" * 5000 + "}}", "cannot read"),
+    ('{"params": ' + "[" * 100000, "nested too deeply|characters long"),
+    ('{"params": ' + "[" * 30000, "nested too deeply"),
+    ("mask: " + "[" * 20000, "nested too deeply"),
+    ("? [a, b]\n: 1\n", "keys are names|mapping"),
+])
+def test_from_config_bad_text_is_an_attnlang_error(text, match):
+    with pytest.raises(al.AttnLangError, match=match):
+        al.from_config(text)
+
+
+def test_from_config_size_is_checked_before_parsing(monkeypatch):
+    import json
+
+    import yaml
+
+    def never(*args, **kwargs):
+        raise AssertionError("a parser read a config text longer than the limit")
+    monkeypatch.setattr(yaml, "load", never)
+    monkeypatch.setattr(json, "loads", never)
+    for text in ("mask: q_idx >= kv_idx\n" + "a: " + "x" * 5_000_000, b"x" * 5_000_000):
+        with pytest.raises(al.AttnLangError, match="long; at most"):
+            al.from_config(text)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(q_len=10, kv_len=10, block_size=10 ** 20), "at most 2\\*\\*62"),
+    (dict(q_len=10, kv_len=10, device="meta"), "meta"),
+])
+def test_block_sparsity_argument_errors(kw, match):
+    v = al.compile(mask="q_idx >= kv_idx")
+    with pytest.raises(al.AttnLangError, match=match):
+        v.block_sparsity(**kw)
+
+
+def test_block_sparsity_takes_numpy_integers():
+    np = pytest.importorskip("numpy")
+    v = al.compile(mask="q_idx >= kv_idx")
+    want = v.block_sparsity(q_len=10, kv_len=12, block_size=4).kind
+    got = v.block_sparsity(q_len=np.int64(10), kv_len=np.int32(12), block_size=np.int64(4)).kind
+    assert torch.equal(got, want)
+
+
+def test_testing_kit_argument_errors():
+    from attnlang.testing import Shape, assert_backends_agree, make_qkv, tensors_for
+    v = al.compile(mask="q_idx >= kv_idx")
+    with pytest.raises(al.AttnLangError, match="batch must be a positive int"):
+        tensors_for(v, 0, 0, 0, 0)
+    q, k, vv = make_qkv(Shape(1, 2, 2, 5, 5, 8))
+    assert_backends_agree(v, q, k, vv, backend="eager", tolerances={torch.float32: (1e-3, 1e-3)})
+    with pytest.raises(al.AttnLangError, match="tolerances"):
+        assert_backends_agree(v, q, k, vv, backend="eager", tolerances={torch.float32: 1e-3})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# usability: constants as YAML / JSON values, YAML merge keys
+
+@pytest.mark.parametrize("text, score, mask", [
+    ("mask: True\n", "score", "True"),
+    ("mask: false\n", "score", "False"),
+    ("score: 0.5\n", "0.5", "True"),
+    ("score: 2\n", "2.0", "True"),
+    ('{"mask": true}', "score", "True"),
+    ('{"score": -1.5, "mask": "q_idx >= kv_idx"}', "-1.5", "q_idx >= kv_idx"),
+])
+def test_config_constants_as_values(text, score, mask):
+    assert al.from_config(text) == al.compile(score, mask)
+
+
+def test_config_yaml_merge_keys():
+    text = "base: &b\n  window: 4\nmask: 0 <= q_idx - kv_idx < window\nparams:\n  <<: *b\n"
+    with pytest.raises(al.AttnLangError, match="unknown key 'base'"):   # merge keys load; 'base' is still unknown
+        al.from_config(text)
+    text = "params:\n  <<: {window: 4, extra: 1}\n  extra: 2\nmask: 0 <= q_idx - kv_idx < window + extra\n"
+    assert al.from_config(text) == al.compile(mask="0 <= q_idx - kv_idx < window + extra",
+                                              params={"window": 4, "extra": 2})
+    with pytest.raises(al.AttnLangError, match="twice"):
+        al.from_config("params:\n  <<: {w: 1}\n  x: 2\n  x: 3\nmask: q_idx - kv_idx < w + x\n")
+
+
+def test_tensor_read_only_in_the_mask_gets_a_zero_gradient():
+    q = torch.randn(1, 1, 4, 8, requires_grad=True)
+    t = torch.randn(4, requires_grad=True)
+    v = al.compile("score", "t[kv_idx] > -10.0 | kv_idx == 0")
+    out = v(q, q, q, backend="eager", t=t)
+    grad, = torch.autograd.grad(out.sum(), t)
+    assert grad is not None and torch.equal(grad, torch.zeros(4))
+
+
+def test_int_and_float_params_are_different_variants_as_documented():
+    assert al.compile("score * w", params={"w": 3}) != al.compile("score * w", params={"w": 3.0})
+    assert "keeps its Python type" in al.compile.__doc__
+
+
+def test_cli_explain_loads_and_checks_tensor_files_without_png(tmp_path, capsys):
+    from attnlang.cli import main
+    missing = tmp_path / "nope.pt"
+    assert main(["explain", "--mask", "doc[q_idx] == doc[kv_idx]", "--tensor", f"doc={missing}"]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    path = tmp_path / "doc.pt"
+    torch.save(torch.zeros(8, dtype=torch.long), path)
+    assert main(["explain", "--mask", "q_idx >= kv_idx", "--tensor", f"doc={path}"]) == 2
+    assert "neither expression reads it" in capsys.readouterr().err
