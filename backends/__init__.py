@@ -147,7 +147,7 @@ def _option_problem(backend: str, options) -> str | None:
                 f"(kernel_options are for 'flex' and 'fa4')")
     if backend != "auto":
         return None  # the backend's unsupported() checks its own keys
-    from . import fa4, flex
+    fa4, flex = _module("fa4"), _module("flex")
     unknown = [k for k in options if k not in fa4.OPTIONS and flex.option_problem({k: None}) is not None]
     if unknown:
         return (f"{flex.option_problem({k: None for k in unknown})}; backend 'fa4' takes "

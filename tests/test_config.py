@@ -105,9 +105,9 @@ def test_round_trip_any_params(window, cap, prefix, flag):
 @pytest.mark.parametrize("config, names", [
     ({"scor": "score"}, "'scor'"),
     ({"mask": "q_idx >= kv_idx", "window": 4}, "'window'"),
-    ({"score": 1}, "'score'"),
+    ({"score": [1]}, "'score'"),
     ({"mask": None}, "'mask'"),
-    ({"mask": True}, "'mask'"),
+    ({"mask": 1}, "'mask'"),
     ({"params": [1]}, "'params'"),
     ({"mask": "kv_idx < w", "params": {"w": "3"}}, "params.w"),
     ({"mask": "kv_idx < w", "params": {"w": [3]}}, "params.w"),

@@ -151,7 +151,7 @@ def test_config_defaults():
     ([1, 2], "mapping"),
     (3, "mapping"),
     ({"score": "score", "extra": 1}, "unknown key 'extra'"),
-    ({"score": 3}, "'score'"),
+    ({"score": True}, "'score'"),
     ({"mask": ["q_idx"]}, "'mask'"),
     ({"params": [1]}, "'params'"),
     ({"mask": "q_idx < w", "params": {"w": "3"}}, "params.w"),
