@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from .ast import Var, walk
+from .ast import Const, Index, Var, walk
 from .errors import AttnLangError
 from .intervals import bounds
 from .lower_torch import evaluate, positions, row_values
@@ -77,13 +77,49 @@ def per_head(plan: CallPlan) -> bool:
 
 def head_values(plan: CallPlan, device, float_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The sink of each query head for a ``per_head`` sink: a contiguous float_dtype [Hq] tensor, differentiable in
-    the tensors the sink reads (FA4's ``learnable_sink``, whose backward returns its gradient)."""
+    the tensors the sink reads (FA4's ``learnable_sink``, whose backward returns its gradient).
+
+    ``t[h]`` of a contiguous [Hq] float32 / bfloat16 / float16 tensor is that tensor itself (no kernel launched per
+    call); a constant sink is one cached tensor per value, size and device."""
+    direct = _direct_read(plan, float_dtype)
+    if direct is not None:
+        return direct
+    if isinstance(plan.sink, Const):
+        key = (float(plan.sink.value), plan.q_heads, str(device), float_dtype)
+        got = _CONSTANTS.get(key)
+        if got is None:
+            got = torch.full((plan.q_heads,), float(plan.sink.value), dtype=float_dtype, device=device)
+            _check(plan, got)
+            _CONSTANTS[key] = got
+            while len(_CONSTANTS) > 64:
+                _CONSTANTS.pop(next(iter(_CONSTANTS)))
+        return got
     names = positions(1, plan.q_heads, 0, 1, 1, device)
     names.update(q_len=torch.tensor(plan.q_len, device=device), kv_len=torch.tensor(plan.kv_len, device=device))
     val = evaluate(plan.sink, names, plan.tensors, float_dtype, device)
     val = val.to(float_dtype).expand(1, plan.q_heads, 1, 1).reshape(plan.q_heads).contiguous()
     _check(plan, val)
     return val
+
+
+_CONSTANTS: dict = {}
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # FA4's learnable_sink dtypes
+
+
+def _direct_read(plan: CallPlan, float_dtype: torch.dtype):
+    """The tensor ``t`` itself when the sink is ``t[h]`` over a contiguous [Hq] tensor the kernel can read."""
+    sink = plan.sink
+    if not (isinstance(sink, Index) and len(sink.indices) == 1 and isinstance(sink.indices[0], Var)
+            and sink.indices[0].name == "h"):
+        return None
+    t = plan.tensors[sink.tensor]
+    if tuple(t.shape) != (plan.q_heads,) or not t.is_contiguous():
+        return None
+    if t.dtype not in _KERNEL_DTYPES or (float_dtype == torch.float64) != (t.dtype == torch.float64):
+        return None
+    if not sink_finite(plan):
+        _check(plan, t.detach())
+    return t
 
 
 def _grid_names(expr) -> set[str]:
@@ -105,7 +141,7 @@ def finish(out: torch.Tensor, lse: torch.Tensor, plan: CallPlan, float_dtype: to
     Raises:
         AttnLangError: the sink is NaN or +inf somewhere.
     """
-    if plan.sink is None and plan.normalize:
+    if (plan.sink is None or sink_in_kernel) and plan.normalize:
         return out, lse
     out, lse = out.to(float_dtype), lse.to(float_dtype)
     if not plan.normalize:

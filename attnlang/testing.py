@@ -164,13 +164,16 @@ def make_qkv(shape: Shape, dtype=torch.float32, device="cpu", seed: int = 0, req
 # ---------------------------------------------------------------------------------------------------------------
 # variants: typed expression text, built bottom-up so every piece is well typed by construction
 
-def variants(max_depth: int = 3, tensors: bool = True, score: bool = True, mask: bool = True):
+def variants(max_depth: int = 3, tensors: bool = True, score: bool = True, mask: bool = True,
+             sinks: bool = False, unnormalized: bool = False):
     """Strategy of random well-typed ``Variant``s over score, b, h, q_idx, kv_idx, q_len, kv_len, constants, the
     functions and operators of LANGUAGE.md and (with ``tensors``) reads of the tensors in ``TENSOR_POOL``.
 
     Every generated variant runs without error on every shape: indices stay inside the tensors sized by
     ``tensors_for``, no integer division by zero, scores finite. ``score=False`` / ``mask=False`` keep that
-    expression at its default.
+    expression at its default. ``sinks=True``: about half the variants get a sink (LANGUAGE.md), a finite
+    score-free expression of b, h, q_idx, q_len, kv_len and tensors (``0``, ``f_vec[h]``, ...). ``unnormalized=True``:
+    about half get ``normalize=False`` (their scores are generated as for the others, so out stays finite).
     """
     st = _st()
 
@@ -178,9 +181,22 @@ def variants(max_depth: int = 3, tensors: bool = True, score: bool = True, mask:
     def draw_variant(draw):
         score_src = draw(_float_expr(max_depth, with_score=True, with_tensors=tensors)) if score else "score"
         mask_src = draw(_bool_expr(max_depth, with_tensors=tensors)) if mask else "True"
-        return compile_variant(score_src, mask_src)
+        sink_src = draw(st.one_of(st.none(), _sink_expr(max(0, max_depth - 1), tensors))) if sinks else None
+        normalize = not draw(st.booleans()) if unnormalized else True
+        return compile_variant(score_src, mask_src, sink=sink_src, normalize=normalize)
 
     return draw_variant()
+
+
+def _sink_expr(depth: int, with_tensors: bool):
+    """A finite float of the row alone: a score-free float with every ``kv_idx`` read as ``q_idx`` (the sink may
+    read neither ``kv_idx`` nor ``score``); the same index bounds hold, since tensors_for sizes reads per use."""
+    st = _st()
+    common = st.sampled_from(("0", "0.0", "-1.5", "2.0"))
+    if with_tensors:
+        common = st.one_of(common, st.just("f_vec[h]"))
+    row = _pos_float(depth, with_tensors).map(lambda text: text.replace("kv_idx", "q_idx"))
+    return st.one_of(common, row)
 
 
 def _read(st, want: str, depth: int):
@@ -409,7 +425,7 @@ def tensors_for(variant: Variant, batch: int, q_heads: int, q_len: int, kv_len: 
              for n, dt in types_.items()}
     checked = bind(variant.checked, dtmap)
     sizes: dict[str, list[int]] = {n: [_CLAMP_HI + 1] * variant.checked.tensors[n] for n in types_}
-    for where in ("score", "mask"):
+    for where in checked.wheres:
         for node in walk(checked.expr(where)):
             if isinstance(node, Index):
                 for axis, ix in enumerate(node.indices):

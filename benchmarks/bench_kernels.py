@@ -2,7 +2,10 @@
 
 Contenders: sdpa (full, causal), flex_triton and flex_flash (torch.compile(flex_attention) with kernel_options
 BACKEND TRITON / FLASH and a BlockMask from create_block_mask), fa4_builtin (flash_attn.cute.flash_attn_func with
-its own causal / window_size / softcap flags, where one exists), attnlang_fa4 (Variant(..., backend="fa4")).
+its own causal / window_size / softcap / learnable_sink arguments, where they exist), attnlang_fa4
+(Variant(..., backend="fa4")). sinks_window (gpt-oss: window 128 causal and a learned sink per head): flex has no
+sink, so its contenders apply the correction FlexAttention users write by hand, out * exp(lse - logaddexp(lse,
+sink)), compiled with the call (flex_flash's lse carries no gradient: its forward+backward time is a lower bound).
 Forward and forward+backward medians of triton.testing.do_bench; the first call's seconds (compile included);
 optionally (--second-process) the first call of attnlang_fa4 in a fresh process, which must find the kernels that
 this run compiled in the on-disk cache.
@@ -38,7 +41,9 @@ VARIANTS = {
     "alibi_causal": ("score + slope[h] * (kv_idx - q_idx)", "q_idx >= kv_idx"),
     "softcap_causal": ("30 * tanh(score / 30)", "q_idx >= kv_idx"),
     "document_random": ("score", "doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx"),
+    "sinks_window": ("score", "0 <= q_idx - kv_idx < 128"),
 }
+SINKS = {"sinks_window": "sinks[h]"}  # variant -> its sink expression (LANGUAGE.md)
 CONTENDERS = ("sdpa", "flex_triton", "flex_flash", "fa4_builtin", "fa4_varlen", "attnlang_fa4", "attnlang_auto")
 
 
@@ -57,6 +62,13 @@ def document_ids(S: int, device, seed: int = 0) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(device)
 
 
+def variant_of(name: str):
+    """The attnlang Variant of a benchmark row."""
+    import attnlang as al
+    score, mask = VARIANTS[name]
+    return al.compile(score=score, mask=mask, sink=SINKS.get(name))
+
+
 def named_tensors(name: str, S: int, H: int, device) -> dict:
     if name == "document":
         return {"doc": torch.arange(S, device=device) // (S // 8)}  # 8 equal documents
@@ -64,6 +76,8 @@ def named_tensors(name: str, S: int, H: int, device) -> dict:
         return {"doc": document_ids(S, device)}
     if name == "alibi_causal":
         return {"slope": torch.exp2(-8.0 * torch.arange(1, H + 1, device=device, dtype=torch.float32) / H)}
+    if name == "sinks_window":
+        return {"sinks": torch.linspace(-1.0, 2.0, H, device=device, dtype=torch.float32)}  # float32 [H] logits
     return {}
 
 
@@ -93,6 +107,7 @@ def _flex_mods(name, tensors):
         "prefix_lm": lambda b, h, q, kv: (kv < 1024) | (q >= kv),
         "alibi_causal": causal,
         "softcap_causal": causal,
+        "sinks_window": lambda b, h, q, kv: (q - kv >= 0) & (q - kv < 128),
     }
     scores = {
         "alibi_causal": lambda s, b, h, q, kv: s + slope[h] * (kv - q),
@@ -108,16 +123,51 @@ def make_flex(backend):
         block_mask = None
         if mask_mod is not None:
             block_mask = create_block_mask(mask_mod, None, None, S, S, device="cuda")
-        compiled = torch.compile(flex_attention)
         opts = {"BACKEND": backend}
+        if name in SINKS:
+            return _flex_with_sink(score_mod, block_mask, opts, tensors["sinks"], backend)
+        compiled = torch.compile(flex_attention)
         return lambda q, k, v: compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=opts)
     return make
+
+
+def _flex_with_sink(score_mod, block_mask, opts, sinks, backend):
+    """flex_attention and the sink's correction through lse, compiled together: out * exp(lse - lse'),
+    lse' = logaddexp(lse, sink). torch 2.11 returns the FLASH kernel's lse times ln 2 (undone here), and FLASH's
+    backward takes no lse gradient (detached: the backward then misses the sink's share, a lower bound in time)."""
+    import math
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from attnlang.backends.flex import _flash_lse_scaled_by_ln2
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:  # pragma: no cover - older torch
+        AuxRequest = None
+    rescale = backend == "FLASH" and _flash_lse_scaled_by_ln2()
+    sink = sinks.float().view(1, -1, 1)
+
+    def run(q, k, v):
+        kw = dict(score_mod=score_mod, block_mask=block_mask, kernel_options=opts)
+        if AuxRequest is not None:
+            out, aux = flex_attention(q, k, v, return_aux=AuxRequest(lse=True), **kw)
+            lse = aux.lse
+        else:
+            out, lse = flex_attention(q, k, v, return_lse=True, **kw)
+        if rescale:
+            lse = lse / math.log(2.0)
+        if backend == "FLASH":
+            lse = lse.detach()
+        factor = torch.exp(lse - torch.logaddexp(lse, sink))
+        return (out * factor.unsqueeze(-1)).to(out.dtype)
+    return torch.compile(run)
 
 
 def make_fa4_builtin(name, tensors, S, H):
     from flash_attn.cute import flash_attn_func
     flags = {"full": {}, "causal": {"causal": True}, "sliding_window": {"window_size": (1023, 0)},
-             "softcap_causal": {"causal": True, "softcap": 30.0}}.get(name)
+             "softcap_causal": {"causal": True, "softcap": 30.0},
+             "sinks_window": {"window_size": (127, 0), "learnable_sink": tensors.get("sinks")}}.get(name)
     if flags is None:
         return None
 
@@ -166,14 +216,13 @@ EXPERIMENTS = {  # contender -> the fa4 kernel_options it runs attnlang with
     "attnlang_fa4_tiles": {"window_flags": False, "dense_tile_list": True},
     "attnlang_fa4_keep_mask": {"keep_mask_mod": True},
     "attnlang_fa4_bhsd_out": {"bhsd_out": True},
+    "attnlang_fa4_lse_sink": {"native_sink": False},  # a sink through (out, lse) instead of learnable_sink
 }
 
 
 def make_attnlang(options=None, backend="fa4"):
     def make(name, tensors, S, H):
-        import attnlang as al
-        score, mask = VARIANTS[name]
-        variant = al.compile(score=score, mask=mask)
+        variant = variant_of(name)
         return lambda q, k, v: variant(q, k, v, backend=backend, kernel_options=options, **tensors)
     return make
 
@@ -181,10 +230,8 @@ def make_attnlang(options=None, backend="fa4"):
 def make_fa4_direct(name, tensors, S, H):
     """The kernel attnlang_fa4 runs, called straight with arguments prepared once: attnlang's per-call cost is
     the difference to attnlang_fa4."""
-    import attnlang as al
     from attnlang.backends import fa4
-    score, mask = VARIANTS[name]
-    variant = al.compile(score=score, mask=mask)
+    variant = variant_of(name)
     prepared = {}
 
     def run(q, k, v):
@@ -208,10 +255,8 @@ MAKERS = {"sdpa": make_sdpa, "flex_triton": make_flex("TRITON"), "flex_flash": m
 
 def describe_lowering(name, tensors, q, options=None) -> str:
     """How attnlang's fa4 backend ran this variant: kernel flags or mask_mod, modifiers, aux / baked tensors."""
-    import attnlang as al
     from attnlang.backends import fa4
-    score, mask = VARIANTS[name]
-    plan = al.compile(score=score, mask=mask)._plan(q, q, q, None, "fa4", False, options, tensors)
+    plan = variant_of(name)._plan(q, q, q, None, "fa4", False, options, tensors)
     low = fa4.lowering(plan)
     baked = [n for n, _, _ in fa4._tables(plan)]
     mask = low.native
@@ -225,7 +270,10 @@ def describe_lowering(name, tensors, q, options=None) -> str:
     if options.get("bhsd_out"):
         mask += "; out written into a [B, H, S, D] buffer (inference)"
     if name.startswith("document"):
-        mask += "; " + describe_varlen(al.compile(score=score, mask=VARIANTS[name][1]), q, q, tensors, options)
+        mask += "; " + describe_varlen(variant_of(name), q, q, tensors, options)
+    if plan.sink is not None:
+        mask += ("; sink as FA4's learnable_sink" if fa4.native_sink(plan) else
+                 "; sink applied to (out, lse) by attnlang.denominator")
     return (f"{mask}; score_mod={'yes' if low.score_mod else 'no'}; aux={list(low.tensors)}; "
             f"baked={baked}; block_sparsity={'yes' if low.mask_mod else 'no'}")
 
@@ -336,14 +384,12 @@ def second_process(names, shape) -> dict:
     code = f"""
 import json, sys, time, torch
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
-from bench_kernels import VARIANTS, named_tensors
-import attnlang as al
+from bench_kernels import named_tensors, variant_of
 B, H, S, D = {shape}
 q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
 res = {{}}
 for name in {list(names)!r}:
-    score, mask = VARIANTS[name]
-    var = al.compile(score=score, mask=mask)
+    var = variant_of(name)
     t = named_tensors(name, S, H, "cuda")
     torch.cuda.synchronize(); t0 = time.perf_counter()
     with torch.no_grad():

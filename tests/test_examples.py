@@ -212,3 +212,37 @@ def test_decode_causal_with_a_cache():
     k, v = (torch.randn(1, 2, 33, 8, dtype=torch.float64) for _ in range(2))
     # one new token against a cache: it sees every key
     torch.testing.assert_close(m.VARIANT(q, k, v, backend="eager"), _dense(q, k, v, lambda s: s, torch.tensor(True)))
+
+
+# ----- the softmax's denominator (issue 14): sinks -----
+# A definition's fn may carry the sink logits of its rows ([B, H, Sq, 1]); _dense then adds the sink as one more
+# softmax column that carries no value (LANGUAGE.md).
+
+class _WithSink:
+    def __init__(self, fn, sink):
+        self.fn, self.sink = fn, sink
+
+    def __call__(self, s):
+        return self.fn(s)
+
+
+def _gpt_oss(m, named, b, h, i, j, Sq, Skv):
+    sinks = named["sinks"].to(torch.float64)
+    return _WithSink(lambda s: s, sinks[h].expand(b.shape[0], -1, Sq, 1)), (i >= j) & (i - j < 128)
+
+
+def _softmax_plus_one(m, named, b, h, i, j, Sq, Skv):
+    return _WithSink(lambda s: s, torch.zeros(b.shape[0], h.shape[1], Sq, 1, dtype=torch.float64)), i >= j
+
+
+DEFINITIONS.update({"gpt_oss": _gpt_oss, "softmax_plus_one": _softmax_plus_one})
+_softmax_dense = _dense
+
+
+def _dense(q, k, v, fn, allowed, **kwargs):  # noqa: F811 - the softmax check, and a sink column where fn has one
+    if not isinstance(fn, _WithSink):
+        return _softmax_dense(q, k, v, fn, allowed, **kwargs)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    s = fn(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~allowed, -math.inf)
+    return torch.softmax(torch.cat([s, fn.sink], -1), -1)[..., :-1] @ v

@@ -372,3 +372,83 @@ def test_cli_sink_and_no_normalize(capsys):
     assert main(["check", "--sink", "kv_idx"]) == 2
     err = capsys.readouterr().err
     assert "sink expression, line 1, column 1" in err and err.rstrip().endswith("^^^^^^")
+
+
+# ----- the fa4 backend's sink plumbing, with a stand-in for flash_attn.cute (no GPU here) -----
+
+class FakeFA4:
+    """flash_attn_func for mask-free / window-flag calls, in plain differentiable torch on [B, S, H, D]: FA4's
+    semantics of window_size (bottom-right) and learnable_sink (one extra softmax column per query head)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def flash_attn_func(self, q, k, v, softmax_scale=None, causal=False, window_size=(None, None),
+                        learnable_sink=None, score_mod=None, mask_mod=None, return_lse=False, **_):
+        assert score_mod is None and mask_mod is None and not causal
+        self.calls.append({"learnable_sink": learnable_sink, "window_size": window_size})
+        B, Sq, H, _ = q.shape
+        Skv, Hkv = k.shape[1], k.shape[2]
+        qq = q.transpose(1, 2).double()
+        kk = k.transpose(1, 2).double().repeat_interleave(H // Hkv, 1)
+        vv = v.transpose(1, 2).double().repeat_interleave(H // Hkv, 1)
+        s = qq @ kk.transpose(-1, -2) * softmax_scale
+        i, j = torch.arange(Sq).view(-1, 1) + Skv - Sq, torch.arange(Skv).view(1, -1)
+        allowed = torch.ones(Sq, Skv, dtype=torch.bool)
+        left, right = window_size
+        if left is not None:
+            allowed &= j >= i - left
+        if right is not None:
+            allowed &= j <= i + right
+        s = s.masked_fill(~allowed, -math.inf)
+        cols = s
+        if learnable_sink is not None:
+            cols = torch.cat([s, learnable_sink.double().view(1, H, 1, 1).expand(B, H, Sq, 1)], -1)
+        lse = torch.logsumexp(cols, -1)
+        safe = torch.where(torch.isinf(lse), 0.0, lse)
+        out = torch.exp(s - safe[..., None]) @ vv
+        return out.to(q.dtype).transpose(1, 2), lse.float()
+
+
+@pytest.fixture
+def fake_fa4(monkeypatch):
+    from attnlang.backends import fa4
+    fake = FakeFA4()
+    monkeypatch.setattr(fa4, "_flash", lambda: fake)
+    return fake
+
+
+@pytest.mark.parametrize("kwargs, native, options", [
+    (dict(mask="q_idx + kv_len - q_len >= kv_idx & q_idx + kv_len - q_len - kv_idx < 4", sink="sinks[h]"), True,
+     None),
+    (dict(mask="q_idx + kv_len - q_len >= kv_idx", sink="sinks[h] * 0.5 - 1.0"), True, None),
+    (dict(mask="q_idx + kv_len - q_len >= kv_idx", sink="0"), True, None),
+    (dict(mask="q_idx + kv_len - q_len >= kv_idx", sink="sinks[h]"), False, {"native_sink": False}),
+    (dict(mask="q_idx + kv_len - q_len >= kv_idx", sink="gate[b, q_idx]"), False, None),
+    (dict(mask="q_idx + kv_len - q_len >= kv_idx", sink="sinks[h]", normalize=False), True, None),
+    (dict(normalize=False), False, None),
+], ids=["window_sinks", "head_expr", "plus_one", "not_native", "row_sink", "sink_unnormalized", "unnormalized"])
+def test_fa4_sink_plumbing_with_a_stand_in_kernel(fake_fa4, kwargs, native, options):
+    from attnlang.backends import fa4
+    var = al.compile(**kwargs)
+    q, k, v = (t.float().requires_grad_(True) for t in make_qkv(13, 21))
+    tensors = {n: t.float().clone().requires_grad_(True) for n, t in (("sinks", SINKS), ("gate", GATE))
+               if n in var.tensor_names}
+    plan = var._plan(q, k, v, None, "fa4", True, options, tensors)
+    assert fa4.native_sink(plan) is (native and plan.sink is not None)
+    out, lse = fa4.attention(q, k, v, plan)
+    passed = fake_fa4.calls[-1]["learnable_sink"]
+    assert (passed is not None) is (native and plan.sink is not None)
+    if kwargs.get("sink") == "sinks[h]" and native:
+        assert passed is tensors["sinks"]  # handed over as it is: no kernel per call
+    ref_t = {n: t.detach().clone().requires_grad_(True) for n, t in tensors.items()}
+    qr, kr, vr = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    ref_out, ref_lse = var(qr, kr, vr, backend="eager", return_lse=True, **ref_t)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    got = torch.autograd.grad((out * w).sum() + lse.sum(), [q, k, v, *tensors.values()])
+    want = torch.autograd.grad((ref_out * w).sum() + ref_lse.sum(), [qr, kr, vr, *ref_t.values()])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+

@@ -114,3 +114,20 @@ def test_agree_reports_nan_and_infinity_mismatch():
     with pytest.raises(AssertionError, match="infinities differ"):
         _compare("lse", torch.tensor([0.0]), torch.tensor([-math.inf]), 1e-3, 1e-3, "")
     _compare("lse", torch.tensor([-math.inf, 1.0]), torch.tensor([-math.inf, 1.0 + 1e-5]), 1e-4, 1e-4, "")
+
+
+@FAST
+@given(variant=variants(sinks=True, unnormalized=True), shape=shapes(lengths=(1, 7, 45)))
+def test_generated_sinks_and_unnormalized_variants_agree_on_flex(variant, shape):
+    q, k, v = make_qkv(shape, dtype=torch.float64)
+    tensors = tensors_for(variant, shape.batch, shape.q_heads, shape.q_len, shape.kv_len,
+                          float_dtype=torch.float64)
+    assert_backends_agree(variant, q, k, v, backend="flex", grads=False, **tensors)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(variant=variants(sinks=True, unnormalized=True))
+def test_strategies_draw_sinks_and_unnormalized(variant):
+    assert variant.sink is None or "kv_idx" not in variant.sink and "score" not in variant.sink
+    # over the run both kinds appear (hypothesis explores them); every drawn one compiles
+    assert isinstance(variant.normalize, bool)

@@ -245,3 +245,66 @@ def test_the_variant_stays_plain_data_in_the_model_config():
     torch.manual_seed(0)
     with torch.no_grad():
         LlamaForCausalLM(again).eval()(_ids())
+
+
+# ----- learned attention sinks (gpt-oss's s_aux) -----
+
+def _gpt_oss(impl: str):
+    from transformers import GptOssConfig, GptOssForCausalLM
+    config = GptOssConfig(vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                          num_experts_per_tok=2, sliding_window=5, max_position_embeddings=256,
+                          layer_types=["sliding_attention", "full_attention"], attn_implementation=impl)
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:  # sinks of order 1 (the default init is ~0.02), so they matter
+            layer.self_attn.sinks.copy_(torch.linspace(-1.0, 2.0, 4))
+    return model
+
+
+def test_gpt_oss_sinks_and_alternating_windows_match_eager():
+    pytest.importorskip("transformers.models.gpt_oss")
+    ids = _ids(batch=2, length=23)
+    native, ours = _gpt_oss("eager"), _gpt_oss(alt.NAME)
+    with torch.no_grad():
+        want = native(ids).logits
+        got = ours(ids).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    # the sinks change the result: without them the logits differ
+    with torch.no_grad():
+        for layer in ours.model.layers:
+            layer.self_attn.sinks.fill_(-math.inf)
+        assert (ours(ids).logits - want).abs().max() > 1e-3
+
+
+def test_gpt_oss_greedy_generation_and_sink_gradients():
+    pytest.importorskip("transformers.models.gpt_oss")
+    ids = _ids(batch=1, length=9)
+    native, ours = _gpt_oss("eager"), _gpt_oss(alt.NAME)
+    a = native.generate(ids, **GREEDY)
+    b = ours.generate(ids, **GREEDY)
+    assert torch.equal(a.sequences, b.sequences)
+    for model in (native, ours):
+        model.zero_grad()
+        model(ids).logits.square().mean().backward()
+    for la, lb in zip(native.model.layers, ours.model.layers):
+        ga, gb = la.self_attn.sinks.grad, lb.self_attn.sinks.grad
+        assert gb is not None and gb.abs().sum() > 0
+        torch.testing.assert_close(gb, ga, atol=1e-5, rtol=1e-4)
+
+
+def test_s_aux_of_another_shape_is_an_error():
+    module = torch.nn.Module()
+    q = torch.randn(1, 4, 3, 8)
+    with pytest.raises(al.AttnLangError, match="s_aux"):
+        alt.attention_forward(module, q, q, q, None, s_aux=torch.zeros(3))
+
+
+def test_config_sink_and_normalize_reach_the_variant():
+    layer = al.compile(score="log(sigmoid(score - 2.0))", sink="q_idx * 0.0 + 1.0", normalize=False)
+    var = alt._composed(layer, True, None, None, False, False)
+    assert var.sink is not None and var.normalize is False
+    with pytest.raises(al.AttnLangError, match="s_aux"):
+        alt._composed(al.compile(sink="0"), True, None, None, False, False, True)
+    assert alt._composed(None, True, 5, None, False, False, True).sink == "attnlang_sink[h]"

@@ -11,9 +11,12 @@ What the model passes is mapped onto the variant, never dropped:
 - the model's own pattern stays: the causal flag (``is_causal`` kwarg or ``module.is_causal``) adds the bottom-right
   causal mask ``kv_idx <= q_idx + kv_len - q_len``; ``sliding_window`` adds ``q - kv < window`` as transformers
   defines it; ``softcap`` (Gemma 2's ``attn_logit_softcapping``) replaces ``score`` in the config's score expression
-  by ``softcap * tanh(score / softcap)``; ``scaling`` is attnlang's ``scale``; GQA k/v go in unexpanded.
+  by ``softcap * tanh(score / softcap)``; ``scaling`` is attnlang's ``scale``; GQA k/v go in unexpanded; learned
+  attention sinks passed as ``s_aux`` (gpt-oss: a [Hq] parameter) become the sink ``attnlang_sink[h]``, so their
+  gradients flow back to the model's parameter.
 - the config's variant (``config.attnlang``: a ``Variant.to_config()`` dict, or a list with one per layer) is
-  combined with that: its score modifies the (soft-capped) score, its mask is and-ed with the model's mask. Its
+  combined with that: its score modifies the (soft-capped) score, its mask is and-ed with the model's mask, its sink
+  and ``normalize`` are the layer's (a config sink together with the model's ``s_aux`` is an error). Its
   ``q_idx``/``kv_idx``/``q_len``/``kv_len`` are absolute positions in the whole sequence (query ``i`` of a decoding
   step with a KV cache is position ``kv_len - q_len + i``), so ``doc[kv_idx]`` reads a tensor over the whole sequence.
 - padding: the mask function registered in ``AttentionMaskInterface`` under the same name turns the 2-D padding mask
@@ -21,7 +24,7 @@ What the model passes is mapped onto the variant, never dropped:
   (never an S x S mask). Without that registration transformers would call attention with ``attention_mask=None``
   and lose padding silently, so a call under a name whose mask function is not attnlang's is an error.
 - anything else (dropout while training, a static cache whose keys are not the latest ones, packed sequences or
-  mask overlays that transformers builds into its mask function, bidirectional masks, position_bias, sinks) is an
+  mask overlays that transformers builds into its mask function, bidirectional masks, position_bias) is an
   AttnLangError naming it.
 """
 
@@ -44,7 +47,7 @@ __all__ = ["NAME", "register", "attention_forward", "mask_interface", "bind_tens
 
 NAME = "attnlang"
 PAD = "attnlang_pad"
-_CAP, _WINDOW, _OFFSET = "attnlang_softcap", "attnlang_window", "attnlang_offset"
+_CAP, _WINDOW, _OFFSET, _SINK = "attnlang_softcap", "attnlang_window", "attnlang_offset", "attnlang_sink"
 # keyword arguments models pass that do not change what attention computes
 _HARMLESS = {"position_ids", "cache_position", "use_cache", "output_attentions", "return_dict", "layer_idx",
              "position_embeddings", "token_type_ids", "past_key_values", "cache"}
@@ -163,6 +166,10 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     """
     if dropout and module.training:
         raise AttnLangError(f"dropout={dropout}: attnlang has no attention dropout; train with attention_dropout=0")
+    s_aux = kwargs.pop("s_aux", None)
+    if s_aux is not None and (not isinstance(s_aux, torch.Tensor) or tuple(s_aux.shape) != (query.shape[1],)):
+        raise AttnLangError(f"the model passes s_aux={_short(s_aux)}; attnlang maps learned attention sinks of shape "
+                            f"[num_attention_heads] = [{query.shape[1]}] (gpt-oss), not this")
     for name, value_ in kwargs.items():
         if name in _HARMLESS or name == "attnlang_tensors" or value_ is None or value_ is False:
             continue
@@ -185,28 +192,29 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     # `True if ... else False`, not bool(): under torch.compile offset is symbolic, and a branch makes it a constant
     shifted = True if offset > 0 else False
     kind = (getattr(module, "layer_idx", None), bool(causal), sliding_window, softcap, shifted,
-            attention_mask is not None)
+            attention_mask is not None, s_aux is not None)
     if torch.compiler.is_compiling():
         # the variant and the op's key are trace-time constants: Dynamo traces none of attnlang's host code
         variant_key, names = _op_key(config, kind, scaling, query.device.type, tuple(sorted(tensors)))
-        tensors = _call_tensors(tensors, names, attention_mask, offset, query.device)
+        tensors = _call_tensors(tensors, names, attention_mask, offset, query.device, s_aux)
         named = [tensors[n] for n in sorted(tensors)]
         out, _ = torch.ops.attnlang.attention(query, key, value, named, variant_key,
                                               grad_bits(query, key, value, named))
     else:
         variant, backend = _layer_call(config, kind, query.device.type)
-        tensors = _call_tensors(tensors, variant.tensor_names, attention_mask, offset, query.device)
+        tensors = _call_tensors(tensors, variant.tensor_names, attention_mask, offset, query.device, s_aux)
         out = variant(query, key, value, scale=scaling, backend=backend, **tensors)
     return out.transpose(1, 2).contiguous(), None
 
 
 def _layer_call(config, kind: tuple, device_type: str) -> tuple[Variant, str]:
-    """(variant, backend) of one kind of call: (layer_idx, causal, sliding_window, softcap, shifted, padded)."""
+    """(variant, backend) of one kind of call: (layer_idx, causal, sliding_window, softcap, shifted, padded,
+    model_sink)."""
     _check_mask_registered(config)
-    layer_idx, causal, sliding_window, softcap, shifted, padded = kind
+    layer_idx, causal, sliding_window, softcap, shifted, padded, model_sink = kind
     layer = layer_variant(config, layer_idx)
     variant = _composed(layer, causal, _opt_int(sliding_window, "sliding_window"), _opt_float(softcap, "softcap"),
-                        shifted, padded)
+                        shifted, padded, model_sink)
     return variant, _backend(config, torch.device(device_type))
 
 
@@ -216,17 +224,20 @@ def _op_key(config, kind: tuple, scaling, device_type: str, given: tuple) -> tup
     trace time (``assume_constant_result``), never traced."""
     variant, backend = _layer_call(config, kind, device_type)
     names = variant.tensor_names
-    bound = tuple(sorted(n for n in names if n in given or n in (PAD, _OFFSET)))
+    bound = tuple(sorted(n for n in names if n in given or n in (PAD, _OFFSET, _SINK)))
     return call_key(variant, backend, scaling, False, None, bound), names
 
 
-def _call_tensors(given: Mapping, names, attention_mask, offset, device) -> dict:
-    """The named tensors of one call: the bound ones the variant reads, the padding mask, the key offset."""
+def _call_tensors(given: Mapping, names, attention_mask, offset, device, s_aux=None) -> dict:
+    """The named tensors of one call: the bound ones the variant reads, the padding mask, the key offset, the
+    model's learned sinks."""
     tensors = {n: t for n, t in given.items() if n in names}
     if attention_mask is not None:
         tensors[PAD] = attention_mask[:, offset:]  # the keys this call sees (a sliding cache dropped the first ones)
     if _OFFSET in names:
         tensors[_OFFSET] = torch.tensor([offset], device=device)
+    if s_aux is not None:
+        tensors[_SINK] = s_aux
     return tensors
 
 
@@ -322,7 +333,7 @@ def _thaw(key):
 
 @functools.lru_cache(maxsize=1024)
 def _composed(layer: Variant | None, causal: bool, window: int | None, cap: float | None, shifted: bool,
-              padded: bool) -> Variant:
+              padded: bool, model_sink: bool = False) -> Variant:
     """One variant for one kind of call; the config's expressions rewritten from absolute to call positions.
 
     ``shifted``: the keys start at an absolute position > 0 (a sliding cache dropped the first ones), read at call
@@ -330,9 +341,17 @@ def _composed(layer: Variant | None, causal: bool, window: int | None, cap: floa
     """
     params: dict[str, Any] = dict(layer.params) if layer is not None else {}
     score_src, mask_src = (layer.score, layer.mask) if layer is not None else ("score", "True")
-    reserved = [n for n in (_CAP, _WINDOW, _OFFSET, PAD) if n in params or n in score_src + mask_src]
+    layer_sink = layer.sink if layer is not None else None
+    reserved = [n for n in (_CAP, _WINDOW, _OFFSET, PAD, _SINK)
+                if n in params or n in score_src + mask_src + (layer_sink or "")]
     if reserved:
         raise AttnLangError(f"config.attnlang uses the reserved name {reserved[0]!r}")
+    if model_sink and layer_sink is not None:
+        raise AttnLangError("config.attnlang has a sink and the model passes its own learned sinks (s_aux); give "
+                            "one of them")
+    sink = f"{_SINK}[h]" if model_sink else None
+    if layer_sink is not None:
+        sink = to_source(_absolute(parse(layer_sink, "sink"), shifted))
     score = _absolute(parse(score_src, "score"), shifted)
     mask = _absolute(parse(mask_src, "mask"), shifted)
     if cap is not None:
@@ -346,7 +365,8 @@ def _composed(layer: Variant | None, causal: bool, window: int | None, cap: floa
         params[_WINDOW] = window
     if padded:
         parts.append(f"{PAD}[b, kv_idx]")
-    return al_compile(to_source(score), " & ".join(parts) or "True", params)
+    return al_compile(to_source(score), " & ".join(parts) or "True", params, sink=sink,
+                      normalize=layer.normalize if layer is not None else True)
 
 
 def _absolute(expr, shifted: bool):
