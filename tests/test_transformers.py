@@ -308,3 +308,11 @@ def test_config_sink_and_normalize_reach_the_variant():
     with pytest.raises(al.AttnLangError, match="s_aux"):
         alt._composed(al.compile(sink="0"), True, None, None, False, False, True)
     assert alt._composed(None, True, 5, None, False, False, True).sink == "attnlang_sink[h]"
+
+
+def test_bind_tensors_with_a_tensor_no_variant_reads_is_an_error():
+    config = al.compile(score="score + slope[h] * (kv_idx - q_idx)", mask="q_idx >= kv_idx").to_config()
+    ours = _build("llama", "attnlang", attnlang=config)
+    with pytest.raises(al.AttnLangError, match="'doc' is given to bind_tensors"):
+        alt.bind_tensors(ours, slope=_slopes(SMALL["num_attention_heads"]), doc=torch.zeros(4))
+    alt.bind_tensors(ours, slope=_slopes(SMALL["num_attention_heads"]))

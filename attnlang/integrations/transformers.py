@@ -69,7 +69,22 @@ def bind_tensors(model: torch.nn.Module, **tensors: torch.Tensor) -> None:
     """Attach the tensors the config's variants read (e.g. ``slope=...``, ``doc=...``) to every attention layer.
 
     Tensors passed to a forward call as ``attnlang_tensors={...}`` take precedence.
+
+    Raises:
+        AttnLangError: a tensor that no variant of ``model.config.attnlang`` reads (as a direct call would).
     """
+    spec = getattr(getattr(model, "config", None), "attnlang", None)
+    if spec is not None:
+        specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+        read: set = set()
+        for i, item in enumerate(specs):
+            if item is not None:
+                where = f"config.attnlang[{i}]" if isinstance(spec, (list, tuple)) else "config.attnlang"
+                read |= set((item if isinstance(item, Variant) else _from_config_at(item, where)).tensor_names)
+        extra = sorted(set(tensors) - read)
+        if extra:
+            raise AttnLangError(f"tensor {extra[0]!r} is given to bind_tensors but no variant of config.attnlang "
+                                f"reads it (tensors read: {', '.join(sorted(read)) or 'none'})")
     for module in model.modules():
         if hasattr(module, "num_key_value_groups") or hasattr(module, "is_causal"):
             module._attnlang_tensors = dict(tensors)
