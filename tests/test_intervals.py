@@ -163,6 +163,7 @@ def _names():
 
 
 def _inside(val: torch.Tensor, lo: float, hi: float, rel: float) -> bool:
+    lo, hi = float(lo), float(hi)  # exact int bounds can pass what torch compares with (floor of 1e28)
     v = val[~torch.isnan(val)].double()
     if v.numel() == 0:
         return True
