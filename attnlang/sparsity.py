@@ -12,7 +12,9 @@ How (one vectorised pass over the mask AST, no loop over blocks):
   tensor reads indexed by positions (``doc[q_idx]``, ``bias[h, kv_idx]``) use range-minimum / range-maximum
   tables of the tensor along the one axis the index varies on (a sparse table: O(S log block) memory and time);
 - booleans are block kinds: 0 always false, 1 unknown, 2 always true; ``&`` is min, ``|`` max, ``~`` is 2 - k;
-- blocks left partial are refined by evaluating the mask on their positions when that fits a budget.
+- blocks left partial are refined by evaluating the mask on their positions when that fits a budget, except those
+  known to be partial: ordering comparisons of affine forms (decided at the block's corners), and == / != of reads
+  along different axes whose per-block extremes meet (``doc[q_idx] == doc[kv_idx]`` with unaligned documents).
 
 Sound for every mask the language can express: a block is only called empty (full) when no (every) real pair in
 it is allowed, including float rounding (float comparisons keep a margin) and NaN (a comparison that may see NaN is
@@ -455,6 +457,7 @@ class _Analysis:
         self.g = grid
         self.tensors = tensors
         self._tables: dict = {} if tables is None else tables
+        self._attained: set[int] = set()  # numeric nodes whose per-block lo and hi are values some position takes
 
     # -- driver: post-order without recursion, so deep expressions cannot overflow the stack --
     def kind(self, root: Expr, track_sure: bool = False):
@@ -482,6 +485,8 @@ class _Analysis:
             done[id(node)] = self._visit(node, [done[id(k)] for k in kids])
             if track_sure:
                 sure[id(node)] = _sure_of(node, [done[id(k)] for k in kids], [sure.get(id(k), False) for k in kids])
+                if isinstance(node, Binary) and node.op in (Op.EQ, Op.NE):
+                    sure[id(node)] = self._equality_sure(node, done[id(node)])
         out = done[id(root)]
         if not isinstance(out, torch.Tensor):
             out = torch.tensor(int(out), dtype=torch.int8, device=self.g.device)
@@ -495,6 +500,24 @@ class _Analysis:
         if node.op in (Op.EQ, Op.NE) and any(abs(c) != 1 for v, c in coef.items() if v in ("q_idx", "kv_idx")):
             return False
         return (k == 1) if isinstance(k, torch.Tensor) else k == 1
+
+    def _equality_sure(self, node: Binary, k):
+        """== / != of two int sides whose per-block bounds are attained (tensor reads at q_idx + c / kv_idx + c,
+        constants), one varying along the query axis only and the other along the key axis only
+        (``doc[q_idx] == doc[kv_idx]``): where an extreme of one side equals an extreme of the other, some pair
+        of the block has equal sides and, the block being partial, another has not, so refinement cannot change
+        it (unaligned documents leave many such blocks)."""
+        left, right = node.left, node.right
+        if not isinstance(k, torch.Tensor) or left.dtype is not DType.INT or right.dtype is not DType.INT:
+            return False
+        if id(left) not in self._attained or id(right) not in self._attained:
+            return False
+        axes_l, axes_r = names_used(left) & _AXES, names_used(right) & _AXES
+        if len(axes_l) > 1 or len(axes_r) > 1 or (axes_l and axes_l == axes_r):
+            return False
+        x, y = self._done[id(left)], self._done[id(right)]
+        common = _or(_or(_eq(x[0], y[0]), _eq(x[0], y[1])), _or(_eq(x[1], y[0]), _eq(x[1], y[1])))
+        return _and(k == 1, common)
 
     # -- affine comparisons: exact --
     def _affine_pair(self, node: Binary):
@@ -555,6 +578,7 @@ class _Analysis:
             if node.dtype is DType.BOOL:
                 return 2 if node.value else 0
             v = float(node.value)
+            self._attained.add(id(node))
             return (v, v, False)
         if isinstance(node, Var):
             if node.name in g.consts:
@@ -664,8 +688,13 @@ class _Analysis:
         if not ranged:
             v = vals[tuple(los)]
             out = (v, v, False)
+            self._attained.add(id(node))
         elif len(ranged) == 1:
             out = self._range_query(node.tensor, vals, ranged[0], los, his)
+            if out[2] is None:  # exact minima and maxima over each block's positions
+                out = (out[0], out[1], False)
+                if _unit_step(node.indices[ranged[0]]):
+                    self._attained.add(id(node))
         else:
             out = (float(vals.min()), float(vals.max()), False)
         if node.dtype is DType.BOOL:
@@ -695,7 +724,20 @@ class _Analysis:
         tmin, tmax = tables
         lo = torch.minimum(tmin[tuple(first)], tmin[tuple(last)])
         hi = torch.maximum(tmax[tuple(first)], tmax[tuple(last)])
-        return (lo, hi, False)
+        return (lo, hi, None)  # None: per-block extremes (callers turn it into False)
+
+
+_AXES = frozenset({"q_idx", "kv_idx"})
+
+
+def _unit_step(index: Expr) -> bool:
+    """An index that takes every integer between its per-block bounds: q_idx or kv_idx with coefficient +-1, plus
+    terms constant over a block (b, h, lengths, constants)."""
+    form = affine_form(index)
+    if form is None:
+        return False
+    coef = form[0]
+    return sorted(abs(coef.get(a, 0)) for a in _AXES) == [0, 1]
 
 
 def _sure_of(node: Expr, kinds: list, sures: list):

@@ -366,3 +366,28 @@ def test_huge_coefficients_stay_sound():
             assert "64 bits" in str(e)
             continue
         assert_sound(bs, brute_kind(bs, 1, 1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(1, 60), min_size=1, max_size=12), block=st.sampled_from([(16, 16), (7, 5)]),
+       mask=st.sampled_from(["doc[q_idx] == doc[kv_idx]", "doc[q_idx] != doc[kv_idx]",
+                             "doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx", "doc[kv_idx] == doc[q_idx]",
+                             "doc[b, q_idx] == doc[b, kv_idx]", "doc[q_idx] == 2",
+                             "doc[clamp(q_idx + 3, 0, q_len - 1)] == doc[kv_idx]", "doc[q_idx] == doc[q_idx // 2]"]),
+       shuffle=st.booleans())
+def test_unaligned_documents_need_no_refinement(lengths, block, mask, shuffle):
+    """Partial blocks of doc[q_idx] == doc[kv_idx] are known partial from the per-block extremes (an extreme shared
+    by both sides is a pair of the block with equal documents): the kinds stay exact without evaluating them."""
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    S = int(doc.numel())
+    if shuffle:
+        doc = doc[torch.randperm(S, generator=torch.Generator().manual_seed(S))]
+    if "b," in mask:
+        doc = torch.stack([doc, doc.flip(0)])
+    v = al.compile(mask=mask)
+    bs = block_sparsity(v, S, S, batch=2, block_size=block, doc=doc)
+    truth = brute_kind(bs, 2, 1)
+    assert torch.equal(bs.kind.expand_as(truth), truth)
+    if mask in ("doc[q_idx] == doc[kv_idx]", "doc[q_idx] != doc[kv_idx]", "doc[kv_idx] == doc[q_idx]",
+                "doc[b, q_idx] == doc[b, kv_idx]") and not shuffle:
+        assert bs.refined == 0
