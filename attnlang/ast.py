@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, replace
 from typing import Iterator, Union
 
 __all__ = [
-    "DType", "Op", "Span", "Expr", "Const", "Var", "Index", "Call", "Unary", "Binary",
-    "BUILTIN_VARS", "FUNCTIONS", "COMPARISONS", "ARITHMETIC", "LOGICAL",
+    "DType", "Op", "Span", "Expr", "Const", "Var", "Index", "Call", "Unary", "Binary", "Binding", "Let", "Reduce",
+    "BUILTIN_VARS", "FUNCTIONS", "REDUCTIONS", "COMPARISONS", "ARITHMETIC", "LOGICAL", "BITWISE",
     "children", "with_children", "walk", "depth", "tensor_reads", "names_used", "const",
 ]
 
@@ -49,6 +49,13 @@ class Op(enum.Enum):
     OR = "|"
     NEG = "-u"
     NOT = "~"
+    # integer bit operations; `&` and `|` are parsed as AND / OR and become BITAND / BITOR when the checker sees
+    # int operands, so a stage that knows only the logical meaning never meets an int under AND / OR
+    BITAND = "&i"
+    BITOR = "|i"
+    XOR = "^"
+    LSHIFT = "<<"
+    RSHIFT = ">>"
 
     def __repr__(self) -> str:
         return f"Op.{self.name}"
@@ -59,6 +66,7 @@ COMPARISONS = frozenset({Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE})
 MIRRORED = {Op.LT: Op.GT, Op.LE: Op.GE, Op.GT: Op.LT, Op.GE: Op.LE, Op.EQ: Op.EQ, Op.NE: Op.NE}  # a OP b == b OP' a
 NEGATED = {Op.LT: Op.GE, Op.LE: Op.GT, Op.GT: Op.LE, Op.GE: Op.LT, Op.EQ: Op.NE, Op.NE: Op.EQ}   # ~(a OP b), ints
 LOGICAL = frozenset({Op.AND, Op.OR})
+BITWISE = frozenset({Op.BITAND, Op.BITOR, Op.XOR, Op.LSHIFT, Op.RSHIFT})
 
 # Built-in integer names and the float `score`; everything else is bound by name.
 BUILTIN_VARS = {
@@ -76,7 +84,11 @@ FUNCTIONS = {
     "where": 3, "abs": 1, "min": 2, "max": 2, "clamp": 3,
     "exp": 1, "exp2": 1, "log": 1, "log2": 1, "sqrt": 1, "tanh": 1, "sigmoid": 1,
     "floor": 1, "ceil": 1, "sign": 1, "float": 1, "int": 1,
+    "erf": 1, "cos": 1, "sin": 1,
 }
+
+# functions that also take a generator over a range fixed at compile time: ``sum(e for i in range(K))``
+REDUCTIONS = ("sum", "any", "all", "max", "min")
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +165,41 @@ class Binary:
     dtype: DType | None = field(**_DTYPE)
 
 
-Expr = Union[Const, Var, Index, Call, Unary, Binary]
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """``name = value`` at the head of an expression. span: the name's token. Only the parser and the checker see
+    bindings: the checker substitutes every bound name by its (typed) value."""
+
+    name: str
+    value: "Expr"
+    span: Span | None = field(**_SPAN)
+
+
+@dataclass(frozen=True, slots=True)
+class Let:
+    """Bindings followed by the result: ``qb = q_idx // bs; kb = kv_idx // bs; qb >= kb``. Checker-only."""
+
+    bindings: tuple
+    body: "Expr"
+    span: Span | None = field(**_SPAN)
+    dtype: DType | None = field(**_DTYPE)
+
+
+@dataclass(frozen=True, slots=True)
+class Reduce:
+    """``func(body for var in range(count))``, func one of REDUCTIONS. Checker-only: the checker unrolls it into
+    ordinary nodes (count is a compile-time int). var_span: the variable's token after ``for``."""
+
+    func: str
+    body: "Expr"
+    var: str
+    count: "Expr"
+    span: Span | None = field(**_SPAN)
+    var_span: Span | None = field(**_SPAN)
+    dtype: DType | None = field(**_DTYPE)
+
+
+Expr = Union[Const, Var, Index, Call, Unary, Binary, Let, Reduce]
 
 
 def const(value) -> Const:
@@ -177,6 +223,10 @@ def children(node: Expr) -> tuple:
         return node.args
     if isinstance(node, Unary):
         return (node.operand,)
+    if isinstance(node, Let):
+        return tuple(b.value for b in node.bindings) + (node.body,)
+    if isinstance(node, Reduce):
+        return (node.count, node.body)
     return (node.left, node.right)
 
 
@@ -193,6 +243,11 @@ def with_children(node: Expr, new: tuple, dtype: DType | None = None) -> Expr:
         return replace(node, args=tuple(new), dtype=dtype)
     if isinstance(node, Unary):
         return replace(node, operand=new[0], dtype=dtype)
+    if isinstance(node, Let):
+        bindings = tuple(replace(b, value=v) for b, v in zip(node.bindings, new))
+        return replace(node, bindings=bindings, body=new[-1], dtype=dtype)
+    if isinstance(node, Reduce):
+        return replace(node, count=new[0], body=new[1], dtype=dtype)
     return replace(node, left=new[0], right=new[1], dtype=dtype)
 
 

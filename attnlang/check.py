@@ -21,13 +21,16 @@ from .ast import (
     COMPARISONS,
     FUNCTIONS,
     LOGICAL,
+    REDUCTIONS,
     Binary,
     Call,
     Const,
     DType,
     Expr,
     Index,
+    Let,
     Op,
+    Reduce,
     Unary,
     Var,
     children,
@@ -37,20 +40,22 @@ from .ast import (
 )
 from .errors import AttnLangError
 from .intervals import TOP, Interval, bounds
-from .parse import parse
+from .parse import MAX_DEPTH, parse
 
 __all__ = ["Checked", "check", "bind", "check_index_bounds", "check_float_range", "check_named_tensor",
-           "CALL_KEYWORDS", "RESERVED_NAMES", "dtype_of_torch"]
+           "CALL_KEYWORDS", "RESERVED_NAMES", "dtype_of_torch", "MAX_TERMS", "MAX_NODES"]
 
 # Keywords of Variant.__call__ and al.reference; they can never name a scalar or a tensor.
 CALL_KEYWORDS = ("scale", "backend", "return_lse", "kernel_options")
 RESERVED_NAMES = frozenset(CALL_KEYWORDS) | frozenset(FUNCTIONS) | frozenset(BUILTIN_VARS) | {
-    "True", "False", "inf", "and", "or", "not"}
+    "True", "False", "inf", "and", "or", "not", "for", "in"}
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 _NUMERIC = (DType.INT, DType.FLOAT, DType.UNKNOWN)
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1  # ints are evaluated as torch.int64
-_FLOAT_FUNCS = frozenset({"exp", "exp2", "log", "log2", "sqrt", "tanh", "sigmoid"})
+_FLOAT_FUNCS = frozenset({"exp", "exp2", "log", "log2", "sqrt", "tanh", "sigmoid", "erf", "cos", "sin"})
+MAX_TERMS = 4096     # terms of one reduction `sum(... for i in range(K))`
+MAX_NODES = 20_000   # nodes of an expression once its bindings and reductions are expanded
 _SAME_TYPE_FUNCS = frozenset({"abs", "floor", "ceil", "sign"})
 
 
@@ -166,6 +171,7 @@ def check(score: str = "score", mask: str = "True", params=None, sink: str | Non
     trees = {w: parse(sources[w], where=w) for w in sources}
     _check_reserved_uses(params, trees, sources)
     consts = _validate_params(params)
+    local = _check_local_names(trees, sources, consts)
 
     tensors: dict[str, int] = {}
     first_use: dict[str, tuple[str, object]] = {}
@@ -180,7 +186,7 @@ def check(score: str = "score", mask: str = "True", params=None, sink: str | Non
                 first_use.setdefault(node.tensor, (where, node.span))
     for where, tree in trees.items():
         for node in walk(tree):
-            if isinstance(node, Var):
+            if isinstance(node, Var) and node.name not in local:
                 _check_var(node, where, sources, consts, tensors)
             elif isinstance(node, Call):
                 _check_call(node, where, sources)
@@ -191,6 +197,9 @@ def check(score: str = "score", mask: str = "True", params=None, sink: str | Non
                             + (f" (also unused: {', '.join(map(repr, unused[1:]))})" if unused[1:] else ""))
 
     typed = {w: _infer(_substitute(t, consts), None, sources[w], w) for w, t in trees.items()}
+    if local:
+        for where, tree in typed.items():
+            _check_expanded_size(tree, sources[where], where)
     _check_roles(typed, sources)
     return Checked(typed["score"], typed["mask"], dict(tensors), sources, typed.get("sink"))
 
@@ -250,7 +259,7 @@ def check_float_range(checked: Checked, env: Mapping[str, object], fmax: float) 
 
 # int64 wraps around; for these operations the wrapped result is still right whenever the final value fits, so
 # only an int that leaves such a chain (into a comparison, //, float(), an index, ...) must fit in 64 bits.
-_RING_OPS = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.POW, Op.NEG})
+_RING_OPS = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.POW, Op.NEG, Op.LSHIFT})  # x << s is x * 2**s
 
 
 def _check_int_range(tree: Expr, env, checked: Checked, where: str) -> None:
@@ -319,6 +328,12 @@ def _check_divisors(tree: Expr, env, checked: Checked, where: str) -> None:
                 raise AttnLangError.at(f"integer {'division' if node.op is Op.FLOORDIV else 'modulo'} by a "
                                        f"value that can be 0 (it ranges over {_fmt_interval(r)})",
                                        checked.sources[where], node.right.span or node.span, where)
+        if isinstance(node, Binary) and node.op in (Op.LSHIFT, Op.RSHIFT):
+            r = bounds(node.right, env)
+            if r.lo < 0 or r.hi > 63:  # torch gives 0 or garbage there, Python an error or a bigger int
+                raise AttnLangError.at(f"a shift by an amount that can take values in {_fmt_interval(r)}; shifts of "
+                                       f"64-bit ints must lie in [0, 63] (clamp the amount)", checked.sources[where],
+                                       node.right.span or node.span, where)
         if isinstance(node, Binary) and node.op is Op.POW and node.dtype is DType.INT:
             r = bounds(node.right, env)
             if r.lo < 0:  # Python gives a float there; an int result cannot hold it
@@ -386,6 +401,9 @@ def _check_var(node: Var, where, sources, consts, tensors) -> None:
 
 
 def _check_call(node: Call, where, sources) -> None:
+    if node.func in REDUCTIONS and node.func not in FUNCTIONS:
+        raise AttnLangError.at(f"{node.func}() takes a generator over a fixed range: {node.func}(expr for i in "
+                               f"range(K))", sources[where], node.span, where)
     if node.func not in FUNCTIONS:
         known = ", ".join(sorted(FUNCTIONS))
         raise AttnLangError.at(f"unknown function {node.func!r}; known functions: {known}", sources[where],
@@ -439,7 +457,12 @@ def _join(a: DType, b: DType) -> DType:
 
 
 def _infer(tree: Expr, tensor_dtypes, source: str, where: str) -> Expr:
-    """Type every node bottom-up. ``tensor_dtypes`` None means compile time (tensor reads UNKNOWN)."""
+    """Type every node bottom-up. ``tensor_dtypes`` None means compile time (tensor reads UNKNOWN).
+
+    Bindings and reductions (compile time only) are expanded here: a bound name becomes its typed value (one shared
+    node), a reduction the balanced tree of its terms with the generator's variable as each constant in turn."""
+    scope: dict[str, Expr] = {}
+    budget = [8 * MAX_NODES]  # nodes visited; a runaway expansion stops long before it costs time
 
     def fail(msg, node):
         raise AttnLangError.at(msg, source, node.span, where)
@@ -452,13 +475,30 @@ def _infer(tree: Expr, tensor_dtypes, source: str, where: str) -> Expr:
         if node.dtype in (DType.INT, DType.FLOAT):
             fail(f"{what} expects a bool, but this is {node.dtype.value}", node)
 
+    def want_int(node, what):
+        if node.dtype in (DType.BOOL, DType.FLOAT):
+            fail(f"{what} expects an int, but this is {node.dtype.value}", node)
+
     def visit(node):
+        budget[0] -= 1
+        if budget[0] < 0:
+            fail(f"expression too large once its bindings and reductions are expanded (more than {MAX_NODES} "
+                 f"nodes)", node)
         if isinstance(node, Const):
             if node.dtype is DType.INT and not _INT64_MIN <= node.value <= _INT64_MAX:
                 fail(f"integer {node.value} does not fit in 64 bits; write it as a float", node)
             return node
+        if isinstance(node, Let):
+            return visit_let(node)
+        if isinstance(node, Reduce):
+            return visit_reduce(node)
+        if isinstance(node, Var) and node.name in scope:
+            return scope[node.name]
         kids = tuple(visit(k) for k in children(node))
         if isinstance(node, Var):
+            if node.name not in BUILTIN_VARS:
+                fail(f"{node.name!r} is not bound here: a binding is visible after it, a generator's variable only "
+                     f"inside its generator", node)
             return with_children(node, (), BUILTIN_VARS[node.name])
         if isinstance(node, Index):
             for k in kids:
@@ -472,16 +512,21 @@ def _infer(tree: Expr, tensor_dtypes, source: str, where: str) -> Expr:
             if node.op is Op.NEG:
                 want_numeric(x, "unary '-'")
                 return with_children(node, kids, x.dtype)
+            if x.dtype is DType.INT:
+                fail("'~' of an int: '~' is logical not, on bools only (for the bits, use x ^ -1)", node)
             want_bool(x, "'~' (not)")
             return with_children(node, kids, DType.BOOL)
         if isinstance(node, Binary):
             x, y = kids
             op = node.op
-            if op in LOGICAL:
-                name = "'&' (and)" if op is Op.AND else "'|' (or)"
-                want_bool(x, name)
-                want_bool(y, name)
-                return with_children(node, kids, DType.BOOL)
+            if op in LOGICAL or op in (Op.BITAND, Op.BITOR):
+                return logic_or_bits(node, x, y)
+            if op in (Op.XOR, Op.LSHIFT, Op.RSHIFT):
+                want_int(x, f"'{op.value}'")
+                want_int(y, f"'{op.value}'")
+                if op is not Op.XOR and isinstance(y, Const) and not 0 <= y.value <= 63:
+                    fail(f"a shift by {y.value}; shifts of 64-bit ints must lie in [0, 63]", y)
+                return with_children(node, kids, DType.INT)
             if op in COMPARISONS:
                 if op in (Op.EQ, Op.NE):
                     bx, by = x.dtype is DType.BOOL, y.dtype is DType.BOOL
@@ -528,4 +573,153 @@ def _infer(tree: Expr, tensor_dtypes, source: str, where: str) -> Expr:
             dt = _join(dt, k.dtype)
         return with_children(node, kids, dt)
 
+    def logic_or_bits(node, x, y):
+        """``&`` / ``|``: logical on bools, bitwise on ints; the operand types decide."""
+        logical = Op.AND if node.op in (Op.AND, Op.BITAND) else Op.OR
+        name = "'&'" if logical is Op.AND else "'|'"
+        for k in (x, y):
+            if k.dtype is DType.FLOAT:
+                fail(f"{name} expects bools (logic) or ints (bits), but this is float", k)
+        kinds = {x.dtype, y.dtype}
+        if DType.INT in kinds:
+            if DType.BOOL in kinds:
+                fail(f"{name} mixes an int and a bool: this is an int; compare it (e.g. (x & 1) == 1) for logic, or "
+                     f"convert the bool with int() for bits", x if x.dtype is DType.INT else y)
+            return Binary(Op.BITAND if logical is Op.AND else Op.BITOR, x, y, node.span, DType.INT)
+        # bools, or tensor reads whose type is known at call time only (binding decides again then)
+        return Binary(logical, x, y, node.span, DType.BOOL)
+
+    def visit_let(node: Let):
+        saved = dict(scope)
+        for b in node.bindings:
+            scope[b.name] = visit(b.value)
+        out = visit(node.body)
+        scope.clear()
+        scope.update(saved)
+        return out
+
+    def visit_reduce(node: Reduce):
+        f = node.func
+        if f not in REDUCTIONS:
+            fail(f"{f}() does not take a generator; the reductions are {', '.join(REDUCTIONS)}", node)
+        count = visit(node.count)
+        if not (isinstance(count, Const) and count.dtype is DType.INT):
+            fail("range() takes an int literal or an int parameter (the number of terms is fixed at compile time)",
+                 node.count)
+        k = count.value
+        if k < 0:
+            fail(f"range({k}) of a negative count", node.count)
+        if k > MAX_TERMS:
+            fail(f"range({k}) has more than {MAX_TERMS} terms", node.count)
+        if k == 0 and f in ("max", "min"):
+            fail(f"{f}() of an empty range", node.count)
+        saved = scope.get(node.var)
+        terms = []
+        for i in range(k):
+            scope[node.var] = Const(i, DType.INT, node.var_span)
+            term = visit(node.body)
+            if f in ("any", "all"):
+                if term.dtype in (DType.INT, DType.FLOAT):
+                    fail(f"{f}() needs a bool for each term, but this is {term.dtype.value}", term)
+                if term.dtype is DType.UNKNOWN:  # a tensor read: binding checks that it is bool
+                    term = Call("where", (term, Const(True, DType.BOOL), Const(False, DType.BOOL)), term.span,
+                                DType.BOOL)
+            else:
+                want_numeric(term, f"{f}()")
+            terms.append(term)
+        if saved is None:
+            scope.pop(node.var, None)
+        else:
+            scope[node.var] = saved
+        if not terms:
+            return Const({"sum": 0, "any": False, "all": True}[f],
+                         DType.INT if f == "sum" else DType.BOOL, node.span)
+        return _balanced(terms, lambda a, b: _combine(f, a, b, node.span))
+
     return visit(tree)
+
+
+def _combine(func: str, a: Expr, b: Expr, span) -> Expr:
+    if func == "sum":
+        return Binary(Op.ADD, a, b, span, _join(a.dtype, b.dtype))
+    if func in ("any", "all"):
+        return Binary(Op.OR if func == "any" else Op.AND, a, b, span, DType.BOOL)
+    return Call(func, (a, b), span, _join(a.dtype, b.dtype))
+
+
+def _balanced(terms: list, make) -> Expr:
+    """One tree of the terms, depth log2(len): reductions stay shallow for every later (recursive) stage."""
+    while len(terms) > 1:
+        terms = [make(terms[i], terms[i + 1]) if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+    return terms[0]
+
+
+def _check_expanded_size(tree: Expr, source: str, where: str) -> None:
+    """The expanded expression (bindings substituted, reductions unrolled) must stay within MAX_NODES nodes and
+    MAX_DEPTH levels; both are computed on the shared nodes, so the check itself never expands anything."""
+    size: dict[int, tuple[int, int]] = {}
+    stack = [(tree, False)]
+    while stack:
+        node, ready = stack.pop()
+        if id(node) in size:
+            continue
+        kids = children(node)
+        if ready or not kids:
+            got = [size[id(k)] for k in kids]
+            size[id(node)] = (1 + sum(n for n, _ in got), 1 + max((d for _, d in got), default=0))
+        else:
+            stack.append((node, True))
+            stack.extend((k, False) for k in kids)
+    n, d = size[id(tree)]
+    if n > MAX_NODES:
+        raise AttnLangError(f"expression has {n} nodes once its bindings and reductions are expanded; at most "
+                            f"{MAX_NODES}", source, 1, 1, len(source), where=where)
+    if d > MAX_DEPTH:
+        raise AttnLangError(f"expression nested too deeply once its bindings and reductions are expanded ({d} "
+                            f"levels; at most {MAX_DEPTH})", source, 1, 1, len(source), where=where)
+
+
+def _check_local_names(trees, sources, consts) -> set[str]:
+    """Names bound by ``name = ...`` or by a generator's ``for name in``: each must be new (not built in, a
+    parameter, a tensor, a function or a keyword, and not bound already where it is bound). Returns them all."""
+    tensors = {n.tensor for t in trees.values() for n in walk(t) if isinstance(n, Index)}
+    local: set[str] = set()
+
+    def new_name(name, span, scope, where):
+        def fail(msg):
+            raise AttnLangError.at(msg, sources[where], span, where)
+        if name in BUILTIN_VARS:
+            fail(f"{name!r} is a built-in name ({BUILTIN_VARS[name].value}) and cannot be bound")
+        if name in consts:
+            fail(f"{name!r} is a parameter given in params; it cannot also be bound here")
+        if name in tensors:
+            fail(f"{name!r} is a tensor the expressions read; it cannot also be bound")
+        if name in FUNCTIONS or name in REDUCTIONS or name == "range":
+            fail(f"{name!r} is a function name and cannot be bound")
+        if name in RESERVED_NAMES:
+            fail(f"{name!r} is a reserved name (a keyword of the call or of the language) and cannot be bound")
+        if name in scope:
+            first = scope[name]
+            at = f" (line {first.line}, column {first.column})" if first is not None else ""
+            fail(f"{name!r} is bound already{at}; pick another name")
+
+    for where, tree in trees.items():
+        stack = [(tree, {})]
+        while stack:
+            node, scope = stack.pop()
+            if isinstance(node, Let):
+                inner = dict(scope)
+                for b in node.bindings:
+                    stack.append((b.value, dict(inner)))
+                    new_name(b.name, b.span, inner, where)
+                    inner[b.name] = b.span
+                    local.add(b.name)
+                stack.append((node.body, inner))
+            elif isinstance(node, Reduce):
+                new_name(node.var, node.var_span, scope, where)
+                local.add(node.var)
+                stack.append((node.count, scope))
+                stack.append((node.body, {**scope, node.var: node.var_span}))
+            else:
+                stack.extend((k, scope) for k in children(node))
+    return local

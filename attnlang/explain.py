@@ -10,7 +10,7 @@ from .ast import Const, DType, Index, names_used, walk
 from .check import Checked
 from .errors import AttnLangError
 from .patterns import documents, recognize
-from .printer import to_source
+from .printer import to_program, to_source
 from .simplify import Simplified
 from .sparsity import known_exact, mask_block_sparsity, positive_int
 
@@ -79,24 +79,26 @@ def explain(score: str, mask: str, params: Mapping[str, object], checked: Checke
         q_len = kv_len = q_len if q_len is not None else kv_len
     simple = simplified
     out = ["attnlang variant", "  as written:"]
-    out.append(f"    score: {score}")
-    out.append(f"    mask:  {mask}")
+    out.append("    score: " + score.replace("\n", "\n           "))  # bindings on their own lines
+    out.append("    mask:  " + mask.replace("\n", "\n           "))
     if checked.sink is not None:
-        out.append(f"    sink:  {checked.sources['sink']}")
+        out.append("    sink:  " + checked.sources["sink"].replace("\n", "\n           "))
     if not normalize:
         out.append("    normalize: False (out is the softmax's numerator alone)")
     if params:
         out.append("    params: " + ", ".join(f"{k}={v!r}" for k, v in sorted(params.items())))
+    avoid = tuple(params)  # repeated subexpressions print as bindings t1 = ...; (never a param's name)
     out.append("  parsed (canonical):")
-    out.append(f"    score: {to_source(checked.score)}")
-    out.append(f"    mask:  {to_source(checked.mask)}")
+    out.append(f"    score: {to_program(checked.score, avoid)}")
+    out.append(f"    mask:  {to_program(checked.mask, avoid)}")
     if checked.sink is not None:
-        out.append(f"    sink:  {to_source(checked.sink)}")
+        out.append(f"    sink:  {to_program(checked.sink, avoid)}")
     out.append("  simplified:")
-    out.append(f"    score: {to_source(simple.score)}")
-    out.append(f"    mask:  {to_source(simple.mask)}")
+    out.append(f"    score: {to_program(simple.score, avoid)}")
+    out.append(f"    mask:  {to_program(simple.mask, avoid)}")
     if checked.sink is not None:
-        out.append(f"    sink:  {to_source(simple.sink) if simple.sink is not None else 'none (-inf adds nothing)'}")
+        sink = to_program(simple.sink, avoid) if simple.sink is not None else "none (-inf adds nothing)"
+        out.append(f"    sink:  {sink}")
     if simple.lse_shift is not None:
         out.append(f"    lse shift (dropped from the score, added back to lse): {to_source(simple.lse_shift)}")
     if simple.trace:

@@ -647,9 +647,9 @@ RULES = {
     "sigmoid": _monotone("sigmoid"), "floor": _monotone("floor"), "ceil": _monotone("ceil"),
     "sign": _monotone("sign"), "int": _monotone("int"), "float": _monotone("float"),  # float(): same bounds
     "abs": _r_abs, "min": _r_min, "max": _r_max, "clamp": _r_clamp,
-    # planned (LANGUAGE.md "to be built"; issue 20): sound bounds, ready for the ast to name them
     "erf": _monotone("erf"), "cos": _periodic("cos"), "sin": _periodic("sin"),
-    "bitand": _r_bitand, "bitor": _r_bitor, "bitxor": _r_bitor_xor, "lshift": _r_lshift, "rshift": _r_rshift,
+    Op.BITAND: _r_bitand, Op.BITOR: _r_bitor, Op.XOR: _r_bitor_xor,   # int & | ^ (LANGUAGE.md, issue 20)
+    Op.LSHIFT: _r_lshift, Op.RSHIFT: _r_rshift,                        # shifts by [0, 63]; else TOP
 }
 
 

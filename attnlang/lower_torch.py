@@ -40,12 +40,17 @@ _ARITH = {
     Op.FLOORDIV: lambda a, b: torch.div(a, b, rounding_mode="floor"),  # Python's floor division
     Op.MOD: torch.remainder,                                            # Python's sign: that of the divisor
     Op.POW: torch.pow,
+    Op.BITAND: torch.bitwise_and,
+    Op.BITOR: torch.bitwise_or,
+    Op.XOR: torch.bitwise_xor,
+    Op.LSHIFT: torch.bitwise_left_shift,    # the checker keeps shifts in [0, 63] and the result in int64
+    Op.RSHIFT: torch.bitwise_right_shift,   # arithmetic: Python's floor toward -inf
 }
 _COMPARE = {Op.LT: torch.lt, Op.LE: torch.le, Op.GT: torch.gt, Op.GE: torch.ge, Op.EQ: torch.eq, Op.NE: torch.ne}
 _LOGIC = {Op.AND: torch.logical_and, Op.OR: torch.logical_or}
 _FLOAT_FUNCS = {
     "exp": torch.exp, "exp2": torch.exp2, "log": torch.log, "log2": torch.log2, "sqrt": torch.sqrt,
-    "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh, "sigmoid": torch.sigmoid, "erf": torch.erf, "cos": torch.cos, "sin": torch.sin,
 }
 
 

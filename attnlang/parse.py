@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from importlib import resources
 
-from lark import Lark, v_args
+from lark import Lark, Token, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 from lark.visitors import Transformer_NonRecursive
 
-from .ast import Binary, Call, Const, DType, Index, Op, Span, Unary, Var, depth
+from .ast import Binary, Binding, Call, Const, DType, Index, Let, Op, Reduce, Span, Unary, Var, depth
 from .errors import AttnLangError
 
 __all__ = ["parse", "MAX_DEPTH", "MAX_LENGTH"]
@@ -27,7 +28,8 @@ _TOKEN_NAMES = {
     "NAME": "a name", "INT": "an integer", "FLOAT": "a number", "COMPARE_OP": "a comparison",
     "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "COMMA": "','", "PLUS": "'+'",
     "MINUS": "'-'", "STAR": "'*'", "SLASH": "'/'", "PERCENT": "'%'", "VBAR": "'|'", "AMPERSAND": "'&'",
-    "TILDE": "'~'", "$END": "the end of the expression",
+    "TILDE": "'~'", "CIRCUMFLEX": "'^'", "EQUAL": "'='", "SEMICOLON": "';'",
+    "SHL": "'<<'", "SHR": "'>>'", "$END": "the end of the expression",
 }
 
 _COMPARE = {"<": Op.LT, "<=": Op.LE, ">": Op.GT, ">=": Op.GE, "==": Op.EQ, "!=": Op.NE}
@@ -48,6 +50,16 @@ def _binary(op):
 @v_args(meta=True)
 class _Builder(Transformer_NonRecursive):
     """Builds AST nodes; one line per grammar alias."""
+
+    def binding(self, meta, c):
+        return Binding(str(c[0]), c[1], _token_span(c[0]))
+
+    def let(self, meta, c):
+        return Let(tuple(c[:-1]), c[-1], _span(meta))
+
+    def generator(self, meta, c):
+        func, body, var, count = c
+        return Reduce(str(func), body, str(var), count, _span(meta), _token_span(var))
 
     def int_literal(self, meta, c):
         return Const(int(c[0]), DType.INT, _token_span(c[0]))
@@ -104,11 +116,46 @@ class _Builder(Transformer_NonRecursive):
     mod = _binary(Op.MOD)
     pow = _binary(Op.POW)
 
+    xor = _binary(Op.XOR)
+
+    def lshift(self, meta, c):
+        return Binary(Op.LSHIFT, c[0], c[-1], _span(meta))
+
+    def rshift(self, meta, c):
+        return Binary(Op.RSHIFT, c[0], c[-1], _span(meta))
+
     def and_(self, meta, c):
         return Binary(Op.AND, c[0], c[-1], _span(meta))
 
     def or_(self, meta, c):
         return Binary(Op.OR, c[0], c[-1], _span(meta))
+
+
+class _Lines:
+    """Post-lexer: a new line ends a binding (becomes ``;``) when it comes, outside brackets, after a token that can
+    end the binding's expression; every other new line is white space, so expressions still span lines freely."""
+
+    always_accept = ("_NL",)
+    _ENDS = frozenset({"NAME", "INT", "FLOAT", "RPAR", "RSQB", "INF", "TRUE", "FALSE"})
+
+    def process(self, stream):
+        depth, in_binding, last = 0, False, None
+        for tok in stream:
+            if tok.type == "_NL":
+                if in_binding and depth == 0 and last in self._ENDS:
+                    in_binding, last = False, "SEMICOLON"
+                    yield Token.new_borrow_pos("SEMICOLON", ";", tok)
+                continue
+            if tok.type in ("LPAR", "LSQB"):
+                depth += 1
+            elif tok.type in ("RPAR", "RSQB"):
+                depth -= 1
+            elif tok.type == "EQUAL" and depth == 0:
+                in_binding = True
+            elif tok.type == "SEMICOLON" and depth == 0:
+                in_binding = False
+            last = tok.type
+            yield tok
 
 
 def _is_negative(x) -> bool:
@@ -124,7 +171,7 @@ def _pair_span(lhs, rhs) -> Span | None:
 @functools.lru_cache(maxsize=1)
 def _parser() -> Lark:
     grammar = resources.files("attnlang.grammar").joinpath("attnlang.lark").read_text()
-    return Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True)
+    return Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True, postlex=_Lines())
 
 
 def _expected(tokens) -> str:
@@ -165,12 +212,22 @@ def parse(text: str, where: str | None = None):
         raise AttnLangError(f"unexpected character {text[e.pos_in_stream]!r}", text, e.line, e.column,
                             where=where) from None
     except UnexpectedEOF as e:
+        lone = _lone_equals(text)
+        if lone is not None:
+            line, column = _position(text, lone)
+            raise AttnLangError("'=' binds a name; a binding must be followed by ';' or a new line and then the "
+                                "result (to compare, write '==')", text, line, column, where=where) from None
         line, column = _end_position(text)
         raise AttnLangError(f"unexpected end of expression; expected {_expected(e.expected)}", text, line, column,
                             where=where) from None
     except UnexpectedToken as e:
         tok = e.token
         if tok.type == "$END":
+            lone = _lone_equals(text)
+            if lone is not None:  # `a = b` alone: a binding with no result after it, or a comparison mistyped
+                line, column = _position(text, lone)
+                raise AttnLangError("'=' binds a name; a binding must be followed by ';' or a new line and then the "
+                                    "result (to compare, write '==')", text, line, column, where=where) from None
             line, column = _end_position(text)
             raise AttnLangError(f"unexpected end of expression; expected {_expected(e.accepts or e.expected)}",
                                 text, line, column, where=where) from None
@@ -190,6 +247,19 @@ def parse(text: str, where: str | None = None):
         raise AttnLangError(f"expression nested too deeply ({d} levels; at most {MAX_DEPTH})", text, 1, 1,
                             len(text), where=where)
     return tree
+
+
+def _lone_equals(text: str) -> int | None:
+    """Offset of the last '=' that is neither part of a comparison nor followed by ';' / a new line."""
+    found = [m.start() for m in re.finditer(r"(?<![=<>!])=(?!=)", text)]
+    if not found or re.search(r"[;\n]", text[found[-1]:].rstrip()):
+        return None
+    return found[-1]
+
+
+def _position(text: str, pos: int) -> tuple[int, int]:
+    before = text[:pos].split("\n")
+    return len(before), len(before[-1]) + 1
 
 
 def _end_position(text: str) -> tuple[int, int]:

@@ -165,6 +165,8 @@ def _join(a: DType, b: DType) -> DType:
 def mk_binary(op: Op, left: Expr, right: Expr, span: Span | None = None) -> Binary:
     if op in (Op.AND, Op.OR) or op in _CMP:
         dt = DType.BOOL
+    elif op in (Op.BITAND, Op.BITOR, Op.XOR, Op.LSHIFT, Op.RSHIFT):
+        dt = DType.INT
     elif op is Op.TRUEDIV:
         dt = DType.FLOAT
     else:
@@ -212,6 +214,8 @@ _PY_BINARY = {
     Op.FLOORDIV: _floordiv, Op.MOD: operator.mod, Op.POW: operator.pow,
     Op.LT: operator.lt, Op.LE: operator.le, Op.GT: operator.gt, Op.GE: operator.ge, Op.EQ: operator.eq,
     Op.NE: operator.ne, Op.AND: operator.and_, Op.OR: operator.or_,
+    Op.BITAND: operator.and_, Op.BITOR: operator.or_, Op.XOR: operator.xor, Op.LSHIFT: operator.lshift,
+    Op.RSHIFT: operator.rshift,
 }
 
 
@@ -221,7 +225,7 @@ def _sigmoid(v: float) -> float:
 
 _PY_FUNC = {
     "exp": math.exp, "exp2": lambda v: 2.0 ** v, "log": math.log, "log2": math.log2, "sqrt": math.sqrt,
-    "tanh": math.tanh, "sigmoid": _sigmoid,
+    "tanh": math.tanh, "sigmoid": _sigmoid, "erf": math.erf, "cos": math.cos, "sin": math.sin,
 }
 
 
@@ -256,6 +260,8 @@ def fold_binary(n: Binary, a: Const, b: Const) -> Const | None:
     x, y = _num(a, n.dtype), _num(b, n.dtype)
     if op in (Op.TRUEDIV, Op.FLOORDIV, Op.MOD) and y == 0:
         return None  # a division by zero is the run time's to report (or inf / NaN in floats)
+    if op in (Op.LSHIFT, Op.RSHIFT) and not 0 <= y <= 63:
+        return None  # a shift out of [0, 63] is the checker's to report
     if op is Op.POW and n.dtype is DType.INT and (y < 0 or abs(x) > 1 and y > 64):
         return None  # a negative exponent is an error; past 64 the power leaves int64 (and could take long to compute)
     if op in (Op.FLOORDIV, Op.MOD) and n.dtype is DType.FLOAT and (math.isinf(x) or math.isinf(y)):
@@ -630,6 +636,21 @@ def orient_compare(n, a, b):
     return Binary(MIRRORED[n.op], b, a, n.span, DType.BOOL)
 
 
+_CHAIN = 32  # longer chains (from reductions) are rebuilt balanced, so every recursive stage stays shallow
+
+
+def _chain(items: list, make):
+    """``items`` joined left to right (a left-deep tree), or, past _CHAIN items, as a balanced tree."""
+    if len(items) <= _CHAIN:
+        out = items[0]
+        for x in items[1:]:
+            out = make(out, x)
+        return out
+    while len(items) > 1:
+        items = [make(items[i], items[i + 1]) if i + 1 < len(items) else items[i] for i in range(0, len(items), 2)]
+    return items[0]
+
+
 def sort_logic(n):
     """Flatten a chain of & (or |), drop repeats and order the operands canonically: & and | are commutative and
     associative on bools, and nothing is short-circuited."""
@@ -645,9 +666,7 @@ def sort_logic(n):
     if any(x.dtype not in (DType.BOOL, DType.UNKNOWN) for x in leaves):
         return None  # an unknown read under & must bind to bool (else binding fails either way)
     uniq = sorted({x: None for x in leaves}, key=_sort_key)
-    out = uniq[0]
-    for x in uniq[1:]:
-        out = Binary(op, out, x, None, DType.BOOL)
+    out = _chain(uniq, lambda a, b: Binary(op, a, b, None, DType.BOOL))
     out = replace(out, span=n.span) if isinstance(out, Binary) else out
     return None if out == n else out
 
@@ -820,6 +839,8 @@ def _terms_flat(expr: Expr) -> list[tuple[int, Expr]]:
 
 
 def _sum(terms: list[tuple[int, Expr]], span) -> Expr | None:
+    if len(terms) > _CHAIN:  # a long sum (a reduction's) stays balanced
+        return _chain([t if s > 0 else mk_neg(t, t.span) for s, t in terms], lambda a, b: mk_binary(Op.ADD, a, b, span))
     out = None
     for s, t in terms:
         if out is None:

@@ -81,9 +81,10 @@ COMPILE_ERRORS = [
     # type errors
     ("score + (q_idx > kv_idx)", "True", None, "score", "q_idx", 0, None, "bool"),
     ("score * True", "True", None, "score", "True", 0, 4, "bool"),
-    ("score", "q_idx & kv_idx", None, "mask", "q_idx", 0, 5, "expects a bool"),
-    ("score", "q_idx >= 0 | kv_idx", None, "mask", "kv_idx", 0, 6, "expects a bool"),
-    ("score", "~q_idx", None, "mask", "q_idx", 0, 5, "expects a bool"),
+    # & and | of ints are bitwise (LANGUAGE.md): an int mask, a mix of int and bool, ~ of an int are errors
+    ("score", "q_idx & kv_idx", None, "mask", "q_idx & kv_idx", 0, None, "must be bool"),
+    ("score", "q_idx >= 0 | kv_idx", None, "mask", "kv_idx", 0, 6, "mixes an int and a bool"),
+    ("score", "~q_idx", None, "mask", "~q_idx", 0, None, "'~' of an int"),
     ("score", "not 1.5", None, "mask", "1.5", 0, 3, "expects a bool"),
     ("score + bias[0.5]", "True", None, "score", "0.5", 0, 3, "must be an int"),
     ("score + bias[q_idx / 2]", "True", None, "score", "q_idx / 2", 0, None, "must be an int"),

@@ -102,7 +102,8 @@ leaves = st.one_of(
     st.floats(allow_nan=False).map(lambda v: Const(v, DType.FLOAT)),
     st.booleans().map(lambda v: Const(v, DType.BOOL)),
 )
-BINARY_OPS = [op for op in Op if op not in (Op.NEG, Op.NOT)]
+# BITAND / BITOR print as & / |, which parse as AND / OR: the checker, not the parser, tells them apart
+BINARY_OPS = [op for op in Op if op not in (Op.NEG, Op.NOT, Op.BITAND, Op.BITOR)]
 
 
 def _neg(x):

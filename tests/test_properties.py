@@ -7,6 +7,7 @@ attnlang.lower_torch. Checked: (a) the print/parse round trip of the parsed text
 softmax attention computed densely from the closures' scores and mask.
 """
 
+import functools
 import math
 
 import pytest
@@ -403,3 +404,164 @@ def test_eager_and_flex_equal_dense_float64_in_one_process(score, mask, twins, l
             assert torch.equal(torch.isinf(lse), torch.isinf(want_lse)), msg
             fin = torch.isfinite(want_lse)
             torch.testing.assert_close(lse[fin].double(), want_lse[fin], rtol=1e-5, atol=1e-5)
+
+
+# ----- (d) bindings, bounded reductions, bit operations and erf / cos / sin (LANGUAGE.md's later section) -----
+# The same interpreter, extended: a binding is evaluated once into the environment under its name, a reduction is
+# the Python loop over its range, bit operations are Python's on int64 (<< as a product by 2 ** s, >> floor).
+
+def _leaf(name):
+    return node(name, lambda e, n=name: e[n])
+
+
+def _bit_nodes(I):
+    small = I.map(lambda a: (f"clamp({a[0]}, -1000, 1000)", lambda e, a=a[1]: torch.clamp(_i(a(e)), -1000, 1000)))
+    return st.one_of(
+        st.tuples(I, I).map(lambda t: node(f"({t[0][0]} & {t[1][0]})",
+                                           lambda e, a=t[0][1], b=t[1][1]: torch.bitwise_and(_i(a(e)), _i(b(e))))),
+        st.tuples(I, I).map(lambda t: node(f"({t[0][0]} | {t[1][0]})",
+                                           lambda e, a=t[0][1], b=t[1][1]: torch.bitwise_or(_i(a(e)), _i(b(e))))),
+        st.tuples(I, I).map(lambda t: node(f"({t[0][0]} ^ {t[1][0]})",
+                                           lambda e, a=t[0][1], b=t[1][1]: torch.bitwise_xor(_i(a(e)), _i(b(e))))),
+        st.tuples(small, st.integers(0, 4)).map(lambda t: node(f"({t[0][0]} << {t[1]})",
+                                                               lambda e, a=t[0][1], s=t[1]: a(e) * 2 ** s)),
+        st.tuples(I, st.integers(0, 5)).map(lambda t: node(f"({t[0][0]} >> {t[1]})",
+                                                           lambda e, a=t[0][1], s=t[1]:
+                                                           _floordiv_int(_i(a(e)), 2 ** s))),
+    )
+
+
+def _trig_nodes(F):
+    return st.one_of(*(F.map(lambda a, name=name, f=f: node(f"{name}({a[0]})", lambda e, a=a[1]: f(_f(a(e)))))
+                       for name, f in (("erf", torch.special.erf), ("cos", torch.cos), ("sin", torch.sin))))
+
+
+def _with_i(e, i):
+    return {**e, "i": torch.tensor(i)}
+
+
+def _reductions(I, F, Bo):
+    """Reductions whose bodies read the generator variable `i` (I, F, Bo include it as a leaf)."""
+    K = st.integers(1, 4)
+
+    def red(func, body, combine, k0=0):
+        return st.tuples(body, st.integers(k0, 4)).map(lambda t: node(
+            f"{func}({t[0][0]} for i in range({t[1]}))",
+            lambda e, a=t[0][1], k=t[1]: combine([a(_with_i(e, i)) for i in range(k)])))
+
+    def total(xs, zero):
+        out = zero
+        for x in xs:
+            out = out + x
+        return out
+
+    def fold(xs, f, empty):
+        out = empty
+        for x in xs:
+            out = f(out, x)
+        return out
+    return (
+        st.one_of(red("sum", I, lambda xs: total([_i(x) for x in xs], _i(0))),
+                  st.tuples(I, K).map(lambda t: node(f"max({t[0][0]} for i in range({t[1]}))",
+                                                     lambda e, a=t[0][1], k=t[1]: fold(
+                                                         [_i(a(_with_i(e, i))) for i in range(1, k)],
+                                                         torch.maximum, _i(a(_with_i(e, 0))))))),
+        st.one_of(red("sum", F, lambda xs: total([_f(x) for x in xs], _f(0))),
+                  st.tuples(F, K).map(lambda t: node(f"min({t[0][0]} for i in range({t[1]}))",
+                                                     lambda e, a=t[0][1], k=t[1]: fold(
+                                                         [_f(a(_with_i(e, i))) for i in range(1, k)],
+                                                         torch.minimum, _f(a(_with_i(e, 0))))))),
+        st.one_of(red("any", Bo, lambda xs: fold(xs, torch.logical_or, torch.tensor(False))),
+                  red("all", Bo, lambda xs: fold(xs, torch.logical_and, torch.tensor(True)))),
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _new_levels(depth, ints=(), floats=(), bools=(), score=True, reductions=True):
+    """(int, float, bool) strategies over the old and the new constructs; ``ints`` / ``floats`` / ``bools``: bound
+    names usable as leaves."""
+    def leaves(extra_i):
+        i = st.one_of(st.sampled_from(INT_NAMES).map(_leaf), st.integers(-5, 20).map(
+            lambda c: node(f"({c})", lambda e, c=c: _i(c))), *(st.just(_leaf(n)) for n in (*ints, *extra_i)))
+        f = st.one_of(st.sampled_from(FLOAT_CONSTS).map(lambda c: node(f"({c!r})", lambda e, c=c: _f(c))),
+                      st.just(node("tf[h]", lambda e: e["tf"][e["h"]])),
+                      *([st.just(_leaf("score"))] if score else []), *(st.just(_leaf(n)) for n in floats))
+        b = st.one_of(_bool_leaf(), *(st.just(_leaf(n)) for n in bools))
+        return i, f, b
+
+    def grow(I, F, Bo, n, red):
+        for _ in range(n):
+            parts = (st.one_of(I, _int_nodes(I, F, Bo), _bit_nodes(I)), st.one_of(F, _float_nodes(I, F, Bo),
+                                                                                  _trig_nodes(F)),
+                     st.one_of(Bo, _bool_nodes(I, F, Bo)))
+            if red is not None:
+                parts = tuple(st.one_of(p, r) for p, r in zip(parts, red))
+            I, F, Bo = parts
+        return I, F, Bo
+    red = _reductions(*grow(*leaves(("i",)), 1, None)) if reductions else None
+    return grow(*leaves(()), depth, red)
+
+
+def _programs(score: bool):
+    """(text, closure) of a program: up to two bindings (an int, then a float or bool that may read it), a result."""
+    I0, F0, B0 = _new_levels(1, score=score)
+
+    @st.composite
+    def program(draw):
+        names, texts, fns = [], [], []
+        ints, floats, bools = [], [], []
+        for k in range(draw(st.integers(0, 2))):
+            kind = draw(st.sampled_from(["int", "float", "bool"]))
+            I, F, Bo = _new_levels(1, tuple(ints), tuple(floats), tuple(bools), score=score, reductions=False) \
+                if names else (I0, F0, B0)
+            val = draw({"int": I, "float": F, "bool": Bo}[kind])
+            name = f"v{k}"
+            {"int": ints, "float": floats, "bool": bools}[kind].append(name)
+            names.append(name)
+            texts.append(f"{name} = {val[0]}")
+            fns.append(val[1])
+        I, F, Bo = _new_levels(1, tuple(ints), tuple(floats), tuple(bools), score=score)
+        result = draw(F if score else Bo) if draw(st.booleans()) or not score else \
+            draw(I.map(lambda x: node(f"float({x[0]})", lambda e, a=x[1]: _f(a(e)))))
+        sep = draw(st.sampled_from(["; ", "\n"]))
+
+        def run(e, names=tuple(names), fns=tuple(fns), result=result[1]):
+            e = dict(e)
+            for n, f in zip(names, fns):
+                e[n] = f(e)
+            return result(e)
+        return node(sep.join(texts + [result[0]]), run)
+    return program()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.filter_too_much])
+@given(_programs(score=True), _programs(score=False), st.sampled_from([(7, 11), (1, 5)]), st.integers(0, 3))
+def test_new_constructs_eager_equals_dense_float64(score, mask, lengths, seed):
+    sq, skv = lengths
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, HQ, sq, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, HKV, skv, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, HKV, skv, D, generator=g, dtype=torch.float64)
+    env = env_for(q, k, sq, skv, seed)
+    shape = (B, HQ, sq, skv)
+    want_s = torch.broadcast_to(_f(score[1](env)), shape)
+    allowed = torch.broadcast_to(mask[1](env), shape)
+    tensors = {n: env[n] for n in ("tf", "ti", "tb") if f"{n}[" in score[0] + mask[0]}
+    try:
+        var = al.compile(score[0], mask[0])
+    except al.AttnLangError as e:  # only the size limits may refuse a generated program
+        assert "too large" in e.message or "nested too deeply" in e.message, (score[0], mask[0], str(e))
+        return
+    bad = (torch.isnan(want_s) | (want_s == math.inf)) & allowed
+    try:
+        out, lse = var(q, k, v, backend="eager", return_lse=True, **tensors)
+    except al.AttnLangError as e:
+        assert bad.any() or "outside 64 bits" in e.message or "can be 0" in e.message, (score[0], mask[0], str(e))
+        return
+    assert not bad.any(), (score[0], mask[0])
+    want_out, want_lse = dense_attention(want_s, allowed, v)
+    torch.testing.assert_close(out, want_out, rtol=1e-7, atol=1e-7, msg=lambda m: f"{score[0]!r} {mask[0]!r}\n{m}")
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    fin = torch.isfinite(want_lse)
+    torch.testing.assert_close(lse[fin].double(), want_lse[fin], rtol=1e-5, atol=1e-5)

@@ -1,0 +1,331 @@
+"""Bindings, bounded reductions, integer bit operations and erf / cos / sin (LANGUAGE.md's later section): parsing,
+checking with carets, meaning on the eager backend against Python, intervals and block sparsity sound for them."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnlang as al
+from attnlang.ast import Op
+from attnlang.check import MAX_TERMS, check
+from attnlang.intervals import Interval, bounds
+from attnlang.parse import parse
+from attnlang.printer import to_program, to_source
+
+
+def assert_points_at(err, text, token, where=None):
+    """The error names the line and column of the first ``token`` in ``text``, with a caret under it."""
+    at = text.index(token)
+    line = text[:at].count("\n") + 1
+    column = at - (text.rfind("\n", 0, at) + 1) + 1
+    assert (err.line, err.column) == (line, column), str(err)
+    assert err.source == text
+    caret = str(err).split("\n")[-1]
+    assert caret.index("^") - 4 + 1 == column, str(err)
+    if where is not None:
+        assert err.where == where
+
+# ----- parsing -----
+
+
+@pytest.mark.parametrize("text", [
+    "qb = q_idx // 4; kb = kv_idx // 4; qb == kb | qb > kb & q_idx < 9",
+    "qb = q_idx // 4\nkb = kv_idx // 4\nqb == kb | qb > kb & q_idx < 9",
+    "qb = q_idx // 4;\n\nkb = kv_idx // 4\r\n  qb == kb | qb > kb & q_idx < 9",
+    "qb = (q_idx\n  // 4); kb = kv_idx // 4; qb == kb | qb > kb & q_idx < 9",
+    "qb = q_idx //\n 4\nkb = kv_idx // 4\nqb == kb | qb > kb &\n q_idx < 9",
+])
+def test_bindings_end_with_a_semicolon_or_a_new_line(text):
+    want = check(mask="q_idx // 4 == kv_idx // 4 | q_idx // 4 > kv_idx // 4 & q_idx < 9").mask
+    assert check(mask=text).mask == want
+
+
+@pytest.mark.parametrize("text, column", [("a = 1 b = 2; a > b", 7), ("a = q_idx a > 0", 11)])
+def test_a_missing_separator_is_an_error_at_the_next_token(text, column):
+    with pytest.raises(al.AttnLangError) as info:
+        parse(text)
+    assert info.value.column == column and "';'" in info.value.message
+
+
+@pytest.mark.parametrize("text, tree", [
+    # loosest first: | ; ^ ; & ; ~ ; comparisons ; << >> ; + -
+    ("a | b ^ c", "a | (b ^ c)"),
+    ("a ^ b & c", "a ^ (b & c)"),
+    ("a & b == c", "a & (b == c)"),
+    ("a << 1 < b", "(a << 1) < b"),
+    ("a << b + 1", "a << (b + 1)"),
+    ("a >> 1 >> 2", "(a >> 1) >> 2"),
+    ("a ^ b ^ c", "(a ^ b) ^ c"),
+])
+def test_bit_operator_precedence(text, tree):
+    assert parse(text) == parse(tree)
+
+
+def test_generator_form_and_two_argument_max():
+    assert type(parse("max(a, b)")).__name__ == "Call"
+    r = parse("max(t[i] for i in range(K))")
+    assert type(r).__name__ == "Reduce" and r.func == "max" and r.var == "i"
+    assert al.compile("max(score, 0.0)") == al.compile("max(score, 0.0)")  # unchanged meaning
+
+
+# ----- checking: errors point inside bindings -----
+
+ERRORS = [
+    # (mask, params, token, message word)
+    ("q_idx = 3; True", None, "q_idx", "built-in"),
+    ("w = 3; q_idx < w", {"w": 2}, "w", "parameter"),
+    ("doc = 1; doc[q_idx] == doc", None, "doc", "tensor"),
+    ("where = 1; q_idx < where", None, "where", "function"),
+    ("any = 1; q_idx < any", None, "any", "function"),
+    ("x = 1; x = 2; q_idx < x", None, "x = 2", "bound already"),
+    ("x = 1; any(q_idx == i for x in range(3))", None, "x in", "bound already"),
+    ("x = y + 1; y = 2; q_idx < x", None, "y + 1", "not bound here"),
+    ("sum(i for i in range(3)) + i > q_idx", None, "i > q_idx", "not bound here"),
+    ("x = kv_idx + wid; q_idx < x", None, "wid", "was not given"),
+    ("x = score; q_idx < x", None, "score", "cannot be used in a mask"),
+    ("x = q_idx > 0; x + 1 > 2", None, "q_idx > 0", "bool"),
+    ("any(q_idx + i for i in range(3))", None, "q_idx + i", "needs a bool"),
+    ("sum(q_idx > i for i in range(3)) > 0", None, "q_idx > i", "bool"),
+    ("any(q_idx == i for i in range(n))", {"n": 2.5}, "n))", "int literal or an int parameter"),
+    ("any(q_idx == i for i in range(q_len))", None, "q_len", "int literal or an int parameter"),
+    (f"any(q_idx == i for i in range({MAX_TERMS + 1}))", None, str(MAX_TERMS + 1), "more than"),
+    ("any(q_idx == i for i in range(-1))", None, "-1", "negative"),
+    ("max(i for i in range(0)) > q_idx", None, "0", "empty range"),
+    ("foo(q_idx == i for i in range(2))", None, "foo(", "does not take a generator"),
+    ("sum(q_idx, kv_idx) > 0", None, "sum(", "takes a generator"),
+    ("~q_idx", None, "~q_idx", "'~' of an int"),
+    ("(q_idx & (kv_idx > 0)) == 1", None, "q_idx", "mixes an int and a bool"),
+    ("(q_idx & 1.5) > 0", None, "1.5", "float"),
+    ("q_idx & 1.5 > 0", None, "q_idx", "mixes an int and a bool"),  # & binds looser than >
+    ("(q_idx ^ True) == 1", None, "True", "expects an int"),
+    ("q_idx << 64 > 0", None, "64", "[0, 63]"),
+    ("q_idx >> -1 > 0", None, "-1", "[0, 63]"),
+    ("q_idx & kv_idx", None, "q_idx & kv_idx", "must be bool"),
+]
+
+
+@pytest.mark.parametrize("mask, params, token, word", ERRORS)
+def test_errors_point_at_the_token(mask, params, token, word):
+    with pytest.raises(al.AttnLangError) as info:
+        al.compile(mask=mask, params=params)
+    assert word in info.value.message, str(info.value)
+    assert_points_at(info.value, mask, token, where="mask")
+
+
+def test_errors_inside_a_later_line_of_bindings():
+    mask = "qb = q_idx // 4\nkb = kv_idx // bad\nqb >= kb"
+    with pytest.raises(al.AttnLangError) as info:
+        al.compile(mask=mask)
+    assert (info.value.line, info.value.column) == (2, 16)
+
+
+def test_expansion_is_bounded_not_exponential():
+    # every binding doubles the expanded size: refused quickly, with an error, instead of a hang
+    mask = "a0 = q_idx\n" + "".join(f"a{i} = a{i - 1} + a{i - 1}\n" for i in range(1, 40)) + "a39 > kv_idx"
+    with pytest.raises(al.AttnLangError, match="once its bindings and reductions are expanded"):
+        al.compile(mask=mask)
+
+
+def test_shift_amount_and_overflow_are_checked_at_call_time():
+    q = torch.zeros(1, 1, 5, 4)
+    v = al.compile(mask="(q_idx << (kv_idx - 2)) > 0")
+    with pytest.raises(al.AttnLangError, match=r"\[0, 63\]") as info:
+        v(q, q, q, backend="eager")
+    assert_points_at(info.value, v.mask, "kv_idx - 2", where="mask")
+    with pytest.raises(al.AttnLangError, match="outside 64 bits"):
+        al.compile(mask="(q_idx << 62) > kv_idx")(q, q, q, backend="eager")
+    al.compile(mask="(q_idx << 60) > kv_idx")(q, q, q, backend="eager")  # 4 << 60 fits
+
+
+# ----- meaning -----
+
+def _eager_mask(mask, sq=9, skv=11, params=None, **tensors):
+    """The allowed pairs of a mask as the eager backend computes them (from lse: -inf where a row has none)."""
+    v = al.compile(score="score", mask=mask, params=params)
+    # one key per row decides: q of zeros makes every score 0, so out = mean of the allowed v rows
+    q = torch.zeros(1, 1, sq, 4, dtype=torch.float64)
+    k = torch.zeros(1, 1, skv, 4, dtype=torch.float64)
+    allowed = torch.zeros(sq, skv, dtype=torch.bool)
+    for j in range(skv):
+        vv = torch.zeros(1, 1, skv, 4, dtype=torch.float64)
+        vv[0, 0, j, 0] = 1.0
+        out = v(q, k, vv, backend="eager", **tensors)
+        allowed[:, j] = out[0, 0, :, 0] > 0
+    return allowed
+
+
+def _python_mask(fn, sq=9, skv=11):
+    return torch.tensor([[bool(fn(i, j)) for j in range(skv)] for i in range(sq)])
+
+
+@pytest.mark.parametrize("mask, fn", [
+    ("((q_idx ^ kv_idx) & 3) == 1", lambda i, j: ((i ^ j) & 3) == 1),
+    ("(q_idx | kv_idx) == q_idx", lambda i, j: (i | j) == i),
+    ("(q_idx - 5 & kv_idx - 7) < -2", lambda i, j: ((i - 5) & (j - 7)) < -2),
+    ("(q_idx - 5 | kv_idx - 7) > -3", lambda i, j: ((i - 5) | (j - 7)) > -3),
+    ("(q_idx - 4 >> 1) == kv_idx - 6 >> 2", lambda i, j: ((i - 4) >> 1) == ((j - 6) >> 2)),
+    ("kv_idx << 2 <= q_idx << 1", lambda i, j: (j << 2) <= (i << 1)),
+    ("any(kv_idx == q_idx - 2 * i for i in range(3))", lambda i, j: any(j == i - 2 * t for t in range(3))),
+    ("all(kv_idx != q_idx + i for i in range(K))", lambda i, j: all(j != i + t for t in range(2))),
+    ("s = sum(i * i for i in range(4)); kv_idx * 2 < s - q_idx", lambda i, j: j * 2 < 14 - i),
+    ("max(abs(q_idx - kv_idx - i) for i in range(3)) < 4",
+     lambda i, j: max(abs(i - j - t) for t in range(3)) < 4),
+    ("min((q_idx + i) % 5 for i in range(2)) == kv_idx % 3", lambda i, j: min((i + t) % 5 for t in range(2)) == j % 3),
+])
+def test_masks_mean_what_python_computes(mask, fn):
+    assert torch.equal(_eager_mask(mask, params={"K": 2} if "K" in mask else None), _python_mask(fn))
+
+
+def test_reductions_over_tensors_and_float_functions():
+    g = torch.Generator().manual_seed(0)
+    B, H, S, D, R = 1, 2, 6, 8, 4
+    q, k, v = (torch.randn(B, H, S, D, generator=g, dtype=torch.float64) for _ in range(3))
+    qr = torch.randn(B, H, S, R, generator=g, dtype=torch.float64)
+    kr = torch.randn(B, S, R, generator=g, dtype=torch.float64)
+    var = al.compile(score="r = sum(qr[b, h, q_idx, i] * kr[b, kv_idx, i] for i in range(R))\n"
+                           "score + erf(r) + cos(r) * sin(score)", params={"R": R})
+    out, lse = var(q, k, v, backend="eager", return_lse=True, qr=qr, kr=kr)
+    s = q @ k.transpose(-1, -2) / math.sqrt(D)
+    r = torch.einsum("bhqr,bkr->bhqk", qr, kr)
+    s2 = s + torch.special.erf(r) + torch.cos(r) * torch.sin(s)
+    torch.testing.assert_close(out, torch.softmax(s2, -1) @ v, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s2, -1), rtol=1e-6, atol=1e-6)
+
+
+def test_any_over_a_bool_tensor_and_an_int_tensor():
+    t = torch.tensor([True, False, True])
+    assert torch.equal(_eager_mask("any(t[i] & (q_idx >= kv_idx + i) for i in range(3))", t=t),
+                       _python_mask(lambda i, j: any(bool(t[s]) and i >= j + s for s in range(3))))
+    ti = torch.tensor([1, 0, 1])
+    v = al.compile(mask="any(t[i] for i in range(3))")
+    q = torch.zeros(1, 1, 3, 4)
+    with pytest.raises(al.AttnLangError, match="condition expects a bool"):
+        v(q, q, q, backend="eager", t=ti)
+    # int tensors under & are bitwise: an int mask is an error at call time
+    w = al.compile(mask="t[q_idx] & t[kv_idx]")
+    with pytest.raises(al.AttnLangError, match="mask must be bool"):
+        w(q, q, q, backend="eager", t=ti)
+    w(q, q, q, backend="eager", t=t)
+
+
+def test_a_binding_changes_nothing_but_the_text():
+    a = al.compile(mask="d = q_idx - kv_idx; 0 <= d & d < w", params={"w": 4})
+    b = al.compile(mask="0 <= q_idx - kv_idx < w", params={"w": 4})
+    assert a == b and hash(a) == hash(b)
+    assert a.to_config()["mask"] == "d = q_idx - kv_idx; 0 <= d & d < w"
+    assert al.from_config(a.to_config()) == a
+
+
+def test_explain_and_the_canonical_program_keep_bindings_readable():
+    mask = "qb = q_idx // bs + 1\nkb = kv_idx // bs + 1\nqb * qb == kb * kb | qb > kb * 2 & qb * qb < n"
+    v = al.compile(mask=mask, params={"bs": 4, "n": 10})
+    text = v.explain()
+    assert "qb = q_idx // bs + 1" in text  # as written
+    prog = to_program(v.checked.mask)
+    assert "= q_idx // 4 + 1;" in prog and "= kv_idx // 4 + 1;" in prog and prog.count("//") == 2
+    assert check(mask=prog).mask == v.checked.mask  # the printed program means the same expression
+    assert to_program(parse("q_idx >= kv_idx")) == to_source(parse("q_idx >= kv_idx"))
+    # a binding name never takes a param's name
+    assert "t1 =" not in to_program(v.checked.mask, avoid=("t1",))
+
+
+# ----- intervals: sound for the new operations -----
+
+def _typed(text):
+    return check(mask=f"({text}) == 0").mask.left
+
+
+INT_RANGE = st.tuples(st.integers(-70, 70), st.integers(0, 90)).map(lambda t: (t[0], t[0] + t[1]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(["&", "|", "^", "<<", ">>"]), INT_RANGE, INT_RANGE, st.data())
+def test_bit_operation_bounds_hold_every_value(op, xr, yr, data):
+    if op in ("<<", ">>"):
+        yr = (min(max(yr[0], 0), 63), min(max(yr[1], 0), 63))
+        yr = (min(yr), max(yr))
+    e = _typed(f"q_idx {op} kv_idx")
+    assert e.op in (Op.BITAND, Op.BITOR, Op.XOR, Op.LSHIFT, Op.RSHIFT)
+    r = bounds(e, {"q_idx": Interval(*xr), "kv_idx": Interval(*yr)})
+    x = data.draw(st.integers(*xr))
+    y = data.draw(st.integers(*yr))
+    got = {"&": lambda: x & y, "|": lambda: x | y, "^": lambda: x ^ y, "<<": lambda: x << y,
+           ">>": lambda: x >> y}[op]()
+    assert r.lo <= got <= r.hi, (op, xr, yr, x, y, r)
+    # and the block-sparsity engine's per-block bounds
+    from attnlang.sparsity import _bit_bounds
+    lo, hi, _ = _bit_bounds(e.op, (float(xr[0]), float(xr[1]), False), (float(yr[0]), float(yr[1]), False), False)
+    assert float(lo) <= got <= float(hi), (op, xr, yr, x, y, lo, hi)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(["cos", "sin", "erf"]), st.floats(-20, 20), st.floats(0, 8), st.floats(0, 1))
+def test_cos_sin_erf_bounds_hold(f, lo, width, t):
+    e = check(f"score + {f}(score)").score.right
+    r = bounds(e, {"score": Interval(lo, lo + width)})
+    x = lo + t * width
+    assert r.lo <= getattr(math, f)(x) <= r.hi
+    assert -1 <= r.lo and r.hi <= 1
+    assert bounds(e, {"score": Interval(-math.inf, 0.0)}).hi == (1.0 if f != "erf" else 0.0) or f != "erf"
+
+
+# ----- block sparsity: sound, and as exact as the terms for `any` of equalities -----
+
+def _dense_kinds(allowed, bq, bk):
+    sq, skv = allowed.shape
+    nq, nk = -(-sq // bq), -(-skv // bk)
+    kinds = torch.zeros(nq, nk, dtype=torch.int8)
+    for i in range(nq):
+        for j in range(nk):
+            tile = allowed[i * bq:(i + 1) * bq, j * bk:(j + 1) * bk]
+            kinds[i, j] = 2 if bool(tile.all()) else 1 if bool(tile.any()) else 0
+    return kinds
+
+
+def _allowed(mask, sq, skv, params=None, **tensors):
+    c = check(mask=mask, params=params)
+    from attnlang.check import bind, dtype_of_torch
+    from attnlang.lower_torch import evaluate
+    bound = bind(c, {n: dtype_of_torch(t.dtype) for n, t in tensors.items()})
+    names = {"q_idx": torch.arange(sq).view(sq, 1), "kv_idx": torch.arange(skv).view(1, skv),
+             "b": torch.tensor(0), "h": torch.tensor(0), "q_len": torch.tensor(sq), "kv_len": torch.tensor(skv)}
+    return torch.broadcast_to(evaluate(bound.mask, names, tensors, torch.float64), (sq, skv))
+
+
+SPARSE_MASKS = [
+    "any(kv_idx == q_idx - 16 * i for i in range(4))",
+    "any(q_idx // 8 == kv_idx // 8 + i for i in range(2)) | kv_idx < 4",
+    "((q_idx ^ kv_idx) & 8) == 0",
+    "(q_idx >> 3) == (kv_idx >> 3) | (q_idx & 7) == (kv_idx & 7)",
+    "kv_idx << 1 <= q_idx",
+    "d = q_idx - kv_idx; 0 <= d & d < 9 | all(kv_idx != i for i in range(3))",
+    "cos(float(q_idx - kv_idx)) > 0.5",
+]
+
+
+@pytest.mark.parametrize("mask", SPARSE_MASKS)
+@pytest.mark.parametrize("lengths, block", [((97, 130), (16, 16)), ((45, 67), (8, 32))])
+def test_block_sparsity_is_sound(mask, lengths, block):
+    sq, skv = lengths
+    v = al.compile(mask=mask)
+    allowed = _allowed(mask, sq, skv)
+    want = _dense_kinds(allowed, *block)
+    for refine in (False, True):
+        got = v.block_sparsity(q_len=sq, kv_len=skv, block_size=block, refine=refine).kind[0, 0]
+        assert not ((got == 0) & (want != 0)).any(), (mask, refine)   # empty holds nothing allowed
+        assert not ((got == 2) & (want != 2)).any(), (mask, refine)   # full holds only allowed pairs
+        if refine:
+            assert torch.equal(got, want), mask
+
+
+def test_any_of_equalities_is_as_exact_as_its_terms():
+    sq, skv, block = 97, 130, (16, 16)
+    terms = [f"kv_idx == q_idx - {16 * i}" for i in range(4)]
+    v = al.compile(mask="any(kv_idx == q_idx - 16 * i for i in range(4))")
+    by_hand = al.compile(mask=" | ".join(terms))
+    assert v == by_hand
+    got = v.block_sparsity(q_len=sq, kv_len=skv, block_size=block, refine=False).kind[0, 0]
+    assert torch.equal(got, _dense_kinds(_allowed(by_hand.mask, sq, skv), *block))
