@@ -173,6 +173,7 @@ class Binding:
     name: str
     value: "Expr"
     span: Span | None = field(**_SPAN)
+    end: int | None = field(default=None, compare=False, hash=False, repr=False)  # offset after its ';' / new line
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,7 +52,7 @@ class _Builder(Transformer_NonRecursive):
     """Builds AST nodes; one line per grammar alias."""
 
     def binding(self, meta, c):
-        return Binding(str(c[0]), c[1], _token_span(c[0]))
+        return Binding(str(c[0]), c[1], _token_span(c[0]), meta.end_pos)
 
     def let(self, meta, c):
         return Let(tuple(c[:-1]), c[-1], _span(meta))

@@ -134,6 +134,22 @@ class Variant:
     def __reduce__(self):
         return (Variant, (self._score_source, self._mask_source, self._params, self._sink_source, self._normalize))
 
+    # ----- composition (attnlang.compose): masks combined, parameters merged -----
+    def __and__(self, other: "Variant") -> "Variant":
+        """The variant whose mask is both masks' and; both scores must be ``score``."""
+        from .compose import compose
+        return compose("and", self, other)
+
+    def __or__(self, other: "Variant") -> "Variant":
+        """The variant whose mask is either mask; both scores must be ``score``."""
+        from .compose import compose
+        return compose("or", self, other)
+
+    def __invert__(self) -> "Variant":
+        """The variant whose mask is this mask's not; the score must be ``score``."""
+        from .compose import compose
+        return compose("not", self)
+
     # ----- configs -----
     def to_config(self) -> dict:
         """A JSON-serialisable dict {"score", "mask", "params"} (plus "sink" and "normalize" when set);
