@@ -1,23 +1,21 @@
 """Composition of variants' masks: ``a & b``, ``a | b``, ``~a`` (JAX Splash attention's mask combinators).
 
 The composed variant is compiled from text, so it prints, configures and pickles like any other: the parts'
-bindings come first (a name two parts bind differently is renamed in the later part), then the parts' results
-combined. Parameters merge by name; tensors merge by name at call time.
+bindings come first (a name a part binds that means something else in another part is renamed), then the parts'
+results combined. Parameters merge by name; tensors merge by name at call time. Variant's ``&``, ``|`` and ``~``
+call ``compose_masks`` with each part's mask text, params and score, and compile the result.
 """
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import Mapping
 
 from .ast import Let, Reduce, names_used, walk
 from .errors import AttnLangError
 from .parse import parse
 
-if TYPE_CHECKING:
-    from .variant import Variant
-
-__all__ = ["compose"]
+__all__ = ["compose_masks"]
 
 _OPS = {"and": "&", "or": "|"}
 
@@ -41,40 +39,32 @@ def _rename(text: str, old: str, new: str) -> str:
     return re.sub(rf"(?<![A-Za-z0-9_.]){re.escape(old)}(?![A-Za-z0-9_])", new, text)
 
 
-def _plain(v: "Variant", what: str) -> None:
-    if v.canonical[0] != "score" or v.canonical[2]:
-        raise AttnLangError(f"{what} composes masks only: each variant's score must be 'score', but one has score "
-                            f"{v.score!r}")
-    if getattr(v, "sink", None) is not None or getattr(v, "normalize", True) is not True:
-        raise AttnLangError(f"{what} composes masks only: a variant with a sink or normalize=False cannot be composed")
-
-
-def compose(op: str, *parts: "Variant") -> "Variant":
-    """The variant whose mask is the parts' masks combined by ``op`` ("and", "or" or "not"; "not" takes one part).
+def compose_masks(op: str, parts: list[Mapping]) -> tuple[str, dict]:
+    """The mask text and params of the variant whose mask is the parts' masks combined by ``op`` ("and", "or" or
+    "not"; "not" takes one part). Each part: {"mask": source text, "params": dict, "score": the score as written,
+    "plain": whether its canonical score is ``score`` with nothing else (no lse shift, sink or normalize=False)}.
 
     Raises:
-        AttnLangError: a part whose score is not ``score`` (or that has a sink / normalize=False), or two parts that
-            give one parameter different values.
+        AttnLangError: a part that is not plain, or two parts that give one parameter different values.
     """
-    from .variant import Variant, compile
     what = {"and": "'&'", "or": "'|'", "not": "'~'"}[op]
     for p in parts:
-        if not isinstance(p, Variant):
-            raise AttnLangError(f"{what} composes two attnlang Variants, got {type(p).__name__}")
-        _plain(p, what)
+        if not p["plain"]:
+            raise AttnLangError(f"{what} composes masks only: each variant's score must be 'score' (and no sink or "
+                                f"normalize=False), but one has score {p['score']!r}")
     params: dict = {}
     for p in parts:
-        for name, value in p.params.items():
+        for name, value in p["params"].items():
             if name in params and (type(params[name]) is not type(value) or params[name] != value):
                 raise AttnLangError(f"{what} cannot merge parameter {name!r}: one variant gives {params[name]!r}, "
                                     f"the other {value!r}")
             params[name] = value
-    names = [_all_names(p.mask) for p in parts]
+    names = [_all_names(p["mask"]) for p in parts]
     taken = set(params).union(*names)
     lines: list[str] = []
     results: list[str] = []
     for i, p in enumerate(parts):
-        text = p.mask
+        text = p["mask"]
         tree = parse(text, where="mask")
         local = {n.var for n in walk(tree) if isinstance(n, Reduce)} | {
             b.name for n in walk(tree) if isinstance(n, Let) for b in n.bindings}
@@ -92,8 +82,7 @@ def compose(op: str, *parts: "Variant") -> "Variant":
         body = f"~({results[0]})"
     else:
         body = f" {_OPS[op]} ".join(f"({r})" for r in results)
-    mask = "\n".join(lines + [body])
-    return compile("score", mask, params)
+    return "\n".join(lines + [body]), params
 
 
 def _all_names(text: str) -> set[str]:

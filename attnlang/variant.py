@@ -136,19 +136,16 @@ class Variant:
 
     # ----- composition (attnlang.compose): masks combined, parameters merged -----
     def __and__(self, other: "Variant") -> "Variant":
-        """The variant whose mask is both masks' and; both scores must be ``score``."""
-        from .compose import compose
-        return compose("and", self, other)
+        """The variant whose mask is both masks' and; both scores must be ``score``; params merge."""
+        return _compose("and", self, other)
 
     def __or__(self, other: "Variant") -> "Variant":
-        """The variant whose mask is either mask; both scores must be ``score``."""
-        from .compose import compose
-        return compose("or", self, other)
+        """The variant whose mask is either mask; both scores must be ``score``; params merge."""
+        return _compose("or", self, other)
 
     def __invert__(self) -> "Variant":
         """The variant whose mask is this mask's not; the score must be ``score``."""
-        from .compose import compose
-        return compose("not", self)
+        return _compose("not", self)
 
     # ----- configs -----
     def to_config(self) -> dict:
@@ -345,6 +342,19 @@ def _connect_unread(out, lse, plan: CallPlan, tensors):
         if unread:
             lse = _ZeroGrads.apply(lse, *unread)
     return out, lse
+
+
+def _compose(op: str, *parts) -> "Variant":
+    from .compose import compose_masks
+    symbol = {"and": "'&'", "or": "'|'", "not": "'~'"}[op]
+    for p in parts:
+        if not isinstance(p, Variant):
+            raise AttnLangError(f"{symbol} composes two attnlang Variants, got {type(p).__name__}")
+    plain = [p.canonical[0] == "score" and not p.canonical[2] and getattr(p, "sink", None) is None
+             and getattr(p, "normalize", True) is True for p in parts]
+    mask, params = compose_masks(op, [{"mask": p.mask, "params": p.params, "score": p.score, "plain": ok}
+                                      for p, ok in zip(parts, plain)])
+    return compile("score", mask, params)
 
 
 def _first_read(checked: Checked, name: str):
