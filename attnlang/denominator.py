@@ -165,12 +165,12 @@ _FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def lse_float32(lse: torch.Tensor, returned: bool = True) -> torch.Tensor:
-    """lse as the float32 every backend returns. A float64 lse past float32's range (float64 inputs with
-    ``scale=1e200``) would become +-inf there, and lse = -inf means an empty row (out 0): an AttnLangError instead,
-    when the lse is ``returned`` to the caller. One reduction over [B, Hq, Sq] and one host sync, for float64 lse
-    only (a float32 lse cannot overflow)."""
-    if lse.dtype != torch.float64 or not returned:
-        return lse.to(torch.float32)
+    """lse as every backend returns it: float32, and float64 when it was computed in float64 (float64 inputs,
+    API.md), so a float64 pipeline that undoes the softmax keeps its digits (and an lse past float32's range, as
+    with ``scale=1e200``, stays finite instead of becoming inf)."""
+    if lse.dtype == torch.float64:
+        return lse
+    return lse.to(torch.float32)
     beyond = torch.isfinite(lse) & (lse.abs() > _FLOAT32_MAX)
     if bool(beyond.any()):
         where = [int(x) for x in beyond.nonzero()[0]]

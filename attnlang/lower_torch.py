@@ -98,6 +98,14 @@ def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str
             return torch.full((), node.value, dtype=dt, device=device)
         return torch.tensor(node.value, dtype=dt, device=device)
 
+    def operand(node: Expr, dtype: DType) -> torch.Tensor:
+        """``node`` converted to ``dtype``. An int literal that meets a float is made a float literal directly:
+        compiled CPU flex cannot lower the int64 constant's conversion inside a mod ("'Tensor' object has no
+        attribute 'get_dtype'", torch 2.11-2.13); below 2**24 the value is exact in every float dtype."""
+        if isinstance(node, Const) and node.dtype is DType.INT and dtype is DType.FLOAT and abs(node.value) <= 1 << 24:
+            return torch.tensor(float(node.value), dtype=float_dtype, device=device)
+        return _cast(visit(node), dtype, float_dtype)
+
     def visit(node: Expr) -> torch.Tensor:
         if isinstance(node, Const):
             return const(node)
@@ -110,27 +118,25 @@ def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str
             x = visit(node.operand)
             return torch.logical_not(x) if node.op is Op.NOT else torch.neg(_cast(x, node.dtype, float_dtype))
         if isinstance(node, Binary):
-            a, b = visit(node.left), visit(node.right)
             if node.op in _LOGIC:
-                return _LOGIC[node.op](a, b)
-            if node.op in _COMPARE:
-                common = _join(node.left.dtype, node.right.dtype)
-                return _COMPARE[node.op](_cast(a, common, float_dtype), _cast(b, common, float_dtype))
-            return _ARITH[node.op](_cast(a, node.dtype, float_dtype), _cast(b, node.dtype, float_dtype))
-        return _call(node, [visit(a) for a in node.args])
+                return _LOGIC[node.op](visit(node.left), visit(node.right))
+            common = _join(node.left.dtype, node.right.dtype) if node.op in _COMPARE else node.dtype
+            a, b = operand(node.left, common), operand(node.right, common)
+            return (_COMPARE if node.op in _COMPARE else _ARITH)[node.op](a, b)
+        return _call(node)
 
-    def _call(node: Call, args) -> torch.Tensor:
+    def _call(node: Call) -> torch.Tensor:
         f, dt = node.func, node.dtype
         if f == "where":
-            return torch.where(args[0], _cast(args[1], dt, float_dtype), _cast(args[2], dt, float_dtype))
+            return torch.where(visit(node.args[0]), operand(node.args[1], dt), operand(node.args[2], dt))
         if f == "float":
-            return _cast(args[0], DType.FLOAT, float_dtype)
+            return operand(node.args[0], DType.FLOAT)
         if f == "int":
-            x = args[0]
+            x = visit(node.args[0])
             if x.is_floating_point():
                 x = torch.trunc(x)  # toward zero
             return _cast(x, DType.INT, float_dtype)
-        xs = [_cast(a, dt if dt is not DType.BOOL else DType.FLOAT, float_dtype) for a in args]
+        xs = [operand(a, dt if dt is not DType.BOOL else DType.FLOAT) for a in node.args]
         if f in _FLOAT_FUNCS:
             return _FLOAT_FUNCS[f](xs[0])
         if f == "abs":

@@ -189,8 +189,8 @@ class Variant:
                 float32, float64), one device; Hq a multiple of Hkv (grouped-query attention).
             scale: multiplies q·k before the score expression; default 1/sqrt(D).
             backend: "auto" (default), "eager", "flex" or "fa4".
-            return_lse: also return lse, float32 [B, Hq, Sq], natural log (-inf for rows with no allowed key; the
-                sink's value there when the variant has a sink).
+            return_lse: also return lse, [B, Hq, Sq], natural log (-inf for rows with no allowed key; the sink's
+                value there when the variant has a sink), float32, float64 when q is float64.
             kernel_options: backend options (e.g. {"BACKEND": "TRITON"} for flex).
             **tensors: every tensor the expressions read, by name.
         Returns:

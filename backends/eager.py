@@ -36,8 +36,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan,
         plan: the bound, simplified expressions, scale and named tensors (``attnlang.plan.CallPlan``).
         chunk_size: query rows per block (default: as many as fit the budget).
     Returns:
-        out [B, Hq, Sq, Dv] in q's dtype, lse [B, Hq, Sq] float32 (natural log; -inf for rows with no key, the
-        sink there when the plan has one). A sink and normalize=False come from ``attnlang.denominator.finish``.
+        out [B, Hq, Sq, Dv] in q's dtype, lse [B, Hq, Sq] float32, float64 when q is float64 (natural log; -inf
+        for rows with no key, the sink there when the plan has one). A sink and normalize=False come from
+        ``attnlang.denominator.finish``.
     Raises:
         AttnLangError: the score expression gives NaN or +inf at an allowed position; the sink is NaN or +inf.
     """
@@ -73,7 +74,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan,
     if lse_shift is not None:
         shift = row_values(lse_shift, B, Hq, Sq, Skv, tensors, fd, q.device)
         lse = lse + shift.to(lse.dtype)
-    return out, lse_float32(lse, plan.return_lse)
+    return out, lse_float32(lse, plan.return_lse)  # float64 stays float64 (API.md)
 
 
 def _raise_bad_score(s3: torch.Tensor, start: int, source: tuple | None = None):

@@ -715,7 +715,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
         plan: the bound, simplified expressions, scale, named tensors and options (``attnlang.plan.CallPlan``);
             plan.options are flex kernel_options ({"BACKEND": "TRITON" | "FLASH" | ...} picks the kernel).
     Returns:
-        out [B, Hq, Sq, Dv] in q's dtype; lse float32 [B, Hq, Sq], natural log, -inf for rows with no allowed key
+        out [B, Hq, Sq, Dv] in q's dtype; lse [B, Hq, Sq] float32 (float64 when q is float64), natural log, -inf
+        for rows with no allowed key
         (zeros of that shape on the compiled CPU path when the plan asks for no lse).
     Raises:
         AttnLangError: ``unsupported`` gives a reason; the kernel asked for in kernel_options fails to compile;
@@ -797,7 +798,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
     B, Hq, Sq = q.shape[0], q.shape[1], q.shape[2]
     if lse is None:
         # compiled CPU flex returns no lse; the plan said it needs none, so zeros keep the contract's shape
-        lse = torch.zeros(B, Hq, Sq, dtype=torch.float32, device=q.device)
+        lse = torch.zeros(B, Hq, Sq, dtype=fd, device=q.device)
         if bool(torch.isnan(out).any()):
             raise _bad_score(plan, "the score expression gives NaN or +inf at an allowed position; scores must be "
                                    "finite or -inf")
@@ -828,7 +829,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
     if plan.lse_shift is not None:
         shift = row_values(plan.lse_shift, B, Hq, Sq, plan.kv_len, plan.tensors, fd, q.device)
         lse = lse + shift.to(lse.dtype)
-    return out.to(q.dtype), lse_float32(lse, plan.return_lse)
+    return out.to(q.dtype), lse_float32(lse, plan.return_lse)  # float64 stays float64 (API.md)
 
 
 _LENGTHS: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()

@@ -297,3 +297,26 @@ def test_backward_is_compiled_once_per_key_with_the_graph_kept():
     torch.testing.assert_close(x.grad, 2 * (x * 2).exp())
     flex.clear_caches()
     assert not flex._backward_compiled
+
+
+def test_float64_lse_is_float64_on_eager_and_flex():
+    # a float64 pipeline that uses lse (undoing the softmax, merging partial attention) keeps float64 digits
+    variant = al.compile(score="score + slope[h] * (kv_idx - q_idx)", mask="q_idx >= kv_idx")
+    q, k, v = make_qkv(Shape(1, 2, 2, 37, 45, 16), dtype=torch.float64)
+    slope = torch.rand(2, dtype=torch.float64)
+    s = (q @ k.transpose(-1, -2)) / 4.0 + slope.view(1, 2, 1, 1) * (torch.arange(45) - torch.arange(37).view(37, 1))
+    s = s.masked_fill(torch.arange(45) > torch.arange(37).view(37, 1), -math.inf)
+    want = torch.logsumexp(s, -1)
+    for backend in ("eager", "flex"):
+        out, lse = variant(q, k, v, backend=backend, return_lse=True, slope=slope)
+        assert lse.dtype == torch.float64, backend
+        torch.testing.assert_close(lse, want, rtol=1e-12, atol=1e-12)
+
+
+def test_int_literals_meet_floats_on_compiled_cpu_flex():
+    # compiled CPU flex failed with "'Tensor' object has no attribute 'get_dtype'" on an int literal times a float
+    variant = al.compile(score="30 * tanh(score / 30) + 2 * score - score * 2", mask="q_idx >= kv_idx")
+    q, k, v = make_qkv(Shape(1, 2, 2, 33, 33, 16), seed=3)
+    with torch.no_grad():
+        out = variant(q, k, v, backend="flex", kernel_options={"CPU_COMPILED": True})
+    torch.testing.assert_close(out, variant(q, k, v, backend="eager"), atol=2e-5, rtol=1e-5)
