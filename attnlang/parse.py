@@ -232,8 +232,12 @@ def parse(text: str, where: str | None = None):
             raise AttnLangError(f"unexpected end of expression; expected {_expected(e.accepts or e.expected)}",
                                 text, line, column, where=where) from None
         # `accepts` also lists the keyword terminals (not, inf, True, ...) that `expected` leaves out
-        raise AttnLangError(f"unexpected {str(tok)!r}; expected {_expected(e.accepts or e.expected)}", text, tok.line,
-                            tok.column, len(str(tok)), where=where) from None
+        hint = ""
+        line_start = text.rfind("\n", 0, tok.start_pos) + 1
+        if line_start and not text[line_start:tok.start_pos].strip() and "=" in text[:line_start]:
+            hint = " (a new line ends a binding: wrap a binding that goes on over lines in parentheses)"
+        raise AttnLangError(f"unexpected {str(tok)!r}; expected {_expected(e.accepts or e.expected)}{hint}", text,
+                            tok.line, tok.column, len(str(tok)), where=where) from None
     except UnexpectedInput as e:  # pragma: no cover - every subclass is handled above
         raise AttnLangError(f"syntax error: {e}", text, getattr(e, "line", 1), getattr(e, "column", 1),
                             where=where) from None

@@ -136,12 +136,209 @@ def _natten_2d(m, named, b, h, i, j, Sq, Skv):
     return _plain(allowed.view(1, 1, Sq, Skv))
 
 
+# ----- attention-gym's generators (issue 20): loops over positions, Python ints, no attnlang -----
+
+def _mask_from(fn, Sq, Skv):
+    allowed = torch.tensor([[bool(fn(qi, kj)) for kj in range(Skv)] for qi in range(Sq)])
+    return _plain(allowed.view(1, 1, Sq, Skv))
+
+
+def _window(center, size, extent):
+    """The first cell of a size-wide window around ``center``, shifted inward to stay inside [0, extent)."""
+    return min(max(center - size // 2, 0), extent - size)
+
+
+def _natten_by_coordinates(coords, W, H, kw, kh, Sq, Skv):
+    def allowed(qi, kj):
+        (qx, qy), (kx, ky) = coords(qi), coords(kj)
+        x0, y0 = _window(qx, kw, W), _window(qy, kh, H)
+        return x0 <= kx < x0 + kw and y0 <= ky < y0 + kh
+    fn, mask = _mask_from(allowed, Sq, Skv)
+    assert bool((mask.sum(-1) == kw * kh).all())  # every pixel has a whole kernel of neighbours
+    return fn, mask
+
+
+def _natten_tiled(m, named, b, h, i, j, Sq, Skv):
+    W, H, kw, kh, tw, th = (m.VARIANT.params[n] for n in ("width", "height", "kernel_w", "kernel_h", "tile_w",
+                                                          "tile_h"))
+    assert W != H and kw != kh  # the non-square case attention-gym's plain NATTEN gets wrong
+
+    def coords(pos):
+        tile, offset = divmod(pos, tw * th)
+        tile_row, tile_col = divmod(tile, W // tw)
+        row, col = divmod(offset, tw)
+        return tile_col * tw + col, tile_row * th + row
+    assert sorted(coords(p) for p in range(W * H)) == sorted((x, y) for x in range(W) for y in range(H))
+    return _natten_by_coordinates(coords, W, H, kw, kh, Sq, Skv)
+
+
+def _natten_morton(m, named, b, h, i, j, Sq, Skv):
+    W, H, kw, kh = (m.VARIANT.params[n] for n in ("width", "height", "kernel_w", "kernel_h"))
+
+    def coords(pos):
+        bits = format(pos, "016b")[::-1]  # least significant first: even bits are x, odd bits are y
+        return int(bits[0::2][::-1], 2), int(bits[1::2][::-1], 2)
+    assert sorted(coords(p) for p in range(W * H)) == sorted((x, y) for x in range(W) for y in range(H))
+    return _natten_by_coordinates(coords, W, H, kw, kh, Sq, Skv)
+
+
+def _sta_window(q_tile, span, tiles):
+    """Tiles a query tile's kernel covers: span tiles, one more behind than ahead when even, shifted inward."""
+    behind = span // 2
+    ahead = span - 1 - behind
+    center = min(max(q_tile, behind), tiles - 1 - ahead)
+    return range(center - behind, center + ahead + 1)
+
+
+def _sta(dims, tiles, kernel, text, Sq, Skv):
+    n = math.prod(dims)
+    tile_numel = math.prod(tiles)
+    counts = [d // t for d, t in zip(dims, tiles)]
+
+    def tile_coords(pos):
+        tile = pos // tile_numel
+        out = []
+        for c in reversed(counts):
+            tile, r = divmod(tile, c)
+            out.append(r)
+        return out[::-1]
+
+    def allowed(qi, kj):
+        if qi >= n:
+            return kj < n + text
+        if kj >= n:
+            return kj < n + text
+        qc, kc = tile_coords(qi), tile_coords(kj)
+        return all(kc[a] in _sta_window(qc[a], kernel[a] // tiles[a], counts[a]) for a in range(len(dims)))
+    return _mask_from(allowed, Sq, Skv)
+
+
+def _sta_2d(m, named, b, h, i, j, Sq, Skv):
+    p = m.VARIANT.params
+    return _sta((p["height"], p["width"]), (p["tile_h"], p["tile_w"]), (p["kernel_h"], p["kernel_w"]), p["text"],
+                Sq, Skv)
+
+
+def _sta_3d(m, named, b, h, i, j, Sq, Skv):
+    p = m.VARIANT.params
+    return _sta((p["frames"], p["height"], p["width"]), (p["tile_t"], p["tile_h"], p["tile_w"]),
+                (p["kernel_t"], p["kernel_h"], p["kernel_w"]), p["text"], Sq, Skv)
+
+
+def _vsa_topk(m, named, b, h, i, j, Sq, Skv):
+    t = m.VARIANT.params["tile"]
+    topk, real = named["topk"], named["real"]
+    B, H = topk.shape[:2]
+    allowed = torch.zeros(B, H, Sq, Skv, dtype=torch.bool)
+    for bb in range(B):
+        for hh in range(H):
+            for qi in range(Sq):
+                chosen = set(topk[bb, hh, qi // t].tolist())
+                for kj in range(Skv):
+                    allowed[bb, hh, qi, kj] = kj // t in chosen and kj % t < int(real[kj // t])
+    return _plain(allowed)
+
+
+def _block_diffusion(m, named, b, h, i, j, Sq, Skv):
+    n, block = m.VARIANT.params["n"], m.VARIANT.params["block"]
+
+    def allowed(qi, kj):
+        q_clean, k_clean = qi >= n, kj >= n
+        qb, kb = (qi - n * q_clean) // block, (kj - n * k_clean) // block
+        if not q_clean and not k_clean:
+            return qb == kb                      # block diagonal among noised tokens
+        if not q_clean and k_clean:
+            return kb < qb                       # noised -> clean tokens of strictly earlier blocks
+        if q_clean and k_clean:
+            return kb <= qb                      # clean tokens: block causal
+        return False                             # clean tokens never see noised ones
+    return _mask_from(allowed, Sq, Skv)
+
+
+def _jetspec_tree(m, named, b, h, i, j, Sq, Skv):
+    prefix = m.VARIANT.params["prefix"]
+    par = m.parents(Sq)
+
+    def on_path(node, other):
+        while node != -1:
+            if node == other:
+                return True
+            node = par[node]
+        return False
+    return _mask_from(lambda qi, kj: kj < prefix or on_path(qi, kj - prefix), Sq, Skv)
+
+
+def _jetspec_training(m, named, b, h, i, j, Sq, Skv):
+    prefix, block = m.VARIANT.params["prefix"], m.VARIANT.params["block"]
+
+    def allowed(qi, kj):
+        if kj < prefix:
+            return True
+        qb, qo = divmod(qi, block)
+        kb, ko = divmod(kj - prefix, block)
+        return qb == kb and ko <= qo
+    return _mask_from(allowed, Sq, Skv)
+
+
+def _shared_prefix(m, named, b, h, i, j, Sq, Skv):
+    bounds, pos = [], 0
+    for n in m.LENGTHS:
+        bounds.append((pos, pos + n))
+        pos += n
+    doc_of = [d for d, n in enumerate(m.LENGTHS) for _ in range(n)]
+
+    def allowed(qi, kj):
+        d = doc_of[qi]
+        if bounds[d][0] <= kj <= qi:
+            return True  # causal inside the token's own document
+        prompt = m.PROMPT_OF[d]
+        return prompt != d and bounds[prompt][0] <= kj < bounds[prompt][1]  # a continuation sees its whole prompt
+    return _mask_from(allowed, Sq, Skv)
+
+
+def _vision_cross_attention(m, named, b, h, i, j, Sq, Skv):
+    per_image = m.VARIANT.params["image_len"]
+    spans = named["interval"].tolist()
+    return _mask_from(lambda qi, kj: spans[kj // per_image][0] <= qi < spans[kj // per_image][1], Sq, Skv)
+
+
+def _graphormer_spatial(m, named, b, h, i, j, Sq, Skv):
+    dist, table = named["distance"], named["spatial_bias"].double()
+    assert int(dist.max()) == m.MAX_DISTANCE + 1 and int(dist.min()) == 0  # far pairs and the diagonal
+    bias = table[:, dist]                 # [H, B, N, N]
+    return (lambda s: s + bias.permute(1, 0, 2, 3)), torch.ones(1, 1, Sq, Skv, dtype=torch.bool)
+
+
+def _graphormer_edge(m, named, b, h, i, j, Sq, Skv):
+    types, lengths, table = named["path_type"], named["path_len"], named["edge_bias"].double()
+    B, H = types.shape[0], table.shape[0]
+    assert int(lengths.max()) == m.MAX_PATH and int(lengths.min()) == 0
+    bias = torch.zeros(B, H, Sq, Skv, dtype=torch.float64)
+    for hh in range(H):
+        for step in range(m.MAX_PATH):
+            term = table[hh, step][types[..., step]]               # [B, N, N]
+            bias[:, hh] += torch.where(lengths > step, term, 0.0)
+    bias = bias / lengths.clamp(min=1).unsqueeze(1)
+    return (lambda s: s + bias), torch.ones(1, 1, Sq, Skv, dtype=torch.bool)
+
+
+def _mla_rope_bias(m, named, b, h, i, j, Sq, Skv):
+    scale = m.VARIANT.params["rope_scale"]
+    bias = scale * torch.einsum("bhqr,bkr->bhqk", named["q_rope"].double(), named["k_rope"].double())
+    return (lambda s: s + bias), torch.ones(1, 1, Sq, Skv, dtype=torch.bool)
+
+
 DEFINITIONS = {
     "causal": _causal, "sliding_window": _sliding_window, "alibi": _alibi, "softcap": _softcap,
     "document": _document, "prefix_lm": _prefix_lm, "decode_causal": _decode_causal, "chunked": _chunked,
     "dilated_sliding_window": _dilated_sliding_window, "attention_sinks": _attention_sinks,
     "global_tokens": _global_tokens, "prefix_lm_document": _prefix_lm_document,
     "t5_relative_bias": _t5_relative_bias, "natten_2d": _natten_2d,
+    "natten_tiled": _natten_tiled, "natten_morton": _natten_morton, "sta_2d": _sta_2d, "sta_3d": _sta_3d,
+    "vsa_topk": _vsa_topk, "block_diffusion": _block_diffusion, "jetspec_tree": _jetspec_tree,
+    "jetspec_training": _jetspec_training, "shared_prefix": _shared_prefix,
+    "vision_cross_attention": _vision_cross_attention, "graphormer_spatial": _graphormer_spatial,
+    "graphormer_edge": _graphormer_edge, "mla_rope_bias": _mla_rope_bias,
 }
 
 
