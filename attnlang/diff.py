@@ -173,6 +173,12 @@ def _d_call(node: Call, ds: list) -> Expr:
     if f == "tanh":  # 1 - tanh^2
         t = _float(node)
         return _bin(Op.MUL, _bin(Op.SUB, _c(1.0), _bin(Op.MUL, t, t)), dx)
+    if f == "erf":  # 2 / sqrt(pi) exp(-x^2)
+        return _bin(Op.MUL, _bin(Op.MUL, _c(2.0 / math.sqrt(math.pi)), _call("exp", _neg(_bin(Op.MUL, x, x)))), dx)
+    if f == "cos":
+        return _bin(Op.MUL, _neg(_call("sin", x)), dx)
+    if f == "sin":
+        return _bin(Op.MUL, _call("cos", x), dx)
     if f == "sigmoid":  # s (1 - s)
         s = _float(node)
         return _bin(Op.MUL, _bin(Op.MUL, s, _bin(Op.SUB, _c(1.0), s)), dx)

@@ -60,7 +60,14 @@ _FLOAT_FUNCS = {
         "_ONE", "cute.full_like(kv_idx, 1.0, cutlass.Float32)"),
     "floor": "cute.math.floor({x})",
     "ceil": "cute.math.ceil({x})",
+    # precise (the MUFU sin / cos approximations lose accuracy far from 0; erf has no MUFU path)
+    "erf": "cute.math.erf({x})",
+    "cos": "cute.math.cos({x})",
+    "sin": "cute.math.sin({x})",
 }
+# integer bit operations on Int32 vectors (``>>`` of a signed int is arithmetic: Python's floor)
+_BITS = {Op.BITAND: "({a} & {b})", Op.BITOR: "({a} | {b})", Op.XOR: "({a} ^ {b})", Op.LSHIFT: "({a} << {b})",
+         Op.RSHIFT: "({a} >> {b})"}
 # helpers emitted into a module only when used; plain functions: they run at trace time, inside the kernel's jit
 _HELPERS = {
     "floordiv": '''
@@ -271,6 +278,12 @@ class _Printer:
             return f"_mod({a}, {b})"
         if op is Op.POW:
             return self._pow(n, a)
+        if op in _BITS:
+            if op in (Op.LSHIFT, Op.RSHIFT) and not (isinstance(n.right, Const) and 0 <= n.right.value <= 31):
+                # a shift of an Int32 by 32 or more is undefined in the kernel (LLVM poison); int64 has 64 bits
+                raise Unsupported(f"a shift by {to_source(n.right)}: the kernel shifts 32-bit ints by a constant in "
+                                  f"[0, 31] only")
+            return _BITS[op].format(a=a, b=b)
         raise Unsupported(f"operator {op.value!r}")
 
     def _pow(self, n: Binary, a: str) -> str:

@@ -32,6 +32,9 @@ EXAMPLES = {
     "relative_bias_2d": ("score + rel[h, clamp(q_idx - kv_idx + 8, 0, 16)]", "True", {}, {"rel": DType.FLOAT}),
     "python_semantics": ("score * float(q_idx // 3 - kv_idx % 5) + float(int(score))",
                          "~(q_idx % 4 == 1) | flag[h]", {}, {"flag": DType.BOOL}),
+    # erf / cos / sin (with their derivatives) and integer bit operations (issue 20)
+    "erf_cos_sin_bits": ("erf(score) + cos(score) * sin(score / 2)",
+                         "((q_idx ^ kv_idx) & 3) != 1 | q_idx >> 2 <= kv_idx << 1 | (kv_idx | 8) == q_idx", {}, {}),
 }
 
 
@@ -159,3 +162,9 @@ def test_bad_options_are_named(options, words):
     assert words in fa4.unsupported(q, plan)
     with pytest.raises(al.AttnLangError, match=words):
         al.compile(mask="q_idx >= kv_idx")(q, q, q, backend="fa4", kernel_options=options)
+
+
+def test_a_shift_by_a_variable_amount_is_declined():
+    v = al.compile(mask="(q_idx >> kv_idx % 4) == 0")
+    with pytest.raises(Unsupported, match=r"\[0, 31\]"):
+        emit_module(None, bind(v.checked, {}).mask, None, (), header="shift")
