@@ -391,3 +391,49 @@ def test_unaligned_documents_need_no_refinement(lengths, block, mask, shuffle):
     if mask in ("doc[q_idx] == doc[kv_idx]", "doc[q_idx] != doc[kv_idx]", "doc[kv_idx] == doc[q_idx]",
                 "doc[b, q_idx] == doc[b, kv_idx]") and not shuffle:
         assert bs.refined == 0
+
+
+# ---- the same soundness over bindings, bounded reductions and int bit operations (issue 20) ----
+
+def _new_ints(depth):
+    sub = _ints(max(depth - 1, 0))
+    return st.one_of(
+        _ints(depth),
+        st.tuples(sub, st.sampled_from(["&", "|", "^"]), sub).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
+        st.tuples(sub, st.sampled_from(["<<", ">>"]), st.integers(0, 4)).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
+        st.tuples(st.sampled_from(["sum", "max", "min"]), sub, st.integers(1, 3)).map(
+            lambda t: f"{t[0]}({t[1]} + i * 7 for i in range({t[2]}))"),
+    )
+
+
+def new_masks():
+    cmp = st.sampled_from(["<", "<=", ">", ">=", "==", "!="])
+    comparison = st.tuples(_new_ints(2), cmp, _new_ints(2)).map(lambda t: f"{t[0]} {t[1]} {t[2]}")
+    reduced = st.tuples(st.sampled_from(["any", "all"]), _new_ints(1), cmp, _new_ints(1), st.integers(0, 4)).map(
+        lambda t: f"{t[0]}({t[1]} {t[2]} {t[3]} + 16 * i for i in range({t[4]}))")
+    inner = st.one_of(comparison, reduced)
+    joined = st.tuples(inner, st.sampled_from(["&", "|"]), inner).map(lambda t: f"({t[0]}) {t[1]} ({t[2]})")
+    # a binding read twice, and the mask around it
+    rest = st.one_of(inner, joined)
+    return st.tuples(_new_ints(2), cmp, st.integers(-20, 60), st.sampled_from(["&", "|"]), rest).map(
+        lambda t: f"d = {t[0]}\n(d {t[1]} {t[2]} | d == {t[2]} + 3) {t[3]} ({t[4]})")
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(mask=new_masks(), shape=st.sampled_from(SHAPES), refine=st.booleans())
+def test_sound_on_random_masks_with_bindings_reductions_and_bits(mask, shape, refine):
+    v = _compile(mask)
+    event("compiled" if v is not None else "rejected by the checker")
+    if v is None:
+        return
+    q, k, block = shape
+    tensors = {n: t for n, t in _tensors(mask, False).items() if n in v.tensor_names}
+    try:
+        bs = block_sparsity(v, q, k, batch=2, heads=3, block_size=block, refine=refine, **tensors)
+    except al.AttnLangError:
+        event("index out of range")
+        return
+    truth = brute_kind(bs, 2, 3)
+    assert_sound(bs, truth)
+    if refine:
+        assert torch.equal(bs.kind.expand_as(truth), truth)
