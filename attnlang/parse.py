@@ -232,7 +232,7 @@ def parse(text: str, where: str | None = None):
             raise AttnLangError(f"unexpected end of expression; expected {_expected(e.accepts or e.expected)}",
                                 text, line, column, where=where) from None
         # `accepts` also lists the keyword terminals (not, inf, True, ...) that `expected` leaves out
-        hint = ""
+        hint = " (to compare, write '==')" if tok.type == "EQUAL" else ""
         line_start = text.rfind("\n", 0, tok.start_pos) + 1
         if line_start and not text[line_start:tok.start_pos].strip() and "=" in text[:line_start]:
             hint = " (a new line ends a binding: wrap a binding that goes on over lines in parentheses)"
