@@ -397,6 +397,10 @@ def mod_one(n, x, one):
     return None
 
 
+def shift_zero(n, x, z):
+    return x if _is_zero(z) and z.dtype is DType.INT and x.dtype is DType.INT else None
+
+
 def sub_self(n, x):
     if n.dtype is DType.INT and x.dtype is DType.INT:
         return _int(0, n.span)
@@ -488,6 +492,7 @@ IDENTITIES = [
     (B(Op.MUL, X("x"), C("z")), mul_zero),                                  # x * 0 -> 0 (ints only)
     (B(Op.MOD, X("x"), C("one")), mod_one),                                 # x % 1 -> 0 (ints)
     (B(Op.SUB, X("x"), X("x")), sub_self),                                  # x - x -> 0 (ints)
+    (B((Op.LSHIFT, Op.RSHIFT), X("x"), C("z")), shift_zero),                # x << 0 -> x, x >> 0 -> x
     (B(Op.SUB, X("x"), U(Op.NEG, X("y"), name=None)), sub_neg),             # x - -y -> x + y
     (B(Op.ADD, X("x"), U(Op.NEG, X("y"), name=None)), add_neg),             # x + -y -> x - y
     (U(Op.NEG, U(Op.NEG, X("x"), name=None)), neg_neg),                     # --x -> x

@@ -250,3 +250,30 @@ def test_lowering_options_agree(options, mask):
     if "doc" in mask:
         tensors["doc"] = torch.arange(512, device="cuda") // 256
     check_agreement(v, tensors, Sq=512, seed=11, options=options, grads="bhsd_out" not in options)
+
+
+# erf / cos / sin and int bit operations (issue 20): emitted for FA4, checked against eager; flex on both kernels
+NEW_CONSTRUCTS = [
+    ("erf_score", "score + erf(score / 4)", "q_idx >= kv_idx"),
+    ("cos_sin_bias", "score + cos(float(q_idx - kv_idx) * 0.05) * sin(score)", "True"),
+    ("xor_bits", "score", "((q_idx ^ kv_idx) & 7) != 3 | q_idx >= kv_idx"),
+    ("shift_blocks", "score", "q_idx >> 4 == kv_idx >> 4 | (kv_idx | 1) == q_idx"),
+    ("let_reduce", "r = sum(float((q_idx >> i & 1) * (kv_idx >> i & 1)) for i in range(6)); score + 0.1 * r",
+     "d = q_idx - kv_idx; 0 <= d & d < 100"),
+]
+
+
+@pytest.mark.parametrize("name,score,mask", NEW_CONSTRUCTS, ids=[c[0] for c in NEW_CONSTRUCTS])
+def test_new_constructs_on_fa4(name, score, mask):
+    check_agreement(al.compile(score=score, mask=mask), {}, Sq=300, seed=3)
+
+
+@pytest.mark.parametrize("kernel", ["TRITON", "FLASH"])
+@pytest.mark.parametrize("name,score,mask", NEW_CONSTRUCTS, ids=[c[0] for c in NEW_CONSTRUCTS])
+def test_new_constructs_on_flex(name, score, mask, kernel):
+    v = al.compile(score=score, mask=mask)
+    g = torch.Generator(device="cuda").manual_seed(4)
+    q, k, w = (torch.randn(2, 4, 300, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    ref = v(q.float(), k.float(), w.float(), backend="eager")
+    out = v(q, k, w, backend="flex", kernel_options={"BACKEND": kernel})
+    assert _rel(out, ref) < OUT_TOL, f"out: rel err {_rel(out, ref):.2e}"
