@@ -328,6 +328,43 @@ def _mla_rope_bias(m, named, b, h, i, j, Sq, Skv):
     return (lambda s: s + bias), torch.ones(1, 1, Sq, Skv, dtype=torch.bool)
 
 
+def _sandwich(m, named, b, h, i, j, Sq, Skv):
+    p = m.VARIANT.params
+    w = torch.tensor([10000.0 ** (-2.0 * t / p["d_bar"]) for t in range(p["d_bar"] // 2)], dtype=torch.float64)
+    rel = (i - j).double().unsqueeze(-1) * w                      # [1, 1, Sq, Skv, d_bar / 2]
+    bias = torch.cos(rel).sum(-1) * (p["heads"] / (8.0 * (h + 1).double()))
+    return (lambda s: s + bias), i >= j
+
+
+def _svg_spatial(m, named, b, h, i, j, Sq, Skv):
+    p = m.VARIANT.params
+    band = (p["width"] * p["frame"]) // p["round_to"] * p["round_to"]
+    first_columns = p["prompt"] + (p["frame"] if p["sink"] else 0)
+    return _mask_from(lambda qi, kj: kj < first_columns or qi < p["prompt"] or abs(qi - kj) < band, Sq, Skv)
+
+
+def _svg_temporal(m, named, b, h, i, j, Sq, Skv):
+    p = m.VARIANT.params
+    width = p["width"] * p["frame"] // p["frames"]
+
+    def allowed(qi, kj):
+        if qi < p["prompt"] or kj < p["prompt"]:
+            return True
+        return abs((qi - p["prompt"]) % p["frame"] - (kj - p["prompt"]) % p["frame"]) < width
+    return _mask_from(allowed, Sq, Skv)
+
+
+def _batchify(m, named, b, h, i, j, Sq, Skv):
+    size = m.VARIANT.params["size"]
+    return _mask_from(lambda qi, kj: qi // size == kj // size and qi - qi // size * size >= kj - kj // size * size,
+                      Sq, Skv)
+
+
+def _sigmoid_attention(m, named, b, h, i, j, Sq, Skv):
+    # unnormalized: the dense check sums sigmoid(s - log kv_len) * v (see _dense's normalize)
+    return (lambda s: torch.log(torch.sigmoid(s - math.log(Skv)))), i >= j
+
+
 DEFINITIONS = {
     "causal": _causal, "sliding_window": _sliding_window, "alibi": _alibi, "softcap": _softcap,
     "document": _document, "prefix_lm": _prefix_lm, "decode_causal": _decode_causal, "chunked": _chunked,
@@ -338,17 +375,22 @@ DEFINITIONS = {
     "vsa_topk": _vsa_topk, "block_diffusion": _block_diffusion, "jetspec_tree": _jetspec_tree,
     "jetspec_training": _jetspec_training, "shared_prefix": _shared_prefix,
     "vision_cross_attention": _vision_cross_attention, "graphormer_spatial": _graphormer_spatial,
-    "graphormer_edge": _graphormer_edge, "mla_rope_bias": _mla_rope_bias,
+    "graphormer_edge": _graphormer_edge, "mla_rope_bias": _mla_rope_bias, "sandwich": _sandwich,
+    "svg_spatial": _svg_spatial, "svg_temporal": _svg_temporal, "batchify": _batchify,
+    "sigmoid_attention": _sigmoid_attention,
 }
 
 
-def _dense(q, k, v, fn, allowed):
-    """softmax(fn(scale q.k) where allowed else -inf) v in float64; rows with no allowed key give 0."""
+def _dense(q, k, v, fn, allowed, normalize=True):
+    """softmax(fn(scale q.k) where allowed else -inf) v in float64; rows with no allowed key give 0. With
+    ``normalize=False``, the numerator alone: sum of exp(fn(s)) v over the allowed keys."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     s = fn(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]))
     allowed = allowed.expand_as(s)
     s = s.masked_fill(~allowed, -math.inf)
+    if not normalize:
+        return torch.exp(s) @ v
     p = torch.softmax(s, -1).nan_to_num(0.0)
     return p @ v
 
@@ -395,7 +437,7 @@ def test_matches_dense_float64(path):
     i = torch.arange(q_len).view(1, 1, q_len, 1)
     j = torch.arange(kv_len).view(1, 1, 1, kv_len)
     fn, allowed = DEFINITIONS[m.NAME](m, named, b, h, i, j, q_len, kv_len)
-    expected = _dense(q, k, v, fn, allowed)
+    expected = _dense(q, k, v, fn, allowed, normalize=getattr(m.VARIANT, "normalize", True))
     got = m.VARIANT(q, k, v, backend="eager", **named)
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
 
