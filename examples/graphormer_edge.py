@@ -45,6 +45,12 @@ def paths(adjacency: torch.Tensor, edge_type: torch.Tensor, max_path: int):
     return types, length
 
 
+def demo_lengths(seq_len: int) -> tuple[int, int]:
+    """(q_len, kv_len): one graph's nodes, at most 256 (the all-pairs shortest paths cost n^3)."""
+    n = min(seq_len, 256)
+    return n, n
+
+
 def tensors(batch: int, q_heads: int, q_len: int, kv_len: int, device="cpu") -> dict[str, torch.Tensor]:
     """path_type: int64 [batch, n, n, MAX_PATH] in [0, EDGE_TYPES); path_len: int64 [batch, n, n] in
     [0, MAX_PATH]; edge_bias: float32 [q_heads, MAX_PATH, EDGE_TYPES] (learnable in a model)."""

@@ -32,6 +32,12 @@ def shortest_paths(adjacency: torch.Tensor) -> torch.Tensor:
     return d.clamp(max=n)
 
 
+def demo_lengths(seq_len: int) -> tuple[int, int]:
+    """(q_len, kv_len): one graph's nodes, at most 256 (the all-pairs shortest paths cost n^3)."""
+    n = min(seq_len, 256)
+    return n, n
+
+
 def tensors(batch: int, q_heads: int, q_len: int, kv_len: int, device="cpu") -> dict[str, torch.Tensor]:
     """distance: int64 [batch, n, n] shortest-path buckets in [0, MAX_DISTANCE + 1]; spatial_bias: float32
     [q_heads, MAX_DISTANCE + 2] (learnable in a model)."""

@@ -332,7 +332,10 @@ def _sandwich(m, named, b, h, i, j, Sq, Skv):
     p = m.VARIANT.params
     w = torch.tensor([10000.0 ** (-2.0 * t / p["d_bar"]) for t in range(p["d_bar"] // 2)], dtype=torch.float64)
     rel = (i - j).double().unsqueeze(-1) * w                      # [1, 1, Sq, Skv, d_bar / 2]
-    bias = torch.cos(rel).sum(-1) * (p["heads"] / (8.0 * (h + 1).double()))
+    ratio = named["ratio"].double()
+    H = ratio.shape[0]
+    torch.testing.assert_close(ratio, H / (8.0 * torch.arange(1, H + 1, dtype=torch.float64)))  # float32-rounded
+    bias = torch.cos(rel).sum(-1) * ratio[h]
     return (lambda s: s + bias), i >= j
 
 
