@@ -645,15 +645,15 @@ _CHAIN = 32  # longer chains (from reductions) are rebuilt balanced, so every re
 
 
 def _chain(items: list, make):
-    """``items`` joined left to right (a left-deep tree), or, past _CHAIN items, as a balanced tree."""
+    """``items`` joined left to right (a left-deep tree), or, past _CHAIN items, as two halves each built the same
+    way: every subtree is then the tree of its own items, so sorting it again changes nothing (a fixed point)."""
     if len(items) <= _CHAIN:
         out = items[0]
         for x in items[1:]:
             out = make(out, x)
         return out
-    while len(items) > 1:
-        items = [make(items[i], items[i + 1]) if i + 1 < len(items) else items[i] for i in range(0, len(items), 2)]
-    return items[0]
+    half = len(items) // 2
+    return make(_chain(items[:half], make), _chain(items[half:], make))
 
 
 def sort_logic(n):

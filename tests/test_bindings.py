@@ -329,3 +329,15 @@ def test_any_of_equalities_is_as_exact_as_its_terms():
     assert v == by_hand
     got = v.block_sparsity(q_len=sq, kv_len=skv, block_size=block, refine=False).kind[0, 0]
     assert torch.equal(got, _dense_kinds(_allowed(by_hand.mask, sq, skv), *block))
+
+
+def test_long_reductions_simplify_to_a_fixed_point():
+    # long chains are rebuilt in halves, each half the tree of its own terms: simplifying again changes nothing
+    # (a rebuild whose subtrees differ from their own rebuild never settles and ran all 64 passes)
+    from attnlang.simplify import simplify
+    for n in (33, 200, 1000):
+        v = al.compile(mask=f"any(kv_idx == q_idx - 3 * i for i in range({n}))")
+        assert simplify(v.simplified.mask) == v.simplified.mask
+        trace = []
+        simplify(v.simplified.mask, trace)
+        assert trace == [], trace[:5]
