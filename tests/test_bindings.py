@@ -255,10 +255,12 @@ def test_bit_operation_bounds_hold_every_value(op, xr, yr, data):
     got = {"&": lambda: x & y, "|": lambda: x | y, "^": lambda: x ^ y, "<<": lambda: x << y,
            ">>": lambda: x >> y}[op]()
     assert r.lo <= got <= r.hi, (op, xr, yr, x, y, r)
-    # and the block-sparsity engine's per-block bounds
-    from attnlang.sparsity import _bit_bounds
-    lo, hi, _ = _bit_bounds(e.op, (float(xr[0]), float(xr[1]), False), (float(yr[0]), float(yr[1]), False), False)
-    assert float(lo) <= got <= float(hi), (op, xr, yr, x, y, lo, hi)
+    # and the block-sparsity engine's per-block bounds (the same rule rows, on tensors of block bounds)
+    from attnlang.intervals import TENSOR, apply, ctx
+    t = [torch.tensor([float(v)], dtype=torch.float64) for v in (*xr, *yr)]
+    lo, hi, _ = apply(e.op, TENSOR, ctx(integer=True, device=True), [(t[0], t[1], False), (t[2], t[3], False)])
+    lo, hi = (float(torch.as_tensor(b).reshape(-1)[0]) for b in (lo, hi))
+    assert lo <= got <= hi, (op, xr, yr, x, y, lo, hi)
 
 
 @settings(max_examples=100, deadline=None)
