@@ -48,7 +48,7 @@ def dense(q, k, v, score_fn, mask_fn, sink_fn, normalize, t):
     bi, hi = torch.arange(b, device=dev).view(b, 1, 1, 1), torch.arange(hq, device=dev).view(1, hq, 1, 1)
     qi, ki = torch.arange(sq, device=dev).view(1, 1, sq, 1), torch.arange(skv, device=dev).view(1, 1, 1, skv)
     s2 = torch.broadcast_to(score_fn(s, bi, hi, qi, ki, sq, skv, t), s.shape)
-    allowed = torch.broadcast_to(mask_fn(bi, hi, qi, ki, sq, skv), s.shape)
+    allowed = torch.broadcast_to(torch.as_tensor(mask_fn(bi, hi, qi, ki, sq, skv), device=dev), s.shape)
     s3 = torch.where(allowed, s2, torch.tensor(-math.inf, dtype=torch.float64, device=dev))
     cols = s3
     if sink_fn is not None:
