@@ -707,19 +707,12 @@ class _RingAttention(torch.autograd.Function):
         keep = ring.keep and any(ctx.needs_input_grad[1:])
         kept = []
         if keep:
-            need_t = {n for n, need in zip(ring.names, ctx.needs_input_grad[4:]) if need and n in ring.grad_names}
+            need_t = _tensors_needing_grad(ring, ctx)
             qg = q.detach().requires_grad_(ctx.needs_input_grad[1])
             tg = {n: (x.detach().requires_grad_() if n in need_t else x) for n, x in tensors.items()}
         for t in range(W):
-            s, nxt = (rank - t) % W, (rank - t - 1) % W
-            transfers, recv = [], None
-            if t + 1 < W:
-                src = (rank - 1) % W
-                if plan.last_step[nxt] >= t + 1:
-                    recv = torch.empty(_kv_numel(k, v, plan.lengths[nxt]), dtype=k.dtype, device=k.device)
-                    transfers.append((src, rank, None, recv, _KV))
-                if plan.last_step[s] >= t + 1:
-                    transfers.append((rank, (rank + 1) % W, held, None, _KV))
+            s = (rank - t) % W
+            transfers, recv = _kv_transfers(ring, k, v, held, t)
             reqs = ring.post(transfers)
             if plan.needed[rank, s]:
                 ks, vs = (k, v) if s == rank else _unpack(held, _kv_shapes(k, v, plan.lengths[s]))
@@ -750,7 +743,7 @@ class _RingAttention(torch.autograd.Function):
         W, rank, plan = ring.world, ring.rank, ring.plan
         acc = out.dtype
         need_q, need_k, need_v = ctx.needs_input_grad[1:4]
-        need_t = {n for n, need in zip(ring.names, ctx.needs_input_grad[4:]) if need and n in ring.grad_names}
+        need_t = _tensors_needing_grad(ring, ctx)
         dout = torch.zeros_like(out) if dout is None else dout.to(acc)
         dlse = torch.zeros_like(lse) if dlse is None else dlse.to(acc)
         row = (dout * out).sum(-1)                     # <dout, out> per row
@@ -767,14 +760,7 @@ class _RingAttention(torch.autograd.Function):
         for t in range(W):
             s, nxt = (rank - t) % W, (rank - t - 1) % W
             n_s = plan.lengths[s]
-            transfers, recv = [], None
-            if t + 1 < W:
-                src = (rank - 1) % W
-                if plan.last_step[nxt] >= t + 1:
-                    recv = torch.empty(_kv_numel(k, v, plan.lengths[nxt]), dtype=k.dtype, device=k.device)
-                    transfers.append((src, rank, None, recv, _KV))
-                if plan.last_step[s] >= t + 1:
-                    transfers.append((rank, (rank + 1) % W, held, None, _KV))
+            transfers, recv = _kv_transfers(ring, k, v, held, t)
             reqs = ring.post(transfers)
             shapes = _kv_shapes(k, v, n_s)
             contribution = None
@@ -903,6 +889,27 @@ def _keep_graphs(plan: CommPlan) -> bool:
         if remote > KEEP_FACTOR * plan.lengths[r]:
             return False
     return True
+
+
+def _kv_transfers(ring, k, v, held, t: int):
+    """Step ``t`` of the k / v ring, forward and backward alike: (transfers for ``ring.post``, the buffer this rank
+    receives the next step's shard into, or None). A shard is received only if this rank computes with it at a
+    later step, and passed on only while a later rank does (``plan.last_step``)."""
+    W, rank, plan = ring.world, ring.rank, ring.plan
+    s, nxt = (rank - t) % W, (rank - t - 1) % W
+    transfers, recv = [], None
+    if t + 1 < W:
+        if plan.last_step[nxt] >= t + 1:
+            recv = torch.empty(_kv_numel(k, v, plan.lengths[nxt]), dtype=k.dtype, device=k.device)
+            transfers.append(((rank - 1) % W, rank, None, recv, _KV))
+        if plan.last_step[s] >= t + 1:
+            transfers.append((rank, (rank + 1) % W, held, None, _KV))
+    return transfers, recv
+
+
+def _tensors_needing_grad(ring, ctx) -> set:
+    """Names of the floating named tensors whose gradient autograd asks for (inputs 4.. of the ring function)."""
+    return {n for n, need in zip(ring.names, ctx.needs_input_grad[4:]) if need and n in ring.grad_names}
 
 
 def _kv_numel(k, v, n: int) -> int:
