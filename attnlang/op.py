@@ -31,9 +31,13 @@ import torch
 
 from .errors import AttnLangError
 
-__all__ = ["call", "call_key", "grad_bits", "spec_of", "set_loader", "TraceTimeError", "GRAPHS"]
+__all__ = ["call", "call_key", "grad_bits", "register", "spec_of", "variant_of_op_config", "set_loader",
+           "TraceTimeError", "GRAPHS"]
 
 _SPECS: dict[str, tuple] = {}  # key -> (variant, backend, scale, return_lse, kernel_options, names)
+# config JSON -> a live Variant with that config: what a key's variant part names. Weak, so variants that are
+# never called under torch.compile go as usual; a traced call's variant is held by _SPECS.
+_VARIANTS: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
 _LOADER = None  # config -> Variant (attnlang.variant.from_config, set there: this module never imports Variant)
 
 
@@ -43,15 +47,18 @@ def set_loader(loader) -> None:
     _LOADER = loader
 
 
-class TraceTimeError(AttnLangError, IndexError):
+class TraceTimeError(AttnLangError, torch._dynamo.exc.Unsupported, IndexError):
     """An AttnLangError found while torch.compile traces a call (bad shapes, dtypes, tensors, typing), raised from
-    the op's fake implementation. Also an IndexError only because Dynamo lets IndexError (and no other error of a
-    fake implementation) reach the caller unwrapped: the caller gets the AttnLangError itself, caret included,
-    with fullgraph=True or not, instead of a TorchRuntimeError quoting it."""
+    the op's fake implementation. Also one of the two errors Dynamo lets out of a fake implementation unwrapped
+    (torch 2.11 passes only its own Unsupported, 2.13 also IndexError): with fullgraph=True the caller gets the
+    AttnLangError itself, caret included; without, Dynamo breaks the graph there and the eager call raises it."""
 
     @classmethod
     def of(cls, e: AttnLangError) -> "TraceTimeError":
-        return cls(e.message, e.source, e.line, e.column, e.length, e.where)
+        err = cls(e.message, e.source, e.line, e.column, e.length, e.where)
+        # AttnLangError's base (ValueError) does not chain __init__: Dynamo's bookkeeping fields set here
+        torch._dynamo.exc.Unsupported.__init__(err, str(err), "attnlang trace-time check")
+        return err
 
 
 def _json_options(options) -> Any:
@@ -66,15 +73,35 @@ def _json_options(options) -> Any:
     return dict(options)
 
 
+def register(variant, config: Mapping[str, Any]) -> str:
+    """The variant part of its calls' keys (its config as JSON), recorded so ``call_key`` finds the variant from
+    a string. Called once per Variant, when it is built (never while Dynamo traces)."""
+    text = json.dumps(dict(config), sort_keys=True, default=repr)
+    _VARIANTS.setdefault(text, variant)
+    return text
+
+
+def variant_of_op_config(variant_config: str):
+    """The Variant that ``register`` named ``variant_config`` (rebuilt from the config if none is alive)."""
+    variant = _VARIANTS.get(variant_config)
+    if variant is None:
+        if _LOADER is None:
+            raise AttnLangError("torch.ops.attnlang.attention was called before attnlang.variant was imported")
+        variant = _LOADER(json.loads(variant_config))
+    return variant
+
+
 @torch._dynamo.assume_constant_result
-def call_key(variant, backend, scale, return_lse, kernel_options, names) -> str:
+def call_key(variant_config: str, backend, scale, return_lse, kernel_options, names) -> str:
     """The op's ``key`` for one kind of call, registered for the run-time lookup. Dynamo runs this function at
-    trace time (``assume_constant_result``): its result is a constant of the graph, never traced."""
-    text = json.dumps({"variant": variant.to_config(), "backend": backend, "scale": scale, "return_lse": return_lse,
-                       "options": _json_options(kernel_options), "names": list(names)}, sort_keys=True,
-                      default=repr)
+    trace time (``assume_constant_result``): its result is a constant of the graph, never traced. Its arguments
+    are plain constants (Dynamo of torch 2.11 passes no other object to such a function): the variant comes as
+    ``register``'s string."""
+    text = json.dumps({"variant": json.loads(variant_config), "backend": backend, "scale": scale,
+                       "return_lse": return_lse, "options": _json_options(kernel_options), "names": list(names)},
+                      sort_keys=True, default=repr)
     if text not in _SPECS:
-        _SPECS[text] = (variant, backend, scale, return_lse,
+        _SPECS[text] = (variant_of_op_config(variant_config), backend, scale, return_lse,
                         None if kernel_options is None else dict(kernel_options), tuple(names))
     return text
 
@@ -309,7 +336,7 @@ def call(variant, q, k, v, scale, backend, return_lse, kernel_options, tensors: 
 
     Dynamo traces only this function; the key is a trace-time constant and the op is one graph node."""
     names = tuple(sorted(tensors))
-    key = call_key(variant, backend, scale, return_lse, kernel_options, names)
+    key = call_key(variant._op_config, backend, scale, return_lse, kernel_options, names)
     named = [tensors[n] for n in names]
     out, lse = torch.ops.attnlang.attention(q, k, v, named, key, grad_bits(q, k, v, named))
     return (out, lse) if return_lse else out

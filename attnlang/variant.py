@@ -37,7 +37,7 @@ class Variant:
     """
 
     __slots__ = ("_score_source", "_mask_source", "_params", "_checked", "_simplified", "_key", "_bind_cache",
-                 "_sink_source", "_normalize", "__weakref__")
+                 "_sink_source", "_normalize", "_op_config", "__weakref__")
 
     def __init__(self, score: str = "score", mask: str = "True", params: Mapping[str, Any] | None = None,
                  sink: str | None = None, normalize: bool = True):
@@ -61,6 +61,8 @@ class Variant:
             key += ("normalize: False",)
         object.__setattr__(self, "_key", key)
         object.__setattr__(self, "_bind_cache", {})
+        # a string naming this variant for its custom op's key (attnlang.op), read while Dynamo traces a call
+        object.__setattr__(self, "_op_config", _op.register(self, self.to_config()))
 
     def __setattr__(self, name, value):
         raise AttributeError("Variant is immutable")

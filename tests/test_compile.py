@@ -169,7 +169,7 @@ def test_declared_value_ranges_replace_the_read_and_are_checked(monkeypatch):
 
 
 def test_the_key_is_rebuilt_in_a_process_that_did_not_trace():
-    key = op.call_key(ALIBI, "eager", 0.5, True, {"chunk": 1}, ("slope",))
+    key = op.call_key(ALIBI._op_config, "eager", 0.5, True, {"chunk": 1}, ("slope",))
     spec = op._SPECS.pop(key)
     rebuilt = op.spec_of(key)
     assert rebuilt[0] == ALIBI and rebuilt[1:] == spec[1:]
@@ -179,7 +179,7 @@ def test_the_key_is_rebuilt_in_a_process_that_did_not_trace():
 
 def test_the_op_runs_outside_compile_with_the_fake_layout():
     q, k, v = _qkv(grad=False)
-    key = op.call_key(DECODE, "eager", None, True, None, ())
+    key = op.call_key(DECODE._op_config, "eager", None, True, None, ())
     out, lse = torch.ops.attnlang.attention(q, k, v, [], key, 0)
     ref, ref_lse = DECODE(q, k, v, backend="eager", return_lse=True)
     torch.testing.assert_close(out, ref)
@@ -232,3 +232,26 @@ def test_transformers_models_compile_with_fullgraph():
                 got = compiled(token, past_key_values=compiled_cache, use_cache=True).logits
                 torch.testing.assert_close(got, ref)
                 token = ref[:, -1:].argmax(-1)
+
+
+@pytest.mark.parametrize("spec", ["variant", "per_layer"])
+def test_transformers_config_variants_compile_with_fullgraph(spec):
+    """config.attnlang as a Variant object or a per-layer list (a Variant, a dict) compiles with fullgraph: the
+    trace-time key sees the config only as constants (torch 2.11's Dynamo passes no objects to such functions)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import attnlang.integrations.transformers as alt
+    alt.register()
+    window = al.compile(mask="q_idx - kv_idx < 4")
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                         attn_implementation="attnlang")
+    config.attnlang = window if spec == "variant" else [window, {"score": "score * 0.5"}]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = model(ids).logits
+        got = torch.compile(model, fullgraph=True, backend="aot_eager")(ids).logits
+    torch.testing.assert_close(got, ref)

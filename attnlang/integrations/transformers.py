@@ -37,7 +37,7 @@ import torch
 
 from ..ast import Var, children, with_children
 from ..errors import AttnLangError
-from ..op import call_key, grad_bits
+from ..op import call_key, grad_bits, variant_of_op_config
 from ..parse import parse
 from ..printer import to_source
 from ..variant import BACKENDS, Variant, from_config
@@ -210,7 +210,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             attention_mask is not None, s_aux is not None)
     if torch.compiler.is_compiling():
         # the variant and the op's key are trace-time constants: Dynamo traces none of attnlang's host code
-        variant_key, names = _op_key(config, kind, scaling, query.device.type, tuple(sorted(tensors)))
+        variant_key, names = _op_key(_config_view(config), kind, scaling, query.device.type, tuple(sorted(tensors)))
         tensors = _call_tensors(tensors, names, attention_mask, offset, query.device, s_aux)
         named = [tensors[n] for n in sorted(tensors)]
         out, _ = torch.ops.attnlang.attention(query, key, value, named, variant_key,
@@ -233,14 +233,47 @@ def _layer_call(config, kind: tuple, device_type: str) -> tuple[Variant, str]:
     return variant, _backend(config, torch.device(device_type))
 
 
+_VARIANT_MARK = "__attnlang_variant__"  # a Variant inside a config view: {mark: its op config string}
+
+
+def _config_view(config):
+    """What ``_layer_call`` reads of a transformers config, as plain constants (traced by Dynamo, which passes no
+    other object to a trace-time function such as ``_op_key`` in torch 2.11): (the attn implementation's name,
+    config.attnlang with each Variant as {mark: its op config}, num_hidden_layers, config.attnlang_options)."""
+    if config is None:
+        return None
+    spec = getattr(config, "attnlang", None)
+    if isinstance(spec, Variant):
+        spec = {_VARIANT_MARK: spec._op_config}
+    elif isinstance(spec, (list, tuple)):
+        spec = [{_VARIANT_MARK: item._op_config} if isinstance(item, Variant) else item for item in spec]
+    return (getattr(config, "_attn_implementation", None), spec, getattr(config, "num_hidden_layers", None),
+            getattr(config, "attnlang_options", None))
+
+
+class _ViewedConfig:
+    """A config rebuilt from ``_config_view``: the attributes ``_layer_call`` reads."""
+
+    def __init__(self, view):
+        name, spec, self.num_hidden_layers, self.attnlang_options = view
+        self._attn_implementation = name
+        self.attnlang = [self._variant(item) for item in spec] if isinstance(spec, list) else self._variant(spec)
+
+    @staticmethod
+    def _variant(item):
+        if isinstance(item, Mapping) and set(item) == {_VARIANT_MARK}:
+            return variant_of_op_config(item[_VARIANT_MARK])
+        return item
+
+
 @torch._dynamo.assume_constant_result
-def _op_key(config, kind: tuple, scaling, device_type: str, given: tuple) -> tuple[str, tuple]:
+def _op_key(view, kind: tuple, scaling, device_type: str, given: tuple) -> tuple[str, tuple]:
     """(the attnlang op's key, the names of the tensors the variant reads) of one kind of call: run by Dynamo at
-    trace time (``assume_constant_result``), never traced."""
-    variant, backend = _layer_call(config, kind, device_type)
+    trace time (``assume_constant_result``), never traced. ``view``: ``_config_view`` of the model's config."""
+    variant, backend = _layer_call(None if view is None else _ViewedConfig(view), kind, device_type)
     names = variant.tensor_names
     bound = tuple(sorted(n for n in names if n in given or n in (PAD, _OFFSET, _SINK)))
-    return call_key(variant, backend, scaling, False, None, bound), names
+    return call_key(variant._op_config, backend, scaling, False, None, bound), names
 
 
 def _call_tensors(given: Mapping, names, attention_mask, offset, device, s_aux=None) -> dict:
