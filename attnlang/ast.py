@@ -156,13 +156,15 @@ class Unary:
 
 @dataclass(frozen=True, slots=True)
 class Binary:
-    """Arithmetic, a single comparison, or ``&`` / ``|``. Chained comparisons are parsed into ``&`` of pairs."""
+    """Arithmetic, a single comparison, or ``&`` / ``|``. Chained comparisons are parsed into ``&`` of pairs.
+    word: written as the word ``and`` / ``or`` (logic on bools only; the checker refuses ints), not ``&`` / ``|``."""
 
     op: Op
     left: "Expr"
     right: "Expr"
     span: Span | None = field(**_SPAN)
     dtype: DType | None = field(**_DTYPE)
+    word: bool = field(default=False, compare=False, hash=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

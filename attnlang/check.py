@@ -581,13 +581,22 @@ def _infer(tree: Expr, tensor_dtypes, source: str, where: str) -> Expr:
             if k.dtype is DType.FLOAT:
                 fail(f"{name} expects bools (logic) or ints (bits), but this is float", k)
         kinds = {x.dtype, y.dtype}
+        if node.word:
+            word = "and" if logical is Op.AND else "or"
+            for k, written in ((x, node.left), (y, node.right)):
+                if k.dtype is DType.INT:  # the caret under the operand as written (a bound name, not its value)
+                    fail(f"'{word}' is logic on bools only, but this is an int; for the bits write "
+                         f"'{name[1]}' (e.g. (x {name[1]} 3) == 1), for logic compare it (e.g. x != 0)",
+                         written if written.span is not None else k)
         if DType.INT in kinds:
             if DType.BOOL in kinds:
                 fail(f"{name} mixes an int and a bool: this is an int; compare it (e.g. (x & 1) == 1) for logic, or "
                      f"convert the bool with int() for bits", x if x.dtype is DType.INT else y)
             return Binary(Op.BITAND if logical is Op.AND else Op.BITOR, x, y, node.span, DType.INT)
-        # bools, or tensor reads whose type is known at call time only (binding decides again then)
-        return Binary(logical, x, y, node.span, DType.BOOL)
+        # bools, or tensor reads whose type is known at call time only (binding decides again then): two tensor
+        # reads may be ints, so `(t[q_idx] & u[kv_idx]) == 0` stays open (UNKNOWN) until their types are known
+        dt = DType.UNKNOWN if kinds == {DType.UNKNOWN} and not node.word else DType.BOOL
+        return Binary(logical, x, y, node.span, dt, word=node.word)
 
     def visit_let(node: Let):
         saved = dict(scope)

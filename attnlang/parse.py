@@ -130,6 +130,13 @@ class _Builder(Transformer_NonRecursive):
     def or_(self, meta, c):
         return Binary(Op.OR, c[0], c[-1], _span(meta))
 
+    # the words `and` / `or` are logic on bools only (LANGUAGE.md); the checker refuses an int operand
+    def and_word(self, meta, c):
+        return Binary(Op.AND, c[0], c[-1], _span(meta), word=True)
+
+    def or_word(self, meta, c):
+        return Binary(Op.OR, c[0], c[-1], _span(meta), word=True)
+
 
 class _Lines:
     """Post-lexer: a new line ends a binding (becomes ``;``) when it comes, outside brackets, after a token that can

@@ -104,6 +104,15 @@ ERRORS = [
     ("q_idx << 64 > 0", None, "64", "[0, 63]"),
     ("q_idx >> -1 > 0", None, "-1", "[0, 63]"),
     ("q_idx & kv_idx", None, "q_idx & kv_idx", "must be bool"),
+    # the words `and` / `or` are logic on bools only (LANGUAGE.md: "Logic on bools: ... also the words"); only the
+    # symbols `&` / `|` are bitwise on ints
+    ("(q_idx and 3) == 1", None, "q_idx", "'and' is logic on bools only"),
+    ("(True and kv_idx) == 1", None, "kv_idx", "'and' is logic on bools only"),
+    ("(q_idx or 3) == 1", None, "q_idx", "'or' is logic on bools only"),
+    ("q_idx >= kv_idx and (q_idx or kv_idx) > 0", None, "q_idx or", "'or' is logic on bools only"),
+    ("a = q_idx // 2; (a and 1) == 1", None, "a and", "'and' is logic on bools only"),  # the bound name as written
+    ("q_idx and kv_idx > 0", None, "q_idx and", "'and' is logic on bools only"),  # not "mixes an int and a bool"
+    ("any((q_idx or i) == 1 for i in range(3))", None, "q_idx or", "'or' is logic on bools only"),
 ]
 
 
@@ -113,6 +122,41 @@ def test_errors_point_at_the_token(mask, params, token, word):
         al.compile(mask=mask, params=params)
     assert word in info.value.message, str(info.value)
     assert_points_at(info.value, mask, token, where="mask")
+
+
+def test_words_and_or_stay_logical_on_bools():
+    q = torch.randn(1, 1, 6, 4, dtype=torch.float64)
+    for word, sym in (("and", "&"), ("or", "|")):
+        a = al.compile(mask=f"q_idx >= kv_idx {word} kv_idx % 2 == 0")
+        b = al.compile(mask=f"q_idx >= kv_idx {sym} kv_idx % 2 == 0")
+        assert a == b
+        torch.testing.assert_close(a(q, q, q, backend="eager"), b(q, q, q, backend="eager"), rtol=0, atol=0)
+    # `&` / `|` on ints stay bitwise
+    assert al.compile(mask="(q_idx & 3) == 1") != al.compile(mask="(q_idx | 3) == 1")
+
+
+@pytest.mark.parametrize("word", ["and", "or"])
+def test_words_on_an_int_tensor_are_refused_when_it_is_bound(word):
+    # at compile time a tensor read's element type is unknown; the call that binds an int tensor refuses the word
+    mask = f"doc[q_idx] {word} doc[kv_idx]"
+    v = al.compile(mask=mask)
+    q = torch.randn(1, 1, 5, 4)
+    out = v(q, q, q, backend="eager", doc=torch.tensor([True, False, True, True, False]))
+    assert out.shape == q.shape
+    with pytest.raises(al.AttnLangError, match=f"'{word}' is logic on bools only") as info:
+        v(q, q, q, backend="eager", doc=torch.arange(5))
+    assert_points_at(info.value, mask, "doc[q_idx]", where="mask")
+    # the symbol stays bitwise there: two int tensor reads are an int, typed when the tensor is bound (at compile
+    # time `t & u` of two tensor reads is left open, so it may be compared with a number)
+    sym = {"and": "&", "or": "|"}[word]
+    v = al.compile(mask=f"(doc[q_idx] {sym} doc[kv_idx]) == 0")
+    doc = torch.tensor([0, 1, 2, 4, 5])
+    bits = (doc.view(-1, 1) & doc) if word == "and" else (doc.view(-1, 1) | doc)
+    s = (q @ q.transpose(-1, -2) / 2).masked_fill(bits != 0, -math.inf)
+    want = torch.softmax(s, -1).nan_to_num(0.0) @ q
+    torch.testing.assert_close(v(q, q, q, backend="eager", doc=doc), want)
+    with pytest.raises(al.AttnLangError, match="compares a bool with a number"):
+        v(q, q, q, backend="eager", doc=doc > 0)
 
 
 def test_errors_inside_a_later_line_of_bindings():
