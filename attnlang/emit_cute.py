@@ -328,13 +328,27 @@ class _Printer:
             return (f"cute.where(operator.gt({xs[0]}, {zero}), {one}, "
                     f"cute.where(operator.lt({xs[0]}, {zero}), {zero} - {one}, {zero}))")
         if f == "min":
-            return f"cute.where(operator.le({xs[0]}, {xs[1]}), {xs[0]}, {xs[1]})"
+            return self._select(operator_name="le", a=xs[0], b=xs[1], dtype=dt)
         if f == "max":
-            return f"cute.where(operator.ge({xs[0]}, {xs[1]}), {xs[0]}, {xs[1]})"
+            return self._select(operator_name="ge", a=xs[0], b=xs[1], dtype=dt)
         if f == "clamp":  # min(max(x, lo), hi), as lower_torch
-            lo = f"cute.where(operator.ge({xs[0]}, {xs[1]}), {xs[0]}, {xs[1]})"
-            return f"cute.where(operator.le({lo}, {xs[2]}), {lo}, {xs[2]})"
+            lo = self._select(operator_name="ge", a=xs[0], b=xs[1], dtype=dt)
+            if dt is DType.FLOAT:  # a name for the inner select: it is read twice by the NaN test below
+                name = f"t{len(self.lines)}"
+                self.lines.append(f"{name} = {lo}  # max({to_source(args[0])[:40]}, lo)")
+                lo = name
+            return self._select(operator_name="le", a=lo, b=xs[2], dtype=dt)
         raise Unsupported(f"function {f!r}")
+
+    def _select(self, operator_name: str, a: str, b: str, dtype: DType) -> str:
+        """min (``le``) / max (``ge``) of two values as a select; for floats NaN-propagating like torch.minimum /
+        maximum (and lower_torch): ``a`` is chosen when it is NaN, ``b`` when ``a <= b`` (``a >= b``) is False,
+        so a NaN ``b`` is chosen too. fmin / fmax would drop the NaN. ``a`` is NaN exactly when ``a == a`` is
+        False (an ordered comparison: this holds whatever predicate the DSL gives ``!=``)."""
+        pick_a = f"operator.{operator_name}({a}, {b})"
+        if dtype is DType.FLOAT:
+            pick_a = f"({pick_a} | operator.eq(operator.eq({a}, {a}), operator.ne(kv_idx, kv_idx)))"
+        return f"cute.where({pick_a}, {a}, {b})"
 
 
 def _varlen_spelling(positions: VarlenPositions) -> dict:

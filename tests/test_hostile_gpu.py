@@ -1,0 +1,59 @@
+"""GPU halves of issue 19's items: what only the fa4 kernel can show.
+
+NaN semantics of float min / max / clamp: they propagate NaN on every backend (as torch.minimum / maximum, which
+eager and flex follow), so a mask comparing min / max / clamp of a NaN is False there, as in IEEE; fmin / fmax in
+the CuTeDSL source would drop the NaN and allow those pairs (tests/test_usability.py checks the emitted text on the
+CPU by running it over torch).
+"""
+
+import math
+
+import pytest
+import torch
+
+import attnlang as al
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_fa4():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from attnlang.backends import fa4
+    try:
+        fa4._flash()
+    except Exception as e:
+        pytest.skip(f"flash_attn.cute not importable: {e}")
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("FA4 needs sm90+")
+
+
+def _nan_table(n: int) -> torch.Tensor:
+    """Floats in [-3, 3] with NaN at every third position (kv_idx 1, 4, 7, ...)."""
+    t = torch.linspace(-3.0, 3.0, n, dtype=torch.float32)
+    t[1::3] = math.nan
+    return t.cuda()
+
+
+@pytest.mark.parametrize("mask", [
+    "max(t[kv_idx], -1.0) <= -1.0 | kv_idx == 0",
+    "min(t[kv_idx], 1.0) >= 1.0 | kv_idx == 0",
+    "min(1.0, t[kv_idx]) >= 1.0 | kv_idx == 0",
+    "clamp(t[kv_idx], -1.0, 1.0) < 0.5 | kv_idx == 0",
+    "max(sqrt(float(kv_idx) - 100.0), 0.5) <= 1.0 | kv_idx == 0",   # NaN from the expression itself
+])
+def test_fa4_mask_min_max_clamp_of_nan_are_false_as_on_eager(mask):
+    from attnlang.backends import fa4
+    B, H, S, D = 1, 2, 257, 64
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    variant = al.compile(mask=mask)
+    tensors = {"t": _nan_table(S)} if "t[" in mask else {}
+    plan = variant._plan(q, k, v, None, "fa4", False, None, tensors)
+    assert fa4.unsupported(q, plan) is None, fa4.unsupported(q, plan)
+    with torch.no_grad():
+        want = variant(q.float(), k.float(), v.float(), backend="eager", **tensors)
+        got = variant(q, k, v, backend="fa4", **tensors)
+    rel = float((got.float() - want).norm() / want.norm())
+    assert rel < 1e-2, f"fa4 vs eager: rel err {rel:.3g} (NaN positions allowed by fa4?)"
