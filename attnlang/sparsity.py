@@ -886,5 +886,6 @@ def _density(kind: torch.Tensor, q_len: int, kv_len: int, bq: int, bk: int) -> f
     kv_pairs = per_row * bk - last_col * (bk - k_last)                  # real kv columns per (b, h, q block)
     rows = torch.full((Qb,), bq, dtype=torch.int64, device=kind.device)
     rows[-1] = q_len - (Qb - 1) * bq
-    pairs = int((kv_pairs * rows).sum())
-    return pairs / (q_len * kv_len * kind.shape[0] * kind.shape[1])
+    # float64: at lengths near 2**62 the int64 products wrap (a causal mask of 2**40 read density 0)
+    pairs = float((kv_pairs.double() * rows.double()).sum())
+    return pairs / (float(q_len) * float(kv_len) * kind.shape[0] * kind.shape[1])
