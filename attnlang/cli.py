@@ -2,8 +2,7 @@
 
     attnlang check   --score EXPR --mask EXPR [--sink EXPR] [--no-normalize] [--param NAME=VALUE ...]
     attnlang explain --score EXPR --mask EXPR [--sink EXPR] [--no-normalize] [--param ...] [--q-len N --kv-len N]
-                     [--png FILE]
-                     [--tensor NAME=FILE ...]
+                     [--png FILE] [--tensor NAME=FILE ...] [--block-size N|NxM]
     attnlang demo    [--seq-len 2048 --batch 1 --heads 8 --kv-heads 2 --head-dim 64 --backend auto]
 
 Exit status: 0 on success, 2 on a bad expression or argument (the error is printed with a caret).
@@ -51,6 +50,15 @@ def _positive_int(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be a positive int, got {n}")
     return n
+
+
+def _block_size(text: str):
+    """argparse type: ``N`` (square blocks) or ``NxM`` / ``N,M`` (query x key blocks) of positive ints."""
+    parts = text.lower().replace(",", "x").split("x")
+    if len(parts) > 2:
+        raise argparse.ArgumentTypeError(f"expected N or NxM, got {text!r}")
+    sizes = tuple(_positive_int(p.strip()) for p in parts)
+    return sizes[0] if len(sizes) == 1 else sizes
 
 
 def _params(items) -> dict:
@@ -106,7 +114,7 @@ def cmd_explain(args) -> int:
     tensors = _tensors(args.tensor)  # loaded and checked with or without --png: a bad file is never ignored
     for name, t in tensors.items():
         check_named_tensor(name, t, v.checked.tensors)
-    print(v.explain(q_len=q_len, kv_len=kv_len))
+    print(v.explain(q_len=q_len, kv_len=kv_len, block_size=args.block_size, **tensors))
     if args.png:
         from .picture import draw
         q_len = q_len or 1024
@@ -115,7 +123,7 @@ def cmd_explain(args) -> int:
         if missing:
             raise AttnLangError(f"the mask reads tensor {missing[0]!r}; to draw it pass --tensor {missing[0]}=FILE "
                                 f"(a torch.save file or a .npy file)")
-        draw(v, args.png, q_len=q_len, kv_len=kv_len, **tensors)
+        draw(v, args.png, q_len=q_len, kv_len=kv_len, block_size=args.block_size, **tensors)
         print(f"wrote {args.png}")
     return 0
 
@@ -152,6 +160,29 @@ def allowed_fraction(variant, q_len: int, kv_len: int, batch: int, heads: int, *
     return allowed / (batch * heads * q_len * kv_len)
 
 
+def _backend_runs_here(backend: str, device: str, dtype, head_dim: int) -> None:
+    """Ask ``backend`` once, up front, whether it can run here (device, dtype, head dim, its libraries) with the
+    plainest variant, so that a backend that cannot run at all is one error, not one per example.
+
+    Raises:
+        AttnLangError: the backend's own reason, and what to run instead.
+    """
+    if backend in ("auto", "eager"):
+        return
+    import torch
+
+    from .variant import compile
+    q = torch.zeros(1, 1, 1, head_dim, device=device, dtype=dtype)
+    plan = compile()._plan(q, q, q, None, backend, False, None, {})
+    try:
+        why = importlib.import_module(f"attnlang.backends.{backend}").unsupported(q, plan)
+    except ImportError as e:  # a backend whose optional dependency is missing
+        why = str(e)
+    if why is not None:
+        raise AttnLangError(f"--backend {backend} cannot run on this machine (device {device}, {str(dtype)[6:]}, "
+                            f"head dim {head_dim}): {why}; use --backend auto or eager")
+
+
 def cmd_demo(args) -> int:
     import torch
 
@@ -165,6 +196,7 @@ def cmd_demo(args) -> int:
         raise AttnLangError(f"--device {device!r} is not usable here: {e}") from None
     if args.heads % args.kv_heads:
         raise AttnLangError(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
+    _backend_runs_here(args.backend, device, getattr(torch, args.dtype), args.head_dim)
     mods = _examples()
     names = [getattr(mod, "NAME", mod.__name__.rsplit(".", 1)[-1]) for mod in mods]
     unknown = sorted(set(args.only or ()) - set(names))
@@ -240,7 +272,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--q-len", type=_positive_int, default=None)
     e.add_argument("--kv-len", type=_positive_int, default=None)
     e.add_argument("--png", default=None, metavar="FILE", help="draw the mask's (q, kv) picture")
-    e.add_argument("--tensor", action="append", metavar="NAME=FILE", help="a tensor the mask reads (.pt/.npy)")
+    e.add_argument("--tensor", action="append", metavar="NAME=FILE",
+                   help="a tensor the variant reads (.pt/.npy); always loaded and checked, and a mask's tensors give "
+                        "its block sparsity")
+    e.add_argument("--block-size", type=_block_size, default=(128, 128), metavar="N|NxM",
+                   help="blocks of the sparsity report and the block picture (default 128x128)")
     e.set_defaults(func=cmd_explain)
 
     d = sub.add_parser("demo", help="run the examples gallery against the reference and print a table")

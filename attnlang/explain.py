@@ -7,12 +7,12 @@ import importlib
 from typing import Mapping
 
 from .ast import Const, DType, Index, names_used, walk
-from .check import Checked
+from .check import Checked, check_named_tensor
 from .errors import AttnLangError
 from .patterns import documents, recognize
 from .printer import to_program, to_source
 from .simplify import Simplified
-from .sparsity import known_exact, mask_block_sparsity, positive_int
+from .sparsity import _as_block_size, known_exact, mask_block_sparsity, positive_int
 
 __all__ = ["explain"]
 
@@ -63,14 +63,24 @@ def _auto_policy() -> str:
 
 
 def explain(score: str, mask: str, params: Mapping[str, object], checked: Checked, simplified: Simplified,
-            q_len: int | None = None, kv_len: int | None = None, normalize: bool = True) -> str:
+            q_len: int | None = None, kv_len: int | None = None, normalize: bool = True,
+            tensors: Mapping[str, object] | None = None, block_size=(128, 128)) -> str:
     """A report: the variant as written (``score``, ``mask``, ``params``), parsed (``checked``), simplified (with
     the rules that fired), its types and tensors, its mask's structure (native lowering, block density for given
     lengths) and the backend "auto" would pick.
 
+    ``tensors``: the named tensors (torch tensors, by name), checked as a call checks them; with lengths, a mask
+    that reads tensors gets its block sparsity from their values (for batch 0 and head 0 when it reads ``b`` /
+    ``h``). ``block_size``: an int or (query, key) pair of ints, the blocks of that report (default 128 x 128).
+
     Raises:
-        AttnLangError: a length that is not a positive int.
+        AttnLangError: a length that is not a positive int, a bad block size, a tensor the variant does not read
+            or of the wrong number of dimensions.
     """
+    tensors = dict(tensors or {})
+    for name, t in tensors.items():
+        check_named_tensor(name, t, checked.tensors)
+    block_size = _as_block_size(block_size)
     if q_len is not None:
         q_len = positive_int("q_len", q_len)
     if kv_len is not None:
@@ -127,19 +137,29 @@ def explain(score: str, mask: str, params: Mapping[str, object], checked: Checke
                    f"from {docs.tensor!r} per call) when q_len == kv_len and every id fills one contiguous run "
                    f"(else tile lists): the backward always, the forward on long packs "
                    f"(kernel_options={{'varlen': True / False}} forces either path)")
-    mask_tensors = {n.tensor for n in walk(simple.mask) if isinstance(n, Index)}
-    if q_len is not None and kv_len is not None and not mask_tensors:
+    mask_tensors = sorted({n.tensor for n in walk(simple.mask) if isinstance(n, Index)})
+    missing = [n for n in mask_tensors if n not in tensors]
+    if q_len is None and mask_tensors and not missing:
+        out.append("  block sparsity: not computed (give the lengths: explain(q_len=N, kv_len=M, ...) or --q-len N "
+                   "--kv-len M)")
+    elif q_len is not None and kv_len is not None and missing:
+        out.append(f"  block sparsity at q_len={q_len}, kv_len={kv_len}: not computed (the mask reads tensor "
+                   f"{missing[0]!r}: pass it, explain({missing[0]}=...) or --tensor {missing[0]}=FILE)")
+    elif q_len is not None and kv_len is not None:
+        first = " (batch 0, head 0)" if mask_tensors and names_used(simple.mask) & {"b", "h"} else ""
         try:
-            bs = mask_block_sparsity(simple.mask, checked.tensors, checked.sources, q_len, kv_len, 1, 1, (128, 128),
-                                     {})
+            bs = mask_block_sparsity(simple.mask, checked.tensors, checked.sources, q_len, kv_len, 1, 1, block_size,
+                                     {n: tensors[n] for n in mask_tensors})
             kinds = bs.kind
             total = kinds.numel()
             counts = [int((kinds == k).sum()) for k in (0, 1, 2)]
-            out.append(f"  block sparsity at q_len={q_len}, kv_len={kv_len}, blocks {tuple(bs.block_size)}: "
-                       f"{counts[0]} empty, {counts[1]} partial, {counts[2]} full of {total}; "
-                       f"density {bs.density:.4f}")
-        except AttnLangError as e:  # the lengths are valid but too long to classify in 128x128 blocks
-            out.append(f"  block sparsity at q_len={q_len}, kv_len={kv_len}: not computed ({e.message})")
+            of = f" (from the values of {', '.join(mask_tensors)})" if mask_tensors else ""
+            out.append(f"  block sparsity at q_len={q_len}, kv_len={kv_len}{first}{of}, blocks "
+                       f"{tuple(bs.block_size)}: {counts[0]} empty, {counts[1]} partial, {counts[2]} full of "
+                       f"{total}; density {bs.density:.4f}")
+        except AttnLangError as e:  # e.g. the lengths are valid but too long to classify in these blocks
+            hint = (" (explain(..., block_size=N) or --block-size N)" if "block_size" in e.message else "")
+            out.append(f"  block sparsity at q_len={q_len}, kv_len={kv_len}: not computed ({e.message}{hint})")
     out.append(f"  backend auto: on CUDA, fa4 (Hopper) when it supports the call, else flex; on the CPU, eager "
                f"({_auto_policy()})")
     return "\n".join(out)

@@ -161,11 +161,15 @@ class Variant:
         return config
 
     # ----- explain -----
-    def explain(self, q_len: int | None = None, kv_len: int | None = None) -> str:
-        """A human-readable report: parsed and simplified forms, types, tensors, rules that fired."""
+    def explain(self, /, q_len: int | None = None, kv_len: int | None = None,
+                block_size: tuple[int, int] | int = (128, 128), **tensors) -> str:
+        """A human-readable report: parsed and simplified forms, types, tensors, rules that fired; with lengths,
+        the mask's block sparsity in ``block_size`` blocks (from the values of ``tensors``, bound by name, for a
+        mask that reads tensors). Raises AttnLangError for bad lengths, block sizes or tensors."""
         from .explain import explain
         return explain(self._score_source, self._mask_source, self._params, self._checked, self._simplified,
-                       q_len=q_len, kv_len=kv_len, normalize=self._normalize)
+                       q_len=q_len, kv_len=kv_len, normalize=self._normalize, tensors=tensors,
+                       block_size=block_size)
 
     def block_sparsity(self, /, q_len: int, kv_len: int, batch: int = 1, heads: int = 1,
                        block_size: tuple[int, int] | int = (128, 128), **tensors):

@@ -68,3 +68,79 @@ def test_fa4_int_min_max_stay_plain_selects():
     v = al.compile(mask="min(q_idx, kv_idx + 2) >= max(kv_idx, 1)")
     source = emit_module(None, bind(v.checked, {}).mask, None).source
     assert "operator.eq(operator.eq(" not in source  # the NaN test only for floats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# explain: block sparsity of data-dependent masks from the tensors; --block-size; demo's up-front backend check
+
+_DOC_MASK = "doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx"
+
+
+def _doc(n=1000):
+    return torch.arange(n) // 300
+
+
+def _counts(bs) -> str:
+    kinds = bs.kind
+    return (f"{int((kinds == 0).sum())} empty, {int((kinds == 1).sum())} partial, {int((kinds == 2).sum())} full of "
+            f"{kinds.numel()}")
+
+
+def test_variant_explain_with_tensors_gives_block_sparsity_of_a_data_dependent_mask():
+    v = al.compile(mask=_DOC_MASK)
+    doc = _doc()
+    report = v.explain(q_len=1000, kv_len=1000, block_size=64, doc=doc)
+    want = v.block_sparsity(q_len=1000, kv_len=1000, block_size=64, doc=doc)
+    assert f"blocks (64, 64): {_counts(want)}" in report and "from the values of doc" in report
+    assert "pass it, explain(doc=...)" in v.explain(q_len=1000)          # without the tensor: says what is missing
+    assert "give the lengths" in v.explain(doc=doc)                      # without lengths: says so
+    with pytest.raises(al.AttnLangError, match="neither expression reads it"):
+        v.explain(q_len=10, slope=torch.ones(2))
+    with pytest.raises(al.AttnLangError, match="block"):
+        v.explain(q_len=10, block_size=0, doc=doc)
+
+
+def test_cli_explain_tensor_gives_block_sparsity(tmp_path, capsys):
+    from attnlang.cli import main
+    path = tmp_path / "doc.pt"
+    torch.save(_doc(), path)
+    assert main(["explain", "--mask", _DOC_MASK, "--q-len", "1000", "--tensor", f"doc={path}"]) == 0
+    want = al.compile(mask=_DOC_MASK).block_sparsity(q_len=1000, kv_len=1000, doc=_doc())
+    assert f"blocks (128, 128): {_counts(want)}" in capsys.readouterr().out
+
+
+def test_cli_block_size_exists_where_a_message_asks_for_larger_blocks(tmp_path, capsys):
+    from attnlang.cli import main
+    long = str(1 << 40)
+    assert main(["explain", "--mask", "q_idx >= kv_idx", "--q-len", long]) == 0
+    out = capsys.readouterr().out
+    assert "use a larger block_size" in out and "--block-size N" in out
+    assert main(["explain", "--mask", "q_idx >= kv_idx", "--q-len", long, "--block-size", str(1 << 36)]) == 0
+    assert "16 partial, 120 full of 256; density 0.5312" in capsys.readouterr().out
+    assert main(["explain", "--mask", "q_idx >= kv_idx", "--q-len", "256", "--block-size", "64x128"]) == 0
+    assert "blocks (64, 128)" in capsys.readouterr().out
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "m.png"
+    assert main(["explain", "--mask", "q_idx >= kv_idx", "--q-len", long, "--png", str(png)]) == 2
+    assert "use a larger block_size" in capsys.readouterr().err
+    assert main(["explain", "--mask", "q_idx >= kv_idx", "--q-len", long, "--png", str(png), "--block-size",
+                 str(1 << 36)]) == 0
+    assert png.exists()
+    for bad in ("0", "4x", "1x2x3", "x"):
+        with pytest.raises(SystemExit):
+            main(["explain", "--block-size", bad])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cli_demo_fa4_without_a_gpu_says_why_once_up_front(capsys):
+    from attnlang.cli import main
+    assert main(["demo", "--backend", "fa4", "--seq-len", "16"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("FA4 needs a CUDA GPU") == 1 and "use --backend auto or eager" in captured.err
+    assert "variant" not in captured.out   # no table, no per-example failures
+
+
+def test_block_density_at_lengths_whose_pair_counts_pass_int64():
+    v = al.compile(mask="q_idx >= kv_idx")
+    for e in (10, 20, 40, 50):   # 2**40 x 2**40 pairs wrapped int64: density read 0.0
+        assert v.block_sparsity(q_len=1 << e, kv_len=1 << e, block_size=1 << (e - 4)).density == 0.53125
