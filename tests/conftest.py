@@ -21,3 +21,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_logreport(report):
+    """With ATTNLANG_REPORT=path, each failure's traceback and each test's outcome and seconds are appended to that
+    file as they happen: a GPU run that hits its time limit still leaves what it found."""
+    path = os.environ.get("ATTNLANG_REPORT")
+    if not path or (report.when != "call" and not report.failed):
+        return
+    with open(path, "a") as f:
+        f.write(f"{report.outcome.upper()} {report.nodeid} {report.duration:.1f}s\n")
+        if report.failed:
+            f.write(report.longreprtext[-6000:] + "\n\n")
