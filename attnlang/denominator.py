@@ -22,16 +22,28 @@ import math
 
 import torch
 
-from .ast import Const, Index, Var, walk
+from .ast import Call, Const, Index, Var, walk
 from .errors import AttnLangError
 from .intervals import bounds
 from .lower_torch import evaluate, positions, row_values
 from .memo import IdentityMemo
 from .plan import CallPlan
 
-__all__ = ["finish", "sink_values", "head_values", "per_head", "sink_finite", "lse_float32"]
+__all__ = ["finish", "sink_values", "head_values", "per_head", "sink_finite", "lse_float32", "bad_score_hint"]
 
 _FINITE = IdentityMemo()  # bound sink expressions and value ranges whose sink is provably finite
+
+
+def bad_score_hint(score) -> str:
+    """The end of the error for a NaN score at an allowed position when the score takes a log (or a square root),
+    most often of a weight that went negative: exp space (LANGUAGE.md: weights exp(score), with normalize=False
+    too) cannot carry a negative weight, e.g. GELU activation attention's. "" when the score takes neither."""
+    if not any(isinstance(n, Call) and n.func in ("log", "log2", "sqrt") for n in walk(score)):
+        return ""
+    return ("; a log of a negative number? Every weight is exp(score) >= 0, with normalize=False too, so a negative "
+            "weight (GELU activation attention's, say) cannot be expressed: write log(f(score) + offset) with "
+            "normalize=False and subtract offset * (the sum of v over the allowed keys), as attention-gym's "
+            "activation attention and examples/activation.py do")
 
 
 def sink_finite(plan: CallPlan) -> bool:

@@ -94,7 +94,8 @@ def explain(score: str, mask: str, params: Mapping[str, object], checked: Checke
     if checked.sink is not None:
         out.append("    sink:  " + checked.sources["sink"].replace("\n", "\n           "))
     if not normalize:
-        out.append("    normalize: False (out is the softmax's numerator alone)")
+        out.append("    normalize: False (out is the softmax's numerator alone: sum of exp(score) * v, weights >= 0, "
+                   "so a negative weight such as GELU activation attention's cannot be expressed)")
     if params:
         out.append("    params: " + ", ".join(f"{k}={v!r}" for k, v in sorted(params.items())))
     avoid = tuple(params)  # repeated subexpressions print as bindings t1 = ...; (never a param's name)

@@ -54,9 +54,9 @@ from pathlib import Path
 
 import torch
 
-from ..ast import Const, Expr, Index, Var, names_used, walk
+from ..ast import Binary, Call, Const, DType, Expr, Index, Op, Var, names_used, walk
 from ..denominator import finish, head_values, per_head, sink_finite
-from ..intervals import tensor_range
+from ..intervals import bounds, tensor_range
 from ..lower_torch import row_values
 from ..memo import MEMO, IdentityMemo
 from ..plan import CallPlan
@@ -411,6 +411,41 @@ def _device_problem(q: torch.Tensor) -> str | None:
     return None
 
 
+def backward_nan_risk(plan: CallPlan) -> str | None:
+    """Why FA4's ``score_mod_bwd`` could give NaN gradients for this call, or None.
+
+    FA4's backward multiplies dS by d score'/d score at every position of a tile, also where the weight is 0 (a
+    masked pair, or a score of -inf such as ``log(max(score, 0.0))`` where the score is <= 0): there dS is 0,
+    and 0 * inf is NaN. The derivative can be infinite where it divides by something that can be 0 (the
+    derivatives of ``log``, ``sqrt`` and ``/``), takes a log of something that can be <= 0, or raises something that
+    can be 0 to a power that is not a non-negative int (intervals over this call's value ranges decide)."""
+    score = plan.score
+    if isinstance(score, Var) and score.name == "score":
+        return None
+    from ..diff import derivative
+    from ..printer import to_source
+    env = plan.value_ranges
+
+    def can_be_zero(x):  # exp / sigmoid are 0 only by float32 underflow (scores below about -88): left to FA4
+        return not (isinstance(x, Call) and x.func in ("exp", "exp2", "sigmoid")) and bounds(x, env).contains(0.0)
+    for n in walk(derivative(score)):
+        if isinstance(n, Binary) and n.op is Op.TRUEDIV and can_be_zero(n.right):
+            return f"it divides by {to_source(n.right)}, which can be 0"
+        if isinstance(n, Call) and n.func in ("log", "log2") and bounds(n.args[0], env).lo <= 0:
+            return f"it takes {n.func}({to_source(n.args[0])}), which can be <= 0"
+        if isinstance(n, Binary) and n.op is Op.POW and can_be_zero(n.left) and not (
+                isinstance(n.right, Const) and n.right.dtype is not DType.BOOL and float(n.right.value) >= 1.0
+                and float(n.right.value).is_integer()):
+            return f"it raises {to_source(n.left)}, which can be 0, to the power {to_source(n.right)}"
+    return None
+
+
+def _backward_nan_message(why: str) -> str:
+    return (f"gradients through this score are not computed by the FA4 kernel: its score_mod_bwd runs where a weight "
+            f"is 0 too (masked pairs, -inf scores), and the score's derivative can be infinite there ({why}): "
+            f"0 * inf would be NaN; flex computes them")
+
+
 def unsupported(q: torch.Tensor, plan: CallPlan) -> str | None:
     """None when FA4 can run this call, else why not (so "auto" falls back to flex)."""
     bad = _check_options(plan.options)
@@ -434,6 +469,10 @@ def unsupported(q: torch.Tensor, plan: CallPlan) -> str | None:
         if needing:
             return (f"gradients to named tensors ({', '.join(needing)}) are not computed by the FA4 kernel; "
                     f"flex computes them")
+        if q.requires_grad:  # k / v alone needing gradients: attention() checks the same and raises
+            why = backward_nan_risk(plan)
+            if why is not None:
+                return _backward_nan_message(why)
     from ..emit_cute import Unsupported
     try:
         low = lowering(plan)
@@ -549,6 +588,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
     """
     fa = _flash()
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if grads and not q.requires_grad:  # unsupported() saw q only; k / v need gradients
+        why = backward_nan_risk(plan)
+        if why is not None:
+            from . import KernelFailure  # a KernelFailure: "auto" moves on to flex
+            raise KernelFailure(_backward_nan_message(why))
     Dv = v.shape[-1]
     # the guards' fixes first, so that both paths below (varlen and the rest) run the fixed configuration
     fixes = {g.fix for g in _guards(q, k, v, plan, lowering(plan), grads)}

@@ -40,7 +40,7 @@ from collections import OrderedDict
 import torch
 
 from ..ast import Binary, Call, Const, DType, Expr, Index, Op, Var, children, names_used, walk, with_children
-from ..denominator import finish, lse_float32
+from ..denominator import bad_score_hint, finish, lse_float32
 from ..errors import AttnLangError
 from ..lower_torch import evaluate, row_values
 from ..memo import MEMO, IdentityMemo
@@ -852,6 +852,7 @@ def _lengths_tensor(q_len: int, kv_len: int, device) -> torch.Tensor:
 def _bad_score(plan: CallPlan, message: str) -> AttnLangError:
     """The error for a NaN / +inf score, with the caret under the score expression (as the eager reference)."""
     checked = plan.checked
+    message += bad_score_hint(plan.score)  # NaN or +inf: flex's lse does not tell which
     return AttnLangError.at(message, checked.sources["score"], checked.score.span, where="score")
 
 

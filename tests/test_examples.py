@@ -363,12 +363,62 @@ def _batchify(m, named, b, h, i, j, Sq, Skv):
                       Sq, Skv)
 
 
-def _sigmoid_attention(m, named, b, h, i, j, Sq, Skv):
+def _sigmoid_attention(m, named, b, h, i, j, Sq, Skv):  # attention-gym's activation attention with f = sigmoid
     # unnormalized: the dense check sums sigmoid(s - log kv_len) * v (see _dense's normalize)
     return (lambda s: torch.log(torch.sigmoid(s - math.log(Skv)))), i >= j
 
 
+def _activation(m, named, b, h, i, j, Sq, Skv):
+    # unnormalized: the dense check sums exp(log(relu(s))) * v = relu(s) * v (log(0) = -inf: weight 0); the
+    # direct relu(S) @ V check is test_activation_attention_relu_and_gelu below
+    return (lambda s: torch.log(torch.relu(s))), i >= j
+
+
+def _global_sliding_window(m, named, b, h, i, j, Sq, Skv):
+    g, w = named["is_global"], m.VARIANT.params["window"]
+    assert 1 < int(g.sum()) < Sq // 4 and not bool(g[:Sq // 4].all())
+    return _plain(g[i] | g[j] | ((i - j).abs() <= w))
+
+
+def _document_inner(m, named, b, h, i, j, Sq, Skv):
+    offsets, prefix = named["offsets"].tolist(), m.VARIANT.params["prefix"]
+    assert len(offsets) >= 4 and min(t - s for s, t in zip(offsets, offsets[1:])) > 0
+
+    def where(pos):  # (document, position inside it) from the offsets alone
+        d = max(n for n, start in enumerate(offsets[:-1]) if start <= pos)
+        return d, pos - offsets[d]
+
+    def allowed(qi, kj):
+        (dq, lq), (dk, lk) = where(qi), where(kj)
+        return dq == dk and (lk < prefix or lq >= lk)  # attention-gym's prefix LM on logical positions
+    return _mask_from(allowed, Sq, Skv)
+
+
+def _sasa_2d(m, named, b, h, i, j, Sq, Skv):
+    W, w = m.VARIANT.params["width"], m.VARIANT.params["window"]
+    assert Sq % W == 0 and Sq // W != W  # a non-square canvas
+
+    def allowed(qi, kj):
+        (qr, qc), (kr, kc) = divmod(qi, W), divmod(kj, W)
+        return abs(qr - kr) <= w and abs(qc - kc) <= w
+    fn, mask = _mask_from(allowed, Sq, Skv)
+    assert int(mask.sum(-1).min()) == (w + 1) ** 2 and int(mask.sum(-1).max()) == (2 * w + 1) ** 2  # corners
+    return fn, mask
+
+
+def _checkerboard(m, named, b, h, i, j, Sq, Skv):
+    odd = (j - i).abs() % 2 == 1
+    return (lambda s: torch.where(odd, s * 0.5, s * 2.0)), torch.ones(1, 1, Sq, Skv, dtype=torch.bool)
+
+
+def _relative_position(m, named, b, h, i, j, Sq, Skv):
+    return (lambda s: s + (i - j)), torch.ones(1, 1, Sq, Skv, dtype=torch.bool)
+
+
 DEFINITIONS = {
+    "activation": _activation, "global_sliding_window": _global_sliding_window,
+    "document_inner": _document_inner, "sasa_2d": _sasa_2d, "checkerboard": _checkerboard,
+    "relative_position": _relative_position,
     "causal": _causal, "sliding_window": _sliding_window, "alibi": _alibi, "softcap": _softcap,
     "document": _document, "prefix_lm": _prefix_lm, "decode_causal": _decode_causal, "chunked": _chunked,
     "dilated_sliding_window": _dilated_sliding_window, "attention_sinks": _attention_sinks,
@@ -445,6 +495,72 @@ def test_matches_dense_float64(path):
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
 
 
+def _gqa_scores(q, k, v):
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    return q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), v
+
+
+@pytest.mark.parametrize("backend", ["eager", "flex"])
+def test_activation_attention_relu_and_gelu(backend):
+    # activation attention as attention-gym's main() checks it: f(S) @ V directly, f = relu / exact (erf) gelu
+    m = _load(EXAMPLES / "activation.py")
+    torch.manual_seed(3)
+    q = torch.randn(2, 4, 37, 16, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 37, 16, dtype=torch.float64) for _ in range(2))
+    s, vv = _gqa_scores(q, k, v)
+    causal = torch.ones(37, 37, dtype=torch.bool).tril()
+    relu = torch.nn.functional.relu(s).masked_fill(~causal, 0.0) @ vv
+    gelu = torch.nn.functional.gelu(s).masked_fill(~causal, 0.0) @ vv
+    assert bool((torch.nn.functional.gelu(s) < 0).any())  # the negative weights exp space cannot carry
+    torch.testing.assert_close(m.VARIANT(q, k, v, backend=backend), relu, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(m.gelu_attention(q, k, v, backend=backend), gelu, rtol=1e-9, atol=1e-9)
+    # a row whose scores are all <= 0 has relu weights 0 everywhere: out 0, not NaN
+    out = m.VARIANT(-q.abs(), k.abs(), v, backend=backend)
+    assert bool((out == 0).all())
+
+
+def test_gelu_weights_in_exp_space_are_refused():
+    # log(gelu(score)) is NaN where gelu < 0: an AttnLangError that says why and points to the offset trick
+    m = _load(EXAMPLES / "activation.py")
+    bad = al.compile(score=f"log({m.GELU})", mask="q_idx >= kv_idx", normalize=False)
+    q = torch.randn(1, 2, 9, 8, dtype=torch.float64)
+    with pytest.raises(al.AttnLangError, match="negative weight") as info:
+        bad(q, q, q, backend="eager")
+    assert "log(" in str(info.value) and "offset" in info.value.message
+    assert "GELU" in m.VARIANT.explain() and "cannot be expressed" in m.VARIANT.explain()
+
+
+def test_fa4_declines_training_where_the_derivative_is_infinite_at_zero_weights(monkeypatch):
+    # FA4's score_mod_bwd runs at every position of a tile: relu's d/ds log(max(s, 0)) = 1 / max(s, 0) is
+    # infinite where the weight is 0, and 0 * inf = NaN. The fa4 backend declines such training calls (auto then
+    # runs flex), keeps the forward, and keeps the scores whose derivative stays finite.
+    from attnlang.backends import KernelFailure, fa4
+    monkeypatch.setattr(fa4, "_device_problem", lambda q: None)  # no GPU here: pretend the rest is fine
+    monkeypatch.setattr(fa4, "_flash", lambda: None)
+    risky = {"activation": "max(score, 0.0)"}
+    for name in ("activation", "sigmoid_attention", "softcap", "alibi", "sandwich", "graphormer_edge", "causal"):
+        m = _load(EXAMPLES / f"{name}.py")
+        q_len, kv_len = _lengths(m, 40)
+        q = torch.randn(2, 4, q_len, 64, dtype=torch.bfloat16)
+        k = torch.randn(2, 4, kv_len, 64, dtype=torch.bfloat16)
+        plan = m.VARIANT._plan(q, k, k, None, "fa4", True, None, m.tensors(2, 4, q_len, kv_len))
+        why = fa4.backward_nan_risk(plan)
+        if name not in risky:
+            assert why is None, (name, why)
+            continue
+        assert risky[name] in why, why
+        assert fa4.unsupported(q, plan) is None  # the forward runs on fa4
+        assert "0 * inf" in fa4.unsupported(q.clone().requires_grad_(), plan)
+        with pytest.raises(KernelFailure, match="0 \\* inf"):  # k / v alone needing gradients: refused in the call
+            fa4.attention(q, k.clone().requires_grad_(), k, plan)
+    for score, bad in (("log(score * score)", True), ("score / float(q_idx - kv_idx + 1000)", False),
+                       ("score ** 0.5", True), ("score ** 3", False), ("log(sigmoid(score))", False)):
+        v = al.compile(score=score)
+        plan = v._plan(q, q, q, None, "fa4", True, None, {})
+        assert (fa4.backward_nan_risk(plan) is not None) == bad, (score, fa4.backward_nan_risk(plan))
+
+
 def test_decode_causal_with_a_cache():
     m = _load(EXAMPLES / "decode_causal.py")
     q_len, kv_len = m.demo_lengths(97)
@@ -488,3 +604,65 @@ def _dense(q, k, v, fn, allowed, **kwargs):  # noqa: F811 - the softmax check, a
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     s = fn(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~allowed, -math.inf)
     return torch.softmax(torch.cat([s, fn.sink], -1), -1)[..., :-1] @ v
+
+
+# ----- the GPU sample (issue 20): the fa4 backend against the same independent dense definitions -----
+# bf16 inputs on CUDA; the dense float64 computation runs on the CPU from the same (bf16-rounded) values. A
+# variant the fa4 backend declines must be refused by backend="fa4" with an AttnLangError, and "auto" must then
+# run it on another backend, with the same answer.
+
+GPU_OUT_TOL = 1e-2  # ||out - dense|| / ||dense||: a bf16 attention kernel (test_fa4_gpu.py's OUT_TOL)
+
+
+def _fa4_ready():
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    if torch.cuda.get_device_capability() < (9, 0):
+        return "FA4 needs sm90+"
+    from attnlang.backends import fa4
+    try:
+        fa4._flash()
+    except Exception as e:  # noqa: BLE001 - any import failure means: no FA4 here
+        return f"flash_attn.cute not importable: {e}"
+    return None
+
+
+def _rel_err(a, b):
+    return float((a.double().cpu() - b).norm() / b.norm().clamp_min(1e-12))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_matches_dense_on_gpu_with_fa4(path):
+    why = _fa4_ready()
+    if why:
+        pytest.skip(why)
+    from attnlang.backends import fa4
+    m = _load(path)
+    torch.manual_seed(0)
+    q_len, kv_len = _lengths(m, 257)
+    B, Hq, Hkv, D = 2, 4, 2, 64
+    q = torch.randn(B, Hq, q_len, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, Hkv, kv_len, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    named = m.tensors(B, Hq, q_len, kv_len)  # on the CPU, as the dense definition reads them
+    on_gpu = {n: t.cuda() for n, t in named.items()}
+    b = torch.arange(B).view(B, 1, 1, 1)
+    h = torch.arange(Hq).view(1, Hq, 1, 1)
+    i = torch.arange(q_len).view(1, 1, q_len, 1)
+    j = torch.arange(kv_len).view(1, 1, 1, kv_len)
+    fn, allowed = DEFINITIONS[m.NAME](m, named, b, h, i, j, q_len, kv_len)
+    expected = _dense(*(t.double().cpu() for t in (q, k, v)), fn, allowed,
+                      normalize=getattr(m.VARIANT, "normalize", True))
+    with torch.no_grad():
+        plan = m.VARIANT._plan(q, k, v, None, "fa4", False, None, on_gpu)
+        declined = fa4.unsupported(q, plan)
+        if declined is None:
+            got = m.VARIANT(q, k, v, backend="fa4", **on_gpu)
+        else:
+            with pytest.raises(al.AttnLangError):
+                m.VARIANT(q, k, v, backend="fa4", **on_gpu)
+            got = m.VARIANT(q, k, v, backend="auto", **on_gpu)
+    assert got.dtype == torch.bfloat16 and got.shape == expected.shape
+    assert not torch.isnan(got).any()
+    err = _rel_err(got, expected)
+    assert err < GPU_OUT_TOL, f"{m.NAME} ({'fa4' if declined is None else 'auto: ' + declined}): rel err {err:.2e}"

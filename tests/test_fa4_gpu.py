@@ -38,8 +38,9 @@ def _rel(a, b):
 
 
 def check_agreement(variant, tensors, B=2, Hq=4, Hkv=None, Sq=257, Skv=None, D=64, grads=True, seed=0,
-                    options=None):
-    """Run ``variant`` on fa4 and on eager (float32) and assert out, lse and q/k/v gradients agree."""
+                    options=None, backend="fa4"):
+    """Run ``variant`` on fa4 (or ``backend``) and on eager (float32) and assert out, lse and q/k/v gradients
+    agree. With backend="fa4" the fa4 backend must take the call."""
     Hkv = Hkv or Hq
     Skv = Skv or Sq
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -48,13 +49,15 @@ def check_agreement(variant, tensors, B=2, Hq=4, Hkv=None, Sq=257, Skv=None, D=6
     v = torch.randn(B, Hkv, Skv, D, device="cuda", dtype=torch.bfloat16, generator=g)
     dout = torch.randn(B, Hq, Sq, D, device="cuda", dtype=torch.bfloat16, generator=g)
     from attnlang.backends import fa4
-    plan = variant._plan(q, k, v, None, "fa4", True, options, tensors)
-    assert fa4.unsupported(q, plan) is None, fa4.unsupported(q, plan)
+    if backend == "fa4":
+        plan = variant._plan(q, k, v, None, "fa4", True, options, tensors)
+        probe = q.detach().requires_grad_(grads)  # unsupported() looks at whether q needs a gradient
+        assert fa4.unsupported(probe, plan) is None, fa4.unsupported(probe, plan)
 
     qf, kf, vf = (t.float().detach().requires_grad_(grads) for t in (q, k, v))
     ref, ref_lse = variant(qf, kf, vf, backend="eager", return_lse=True, **tensors)
     qb, kb, vb = (t.detach().requires_grad_(grads) for t in (q, k, v))
-    out, lse = variant(qb, kb, vb, backend="fa4", return_lse=True, kernel_options=options, **tensors)
+    out, lse = variant(qb, kb, vb, backend=backend, return_lse=True, kernel_options=options, **tensors)
     assert out.shape == ref.shape and out.dtype == torch.bfloat16 and lse.dtype == torch.float32
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     assert _rel(out, ref) < OUT_TOL, f"out: rel err {_rel(out, ref):.2e}"
@@ -90,7 +93,27 @@ def test_every_example(mod):
     B, Hq = 2, 4
     Sq, Skv = mod.demo_lengths(257) if hasattr(mod, "demo_lengths") else (257, 257)
     tensors = mod.tensors(B, Hq, Sq, Skv, device="cuda")
-    check_agreement(mod.VARIANT, tensors, B=B, Hq=Hq, Sq=Sq, Skv=Skv)
+    declined = _declined(mod.VARIANT, tensors, B, Hq, Sq, Skv, grads=True)
+    if declined is None:
+        check_agreement(mod.VARIANT, tensors, B=B, Hq=Hq, Sq=Sq, Skv=Skv)
+        return
+    # fa4 declines the training call (e.g. activation.py: relu's derivative 1 / max(score, 0) is infinite where
+    # the weight is 0): backend="fa4" refuses it, "auto" trains on another backend, and fa4 runs the forward
+    q = torch.randn(B, Hq, Sq, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(al.AttnLangError, match="cannot run this call"):
+        mod.VARIANT(q, q, q, backend="fa4", **tensors)
+    check_agreement(mod.VARIANT, tensors, B=B, Hq=Hq, Sq=Sq, Skv=Skv, backend="auto")
+    if _declined(mod.VARIANT, tensors, B, Hq, Sq, Skv, grads=False) is None:
+        check_agreement(mod.VARIANT, tensors, B=B, Hq=Hq, Sq=Sq, Skv=Skv, grads=False)
+
+
+def _declined(variant, tensors, B, Hq, Sq, Skv, grads):
+    """Why the fa4 backend declines a bf16 call of these shapes (q needing a gradient when ``grads``), or None."""
+    from attnlang.backends import fa4
+    q = torch.zeros(B, Hq, Sq, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.zeros(B, Hq, Skv, 64, device="cuda", dtype=torch.bfloat16)
+    plan = variant._plan(q, k, k, None, "fa4", True, None, tensors)
+    return fa4.unsupported(q.requires_grad_(grads), plan)
 
 
 LANGUAGE_EXAMPLES = [
