@@ -10,7 +10,17 @@ For users checking their own variants, and for attnlang's own tests::
     def test_flex_matches_eager(variant, shape):
         q, k, v = make_qkv(shape, dtype=torch.float32)
         tensors = tensors_for(variant, shape.batch, shape.q_heads, shape.q_len, shape.kv_len)
-        assert_backends_agree(variant, q, k, v, backend="flex", grads=False, **tensors)
+        assert_backends_agree(variant, q, k, v, **tensors)   # flex vs eager; gradients where flex has them
+
+Your own variant, with your own tensor values by name (a strategy name of ``TENSOR_STRATEGIES`` or a callable
+``(shape, generator) -> tensor``), fresh per example with ``named_tensors``::
+
+    alibi_doc = al.compile("score + slope[h] * (kv_idx - q_idx)", "doc[q_idx] == doc[kv_idx]")
+
+    @given(shape=shapes(), data=st.data())
+    def test_mine(shape, data):
+        tensors = data.draw(named_tensors(alibi_doc, shape, strategies={"slope": "positive", "doc": "sorted_ids"}))
+        assert_backends_agree(alibi_doc, *make_qkv(shape), **tensors)
 
 Generated variants only use total, smooth-enough operations on valid inputs: integer ``//`` and ``%`` divide by
 non-zero constants, tensor indices are plain positions or ``clamp(...)``-ed, functions that could produce NaN or
@@ -33,14 +43,15 @@ and the float32 eager reference.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
-from .ast import DType, Index, walk
+from .ast import Binary, DType, Index, Op, walk
 from .check import bind
 from .errors import AttnLangError
 from .intervals import Interval, bounds
@@ -48,8 +59,8 @@ from .sparsity import positive_int
 from .variant import Variant
 from .variant import compile as compile_variant
 
-__all__ = ["Shape", "variants", "shapes", "tensors_for", "make_qkv", "assert_backends_agree", "TOLERANCES",
-           "ODD_LENGTHS", "TENSOR_POOL", "LANGUAGE_EXAMPLES", "language_examples"]
+__all__ = ["Shape", "variants", "shapes", "tensors_for", "named_tensors", "make_qkv", "assert_backends_agree",
+           "TOLERANCES", "ODD_LENGTHS", "TENSOR_POOL", "TENSOR_STRATEGIES", "LANGUAGE_EXAMPLES", "language_examples"]
 
 ODD_LENGTHS = (1, 7, 45, 97, 130)
 
@@ -366,24 +377,102 @@ def _bool_expr(depth: int, with_tensors: bool):
 # ---------------------------------------------------------------------------------------------------------------
 # tensors for a variant
 
-def _tensor_dtypes(variant: Variant, dtypes: Mapping[str, torch.dtype] | None) -> dict[str, torch.dtype]:
+def _make_ids(shape, g, lo, hi, dtype):
+    return torch.randint(lo, hi, shape, generator=g).to(dtype)
+
+
+def _make_sorted_ids(shape, g, lo, hi, dtype):
+    """Ids with repeats, sorted along the last axis: runs of equal ids (documents), several per row."""
+    return torch.randint(lo, hi, shape, generator=g).sort(dim=-1).values.to(dtype)
+
+
+def _make_positive(shape, g, lo, hi, dtype):
+    return (1.0 - torch.rand(shape, generator=g)).to(dtype)          # (0, 1]
+
+
+def _make_normal(shape, g, lo, hi, dtype):
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+def _make_coins(shape, g, lo, hi, dtype):
+    return torch.rand(shape, generator=g) < 0.5
+
+
+# name -> (element kind, maker(shape, generator, int lo, int hi, torch dtype)): tensors_for's built-in strategies
+TENSOR_STRATEGIES = {
+    "ids": (DType.INT, _make_ids),                  # ints from int_range, with repeats
+    "sorted_ids": (DType.INT, _make_sorted_ids),    # the same sorted along the last axis: document ids
+    "normal": (DType.FLOAT, _make_normal),          # standard normal floats
+    "positive": (DType.FLOAT, _make_positive),      # floats in (0, 1] (slopes, scales)
+    "coins": (DType.BOOL, _make_coins),             # fair boolean coins
+}
+_KIND_OF_DTYPE = {torch.bool: DType.BOOL}
+
+
+def _kind(dt: torch.dtype) -> DType:
+    return _KIND_OF_DTYPE.get(dt) or (DType.FLOAT if dt.is_floating_point else DType.INT)
+
+
+def _equality_tensors(checked) -> set[str]:
+    """Tensors compared for equality: reads of one tensor on both sides of ``==`` / ``!=``, or a read compared with
+    an int expression (a position: ``seg[kv_idx] == q_idx // 64``). Their ids mean something only when they
+    repeat."""
+    found: set[str] = set()
+    for where in checked.wheres:
+        for node in walk(checked.expr(where)):
+            if not (isinstance(node, Binary) and node.op in (Op.EQ, Op.NE)):
+                continue
+            left, right = ({n.tensor for n in walk(side) if isinstance(n, Index)} for side in (node.left, node.right))
+            found |= left & right
+            for side, other in ((node.left, node.right), (node.right, node.left)):
+                if isinstance(side, Index) and other.dtype is DType.INT:
+                    found.add(side.tensor)
+    return found
+
+
+def _strategy(name: str, value) -> tuple[DType | None, Callable]:
+    """(element kind or None for a user's callable, maker) of one entry of ``strategies``."""
+    if isinstance(value, str):
+        if value not in TENSOR_STRATEGIES:
+            raise AttnLangError(f"strategies[{name!r}] = {value!r}: no such strategy; the built-in ones are "
+                                f"{', '.join(sorted(TENSOR_STRATEGIES))}, or pass a callable (shape, generator) -> "
+                                f"tensor")
+        return TENSOR_STRATEGIES[value]
+    if callable(value):
+        return None, value
+    raise AttnLangError(f"strategies[{name!r}] must be a strategy name ({', '.join(sorted(TENSOR_STRATEGIES))}) "
+                        f"or a callable (shape, generator) -> tensor, got {type(value).__name__}")
+
+
+def _tensor_dtypes(variant: Variant, dtypes: Mapping[str, torch.dtype] | None,
+                   kinds: Mapping[str, DType] | None = None, prefer_int: frozenset = frozenset()
+                   ) -> dict[str, torch.dtype]:
     names = variant.tensor_names
+    kinds = kinds or {}
     out = {}
     unknown = []
+    kind_dtype = {DType.FLOAT: torch.float32, DType.INT: torch.int64, DType.BOOL: torch.bool}
     for n in names:
         if dtypes and n in dtypes:
             out[n] = dtypes[n]
+            if n in kinds and _kind(out[n]) is not kinds[n]:
+                raise AttnLangError(f"tensor {n!r}: dtypes gives {out[n]} but its strategy makes "
+                                    f"{kinds[n].value} values")
+        elif n in kinds:
+            out[n] = kind_dtype[kinds[n]]
         elif n[:2] in _PREFIX_DTYPES:
             out[n] = _PREFIX_DTYPES[n[:2]]
         else:
             unknown.append(n)
     if not unknown:
         return out
-    # the first assignment (float, then int, then bool per tensor) under which the variant type-checks
-    choices = ((DType.FLOAT, torch.float32), (DType.INT, torch.int64), (DType.BOOL, torch.bool))
+    # the first assignment (float, then int, then bool per tensor; int first for a tensor compared for equality)
+    # under which the variant type-checks
+    default = ((DType.FLOAT, torch.float32), (DType.INT, torch.int64), (DType.BOOL, torch.bool))
+    ids_first = ((DType.INT, torch.int64), (DType.FLOAT, torch.float32), (DType.BOOL, torch.bool))
     from .check import dtype_of_torch
     fixed = {n: dtype_of_torch(t) for n, t in out.items()}
-    for combo in itertools.product(choices, repeat=len(unknown)):
+    for combo in itertools.product(*(ids_first if n in prefer_int else default for n in unknown)):
         try:
             bind(variant.checked, dict(fixed, **{n: c[0] for n, c in zip(unknown, combo)}))
         except AttnLangError:
@@ -395,22 +484,40 @@ def _tensor_dtypes(variant: Variant, dtypes: Mapping[str, torch.dtype] | None) -
 
 def tensors_for(variant: Variant, batch: int, q_heads: int, q_len: int, kv_len: int, device="cpu", seed: int = 0,
                 dtypes: Mapping[str, torch.dtype] | None = None, int_range: tuple[int, int] = (0, 4),
-                float_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+                float_dtype: torch.dtype = torch.float32,
+                strategies: Mapping[str, str | Callable] | None = None) -> dict[str, torch.Tensor]:
     """Random tensors for every tensor ``variant`` reads, sized so that every read stays in bounds.
 
     Each axis gets (largest value its index expressions can take for these sizes) + 1 entries, at least
-    ``_CLAMP_HI + 1``. Element types: ``dtypes`` if given, else by name prefix (``f_`` float, ``i_`` int64,
-    ``m_`` bool), else the first of float / int / bool under which the variant type-checks. Ints are drawn from
-    ``int_range`` (small, so equalities such as ``doc[q_idx] == doc[kv_idx]`` hold often); floats are standard
-    normal in ``float_dtype``; bools are fair coins.
+    ``_CLAMP_HI + 1``. Element types: ``dtypes`` if given, else the kind the tensor's strategy makes, else by name
+    prefix (``f_`` float, ``i_`` int64, ``m_`` bool), else the first of float / int / bool under which the variant
+    type-checks, int first for a tensor compared for equality (``doc[q_idx] == doc[kv_idx]``, ``seg[kv_idx] ==
+    q_idx // 64``: ids that mean something only when they repeat).
+
+    Values, by ``strategies`` ({tensor name: strategy}) where given, else by default: a strategy is a name in
+    ``TENSOR_STRATEGIES`` ("ids", "sorted_ids", "normal", "positive", "coins") or a callable ``(shape,
+    generator) -> tensor`` (the shape every read needs; a torch.Generator seeded from ``seed``) returning a CPU
+    or ``device`` tensor of exactly that shape. Defaults: ints from ``int_range`` (small, so equalities hold
+    often), sorted along the last axis ("sorted_ids": runs, as document ids) for an int tensor compared for
+    equality; floats standard normal in ``float_dtype``; bools fair coins. An int tensor whose values index
+    another tensor must keep to ``int_range`` (the sizes are computed from it).
 
     Raises:
         AttnLangError: an index whose range is unbounded for these sizes (it reads another tensor's values
-            without clamp), or no element types that type-check.
+            without clamp), no element types that type-check, a strategy that is not a known name or a callable,
+            or one that returns something other than a tensor of the shape and element kind asked for.
     """
     for name, value in (("batch", batch), ("q_heads", q_heads), ("q_len", q_len), ("kv_len", kv_len)):
         positive_int(name, value)
-    types_ = _tensor_dtypes(variant, dtypes)
+    strategies = dict(strategies or {})
+    for name in strategies:
+        if name not in variant.tensor_names:
+            raise AttnLangError(f"strategies names tensor {name!r}, which the variant does not read (it reads "
+                                f"{', '.join(variant.tensor_names) or 'no tensors'})")
+    chosen = {n: _strategy(n, value) for n, value in strategies.items()}
+    equal = _equality_tensors(variant.checked)
+    types_ = _tensor_dtypes(variant, dtypes, {n: k for n, (k, _) in chosen.items() if k is not None},
+                            frozenset(equal))
     env = {"b": Interval(0, batch - 1), "h": Interval(0, q_heads - 1), "q_idx": Interval(0, q_len - 1),
            "kv_idx": Interval(0, kv_len - 1), "q_len": Interval(q_len, q_len), "kv_len": Interval(kv_len, kv_len)}
     lo, hi = int_range
@@ -421,9 +528,7 @@ def tensors_for(variant: Variant, batch: int, q_heads: int, q_len: int, kv_len: 
             env[n] = Interval(-math.inf, math.inf)
         else:
             env[n] = Interval(lo, hi - 1)
-    dtmap = {n: ({torch.bool: DType.BOOL}.get(dt) or (DType.FLOAT if dt.is_floating_point else DType.INT))
-             for n, dt in types_.items()}
-    checked = bind(variant.checked, dtmap)
+    checked = bind(variant.checked, {n: _kind(dt) for n, dt in types_.items()})
     sizes: dict[str, list[int]] = {n: [_CLAMP_HI + 1] * variant.checked.tensors[n] for n in types_}
     for where in checked.wheres:
         for node in walk(checked.expr(where)):
@@ -438,14 +543,41 @@ def tensors_for(variant: Variant, batch: int, q_heads: int, q_len: int, kv_len: 
     out = {}
     for n in sorted(types_):
         dt, shape = types_[n], tuple(sizes[n])
-        if dt == torch.bool:
-            t = torch.rand(shape, generator=g) < 0.5
-        elif dt.is_floating_point:
-            t = torch.randn(shape, generator=g).to(float_dtype if dt == torch.float32 else dt)
+        if dt.is_floating_point and dt == torch.float32:
+            dt = float_dtype
+        kind = _kind(dt)
+        if n in chosen:
+            maker = chosen[n][1]
+        elif kind is DType.INT:
+            maker = _make_sorted_ids if n in equal else _make_ids
         else:
-            t = torch.randint(lo, hi, shape, generator=g).to(dt)
+            maker = _make_normal if kind is DType.FLOAT else _make_coins
+        if chosen.get(n, (True,))[0] is None:  # a user's callable: (shape, generator)
+            try:
+                t = maker(shape, g)
+            except AttnLangError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the user's code failed: say which strategy
+                raise AttnLangError(f"the strategy for tensor {n!r} raised {type(e).__name__}: {e}") from None
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+                got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise AttnLangError(f"the strategy for tensor {n!r} must return a tensor of shape {shape}, got {got}")
+            if _kind(t.dtype) is not kind:
+                raise AttnLangError(f"the strategy for tensor {n!r} returned {t.dtype}, but the variant reads it as "
+                                    f"{kind.value} here ({dt}); pass dtypes={{{n!r}: {t.dtype}}} or return {dt}")
+        else:
+            t = maker(shape, g, lo, hi, dt)
         out[n] = t.to(device)
     return out
+
+
+def named_tensors(variant: Variant, shape: Shape, strategies: Mapping[str, str | Callable] | None = None,
+                  **kwargs):
+    """Hypothesis strategy of ``tensors_for(variant, shape.batch, shape.q_heads, shape.q_len, shape.kv_len,
+    seed=<drawn>, strategies=strategies, **kwargs)``: fresh tensor values per example, shrinking towards seed 0."""
+    st = _st()
+    return st.integers(0, 2 ** 31 - 1).map(lambda seed: tensors_for(
+        variant, shape.batch, shape.q_heads, shape.q_len, shape.kv_len, seed=seed, strategies=strategies, **kwargs))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -495,11 +627,35 @@ def _tolerance_pair(dtype, value) -> tuple:
                         f"non-negative numbers, got {value!r}")
 
 
+def _gradients_here(variant: Variant, backend: str, q, k, v, scale, kernel_options, tensors) -> tuple[bool, bool]:
+    """(q / k / v gradients, named-tensor gradients) that ``backend`` computes for this call on this device: what
+    the backend's own ``unsupported()`` accepts with inputs that require grad (eager and auto: both)."""
+    if backend in ("eager", "auto"):
+        return True, True
+    try:
+        module = importlib.import_module(f"attnlang.backends.{backend}")
+    except ImportError:
+        return False, False  # the call itself reports why the backend cannot run
+
+    def accepts(qkv: bool, named: bool) -> bool:
+        qq, kk, vv = (t.detach().requires_grad_(qkv) for t in (q, k, v))
+        bound = {n: t.detach().requires_grad_(named and t.is_floating_point()) for n, t in tensors.items()}
+        with torch.set_grad_enabled(qkv or named):
+            plan = variant._plan(qq, kk, vv, scale, backend, True, kernel_options, bound)
+            return module.unsupported(qq, plan) is None
+
+    if accepts(True, True):
+        return True, True
+    if accepts(True, False):
+        return True, False
+    return False, False
+
+
 def assert_backends_agree(variant: Variant, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                          backend: str = "flex", reference: str = "eager", grads: bool = True,
-                          named_grads: bool = True, lse_grads: bool = True,
+                          backend: str = "flex", reference: str = "eager", grads: bool | None = None,
+                          named_grads: bool | None = None, lse_grads: bool = True,
                           scale: float | None = None, kernel_options: Mapping | None = None, seed: int = 0,
-                          tolerances: Mapping | None = None, **tensors: torch.Tensor) -> None:
+                          tolerances: Mapping | None = None, **tensors: torch.Tensor) -> tuple[str, ...]:
     """Assert that ``backend`` and ``reference`` give the same out, lse and (with ``grads``) gradients.
 
     Both run on copies of the inputs (the caller's tensors are untouched). Gradients are those of
@@ -510,18 +666,31 @@ def assert_backends_agree(variant: Variant, q: torch.Tensor, k: torch.Tensor, v:
     Args:
         variant: the Variant to check. q, k, v: [B, Hq, Sq, D], [B, Hkv, Skv, D], [B, Hkv, Skv, Dv].
         backend, reference: backend names (``Variant.__call__``'s ``backend``).
-        grads: also compare gradients (needs a backend with autograd on this device; flex has none on the CPU).
-        named_grads: with ``grads``, also differentiate the floating named tensors (flex's FLASH kernel cannot).
+        grads: also compare gradients. None (the default): wherever ``backend`` computes them for this call on
+            this device (as its own ``unsupported()`` says: flex has no backward on the CPU, so the default call
+            compares out and lse there and gradients too on CUDA); True insists (an AttnLangError where the
+            backend cannot), False never.
+        named_grads: with ``grads``, also differentiate the floating named tensors (flex's FLASH kernel and fa4
+            cannot). None (the default): wherever the backend can, as for ``grads``.
         lse_grads: with ``grads``, put lse into the loss (flex's FLASH kernel cannot differentiate lse: False
             leaves the ``sum(lse * g_lse)`` term out; lse values are still compared).
         kernel_options: passed to the backend under test only.
         tolerances: {dtype: ((atol, rtol) for out/lse, (atol, rtol) for grads)}, or {dtype: (atol, rtol)} for
             both, overriding ``TOLERANCES``.
         **tensors: the variant's named tensors.
+    Returns:
+        the names of the quantities compared ("out", "lse", then "grad q", "grad k", "grad v", "grad <tensor>"),
+        so a caller can see what the defaults chose.
     Raises:
         AssertionError: a mismatch, naming the quantity, the worst element, both values and the tolerance.
         AttnLangError: either backend refuses the call.
     """
+    if grads is None or named_grads is None:
+        can_qkv, can_named = _gradients_here(variant, backend, q, k, v, scale, kernel_options, tensors)
+        if grads is None:
+            grads = can_qkv or (named_grads is True)
+        if named_grads is None:
+            named_grads = can_named
     tol = dict(TOLERANCES)
     if tolerances:
         if not isinstance(tolerances, Mapping):
@@ -560,3 +729,4 @@ def assert_backends_agree(variant: Variant, q: torch.Tensor, k: torch.Tensor, v:
     for what in ref:
         a, r = (atol, rtol) if what == "out" else lse_tol if what == "lse" else (gatol, grtol)
         _compare(what, got[what], ref[what], a, r, context)
+    return tuple(ref)

@@ -144,3 +144,76 @@ def test_block_density_at_lengths_whose_pair_counts_pass_int64():
     v = al.compile(mask="q_idx >= kv_idx")
     for e in (10, 20, 40, 50):   # 2**40 x 2**40 pairs wrapped int64: density read 0.0
         assert v.block_sparsity(q_len=1 << e, kv_len=1 << e, block_size=1 << (e - 4)).density == 0.53125
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the testing kit: defaults that run wherever it runs, tensor strategies by name, ids with repeats for equalities
+
+def _kit_case():
+    from attnlang.testing import Shape, make_qkv, tensors_for
+    v = al.compile("score + slope[h] * (kv_idx - q_idx)", "doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx")
+    shape = Shape(1, 2, 2, 9, 9, 8)
+    return v, make_qkv(shape), tensors_for(v, 1, 2, 9, 9)
+
+
+def test_testing_kit_default_call_runs_on_this_machine():
+    from attnlang.testing import assert_backends_agree
+    v, (q, k, vv), tensors = _kit_case()
+    compared = assert_backends_agree(v, q, k, vv, **tensors)            # backend="flex", gradients where it has them
+    if q.device.type == "cpu":
+        assert compared == ("out", "lse")                               # flex has no CPU backward
+        with pytest.raises(al.AttnLangError, match="no backward pass on the CPU"):
+            assert_backends_agree(v, q, k, vv, grads=True, **tensors)  # insisting still says why not
+    compared = assert_backends_agree(v, q, k, vv, backend="eager", **tensors)
+    assert compared == ("out", "lse", "grad q", "grad k", "grad v", "grad slope")
+    assert assert_backends_agree(v, q, k, vv, backend="eager", named_grads=False, **tensors)[-1] == "grad v"
+
+
+def test_tensors_for_gives_ids_with_repeats_to_tensors_compared_for_equality():
+    from attnlang.testing import tensors_for
+    for mask in ("doc[q_idx] == doc[kv_idx]", "doc[b, q_idx] != doc[b, kv_idx] | q_idx == kv_idx",
+                 "seg[kv_idx] == q_idx // 4"):
+        v = al.compile(mask=mask)
+        (name, t), = tensors_for(v, 2, 1, 40, 40).items()
+        assert not t.is_floating_point(), (mask, t.dtype)                # floats would be equal on the diagonal only
+        row = t.reshape(-1, t.shape[-1])[0]
+        off_diagonal = (row[:, None] == row[None, :]).sum() - row.numel()
+        assert off_diagonal > 0 and torch.equal(row, row.sort().values)  # repeats, in sorted runs (documents)
+    # an int-typed read (an index) is int; a float compared with a float constant stays float
+    got = tensors_for(al.compile(mask="slope[idx[kv_idx]] > 0.0"), 1, 1, 7, 7)
+    assert got["idx"].dtype == torch.int64 and got["slope"].is_floating_point()
+    assert tensors_for(al.compile(mask="t[kv_idx] == 0.5 | True"), 1, 1, 7, 7)["t"].is_floating_point()
+
+
+def test_tensors_for_takes_strategies_by_name():
+    from attnlang.testing import TENSOR_STRATEGIES, tensors_for
+    v, _, _ = _kit_case()
+    got = tensors_for(v, 1, 4, 30, 30, strategies={"slope": "positive", "doc": "sorted_ids"})
+    assert (got["slope"] > 0).all() and torch.equal(got["doc"], got["doc"].sort().values)
+    runs = tensors_for(v, 1, 4, 30, 30, strategies={"doc": lambda shape, g: torch.arange(shape[0]) // 10})
+    assert runs["doc"].tolist() == [i // 10 for i in range(30)]
+    assert set(TENSOR_STRATEGIES) >= {"ids", "sorted_ids", "normal", "positive", "coins"}
+    for bad, words in (({"doc": "nope"}, "no such strategy"), ({"zz": "ids"}, "does not read"),
+                       ({"doc": lambda s, g: torch.zeros(3, dtype=torch.long)}, "of shape"),
+                       ({"doc": lambda s, g: torch.zeros(s)}, "reads it as int"),
+                       ({"doc": lambda s, g: 1 / 0}, "ZeroDivisionError"), ({"doc": 5}, "callable")):
+        with pytest.raises(al.AttnLangError, match=words):
+            tensors_for(v, 1, 4, 30, 30, strategies=bad)
+
+
+def test_named_tensors_draws_fresh_values_with_the_strategies():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from attnlang.testing import Shape, named_tensors
+    v, _, _ = _kit_case()
+    seen = set()
+
+    @settings(max_examples=8, deadline=None, database=None)
+    @given(data=st.data())
+    def draw(data):
+        t = data.draw(named_tensors(v, Shape(1, 2, 2, 9, 9, 8), strategies={"slope": "positive"}))
+        assert (t["slope"] > 0).all() and not t["doc"].is_floating_point()
+        seen.add(tuple(t["slope"].tolist()))
+    draw()
+    assert len(seen) > 1
