@@ -316,3 +316,44 @@ def test_bind_tensors_with_a_tensor_no_variant_reads_is_an_error():
     with pytest.raises(al.AttnLangError, match="'doc' is given to bind_tensors"):
         alt.bind_tensors(ours, slope=_slopes(SMALL["num_attention_heads"]), doc=torch.zeros(4))
     alt.bind_tensors(ours, slope=_slopes(SMALL["num_attention_heads"]))
+
+
+def test_a_caret_points_at_the_users_own_expression_not_the_rewritten_one():
+    mask = "doc[q_idx] == doc[kv_idx]"
+    ours = _build("llama", "attnlang", attnlang={"mask": mask})
+    alt.bind_tensors(ours, doc=torch.zeros(3, dtype=torch.long))   # too short for 23 positions
+    with pytest.raises(al.AttnLangError) as info, torch.no_grad():
+        ours(_ids())
+    err = info.value
+    assert err.source == mask and err.where == "config.attnlang mask"
+    assert (err.line, err.column, err.length) == (1, 5, 5)           # under q_idx, the index as written
+    assert "kv_len - q_len" not in str(err) and "^^^^^" in str(err)
+    # a score the model rewrites twice (absolute positions, Gemma 2's softcap around `score`)
+    score = "score + float(int(t[kv_idx]))"
+    ours = _build("gemma2_softcap_sliding", "attnlang", attnlang={"score": score})
+    alt.bind_tensors(ours, t=torch.full((23,), math.inf))
+    with pytest.raises(al.AttnLangError, match="int\\(\\) of a value") as info, torch.no_grad():
+        ours(_ids())
+    err = info.value
+    assert err.source == score and err.where == "config.attnlang score"
+    assert score[err.column - 1:err.column - 1 + err.length] == "int(t[kv_idx])"
+
+
+def test_config_attnlang_as_json_or_yaml_text_is_read_like_from_config():
+    layers = [{"mask": "True"}, {"mask": "q_idx // 4 == kv_idx // 4", "params": {}}]
+    want = [al.from_config(layer) for layer in layers]
+    for text in (json.dumps(layers), "- mask: 'True'\n- mask: q_idx // 4 == kv_idx // 4\n  params: {}\n"):
+        config = LlamaConfig(**SMALL, attn_implementation="attnlang", attnlang=text)
+        assert [alt.layer_variant(config, i) for i in range(2)] == want
+    one = json.dumps(al.compile(mask="q_idx - kv_idx < w", params={"w": 3}).to_config())
+    config = LlamaConfig(**SMALL, attn_implementation="attnlang", attnlang=one)
+    assert alt.layer_variant(config, 0) == al.from_config(one)
+    # a model built from JSON text runs, and bind_tensors knows what the text's variants read
+    ours = _build("llama", "attnlang", attnlang=json.dumps([{"mask": "True"}, {"mask": "doc[q_idx] == doc[kv_idx]"}]))
+    with pytest.raises(al.AttnLangError, match="'slope' is given to bind_tensors"):
+        alt.bind_tensors(ours, slope=torch.ones(4))
+    alt.bind_tensors(ours, doc=torch.arange(23) // 8)
+    with torch.no_grad():
+        assert torch.isfinite(ours(_ids()).logits).all()
+    with pytest.raises(al.AttnLangError, match="config.attnlang"):
+        alt.layer_variant(LlamaConfig(**SMALL, attnlang='[{"mask": '), 0)

@@ -14,11 +14,14 @@ What the model passes is mapped onto the variant, never dropped:
   by ``softcap * tanh(score / softcap)``; ``scaling`` is attnlang's ``scale``; GQA k/v go in unexpanded; learned
   attention sinks passed as ``s_aux`` (gpt-oss: a [Hq] parameter) become the sink ``attnlang_sink[h]``, so their
   gradients flow back to the model's parameter.
-- the config's variant (``config.attnlang``: a ``Variant.to_config()`` dict, or a list with one per layer) is
+- the config's variant (``config.attnlang``: a ``Variant.to_config()`` dict, its JSON / YAML text as
+  ``from_config`` takes it, or a list with one per layer, also as JSON / YAML text) is
   combined with that: its score modifies the (soft-capped) score, its mask is and-ed with the model's mask, its sink
   and ``normalize`` are the layer's (a config sink together with the model's ``s_aux`` is an error). Its
   ``q_idx``/``kv_idx``/``q_len``/``kv_len`` are absolute positions in the whole sequence (query ``i`` of a decoding
   step with a KV cache is position ``kv_len - q_len + i``), so ``doc[kv_idx]`` reads a tensor over the whole sequence.
+  An error about the config's expression points its caret into the expression as written there (``config.attnlang
+  mask expression, line 1, column 6``), not into the rewritten one the call runs.
 - padding: the mask function registered in ``AttentionMaskInterface`` under the same name turns the 2-D padding mask
   into a ``[B, seen + q_len]`` bool tensor; each call reads the part for its keys as ``attnlang_pad[b, kv_idx]``
   (never an S x S mask). Without that registration transformers would call attention with ``attention_mask=None``
@@ -35,12 +38,12 @@ from typing import Any, Mapping
 
 import torch
 
-from ..ast import Var, children, with_children
+from ..ast import Var, children, walk, with_children
 from ..errors import AttnLangError
 from ..op import call_key, grad_bits, variant_of_op_config
 from ..parse import parse
 from ..printer import to_source
-from ..variant import BACKENDS, Variant, from_config
+from ..variant import BACKENDS, Variant, _load_text, from_config
 from ..variant import compile as al_compile
 
 __all__ = ["NAME", "register", "attention_forward", "mask_interface", "bind_tensors", "layer_variant"]
@@ -73,7 +76,7 @@ def bind_tensors(model: torch.nn.Module, **tensors: torch.Tensor) -> None:
     Raises:
         AttnLangError: a tensor that no variant of ``model.config.attnlang`` reads (as a direct call would).
     """
-    spec = getattr(getattr(model, "config", None), "attnlang", None)
+    spec = _spec(getattr(model, "config", None))
     if spec is not None:
         specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
         read: set = set()
@@ -216,10 +219,66 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         out, _ = torch.ops.attnlang.attention(query, key, value, named, variant_key,
                                               grad_bits(query, key, value, named))
     else:
-        variant, backend = _layer_call(config, kind, query.device.type)
-        tensors = _call_tensors(tensors, variant.tensor_names, attention_mask, offset, query.device, s_aux)
-        out = variant(query, key, value, scale=scaling, backend=backend, **tensors)
+        try:
+            variant, backend = _layer_call(config, kind, query.device.type)
+            tensors = _call_tensors(tensors, variant.tensor_names, attention_mask, offset, query.device, s_aux)
+            out = variant(query, key, value, scale=scaling, backend=backend, **tensors)
+        except AttnLangError as e:
+            raise _at_own_expression(e, config, kind) from None
     return out.transpose(1, 2).contiguous(), None
+
+
+def _at_own_expression(err: AttnLangError, config, kind: tuple) -> AttnLangError:
+    """``err`` with its caret under the config's expression as the user wrote it, when it points into the part of
+    the call's variant that came from ``config.attnlang`` (rewritten to call positions by ``_composed``); else
+    ``err`` itself (a fault in what the model added, or an error without a position)."""
+    where = err.where
+    if err.source is None or err.line is None or where not in ("score", "mask", "sink"):
+        return err
+    try:
+        layer = layer_variant(config, kind[0])
+    except AttnLangError:
+        return err
+    own = None if layer is None else {"score": layer.score, "mask": layer.mask, "sink": layer.sink}[where]
+    if own is None:
+        return err
+    try:
+        user = parse(own, where)
+        composed = parse(err.source, where)
+    except AttnLangError:
+        return err
+    rewritten = _absolute(user, kind[4])
+    if where == "score" and kind[3] is not None:
+        rewritten = _substitute(rewritten, {"score": parse(f"{_CAP} * tanh(score / {_CAP})", "score")})
+    target = next((n for n in walk(composed) if n.span is not None and n.span.line == err.line
+                   and n.span.column == err.column and n.span.end - n.span.start == err.length), None)
+    if target is None:
+        return err
+    for part in walk(composed):
+        path = _path_to(part, target) if part == rewritten else None
+        if path is None:
+            continue
+        node = user
+        for i in path:  # down the user's tree along the same children, up to a name the rewrite replaced
+            if isinstance(node, Var) and node.name in _REWRITTEN:
+                break
+            node = children(node)[i]
+        return AttnLangError.at(err.message, own, node.span, where=f"config.attnlang {where}")
+    return err
+
+
+_REWRITTEN = frozenset({"q_idx", "kv_idx", "q_len", "kv_len", "score"})  # names _absolute / softcap replace
+
+
+def _path_to(root, target) -> list[int] | None:
+    """Child indices from ``root`` down to the node ``target`` (by identity), or None when it is not below."""
+    stack = [(root, [])]
+    while stack:
+        node, path = stack.pop()
+        if node is target:
+            return path
+        stack.extend((c, path + [i]) for i, c in enumerate(children(node)))
+    return None
 
 
 def _layer_call(config, kind: tuple, device_type: str) -> tuple[Variant, str]:
@@ -324,7 +383,7 @@ def layer_variant(config, layer_idx: int | None) -> Variant | None:
     Raises:
         AttnLangError: a bad config (naming the key), or a list whose length is not the number of layers.
     """
-    spec = getattr(config, "attnlang", None) if config is not None else None
+    spec = _spec(config)
     if spec is None:
         return None
     if isinstance(spec, Variant):
@@ -342,6 +401,26 @@ def layer_variant(config, layer_idx: int | None) -> Variant | None:
             return None
         return item if isinstance(item, Variant) else _from_config_at(item, f"config.attnlang[{layer_idx}]")
     return _from_config_at(spec, "config.attnlang")
+
+
+def _spec(config):
+    """``config.attnlang`` with JSON / YAML text read as ``from_config`` reads it: a list of per-layer configs
+    (a tuple), or the text itself (one config, read by ``from_config``); anything else as it is."""
+    spec = getattr(config, "attnlang", None) if config is not None else None
+    if isinstance(spec, (str, bytes)):
+        return _spec_text(spec)
+    return spec
+
+
+@functools.lru_cache(maxsize=64)
+def _spec_text(text):
+    try:
+        loaded = _load_text(text)
+    except AttnLangError as e:
+        raise AttnLangError(f"config.attnlang: {e}") from None
+    if isinstance(loaded, list):
+        return tuple(loaded)
+    return text
 
 
 def _from_config_at(spec, where: str) -> Variant:
