@@ -57,3 +57,15 @@ def test_fa4_mask_min_max_clamp_of_nan_are_false_as_on_eager(mask):
         got = variant(q, k, v, backend="fa4", **tensors)
     rel = float((got.float() - want).norm() / want.norm())
     assert rel < 1e-2, f"fa4 vs eager: rel err {rel:.3g} (NaN positions allowed by fa4?)"
+
+
+@pytest.mark.parametrize("backend", ["auto", "flex"])
+def test_a_floating_tensor_read_only_in_the_mask_gets_a_zero_gradient_on_cuda(backend):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 2, 130, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_(True)
+    t = torch.randn(130, device="cuda", generator=g).requires_grad_(True)
+    v = al.compile("score", "t[kv_idx] > -1.0 | kv_idx == 0")
+    out = v(q, q, q, backend=backend, t=t)
+    grad_t, grad_q = torch.autograd.grad(out.float().sum(), (t, q))
+    assert grad_t is not None and torch.equal(grad_t, torch.zeros_like(t))
+    assert torch.isfinite(grad_q).all()
