@@ -69,3 +69,13 @@ def test_a_floating_tensor_read_only_in_the_mask_gets_a_zero_gradient_on_cuda(ba
     grad_t, grad_q = torch.autograd.grad(out.float().sum(), (t, q))
     assert grad_t is not None and torch.equal(grad_t, torch.zeros_like(t))
     assert torch.isfinite(grad_q).all()
+
+
+def test_testing_kit_default_call_compares_gradients_on_cuda():
+    from attnlang.testing import Shape, assert_backends_agree, make_qkv, tensors_for
+    v = al.compile("score + slope[h] * (kv_idx - q_idx)", "doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx")
+    shape = Shape(1, 2, 2, 97, 97, 32)
+    q, k, vv = make_qkv(shape, device="cuda")
+    tensors = tensors_for(v, 1, 2, 97, 97, device="cuda", strategies={"slope": "positive"})
+    compared = assert_backends_agree(v, q, k, vv, **tensors)       # flex vs eager, float32
+    assert compared == ("out", "lse", "grad q", "grad k", "grad v", "grad slope")
