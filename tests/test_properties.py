@@ -565,3 +565,22 @@ def test_new_constructs_eager_equals_dense_float64(score, mask, lengths, seed):
     assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
     fin = torch.isfinite(want_lse)
     torch.testing.assert_close(lse[fin].double(), want_lse[fin], rtol=1e-5, atol=1e-5)
+
+
+# ----- (e) the words `and` / `or` are logic on bools only (LANGUAGE.md): any int operand is refused -----
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.filter_too_much])
+@given(st.data(), st.sampled_from(["and", "or"]), st.sampled_from(["left", "right", "both"]))
+def test_words_refuse_int_operands(data, word, where):
+    I, _, Bo = _new_levels(1, score=False)
+    left = data.draw(I if where in ("left", "both") else Bo)
+    right = data.draw(I if where in ("right", "both") else Bo)
+    mask = f"({left[0]} {word} {right[0]}) == ({left[0]} {word} {right[0]})"
+    q = torch.randn(B, HQ, 5, D, dtype=torch.float64)
+    k = torch.randn(B, HKV, 7, D, dtype=torch.float64)
+    env = env_for(q, k, 5, 7, 0)
+    tensors = {n: env[n] for n in ("tf", "ti", "tb") if f"{n}[" in mask}
+    with pytest.raises(al.AttnLangError) as info:  # at compile time, or when the int tensor `ti` is bound
+        al.compile(mask=mask)(q, k, k, backend="eager", **tensors)
+    assert f"'{word}' is logic on bools only" in info.value.message, (mask, str(info.value))
