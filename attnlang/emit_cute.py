@@ -65,9 +65,8 @@ _FLOAT_FUNCS = {
     "cos": "cute.math.cos({x})",
     "sin": "cute.math.sin({x})",
 }
-# integer bit operations on Int32 vectors (``>>`` of a signed int is arithmetic: Python's floor)
-_BITS = {Op.BITAND: "({a} & {b})", Op.BITOR: "({a} | {b})", Op.XOR: "({a} ^ {b})", Op.LSHIFT: "({a} << {b})",
-         Op.RSHIFT: "({a} >> {b})"}
+# integer bit operations on Int32 vectors; shifts (by a constant) are emitted as arithmetic in ``_shift``
+_BITS = {Op.BITAND: "({a} & {b})", Op.BITOR: "({a} | {b})", Op.XOR: "({a} ^ {b})"}
 # helpers emitted into a module only when used; plain functions: they run at trace time, inside the kernel's jit
 _HELPERS = {
     "floordiv": '''
@@ -278,13 +277,33 @@ class _Printer:
             return f"_mod({a}, {b})"
         if op is Op.POW:
             return self._pow(n, a)
-        if op in _BITS:
-            if op in (Op.LSHIFT, Op.RSHIFT) and not (isinstance(n.right, Const) and 0 <= n.right.value <= 31):
+        if op in (Op.LSHIFT, Op.RSHIFT):
+            if not (isinstance(n.right, Const) and 0 <= n.right.value <= 31):
                 # a shift of an Int32 by 32 or more is undefined in the kernel (LLVM poison); int64 has 64 bits
                 raise Unsupported(f"a shift by {to_source(n.right)}: the kernel shifts 32-bit ints by a constant in "
                                   f"[0, 31] only")
+            return self._shift(op, a, int(n.right.value))
+        if op in _BITS:
             return _BITS[op].format(a=a, b=b)
         raise Unsupported(f"operator {op.value!r}")
+
+    def _shift(self, op: Op, a: str, c: int) -> str:
+        """``a << c`` / ``a >> c`` (0 <= c <= 31) as multiplication / floor division by 2**c: the DSL's own
+        shift operators on Int32 vectors fail to compile (H200, CUTLASS DSL 4.8.1: "Unsupported DSL type
+        vector<1xi1>", benchmarks/results/gpu_suite_s4). ``>>`` is arithmetic (Python's floor); ``<<`` stays in
+        int32 because the interval analysis keeps fa4's ints there. 2**31 is no Int32: c = 31 by its sign / bit."""
+        if c == 0:
+            return a
+        if op is Op.RSHIFT:
+            if c == 31:
+                return f"cute.where(operator.lt({a}, {self.const(0, DType.INT)}), {self.const(-1, DType.INT)}, " \
+                       f"{self.const(0, DType.INT)})"
+            self.helpers.add("floordiv")
+            return f"_floordiv({a}, {self.const(1 << c, DType.INT)})"
+        if c == 31:
+            odd = f"operator.ne(({a} & {self.const(1, DType.INT)}), {self.const(0, DType.INT)})"
+            return f"cute.where({odd}, {self.const(-(1 << 31), DType.INT)}, {self.const(0, DType.INT)})"
+        return f"({a} * {self.const(1 << c, DType.INT)})"
 
     def _pow(self, n: Binary, a: str) -> str:
         exp = n.right

@@ -147,6 +147,8 @@ def _flash_fits(q, plan: CallPlan, dv: int, grads: bool) -> str | None:
         return "flash_attn.cute (flash-attn-4) is not importable"
     if not _ints_fit_int32(plan):
         return "an int value may leave int32 here, and the FLASH kernel computes ints in int32"
+    if _has_shift(plan):
+        return "FLASH's code generator cannot compile integer shifts (>>, <<); TRITON runs this call"
     if _has_floor_division(plan):
         # GPU matrix (benchmarks/results/gpu_run1/gpu_matrix.json, H200, torch 2.11): FLASH forward of
         # `(q_idx - kv_idx) % 5 != 2` was wrong at head dims 64, 96 and 128 (max rel. error 0.43-1.11) where TRITON
@@ -156,8 +158,16 @@ def _flash_fits(q, plan: CallPlan, dv: int, grads: bool) -> str | None:
 
 
 def _has_floor_division(plan: CallPlan) -> bool:
+    return _has_op(plan, (Op.MOD, Op.FLOORDIV))
+
+
+def _has_shift(plan: CallPlan) -> bool:
+    return _has_op(plan, (Op.LSHIFT, Op.RSHIFT))
+
+
+def _has_op(plan: CallPlan, ops: tuple) -> bool:
     exprs = [plan.score, plan.mask] + ([plan.sink] if getattr(plan, "sink", None) is not None else [])
-    return any(isinstance(n, Binary) and n.op in (Op.MOD, Op.FLOORDIV) for e in exprs for n in walk(e))
+    return any(isinstance(n, Binary) and n.op in ops for e in exprs for n in walk(e))
 
 
 def _flash_key(plan: CallPlan, q) -> tuple:
@@ -239,6 +249,11 @@ def unsupported(q, plan: CallPlan) -> str | None:
                     "grads NYI); use kernel_options={'BACKEND': 'TRITON'}")
         if q.dtype not in (torch.float16, torch.bfloat16):
             return f"kernel FLASH takes float16/bfloat16, not {q.dtype}"
+        if _has_shift(plan):
+            # H200, torch 2.11 (benchmarks/results/gpu_suite_s4): FLASH's CuTeDSL code generator fails to compile
+            # `q_idx >> 4` ("Unsupported DSL type: vector<1xi1>"); its // of negative ints is wrong, so no rewrite
+            return ("kernel FLASH cannot compile integer shifts (>>, <<): its code generator fails on them; use "
+                    "kernel_options={'BACKEND': 'TRITON'}")
         if (plan.sink is not None or not plan.normalize) and torch.is_grad_enabled() and q.requires_grad:
             return ("kernel FLASH cannot differentiate lse, which a sink or normalize=False is computed from; use "
                     "kernel_options={'BACKEND': 'TRITON'}")

@@ -9,6 +9,14 @@ _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 TENSORS = ()
 
+def _floordiv(a, b):
+    """Python's floor division on Int32 vectors, whatever rounding the DSL's // has (trunc or floor)."""
+    zero = cute.full_like(a, 0)
+    q = a // b
+    r = a - q * b
+    fix = operator.ne(r, zero) & operator.ne(operator.lt(r, zero), operator.lt(b, zero))
+    return cute.where(fix, q - cute.full_like(a, 1), q)
+
 
 @cute.jit
 def score_mod(score, b_idx, h_idx, q_idx, kv_idx, seqlen_info, aux_tensors):
@@ -46,8 +54,8 @@ def mask_mod(b_idx, h_idx, q_idx, kv_idx, seqlen_info, aux_tensors):
     t0 = (q_idx ^ kv_idx)  # q_idx ^ kv_idx
     t1 = (t0 & cute.full_like(kv_idx, 3, cutlass.Int32))  # (q_idx ^ kv_idx) & 3
     t2 = operator.ne(t1, cute.full_like(kv_idx, 1, cutlass.Int32))  # ((q_idx ^ kv_idx) & 3) != 1
-    t3 = (q_idx >> cute.full_like(kv_idx, 2, cutlass.Int32))  # q_idx >> 2
-    t4 = (kv_idx << cute.full_like(kv_idx, 1, cutlass.Int32))  # kv_idx << 1
+    t3 = _floordiv(q_idx, cute.full_like(kv_idx, 4, cutlass.Int32))  # q_idx >> 2
+    t4 = (kv_idx * cute.full_like(kv_idx, 2, cutlass.Int32))  # kv_idx << 1
     t5 = operator.le(t3, t4)  # q_idx >> 2 <= kv_idx << 1
     t6 = (t2 | t5)  # ((q_idx ^ kv_idx) & 3) != 1 | q_idx >> 2 <= kv_idx << 1
     t7 = (kv_idx | cute.full_like(kv_idx, 8, cutlass.Int32))  # kv_idx | 8
@@ -56,6 +64,6 @@ def mask_mod(b_idx, h_idx, q_idx, kv_idx, seqlen_info, aux_tensors):
     return t9
 
 
-score_mod.__cute_hash__ = 'attnlang-43669a20f04f012ea97edaa08736c551-score_mod'
-score_mod_bwd.__cute_hash__ = 'attnlang-43669a20f04f012ea97edaa08736c551-score_mod_bwd'
-mask_mod.__cute_hash__ = 'attnlang-43669a20f04f012ea97edaa08736c551-mask_mod'
+score_mod.__cute_hash__ = 'attnlang-e9e67a04da7173a5f3f8d273460e4a13-score_mod'
+score_mod_bwd.__cute_hash__ = 'attnlang-e9e67a04da7173a5f3f8d273460e4a13-score_mod_bwd'
+mask_mod.__cute_hash__ = 'attnlang-e9e67a04da7173a5f3f8d273460e4a13-mask_mod'
