@@ -5,7 +5,8 @@ From: attention-gym's ``generate_activation_score_mod`` (``mods/activation.py``)
 ``log(f(s) + offset)`` and undoes the normalization afterwards; Theory, Analysis, and Best Practices for Sigmoid
 Self-Attention (Ramapuram et al., 2024). attnlang computes the numerator directly (``normalize=False``) with
 score ``log(f(score))``; ReLU attention is ``log(max(score, 0.0))``. GELU attention has negative weights, which a
-score (a log weight) cannot carry: it is not expressible this way.
+score (a log weight) cannot carry: it is not expressible this way (examples/activation.py computes it with
+attention-gym's offset, ``log(gelu(score) + offset)``, and subtracts ``offset * sum(v)``).
 """
 
 import torch
