@@ -513,7 +513,7 @@ def _infer(tree: Expr, tensor_dtypes, source: str, where: str) -> Expr:
                 want_numeric(x, "unary '-'")
                 return with_children(node, kids, x.dtype)
             if x.dtype is DType.INT:
-                fail("'~' of an int: '~' is logical not, on bools only (for the bits, use x ^ -1)", node)
+                fail("'~' of an int: '~' and 'not' are logical not, on bools only (for the bits, use x ^ -1)", node)
             want_bool(x, "'~' (not)")
             return with_children(node, kids, DType.BOOL)
         if isinstance(node, Binary):

@@ -97,6 +97,7 @@ ERRORS = [
     ("foo(q_idx == i for i in range(2))", None, "foo(", "does not take a generator"),
     ("sum(q_idx, kv_idx) > 0", None, "sum(", "takes a generator"),
     ("~q_idx", None, "~q_idx", "'~' of an int"),
+    ("not q_idx", None, "not q_idx", "'not' are logical not, on bools only"),
     ("(q_idx & (kv_idx > 0)) == 1", None, "q_idx", "mixes an int and a bool"),
     ("(q_idx & 1.5) > 0", None, "1.5", "float"),
     ("q_idx & 1.5 > 0", None, "q_idx", "mixes an int and a bool"),  # & binds looser than >
