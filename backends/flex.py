@@ -476,13 +476,18 @@ def _block_mask(q, plan: CallPlan, mask_names: tuple[str, ...], fd):
     if hit is not None:
         _block_masks.move_to_end(key)
         return hit
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise AttnLangError("backend 'flex' inside a CUDA graph (capture, or torch.compile mode='reduce-overhead') "
+                            "needs this call's BlockMask built ahead: call the variant once outside the graph with "
+                            "the same shapes and tensors first (building it copies block tables from the host)")
     prepared = _prepare(plan.mask, plan.q_len, plan.kv_len, fd)
     _, mask_mod = _mods(plan.score, prepared, mask_names, tuple(mask_tensors.values()), plan.q_len, plan.kv_len, fd)
     # the tensors go in as a mapping: a tensor may be named like an argument (batch, device, ...)
     bs = mask_block_sparsity(plan.mask, plan.checked.tensors, plan.checked.sources, plan.q_len, plan.kv_len,
                              plan.batch, plan.q_heads, BLOCK_SIZE, {n: t.detach() for n, t in mask_tensors.items()})
     bm = bs.to_flex(mask_mod=mask_mod, device=q.device)
-    _block_masks[key] = bm
+    if not _on_side_stream(q.device):
+        _block_masks[key] = bm
     _stats["block_masks"] += 1
     while len(_block_masks) > _MAX_BLOCK_MASKS:
         _block_masks.popitem(last=False)
@@ -850,6 +855,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
 _LENGTHS: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
 
 
+def _on_side_stream(device) -> bool:
+    """Work runs on a CUDA stream other than the device's default one: a CUDA graph's capture or warm-up (whose
+    allocations live in the graph's pool and are overwritten by its replays), or a user's stream. Caches keep no
+    tensor made there; a tensor kept from before (an eager call) is only read."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    return torch.cuda.current_stream(device) != torch.cuda.default_stream(device)
+
+
 def _lengths_tensor(q_len: int, kv_len: int, device) -> torch.Tensor:
     """[q_len, kv_len] as an int64 device tensor (graphs for every length never run on FLASH, so their ints are
     int64), kept for reuse (decoding asks for each kv_len once); built with fill kernels: no host-device sync."""
@@ -858,7 +873,8 @@ def _lengths_tensor(q_len: int, kv_len: int, device) -> torch.Tensor:
     if t is None:
         t = torch.full((2,), q_len, dtype=torch.int64, device=device)
         t[1:].fill_(kv_len)
-        _LENGTHS[key] = t
+        if not _on_side_stream(device):
+            _LENGTHS[key] = t
         while len(_LENGTHS) > 64:
             _LENGTHS.popitem(last=False)
     return t
