@@ -32,4 +32,5 @@ def pytest_runtest_logreport(report):
     with open(path, "a") as f:
         f.write(f"{report.outcome.upper()} {report.nodeid} {report.duration:.1f}s\n")
         if report.failed:
-            f.write(report.longreprtext[-6000:] + "\n\n")
+            text = report.longreprtext
+            f.write((text if len(text) <= 24000 else text[:12000] + "\n[...]\n" + text[-12000:]) + "\n\n")
