@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import sys
 import types
 import warnings
 from collections import OrderedDict
@@ -481,12 +482,13 @@ def _block_mask(q, plan: CallPlan, mask_names: tuple[str, ...], fd):
                             "needs this call's BlockMask built ahead: call the variant once outside the graph with "
                             "the same shapes and tensors first (building it copies block tables from the host)")
     prepared = _prepare(plan.mask, plan.q_len, plan.kv_len, fd)
-    _, mask_mod = _mods(plan.score, prepared, mask_names, tuple(mask_tensors.values()), plan.q_len, plan.kv_len, fd)
+    _, mask_mod = _mods(plan.score, prepared, mask_names, tuple(t.detach() for t in mask_tensors.values()),
+                        plan.q_len, plan.kv_len, fd)
     # the tensors go in as a mapping: a tensor may be named like an argument (batch, device, ...)
     bs = mask_block_sparsity(plan.mask, plan.checked.tensors, plan.checked.sources, plan.q_len, plan.kv_len,
                              plan.batch, plan.q_heads, BLOCK_SIZE, {n: t.detach() for n, t in mask_tensors.items()})
     bm = bs.to_flex(mask_mod=mask_mod, device=q.device)
-    if not _on_side_stream(q.device):
+    if not _in_graph_pool(q.device):
         _block_masks[key] = bm
     _stats["block_masks"] += 1
     while len(_block_masks) > _MAX_BLOCK_MASKS:
@@ -769,7 +771,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
     # the tensors score and mask read, in a fixed order: these become graph inputs
     names = tuple(sorted(_tensor_names(plan.score) | _tensor_names(plan.mask)))
     mask_names = tuple(sorted(_tensor_names(plan.mask)))
-    named = tuple(plan.tensors[n] for n in names)
+    score_names = _tensor_names(plan.score)
+    # a tensor read only by the mask carries no gradient (the caller connects a zero one); flex refuses mask_mod
+    # buffers that require grad (H200: "Captured buffers from mask mod that require grad are not supported")
+    named = tuple(plan.tensors[n] if n in score_names else plan.tensors[n].detach() for n in names)
     if not grads:
         # torch's flex refuses CPU inputs that require grad even under no_grad; nothing needs their graph here
         q, k, v, named = q.detach(), k.detach(), v.detach(), tuple(t.detach() for t in named)
@@ -855,14 +860,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
 _LENGTHS: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
 
 
-def _on_side_stream(device) -> bool:
-    """Work runs on a CUDA stream other than the device's default one: a CUDA graph's capture or warm-up (whose
-    allocations live in the graph's pool and are overwritten by its replays), or a user's stream. Caches keep no
-    tensor made there; a tensor kept from before (an eager call) is only read."""
+def _in_graph_pool(device) -> bool:
+    """New allocations on this device go to a CUDA graph's private pool, which the graph's replays overwrite: a
+    capture, or a warm-up run of torch.compile's CUDA graph trees (mode="reduce-overhead", on the trees' own
+    stream). Caches keep no tensor made then; one kept from before (an eager call, or a warm-up on a user's side
+    stream, as torch.cuda.graph's recipe does) is only read."""
     device = torch.device(device)
     if device.type != "cuda":
         return False
-    return torch.cuda.current_stream(device) != torch.cuda.default_stream(device)
+    if torch.cuda.is_current_stream_capturing():
+        return True
+    trees = sys.modules.get("torch._inductor.cudagraph_trees")
+    if trees is None:
+        return False
+    try:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        manager = trees.get_manager(index, create_if_none_exists=False)
+        return bool(manager is not None and manager.in_warmup
+                    and torch.cuda.current_stream(device) == manager.stream)
+    except Exception:  # another torch's internals: assume no pool (the cudagraph trees check would then say so)
+        return False
 
 
 def _lengths_tensor(q_len: int, kv_len: int, device) -> torch.Tensor:
@@ -873,7 +890,7 @@ def _lengths_tensor(q_len: int, kv_len: int, device) -> torch.Tensor:
     if t is None:
         t = torch.full((2,), q_len, dtype=torch.int64, device=device)
         t[1:].fill_(kv_len)
-        if not _on_side_stream(device):
+        if not _in_graph_pool(device):
             _LENGTHS[key] = t
         while len(_LENGTHS) > 64:
             _LENGTHS.popitem(last=False)
