@@ -47,8 +47,10 @@ __all__ = ["Checked", "check", "bind", "check_index_bounds", "check_float_range"
 
 # Keywords of Variant.__call__ and al.reference; they can never name a scalar or a tensor.
 CALL_KEYWORDS = ("scale", "backend", "return_lse", "kernel_options")
-RESERVED_NAMES = frozenset(CALL_KEYWORDS) | frozenset(FUNCTIONS) | frozenset(BUILTIN_VARS) | {
-    "True", "False", "inf", "and", "or", "not", "for", "in"}
+# the reductions (sum, any, all) and range are function names too (LANGUAGE.md: no function name names a scalar
+# or a tensor), as they are for bindings
+RESERVED_NAMES = frozenset(CALL_KEYWORDS) | frozenset(FUNCTIONS) | frozenset(REDUCTIONS) | frozenset(BUILTIN_VARS) | {
+    "range", "True", "False", "inf", "and", "or", "not", "for", "in"}
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 _NUMERIC = (DType.INT, DType.FLOAT, DType.UNKNOWN)
@@ -393,6 +395,10 @@ def _check_var(node: Var, where, sources, consts, tensors) -> None:
     if name in FUNCTIONS:
         raise AttnLangError.at(f"function {name!r} used without arguments; call it as {name}(...)",
                                sources[where], node.span, where)
+    if name in REDUCTIONS or name == "range":
+        call = "range(K)" if name == "range" else f"{name}(expr for i in range(K))"
+        raise AttnLangError.at(f"function {name!r} used without arguments; call it as {call}", sources[where],
+                               node.span, where)
     if name in RESERVED_NAMES:
         raise AttnLangError.at(f"{name!r} is a keyword of the call and cannot name a scalar", sources[where],
                                node.span, where)

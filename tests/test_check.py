@@ -149,6 +149,21 @@ def test_reserved_parameter_names(name):
         al.compile(score=f"score + {name}", params={name: 1.0})
 
 
+@pytest.mark.parametrize("name", ["sum", "any", "all", "range"])
+def test_reduction_names_cannot_name_a_scalar_or_a_tensor(name):
+    # LANGUAGE.md: function names (the reductions too, and range) name no scalar and no tensor, as for bindings
+    assert name in RESERVED_NAMES
+    with pytest.raises(al.AttnLangError, match="reserved") as info:
+        al.compile(score=f"score + {name}", params={name: 1.0})
+    assert_points_at(info.value, f"score + {name}", name, 0, "score", len(name))
+    with pytest.raises(al.AttnLangError, match="reserved") as info:
+        al.compile(score=f"score + {name}[h]")
+    assert_points_at(info.value, f"score + {name}[h]", name, 0, "score", None)
+    with pytest.raises(al.AttnLangError, match="without arguments") as info:
+        al.compile(score=f"score * {name}")
+    assert_points_at(info.value, f"score * {name}", name, 0, "score", len(name))
+
+
 @pytest.mark.parametrize("params, word", [
     ({"w": "3"}, "str"), ({"w": [1]}, "list"), ({"w": torch.tensor(1)}, "Tensor"),
     ({"w": float("nan")}, "finite"), ({"w": float("inf")}, "finite"), ({"w": 2 ** 70}, "64 bits"),
