@@ -556,7 +556,9 @@ def _infer(tree: Expr, tensor_dtypes, source: str, where: str) -> Expr:
         f = node.func
         if f == "where":
             c, a, b = kids
-            want_bool(c, "where()'s condition")
+            # where(term, True, False) without spans is a term of any() / all() read from a tensor (visit_reduce)
+            made = all(isinstance(x, Const) and x.span is None for x in node.args[1:])
+            want_bool(c, "each term of any() / all()" if made else "where()'s condition")
             if DType.UNKNOWN in (a.dtype, b.dtype):
                 dt = DType.UNKNOWN  # an unknown branch decides the type at call time
             elif (a.dtype is DType.BOOL) != (b.dtype is DType.BOOL):
