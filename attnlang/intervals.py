@@ -853,8 +853,8 @@ def _call(expr: Call, env: Env) -> Interval:
 
 def _saturate(r: Interval) -> Interval:
     """Int bounds past int64 (an overflow error of check.py) are capped at +-2**128."""
-    lo = -_INT_CAP if isinstance(r.lo, int) and r.lo < -_INT_CAP else r.lo
-    hi = _INT_CAP if isinstance(r.hi, int) and r.hi > _INT_CAP else r.hi
+    lo = max(-_INT_CAP, min(_INT_CAP, r.lo)) if isinstance(r.lo, int) else r.lo  # both ends: [1e300, 1e300] too
+    hi = max(-_INT_CAP, min(_INT_CAP, r.hi)) if isinstance(r.hi, int) else r.hi
     return r if (lo, hi) == (r.lo, r.hi) else Interval(lo, hi)
 
 

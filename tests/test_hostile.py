@@ -412,3 +412,15 @@ def test_cli_explain_loads_and_checks_tensor_files_without_png(tmp_path, capsys)
     torch.save(torch.zeros(8, dtype=torch.long), path)
     assert main(["explain", "--mask", "q_idx >= kv_idx", "--tensor", f"doc={path}"]) == 2
     assert "neither expression reads it" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# session 4 audit: stray exceptions found by a second hostile pass, one test each
+
+@pytest.mark.parametrize("mask", ["int(floor(1e300)) > 0", "int(ceil(-1e300)) < 0"])
+@pytest.mark.parametrize("backend", ["eager", "flex"])
+def test_int_of_a_float_constant_past_int64_is_an_overflow_error_not_a_value_error(mask, backend):
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(al.AttnLangError, match="64 bits") as info:
+        al.compile(mask=mask)(q, q, q, backend=backend)
+    assert info.value.column == 1 and "^" in str(info.value)
