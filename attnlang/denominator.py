@@ -29,7 +29,8 @@ from .lower_torch import evaluate, positions, row_values
 from .memo import IdentityMemo
 from .plan import CallPlan
 
-__all__ = ["finish", "sink_values", "head_values", "per_head", "sink_finite", "lse_float32", "bad_score_hint"]
+__all__ = ["finish", "sink_values", "head_values", "per_head", "sink_finite", "lse_float32", "bad_score_hint",
+           "check_numerator"]
 
 _FINITE = IdentityMemo()  # bound sink expressions and value ranges whose sink is provably finite
 
@@ -139,7 +140,7 @@ def _grid_names(expr) -> set[str]:
 
 
 def finish(out: torch.Tensor, lse: torch.Tensor, plan: CallPlan, float_dtype: torch.dtype = torch.float32,
-           sink_in_kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+           sink_in_kernel: bool = False, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The variant's (out, lse) from a kernel's softmax over the allowed keys.
 
     Args:
@@ -148,10 +149,11 @@ def finish(out: torch.Tensor, lse: torch.Tensor, plan: CallPlan, float_dtype: to
         plan: the call; its ``sink`` and ``normalize`` say what to do.
         float_dtype: the dtype the correction is computed in and returned in (float32, float64 for float64 q).
         sink_in_kernel: the kernel's out and lse already include the sink (FA4's learnable_sink).
+        out_dtype: the dtype the caller returns out in (q's): with normalize=False, out must fit it.
     Returns:
         (out, lse) in float_dtype, or the inputs unchanged when the plan has no sink and normalizes.
     Raises:
-        AttnLangError: the sink is NaN or +inf somewhere.
+        AttnLangError: the sink is NaN or +inf somewhere; with normalize=False, out passes out_dtype's range.
     """
     if (plan.sink is None or sink_in_kernel) and plan.normalize:
         return out, lse
@@ -159,6 +161,7 @@ def finish(out: torch.Tensor, lse: torch.Tensor, plan: CallPlan, float_dtype: to
     if not plan.normalize:
         # exp(lse) * out is the numerator whether or not lse counts the sink; exp(-inf) = 0 for empty rows
         out = out * torch.exp(lse).unsqueeze(-1)
+        check_numerator(out, lse, out_dtype or float_dtype)
     if plan.sink is not None and not sink_in_kernel:
         sink = sink_values(plan, out.device, float_dtype)
         zero = torch.zeros((), dtype=float_dtype, device=out.device)
@@ -171,6 +174,24 @@ def finish(out: torch.Tensor, lse: torch.Tensor, plan: CallPlan, float_dtype: to
             out = out * factor.unsqueeze(-1)
         lse = torch.where(none, torch.full((), -math.inf, dtype=float_dtype, device=out.device), both)
     return out, lse
+
+
+def check_numerator(out: torch.Tensor, lse: torch.Tensor, float_dtype: torch.dtype) -> None:
+    """normalize=False: the numerator sum exp(s'') V past float_dtype's range is inf (or NaN where V is 0: inf * 0;
+    or inf once cast to float16): an error, as a score past the range is, instead of a silent inf / NaN output."""
+    x = out.detach()
+    bad = ~torch.isfinite(x) | (x.abs() > torch.finfo(float_dtype).max)
+    if out.is_cuda and torch.cuda.is_current_stream_capturing():
+        torch._assert_async(~bad.any(), "attnlang: with normalize=False the output sum exp(score) * v leaves the "
+                                        "float range")
+        return
+    if not bool(bad.any()):
+        return
+    b, h, i = (int(x) for x in bad.nonzero()[0][:3])
+    raise AttnLangError(f"with normalize=False the output sum over allowed keys of exp(score) * v passes "
+                        f"{float_dtype}'s range (largest {torch.finfo(float_dtype).max:.4g}) in row b={b}, h={h}, "
+                        f"q_idx={i}, where lse is {float(lse[b, h, i]):.6g}; subtract a constant from the score "
+                        f"(the output scales by exp of it)")
 
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max

@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from .ast import Const, DType, Index, Var, children, with_children
+from .denominator import check_numerator
 from .errors import AttnLangError
 from .printer import to_source
 
@@ -1001,6 +1002,7 @@ def _denominator(v, S, out, lse, q, positions, group, tensors):
     o, l = out.to(acc), lse.to(acc)
     if not v.normalize:
         o = o * torch.exp(l).unsqueeze(-1)       # the numerator: sum over allowed keys of exp(s'') V
+        check_numerator(o, l, q.dtype)
     if v.sink is not None:
         sv = sink_variant(v, S)
         wanted = set(sv.tensor_names)

@@ -69,7 +69,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan,
             o, l = block(start, qc, k, v, *values)
         outs.append(o)
         lses.append(l)
-    out, lse = finish(torch.cat(outs, dim=2), torch.cat(lses, dim=2), plan, fd)
+    out, lse = finish(torch.cat(outs, dim=2), torch.cat(lses, dim=2), plan, fd, out_dtype=q.dtype)
     out = out.to(q.dtype)
     if lse_shift is not None:
         shift = row_values(lse_shift, B, Hq, Sq, Skv, tensors, fd, q.device)

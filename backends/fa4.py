@@ -627,7 +627,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
         if out.shape[-1] != Dv:
             out = out[..., :Dv]
     if plan.sink is not None or not plan.normalize:
-        out, lse = finish(out, lse, plan, torch.float32, sink_in_kernel="learnable_sink" in kwargs)
+        out, lse = finish(out, lse, plan, torch.float32, sink_in_kernel="learnable_sink" in kwargs,
+                          out_dtype=q.dtype)
         out = out.to(q.dtype)
     if plan.lse_shift is not None:
         shift = row_values(plan.lse_shift, plan.batch, plan.q_heads, plan.q_len, plan.kv_len, plan.tensors,

@@ -850,7 +850,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
     empty = lse == -math.inf
     lse = torch.where(empty, torch.full_like(lse, -math.inf), lse)
     out = torch.where(empty.unsqueeze(-1), torch.zeros((), dtype=out.dtype, device=out.device), out)
-    out, lse = finish(out, lse, plan, fd)  # the sink and normalize=False, through lse
+    out, lse = finish(out, lse, plan, fd, out_dtype=q.dtype)  # the sink and normalize=False, through lse
     if plan.lse_shift is not None:
         shift = row_values(plan.lse_shift, B, Hq, Sq, plan.kv_len, plan.tensors, fd, q.device)
         lse = lse + shift.to(lse.dtype)

@@ -424,3 +424,17 @@ def test_int_of_a_float_constant_past_int64_is_an_overflow_error_not_a_value_err
     with pytest.raises(al.AttnLangError, match="64 bits") as info:
         al.compile(mask=mask)(q, q, q, backend=backend)
     assert info.value.column == 1 and "^" in str(info.value)
+
+
+@pytest.mark.parametrize("backend", ["eager", "flex"])
+@pytest.mark.parametrize("dtype, shift", [(torch.float32, 100.0), (torch.float16, 12.0)])
+def test_normalize_false_numerator_past_the_range_is_an_error_not_inf_or_nan(backend, dtype, shift):
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 5, 4).to(dtype)
+    v = torch.zeros(1, 2, 5, 4, dtype=dtype)
+    v[..., 0] = 1  # inf * 0 was NaN in the other columns
+    var = al.compile(score=f"score + {shift}", normalize=False)
+    with pytest.raises(al.AttnLangError, match="normalize=False.*range"):
+        var(q, q, v, backend=backend)
+    out = al.compile(score=f"score + {shift / 2}", normalize=False)(q, q, v, backend=backend)
+    assert torch.isfinite(out).all()
