@@ -415,12 +415,20 @@ def _declared_ranges(kernel_options, tensors) -> dict[str, Interval]:
                                 f"(tensors: {', '.join(sorted(tensors)) or 'none'})")
         ok = (isinstance(r, (tuple, list)) and len(r) == 2
               and all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in r)
-              and not any(math.isnan(x) for x in r) and r[0] <= r[1])
+              and not any(isinstance(x, float) and math.isnan(x) for x in r) and r[0] <= r[1])
         if not ok:
             raise AttnLangError(f"kernel_options['value_ranges'][{name!r}] must be (lo, hi) numbers with lo <= hi, "
                                 f"got {r!r}")
-        out[name] = Interval(float(r[0]), float(r[1]))
+        out[name] = Interval(*(_float_bound(x) for x in r))
     return out
+
+
+def _float_bound(x) -> float:
+    """A declared bound as a float; an int past float64 (10**400) is +-inf, which contains it."""
+    try:
+        return float(x)
+    except OverflowError:
+        return math.inf if x > 0 else -math.inf
 
 
 def _assert_within(name: str, t: torch.Tensor, r: Interval) -> None:
@@ -480,7 +488,10 @@ def _check_scale(scale, head_dim: int) -> float:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise AttnLangError(f"scale must be a real number, got {type(scale).__name__}")
-    scale = float(scale)
+    try:
+        scale = float(scale)
+    except OverflowError:  # an int past float64 (10**400)
+        raise AttnLangError(f"scale must be finite, got an int of {len(str(abs(int(scale))))} digits") from None
     if not math.isfinite(scale):
         raise AttnLangError(f"scale must be finite, got {scale}")
     return scale

@@ -438,3 +438,14 @@ def test_normalize_false_numerator_past_the_range_is_an_error_not_inf_or_nan(bac
         var(q, q, v, backend=backend)
     out = al.compile(score=f"score + {shift / 2}", normalize=False)(q, q, v, backend=backend)
     assert torch.isfinite(out).all()
+
+
+def test_scale_and_declared_value_ranges_past_float64_are_clean():
+    q = torch.randn(1, 1, 4, 8)
+    doc = torch.tensor([0, 0, 1, 1])
+    var = al.compile(mask="doc[q_idx] == doc[kv_idx]")
+    with pytest.raises(al.AttnLangError, match="scale must be finite"):
+        var(q, q, q, backend="eager", doc=doc, scale=10 ** 400)
+    want = var(q, q, q, backend="eager", doc=doc)
+    got = var(q, q, q, backend="eager", doc=doc, kernel_options={"value_ranges": {"doc": (0, 10 ** 400)}})
+    torch.testing.assert_close(got, want)
