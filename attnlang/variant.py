@@ -185,7 +185,7 @@ class Variant:
                                    kv_len, batch, heads, block_size, tensors, **options)
 
     # ----- calling -----
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, *, scale: float | None = None,
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, *extra, scale: float | None = None,
                  backend: str = "auto", return_lse: bool = False, kernel_options: Mapping | None = None,
                  **tensors: torch.Tensor):
         """Attention with this variant.
@@ -213,6 +213,10 @@ class Variant:
         that is False masks its position: ``sqrt(-1.0) > 0.0`` masks every key, silently. A score that is NaN
         at an allowed position is an error; at a masked position it is never seen.
         """
+        if extra:
+            names = ", ".join(f"{n}=<tensor>" for n in self.tensor_names) or "none"
+            raise AttnLangError(f"a variant takes three positional arguments (q, k, v), got {3 + len(extra)}; "
+                                f"named tensors are passed by name (this variant reads: {names})")
         if torch.compiler.is_compiling():
             # under torch.compile the call is one custom op (attnlang.op): Dynamo never traces what follows
             return _op.call(self, q, k, v, scale, backend, return_lse, kernel_options, tensors)

@@ -449,3 +449,10 @@ def test_scale_and_declared_value_ranges_past_float64_are_clean():
     want = var(q, q, q, backend="eager", doc=doc)
     got = var(q, q, q, backend="eager", doc=doc, kernel_options={"value_ranges": {"doc": (0, 10 ** 400)}})
     torch.testing.assert_close(got, want)
+
+
+def test_a_named_tensor_passed_positionally_is_an_error_naming_the_keywords():
+    q = torch.randn(1, 2, 4, 8)
+    var = al.compile("score + bias[h]")
+    with pytest.raises(al.AttnLangError, match="bias=<tensor>"):
+        var(q, q, q, torch.zeros(2), backend="eager")

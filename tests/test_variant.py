@@ -298,7 +298,7 @@ def test_bad_return_lse_and_kernel_options():
 def test_call_keywords_are_not_tensors():
     var = al.compile()
     q, k, v = qkv()
-    with pytest.raises(TypeError):
+    with pytest.raises(al.AttnLangError, match="three positional"):
         var(q, k, v, q, backend="eager")  # q, k, v only positionally; nothing else positional
 
 
