@@ -225,7 +225,7 @@ def check_index_bounds(checked: Checked, env: Mapping[str, object], shapes: Mapp
                 continue
             shape = shapes[node.tensor]
             for axis, (index, size) in enumerate(zip(node.indices, shape)):
-                r = bounds(index, env)
+                r = _device_bounds(index, env)
                 if r.lo < 0 or r.hi > size - 1:
                     got = _fmt_interval(r)
                     raise AttnLangError.at(
@@ -322,10 +322,50 @@ def _beyond_int64(r: Interval) -> bool:
     return (r.hi != math.inf and r.hi > _INT64_MAX) or (r.lo != -math.inf and r.lo < _INT64_MIN)
 
 
+# An int / floor / ceil of a float turns the float's rounding into a step of 1. The backends compute floats in
+# float32, where a value that float64 puts just below an integer can round onto it (erf(4.0) * 4 is 3.99999994 in
+# float64, 4.0 in float32): for the checks that keep a read inside its tensor or a divisor off 0, a non-integer end
+# of the float argument's range is widened by this relative margin (8 float32 ulps), onto the next integer at most,
+# before it is converted.
+_F32_MARGIN = 2.0 ** -20
+
+
+def _device_bounds(expr: Expr, env) -> Interval:
+    """``bounds(expr, env)``, covering float32's rounding where a float becomes an int (int, floor, ceil)."""
+    if not any(isinstance(n, Call) and n.func in ("int", "floor", "ceil") and n.args[0].dtype is DType.FLOAT
+               for n in walk(expr)):
+        return bounds(expr, env)
+    env = dict(env)
+    memo: dict[int, Expr] = {}
+
+    def widen(x: float, down: bool) -> float:
+        if not math.isfinite(x) or float(x).is_integer():
+            return x
+        # onto the nearest integer at most (rounding lands on it, not past it)
+        return max(x - abs(x) * _F32_MARGIN, math.floor(x)) if down else min(x + abs(x) * _F32_MARGIN, math.ceil(x))
+
+    def sub(node: Expr) -> Expr:
+        got = memo.get(id(node))
+        if got is not None:
+            return got
+        kids = children(node)
+        out = with_children(node, tuple(sub(k) for k in kids)) if kids else node
+        if isinstance(out, Call) and out.func in ("int", "floor", "ceil") and out.args[0].dtype is DType.FLOAT:
+            r = bounds(out.args[0], env)
+            name = f"\0float32 {len(memo)}"  # no identifier: never a name of the expression
+            wide = Interval(widen(r.lo, True), widen(r.hi, False))
+            env[name] = bounds(with_children(out, (Var(name, None, DType.FLOAT),)), {**env, name: wide})
+            out = Var(name, out.span, out.dtype)
+        memo[id(node)] = out
+        return out
+
+    return bounds(sub(expr), env)
+
+
 def _check_divisors(tree: Expr, env, checked: Checked, where: str) -> None:
     for node in walk(tree):
         if isinstance(node, Binary) and node.op in (Op.FLOORDIV, Op.MOD) and node.dtype is DType.INT:
-            r = bounds(node.right, env)
+            r = _device_bounds(node.right, env)
             if r.contains(0):
                 raise AttnLangError.at(f"integer {'division' if node.op is Op.FLOORDIV else 'modulo'} by a "
                                        f"value that can be 0 (it ranges over {_fmt_interval(r)})",

@@ -379,3 +379,27 @@ def test_int_power_with_a_possibly_negative_exponent_is_an_error():
     assert info.value.column == 15 and "negative" in info.value.message
     assert al.compile(score="score + 2 ** (q_idx // 4)")(q, q, q).shape == q.shape
     assert al.compile(score="score + 2.0 ** (q_idx - 10)")(q, q, q).shape == q.shape
+
+
+@pytest.mark.parametrize("where, index, size", [
+    ("q_idx", "int(erf(q_idx - 5.0) * 4) + 4", 8),        # erf(4.0) * 4: 3.99999994 in float64, 4.0 in float32
+    ("kv_idx", "int(erf(kv_idx - 5.0) * 4) + 4", 8),
+    ("kv_idx", "int(floor(erf(kv_idx - 5.0) * 4)) + 4", 8),
+])
+def test_index_through_int_of_a_float_covers_float32_rounding(where, index, size):
+    # the backends compute floats in float32: an index that float32 rounds onto the next integer must be refused
+    # (it read past the tensor: a bare IndexError), not let through by float64 bounds
+    v = al.compile(score=f"score + u[{index}]")
+    q = torch.randn(1, 1, 10, 4)
+    with pytest.raises(al.AttnLangError, match="must stay in") as info:
+        v(q, q, q, backend="eager", return_lse=True, u=torch.randn(size))
+    assert_points_at(info.value, f"score + u[{index}]", index, 0, "score", len(index))
+    out, lse = v(q, q, q, backend="eager", return_lse=True, u=torch.randn(size + 1))  # one longer: in bounds
+    assert torch.isfinite(lse).all()
+
+
+def test_index_through_int_of_an_exact_float_is_not_widened():
+    # exact ends (q_idx * 0.5, float(q_idx)) keep their bounds: a tensor just long enough is accepted
+    q = torch.randn(1, 1, 10, 4)
+    for index, size in (("int(q_idx * 0.5)", 5), ("int(floor(kv_idx / 2))", 5), ("int(float(kv_idx))", 10)):
+        al.compile(score=f"score + u[{index}]")(q, q, q, backend="eager", u=torch.randn(size))
