@@ -217,10 +217,15 @@ def cmd_demo(args) -> int:
         if hasattr(mod, "demo_lengths"):
             q_len, kv_len = mod.demo_lengths(args.seq_len)
         g = torch.Generator().manual_seed(0)
-        q = torch.randn(args.batch, args.heads, q_len, args.head_dim, generator=g).to(device, dtype)
-        k = torch.randn(args.batch, args.kv_heads, kv_len, args.head_dim, generator=g).to(device, dtype)
-        v = torch.randn(args.batch, args.kv_heads, kv_len, args.head_dim, generator=g).to(device, dtype)
-        tensors = mod.tensors(args.batch, args.heads, q_len, kv_len, device=device)
+        try:
+            q = torch.randn(args.batch, args.heads, q_len, args.head_dim, generator=g).to(device, dtype)
+            k = torch.randn(args.batch, args.kv_heads, kv_len, args.head_dim, generator=g).to(device, dtype)
+            v = torch.randn(args.batch, args.kv_heads, kv_len, args.head_dim, generator=g).to(device, dtype)
+            tensors = mod.tensors(args.batch, args.heads, q_len, kv_len, device=device)
+        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError too
+            raise AttnLangError(f"cannot allocate the inputs of {name} (q [{args.batch}, {args.heads}, {q_len}, "
+                                f"{args.head_dim}]) on {device}: {str(e).splitlines()[0]}; use a smaller "
+                                f"--seq-len, --batch or --heads") from None
         variant = mod.VARIANT
         try:
             plan = variant._plan(q, k, v, None, args.backend, False, None, tensors)

@@ -456,3 +456,10 @@ def test_a_named_tensor_passed_positionally_is_an_error_naming_the_keywords():
     var = al.compile("score + bias[h]")
     with pytest.raises(al.AttnLangError, match="bias=<tensor>"):
         var(q, q, q, torch.zeros(2), backend="eager")
+
+
+def test_cli_demo_with_a_length_too_large_to_allocate_exits_2_cleanly(capsys):
+    from attnlang.cli import main
+    assert main(["demo", "--seq-len", str(10 ** 13), "--only", "causal", "--backend", "eager"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot allocate" in err and "--seq-len" in err and "Traceback" not in err
