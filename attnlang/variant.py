@@ -149,6 +149,22 @@ class Variant:
         """The variant whose mask is this mask's not; the score must be ``score``."""
         return _compose("not", self)
 
+    def __rand__(self, other):  # ``1 & v``: the same error as ``v & 1``
+        return _compose("and", other, self)
+
+    def __ror__(self, other):
+        return _compose("or", other, self)
+
+    def __xor__(self, other):
+        raise AttnLangError("'^' does not compose variants; write (a & ~b) | (~a & b) for the masks' exclusive or")
+
+    __rxor__ = __xor__
+
+    def __bool__(self):
+        # ``a and b`` would silently be b, ``not a`` False: the words never compose variants (JAX Splash masks too)
+        raise AttnLangError("a Variant has no truth value: compose variants with &, | and ~ (not 'and', 'or', "
+                            "'not'), and test for a missing one with 'is None'")
+
     # ----- configs -----
     def to_config(self) -> dict:
         """A JSON-serialisable dict {"score", "mask", "params"} (plus "sink" and "normalize" when set);

@@ -463,3 +463,18 @@ def test_cli_demo_with_a_length_too_large_to_allocate_exits_2_cleanly(capsys):
     assert main(["demo", "--seq-len", str(10 ** 13), "--only", "causal", "--backend", "eager"]) == 2
     err = capsys.readouterr().err
     assert "cannot allocate" in err and "--seq-len" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("use", [lambda a, b: a and b, lambda a, b: a or b, lambda a, b: not a,
+                                 lambda a, b: b if a else None], ids=["and", "or", "not", "if"])
+def test_variants_have_no_truth_value_so_the_words_cannot_compose_them_silently(use):
+    a, b = al.compile(mask="q_idx >= kv_idx"), al.compile(mask="q_idx - kv_idx < 4")
+    with pytest.raises(al.AttnLangError, match="no truth value.*&, \\| and ~"):
+        use(a, b)
+
+
+@pytest.mark.parametrize("use", [lambda a: 1 & a, lambda a: None | a, lambda a: a ^ a],
+                         ids=["rand", "ror", "xor"])
+def test_variant_operators_with_the_variant_on_the_right_or_xor_are_attnlang_errors(use):
+    with pytest.raises(al.AttnLangError):
+        use(al.compile(mask="q_idx >= kv_idx"))
