@@ -43,6 +43,7 @@ import dataclasses
 import functools
 import hashlib
 import math
+import re
 from collections import OrderedDict
 from typing import Mapping, Sequence
 
@@ -634,6 +635,7 @@ class _Ring:
     grad_names: tuple            # those that are floating (their gradients are all-reduced)
     stats: dict
     keep: bool = False           # keep each step's autograd graph (no recompute, no backward ring)
+    original: object = None      # the user's variant, whose expressions an error shows
 
     def peer(self, r: int) -> int:
         return dist.get_global_rank(self.group, r % self.world) if self.group is not None else r % self.world
@@ -646,7 +648,10 @@ class _Ring:
         if KV_POSITIONS in wanted:
             call[KV_POSITIONS] = self.positions[shard]
         self.stats["computed"] += 1
-        return self.v(q, k, v, scale=self.scale, backend=self.backend, return_lse=True, **call)
+        try:
+            return self.v(q, k, v, scale=self.scale, backend=self.backend, return_lse=True, **call)
+        except AttnLangError as e:
+            raise _global_error(e, self.original, self.positions[self.rank], self.positions[shard]) from None
 
     def post(self, transfers):
         """Post one batch of transfers [(src, dst, send tensor or None, recv tensor or None, tag)] of this rank;
@@ -663,6 +668,24 @@ class _Ring:
 
 
 _KV, _GRAD, _HOME = 1, 2, 3  # message tags: k / v shards, travelling dk / dv accumulators, accumulators going home
+
+
+def _global_error(e: AttnLangError, original, q_positions, kv_positions=None) -> AttnLangError:
+    """An error of a position variant's call as the user's variant would give it: global q_idx / kv_idx (the
+    call's rows are gathered ones) and the caret under the user's expression, not the rewritten one."""
+    def to_global(positions):
+        def repl(m):
+            i = int(m.group(2))
+            ok = positions is not None and 0 <= i < len(positions)
+            return f"{m.group(1)}={int(positions[i]) if ok else i}"
+        return repl
+    message = re.sub(r"\b(q_idx)=(\d+)", to_global(q_positions), e.message)
+    message = re.sub(r"\b(kv_idx)=(\d+)", to_global(kv_positions), message)
+    sources = getattr(getattr(original, "checked", None), "sources", {})
+    if e.source is None or e.where not in sources:
+        return AttnLangError(message, e.source, e.line, e.column, e.length, e.where)
+    source = sources[e.where]
+    return AttnLangError(message, source, 1, 1, len(source.split("\n")[0]), e.where)
 
 
 def _pack(*ts) -> torch.Tensor:
@@ -973,7 +996,7 @@ def attention(v, q_local: torch.Tensor, k_local: torch.Tensor, v_local: torch.Te
     ring = _Ring(v=position_variant(v, S), group=group, rank=rank, world=world,
                  positions=_device_positions(pos, q_local.device), plan=plan, backend=backend, scale=scale,
                  names=names, grad_names=tuple(n for n in names if tensors[n].is_floating_point()), stats=stats,
-                 keep=_keep_graphs(plan) if recompute is None else not recompute)
+                 keep=_keep_graphs(plan) if recompute is None else not recompute, original=v)
     out, lse = _RingAttention.apply(ring, q_local, k_local, v_local, *(tensors[n] for n in names))
     if v.sink is not None or not v.normalize:
         out, lse = _denominator(v, S, out, lse, q_local, ring.positions[rank], group, tensors)
@@ -1013,7 +1036,10 @@ def _denominator(v, S, out, lse, q, positions, group, tensors):
         B, _, _, D = q.shape
         k1 = torch.zeros(B, 1, 1, D, dtype=q.dtype, device=q.device)   # the mask allows no key: any one will do
         v1 = torch.zeros(B, 1, 1, 1, dtype=q.dtype, device=q.device)
-        _, sink = sv(q.detach(), k1, v1, backend="eager", return_lse=True, **call)
+        try:
+            _, sink = sv(q.detach(), k1, v1, backend="eager", return_lse=True, **call)
+        except AttnLangError as e:
+            raise _global_error(e, v, positions) from None
         sink = sink.to(acc)
         zero = torch.zeros((), dtype=acc, device=q.device)
         none = (l == -math.inf) & (sink == -math.inf)     # neither a key nor a sink: lse -inf, out 0

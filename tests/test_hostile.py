@@ -478,3 +478,29 @@ def test_variants_have_no_truth_value_so_the_words_cannot_compose_them_silently(
 def test_variant_operators_with_the_variant_on_the_right_or_xor_are_attnlang_errors(use):
     with pytest.raises(al.AttnLangError):
         use(al.compile(mask="q_idx >= kv_idx"))
+
+
+@pytest.mark.parametrize("case", ["score", "sink"])
+def test_distributed_errors_name_global_positions_and_the_users_expression(tmp_path, case):
+    import torch.distributed as dist
+
+    import attnlang.distributed as ald
+    S = 16
+    t = torch.zeros(S)
+    t[11] = math.nan
+    var = (al.compile(score="score + t[q_idx]", mask="q_idx >= kv_idx") if case == "score"
+           else al.compile(mask="q_idx >= kv_idx", sink="t[q_idx]"))
+    perm = torch.arange(S - 1, -1, -1)  # one rank holding the positions in reverse: local row 4 is position 11
+    q = torch.randn(1, 1, S, 8)
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
+    try:
+        with pytest.raises(al.AttnLangError) as info:
+            ald.attention(var, q[:, :, perm], q[:, :, perm], q[:, :, perm], positions=[perm], backend="eager", t=t)
+    finally:
+        if own:
+            dist.destroy_process_group()
+    text = str(info.value)
+    assert "q_idx=11" in text and "cp_" not in text, text
+    assert "t[q_idx]" in text and "^" in text
