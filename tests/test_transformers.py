@@ -357,3 +357,12 @@ def test_config_attnlang_as_json_or_yaml_text_is_read_like_from_config():
         assert torch.isfinite(ours(_ids()).logits).all()
     with pytest.raises(al.AttnLangError, match="config.attnlang"):
         alt.layer_variant(LlamaConfig(**SMALL, attnlang='[{"mask": '), 0)
+
+
+@pytest.mark.parametrize("call", [lambda: alt.bind_tensors(None, bias=torch.zeros(4)),
+                                  lambda: alt.bind_tensors(_build("llama", "attnlang"), bias=[0.0] * 4),
+                                  lambda: alt.register(3), lambda: alt.register("")],
+                         ids=["model_none", "not_a_tensor", "register_int", "register_empty"])
+def test_bind_tensors_and_register_refuse_wrong_types(call):
+    with pytest.raises(al.AttnLangError):
+        call()

@@ -61,7 +61,10 @@ def register(name: str = NAME) -> None:
 
     Raises:
         ImportError: transformers is not installed (``pip install attnlang[transformers]``).
+        AttnLangError: ``name`` is not a non-empty string (transformers looks implementations up by string).
     """
+    if not isinstance(name, str) or not name.strip():
+        raise AttnLangError(f"register() takes the attn_implementation name as a non-empty string, got {name!r}")
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
     AttentionInterface.register(name, attention_forward)
@@ -74,8 +77,14 @@ def bind_tensors(model: torch.nn.Module, **tensors: torch.Tensor) -> None:
     Tensors passed to a forward call as ``attnlang_tensors={...}`` take precedence.
 
     Raises:
-        AttnLangError: a tensor that no variant of ``model.config.attnlang`` reads (as a direct call would).
+        AttnLangError: ``model`` is not a torch.nn.Module; a value that is not a tensor; a tensor that no variant
+            of ``model.config.attnlang`` reads (as a direct call would).
     """
+    if not isinstance(model, torch.nn.Module):
+        raise AttnLangError(f"bind_tensors takes the model (a torch.nn.Module) first, got {type(model).__name__}")
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise AttnLangError(f"bind_tensors: tensor {name!r} must be a torch.Tensor, got {type(t).__name__}")
     spec = _spec(getattr(model, "config", None))
     if spec is not None:
         specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
