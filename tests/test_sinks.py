@@ -299,6 +299,21 @@ def test_nan_or_inf_sink_values_are_errors(value):
     assert e.value.where == "sink" and "h=2" in str(e.value)
 
 
+@pytest.mark.parametrize("backend", ["eager", "flex"])
+def test_sink_past_float32_is_an_error_not_an_inf_lse(backend):
+    # finite in exact arithmetic (1e10 * 1e30), inf in the float32 the call computes the sink in: an error, not
+    # lse = inf; in float64 it is a finite sink
+    var = al.compile(sink="t[h] * 1e30", mask="kv_idx < q_idx")
+    q, k, v = make_qkv()  # float64
+    t = torch.zeros(HQ)
+    t[1] = 1e10
+    with pytest.raises(al.AttnLangError, match="sink expression gives inf") as e:
+        var(q.float(), k.float(), v.float(), backend=backend, return_lse=True, t=t)
+    assert e.value.where == "sink" and "h=1" in str(e.value)
+    out, lse = var(q, k, v, backend=backend, return_lse=True, t=t.double())
+    assert lse[0, 1, 0].item() == 1e40 and torch.isfinite(lse).all()
+
+
 def test_bad_argument_types():
     with pytest.raises(al.AttnLangError, match="sink must be a string"):
         al.compile(sink=0)
