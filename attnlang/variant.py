@@ -330,7 +330,14 @@ class Variant:
     def _check_tensors(self, tensors: Mapping[str, Any], device) -> None:
         wanted = self._checked.tensors
         for name, t in tensors.items():
-            check_named_tensor(name, t, wanted, device)
+            try:
+                check_named_tensor(name, t, wanted, device)
+            except AttnLangError as e:
+                if name not in wanted or not isinstance(t, torch.Tensor) or t.dim() == wanted[name]:
+                    raise
+                # as many dimensions as the expressions index: the caret under the first read
+                where, node = _first_read(self._checked, name)
+                raise AttnLangError.at(e.message, self._checked.sources[where], node.span, where) from None
         for name in sorted(wanted):
             if name not in tensors:
                 where, node = _first_read(self._checked, name)

@@ -240,6 +240,18 @@ def test_tensor_checks():
         var(q, k, v, backend="eager", slope=torch.rand(3))
 
 
+def test_tensor_of_the_wrong_rank_points_at_its_first_read():
+    mask = "q_idx >= kv_idx &\n  bias[h, q_idx] > 0"
+    var = al.compile("score", mask)
+    q, k, v = qkv()
+    for bad in (torch.rand(4), torch.rand(4, 8, 2), torch.tensor(1.0)):
+        with pytest.raises(al.AttnLangError, match="dimensions") as info:
+            var(q, k, v, backend="eager", bias=bad)
+        err = info.value
+        assert err.where == "mask" and err.source == mask and (err.line, err.column) == (2, 3)
+        assert str(err).split("\n")[-1] == "    " + "  " + "^" * len("bias[h, q_idx]")
+
+
 def test_missing_tensor_points_at_its_first_read():
     score = "score + 0.5 * bias[h, kv_idx]"
     mask = "q_idx >= kv_idx &\n  bias[h, q_idx] > 0"
