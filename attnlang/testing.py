@@ -63,6 +63,38 @@ __all__ = ["Shape", "variants", "shapes", "tensors_for", "named_tensors", "make_
            "TOLERANCES", "ODD_LENGTHS", "TENSOR_POOL", "TENSOR_STRATEGIES", "LANGUAGE_EXAMPLES", "language_examples"]
 
 ODD_LENGTHS = (1, 7, 45, 97, 130)
+MAX_DEPTH = 32  # deeper generated expressions would pass Python's recursion limit while Hypothesis draws them
+
+
+def _need_variant(fn: str, variant) -> None:
+    if not isinstance(variant, Variant):
+        raise AttnLangError(f"{fn} takes an attnlang Variant first, got {type(variant).__name__}")
+
+
+def _need_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed < 2 ** 64:
+        raise AttnLangError(f"seed must be an int in [-2**63, 2**64), got {seed!r}")
+    return seed
+
+
+def _need_device(device) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise AttnLangError(f"device {device!r} is not a torch device: {e}") from None
+
+
+def _need_flag(name: str, value, allow_none: bool = False) -> None:
+    if not (isinstance(value, bool) or (allow_none and value is None)):
+        raise AttnLangError(f"{name} must be True{', False or None' if allow_none else ' or False'}, got {value!r}")
+
+
+def _need_ints(name: str, values, lo: int = 1) -> tuple:
+    values = tuple(values) if isinstance(values, (tuple, list, range)) else values
+    if not isinstance(values, tuple) or not values or not all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= lo for x in values):
+        raise AttnLangError(f"{name} must be a non-empty sequence of ints >= {lo}, got {values!r}")
+    return values
 
 # (out and lse, gradients): (atol, rtol)
 TOLERANCES = {
@@ -145,6 +177,10 @@ def shapes(lengths=ODD_LENGTHS, head_dims=(16, 32), max_batch: int = 2, max_kv_h
            max_group: int = 3, decode: bool = True):
     """Strategy of ``Shape``: lengths from ``lengths`` (odd, not multiples of the 128 block), grouped-query heads
     (q_heads = kv_heads * group), and with ``decode`` some shapes with q_len < kv_len (q_len 1 or a short tail)."""
+    lengths, head_dims = _need_ints("lengths", lengths), _need_ints("head_dims", head_dims)
+    for name, value in (("max_batch", max_batch), ("max_kv_heads", max_kv_heads), ("max_group", max_group)):
+        positive_int(name, value)
+    _need_flag("decode", decode)
     st = _st()
 
     @st.composite
@@ -164,12 +200,28 @@ def shapes(lengths=ODD_LENGTHS, head_dims=(16, 32), max_batch: int = 2, max_kv_h
 
 
 def make_qkv(shape: Shape, dtype=torch.float32, device="cpu", seed: int = 0, requires_grad: bool = False):
-    """Random q, k, v for a Shape (layout [B, H, S, D])."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(shape.batch, shape.q_heads, shape.q_len, shape.head_dim, generator=g)
-    k = torch.randn(shape.batch, shape.kv_heads, shape.kv_len, shape.head_dim, generator=g)
-    v = torch.randn(shape.batch, shape.kv_heads, shape.kv_len, shape.head_dim, generator=g)
-    return tuple(t.to(dtype=dtype, device=device).requires_grad_(requires_grad) for t in (q, k, v))
+    """Random q, k, v for a Shape (layout [B, H, S, D]).
+
+    Raises:
+        AttnLangError: ``shape`` not a Shape of positive ints, a dtype that is not floating, a bad device or seed,
+            or inputs too large to allocate.
+    """
+    if not isinstance(shape, Shape):
+        raise AttnLangError(f"make_qkv takes an attnlang.testing.Shape, got {type(shape).__name__}")
+    for name in ("batch", "q_heads", "kv_heads", "q_len", "kv_len", "head_dim"):
+        positive_int(f"shape.{name}", getattr(shape, name))
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise AttnLangError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    device = _need_device(device)
+    _need_flag("requires_grad", requires_grad)
+    g = torch.Generator().manual_seed(_need_seed(seed))
+    try:
+        q = torch.randn(shape.batch, shape.q_heads, shape.q_len, shape.head_dim, generator=g)
+        k = torch.randn(shape.batch, shape.kv_heads, shape.kv_len, shape.head_dim, generator=g)
+        v = torch.randn(shape.batch, shape.kv_heads, shape.kv_len, shape.head_dim, generator=g)
+        return tuple(t.to(dtype=dtype, device=device).requires_grad_(requires_grad) for t in (q, k, v))
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError, or a device that is not here
+        raise AttnLangError(f"cannot make q, k, v of {shape} on {device}: {str(e).splitlines()[0]}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -186,6 +238,8 @@ def variants(max_depth: int = 3, tensors: bool = True, score: bool = True, mask:
     score-free expression of b, h, q_idx, q_len, kv_len and tensors (``0``, ``f_vec[h]``, ...). ``unnormalized=True``:
     about half get ``normalize=False`` (their scores are generated as for the others, so out stays finite).
     """
+    if isinstance(max_depth, bool) or not isinstance(max_depth, int) or not 0 <= max_depth <= MAX_DEPTH:
+        raise AttnLangError(f"max_depth must be an int in [0, {MAX_DEPTH}], got {max_depth!r}")
     st = _st()
 
     @st.composite
@@ -507,8 +561,17 @@ def tensors_for(variant: Variant, batch: int, q_heads: int, q_len: int, kv_len: 
             without clamp), no element types that type-check, a strategy that is not a known name or a callable,
             or one that returns something other than a tensor of the shape and element kind asked for.
     """
+    _need_variant("tensors_for", variant)
     for name, value in (("batch", batch), ("q_heads", q_heads), ("q_len", q_len), ("kv_len", kv_len)):
         positive_int(name, value)
+    _need_seed(seed)
+    _need_device(device)
+    for arg, value in (("strategies", strategies), ("dtypes", dtypes)):
+        if value is not None and not isinstance(value, Mapping):
+            raise AttnLangError(f"{arg} must be a dict {{tensor name: ...}}, got {type(value).__name__}")
+    for name, dt in (dtypes or {}).items():
+        if not isinstance(dt, torch.dtype):
+            raise AttnLangError(f"dtypes[{name!r}] must be a torch.dtype, got {dt!r}")
     strategies = dict(strategies or {})
     for name in strategies:
         if name not in variant.tensor_names:
@@ -575,6 +638,9 @@ def named_tensors(variant: Variant, shape: Shape, strategies: Mapping[str, str |
                   **kwargs):
     """Hypothesis strategy of ``tensors_for(variant, shape.batch, shape.q_heads, shape.q_len, shape.kv_len,
     seed=<drawn>, strategies=strategies, **kwargs)``: fresh tensor values per example, shrinking towards seed 0."""
+    _need_variant("named_tensors", variant)
+    if not isinstance(shape, Shape):
+        raise AttnLangError(f"named_tensors takes an attnlang.testing.Shape, got {type(shape).__name__}")
     st = _st()
     return st.integers(0, 2 ** 31 - 1).map(lambda seed: tensors_for(
         variant, shape.batch, shape.q_heads, shape.q_len, shape.kv_len, seed=seed, strategies=strategies, **kwargs))
@@ -685,6 +751,19 @@ def assert_backends_agree(variant: Variant, q: torch.Tensor, k: torch.Tensor, v:
         AssertionError: a mismatch, naming the quantity, the worst element, both values and the tolerance.
         AttnLangError: either backend refuses the call.
     """
+    _need_variant("assert_backends_agree", variant)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise AttnLangError(f"{name} must be a floating torch.Tensor, got "
+                                f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    _need_flag("grads", grads, allow_none=True)
+    _need_flag("named_grads", named_grads, allow_none=True)
+    _need_flag("lse_grads", lse_grads)
+    _need_seed(seed)
+    if isinstance(tolerances, Mapping):
+        for dt in tolerances:
+            if not isinstance(dt, torch.dtype):
+                raise AttnLangError(f"tolerances keys must be torch dtypes (torch.float32, ...), got {dt!r}")
     if grads is None or named_grads is None:
         can_qkv, can_named = _gradients_here(variant, backend, q, k, v, scale, kernel_options, tensors)
         if grads is None:

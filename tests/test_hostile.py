@@ -504,3 +504,39 @@ def test_distributed_errors_name_global_positions_and_the_users_expression(tmp_p
     text = str(info.value)
     assert "q_idx=11" in text and "cp_" not in text, text
     assert "t[q_idx]" in text and "^" in text
+
+
+def _testing_kit_calls():
+    from attnlang import testing as kit
+    v = al.compile(mask="q_idx >= kv_idx")
+    shape = kit.Shape(1, 2, 1, 5, 5, 8)
+    q, k, vv = kit.make_qkv(shape)
+    return {
+        "make_qkv_tuple": lambda: kit.make_qkv((1, 2, 1, 5, 5, 8)),
+        "make_qkv_negative": lambda: kit.make_qkv(kit.Shape(1, 2, 1, -5, 5, 8)),
+        "make_qkv_int_dtype": lambda: kit.make_qkv(shape, dtype=torch.int64),
+        "make_qkv_device": lambda: kit.make_qkv(shape, device="nope"),
+        "make_qkv_seed": lambda: kit.make_qkv(shape, seed="x"),
+        "make_qkv_huge": lambda: kit.make_qkv(kit.Shape(1, 2, 1, 10 ** 12, 5, 8)),
+        "tensors_for_not_a_variant": lambda: kit.tensors_for("q_idx", 1, 2, 5, 5),
+        "tensors_for_seed": lambda: kit.tensors_for(v, 1, 2, 5, 5, seed=2 ** 70),
+        "tensors_for_dtypes": lambda: kit.tensors_for(v, 1, 2, 5, 5, dtypes={"doc": "int"}),
+        "tensors_for_strategies": lambda: kit.tensors_for(v, 1, 2, 5, 5, strategies=[1]),
+        "named_tensors_shape": lambda: kit.named_tensors(v, (1, 2, 1, 5, 5, 8)),
+        "agree_not_a_variant": lambda: kit.assert_backends_agree("x", q, k, vv),
+        "agree_q_none": lambda: kit.assert_backends_agree(v, None, k, vv),
+        "agree_int_qkv": lambda: kit.assert_backends_agree(v, q.long(), k.long(), vv.long()),
+        "agree_grads": lambda: kit.assert_backends_agree(v, q, k, vv, backend="eager", grads="yes"),
+        "agree_tolerance_key": lambda: kit.assert_backends_agree(v, q, k, vv, backend="eager",
+                                                                 tolerances={"float32": (1e-3, 1e-3)}),
+        "variants_depth": lambda: kit.variants(max_depth=10_000),
+        "shapes_empty": lambda: kit.shapes(lengths=[]),
+        "shapes_negative": lambda: kit.shapes(lengths=[-1]),
+        "shapes_batch": lambda: kit.shapes(max_batch=0),
+    }
+
+
+@pytest.mark.parametrize("name", list(_testing_kit_calls()))
+def test_testing_kit_wrong_arguments_are_attnlang_errors(name):
+    with pytest.raises(al.AttnLangError):
+        _testing_kit_calls()[name]()
