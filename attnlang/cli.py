@@ -34,7 +34,8 @@ def _param(text: str):
     try:
         return name, int(value)
     except ValueError:
-        pass
+        if value.lstrip("+-").isdigit():  # past Python's 4300-digit int limit: float() would make it inf
+            raise AttnLangError(f"--param {name}: an int of {len(value)} digits does not fit in 64 bits") from None
     try:
         return name, float(value)
     except ValueError:

@@ -540,3 +540,10 @@ def _testing_kit_calls():
 def test_testing_kit_wrong_arguments_are_attnlang_errors(name):
     with pytest.raises(al.AttnLangError):
         _testing_kit_calls()[name]()
+
+
+def test_cli_param_int_of_thousands_of_digits_is_named_an_int_not_inf(capsys):
+    from attnlang.cli import main
+    assert main(["check", "--mask", "q_idx < w", "--param", "w=" + "9" * 5000]) == 2
+    err = capsys.readouterr().err
+    assert "64 bits" in err and "inf" not in err
