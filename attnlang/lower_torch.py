@@ -68,7 +68,7 @@ def _minimum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor],
              float_dtype: torch.dtype = torch.float32, device=None, int_dtype: torch.dtype = _INT,
-             full_consts: bool = False) -> torch.Tensor:
+             full_consts: bool = False, pick_branches: bool = False) -> torch.Tensor:
     """Evaluate a bound (fully typed) expression.
 
     Args:
@@ -83,6 +83,10 @@ def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str
         full_consts: literals as ``torch.full((), value)`` instead of ``torch.tensor(value)``: traced, the latter
             is a lifted constant tensor (get_attr + lift_fresh_copy), the former an op of the graph (flex's TRITON
             mods); the same values either way.
+        pick_branches: evaluate each branch of a float ``where`` only where it is chosen (eager, under autograd):
+            an unchosen branch's zero gradient times an infinite or NaN local derivative there (``sqrt`` of a
+            negative score in ``where(score > 0.0, sqrt(score), score)``) would be NaN. Needs grid names (not the
+            0-d values of a flex mod) and costs a host sync per where.
     Returns:
         a tensor of the broadcast shape of the names used (0-d if none), int_dtype, float_dtype or bool.
     """
@@ -128,7 +132,10 @@ def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str
     def _call(node: Call) -> torch.Tensor:
         f, dt = node.func, node.dtype
         if f == "where":
-            return torch.where(visit(node.args[0]), operand(node.args[1], dt), operand(node.args[2], dt))
+            c = visit(node.args[0])
+            if pick_branches and dt is DType.FLOAT and c.dim() > 0:
+                return _picked_where(c, node.args[1], node.args[2])
+            return torch.where(c, operand(node.args[1], dt), operand(node.args[2], dt))
         if f == "float":
             return operand(node.args[0], DType.FLOAT)
         if f == "int":
@@ -154,6 +161,19 @@ def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str
         if f == "clamp":
             return _minimum(_maximum(xs[0], xs[1]), xs[2])
         raise AssertionError(f"unchecked function {f!r}")
+
+    def _picked_where(c: torch.Tensor, a: Expr, b: Expr) -> torch.Tensor:
+        full = torch.broadcast_shapes(c.shape, *(t.shape for t in names.values()))
+        c = c.expand(full)
+        out = torch.zeros(full, dtype=float_dtype, device=c.device)
+        for branch, pick in ((a, c), (b, ~c)):
+            count = int(pick.sum())
+            if count == 0:
+                continue
+            picked = {n: t.expand(full)[pick] for n, t in names.items()}
+            vals = evaluate(branch, picked, tensors, float_dtype, device, int_dtype, full_consts, pick_branches=True)
+            out = out.index_put((pick,), _cast(vals, DType.FLOAT, float_dtype).expand(count))
+        return out
 
     return visit(expr)
 

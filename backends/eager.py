@@ -107,6 +107,8 @@ def _may_leak_nan(score_expr, tensors) -> bool:
         if isinstance(node, Call) and node.func not in _TAME_CALLS:
             return True
         if isinstance(node, Binary) and node.dtype is DType.FLOAT:
+            if any(isinstance(x, Const) and not math.isfinite(x.value) for x in (node.left, node.right)):
+                return True  # x * inf: an infinite local derivative
             if node.op in (Op.TRUEDIV, Op.FLOORDIV, Op.MOD) and not _nonzero_const(node.right):
                 return True
             if node.op is Op.POW and not (isinstance(node.right, Const) and node.right.dtype is DType.INT
@@ -123,13 +125,14 @@ def _differentiable_scores(score_expr, names, tensors, fd, s3, full, device):
     """The masked scores ``s3`` again, with autograd, evaluating the score expression only where s3 > -inf.
 
     Evaluating it at masked (or -inf) positions too would let their zero gradient meet an infinite local
-    derivative there (log(0), x * inf) and turn into NaN in the backward pass.
+    derivative there (log(0), x * inf) and turn into NaN in the backward pass; the branches of a where() likewise
+    (``pick_branches``).
     """
     keep = s3 > -math.inf
     if bool(keep.all()):
-        return evaluate(score_expr, names, tensors, fd, device).to(fd).expand(full)
+        return evaluate(score_expr, names, tensors, fd, device, pick_branches=True).to(fd).expand(full)
     picked = {n: t.expand(full)[keep] for n, t in names.items()}
-    values = evaluate(score_expr, picked, tensors, fd, device).to(fd).expand(int(keep.sum()))
+    values = evaluate(score_expr, picked, tensors, fd, device, pick_branches=True).to(fd).expand(int(keep.sum()))
     return torch.full(full, -math.inf, dtype=fd, device=device).masked_scatter(keep, values)
 
 

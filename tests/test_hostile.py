@@ -547,3 +547,25 @@ def test_cli_param_int_of_thousands_of_digits_is_named_an_int_not_inf(capsys):
     assert main(["check", "--mask", "q_idx < w", "--param", "w=" + "9" * 5000]) == 2
     err = capsys.readouterr().err
     assert "64 bits" in err and "inf" not in err
+
+
+@pytest.mark.parametrize("score, mask", [("where(score > 0.0, sqrt(score), score)", "True"),
+                                         ("where(score > 0.0, sqrt(score), score)", "q_idx >= kv_idx"),
+                                         ("where(q_idx == kv_idx, score * inf, score)", "q_idx != kv_idx")])
+def test_eager_gradients_through_an_unchosen_where_branch_stay_finite(score, mask):
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 6, 4, requires_grad=True)
+    k = torch.randn(1, 2, 6, 4, requires_grad=True)
+    out = al.compile(score=score, mask=mask)(q, k, k.detach(), backend="eager")
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+    with torch.no_grad():  # the values are those of the plain where
+        s = (q @ k.transpose(-1, -2)) / 2.0
+        if "sqrt" in score:
+            s = torch.where(s > 0, s.clamp(min=0).sqrt(), s)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q, k, k, attn_mask=None if mask == "True" else (
+                torch.ones(6, 6, dtype=torch.bool).tril() if ">=" in mask else ~torch.eye(6, dtype=torch.bool)),
+            scale=0.5) if "sqrt" not in score else torch.softmax(
+            s.masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), -math.inf) if ">=" in mask else s, -1) @ k
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
