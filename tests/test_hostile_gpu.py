@@ -79,3 +79,17 @@ def test_testing_kit_default_call_compares_gradients_on_cuda():
     tensors = tensors_for(v, 1, 2, 97, 97, device="cuda", strategies={"slope": "positive"})
     compared = assert_backends_agree(v, q, k, vv, **tensors)       # flex vs eager, float32
     assert compared == ("out", "lse", "grad q", "grad k", "grad v", "grad slope")
+
+
+@pytest.mark.parametrize("backend", ["flex", "auto"])
+def test_gradients_through_an_unchosen_where_branch_stay_finite_on_cuda(backend):
+    """where(score > 0, sqrt(score), score): the unchosen sqrt of a negative score has a NaN derivative; eager
+    evaluates each branch only where chosen (tests/test_hostile.py), and the GPU backends must not give NaN
+    gradients either."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 256, 64, device="cuda", requires_grad=True)
+    k = torch.randn(1, 2, 256, 64, device="cuda", requires_grad=True)
+    v = torch.randn(1, 2, 256, 64, device="cuda", requires_grad=True)
+    var = al.compile(score="where(score > 0.0, sqrt(score), score)", mask="q_idx >= kv_idx")
+    var(q, k, v, backend=backend).sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
