@@ -74,7 +74,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan,
     if lse_shift is not None:
         shift = row_values(lse_shift, B, Hq, Sq, Skv, tensors, fd, q.device)
         lse = lse + shift.to(lse.dtype)
-    return out, lse_float32(lse, plan.return_lse)  # float64 stays float64 (API.md)
+    return out, lse_float32(lse)  # float64 stays float64 (API.md)
 
 
 def _raise_bad_score(s3: torch.Tensor, start: int, source: tuple | None = None, score_expr=None):

@@ -854,7 +854,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
     if plan.lse_shift is not None:
         shift = row_values(plan.lse_shift, B, Hq, Sq, plan.kv_len, plan.tensors, fd, q.device)
         lse = lse + shift.to(lse.dtype)
-    return out.to(q.dtype), lse_float32(lse, plan.return_lse)  # float64 stays float64 (API.md)
+    return out.to(q.dtype), lse_float32(lse)  # float64 stays float64 (API.md)
 
 
 _LENGTHS: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
