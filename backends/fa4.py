@@ -422,9 +422,16 @@ def backward_nan_risk(plan: CallPlan) -> str | None:
     score = plan.score
     if isinstance(score, Var) and score.name == "score":
         return None
+    # per bound score and value ranges: the derivative and its intervals cost ~25 us, on every training call
+    return _NAN_RISKS.get((score,), tuple(plan.value_ranges.items()), lambda: _nan_risk(score, plan.value_ranges))
+
+
+_NAN_RISKS = IdentityMemo()
+
+
+def _nan_risk(score: Expr, env) -> str | None:
     from ..diff import derivative
     from ..printer import to_source
-    env = plan.value_ranges
 
     def can_be_zero(x):  # exp / sigmoid are 0 only by float32 underflow (scores below about -88): left to FA4
         return not (isinstance(x, Call) and x.func in ("exp", "exp2", "sigmoid")) and bounds(x, env).contains(0.0)

@@ -482,11 +482,11 @@ def _block_mask(q, plan: CallPlan, mask_names: tuple[str, ...], fd):
                             "needs this call's BlockMask built ahead: call the variant once outside the graph with "
                             "the same shapes and tensors first (building it copies block tables from the host)")
     prepared = _prepare(plan.mask, plan.q_len, plan.kv_len, fd)
-    _, mask_mod = _mods(plan.score, prepared, mask_names, tuple(t.detach() for t in mask_tensors.values()),
-                        plan.q_len, plan.kv_len, fd)
+    detached = {n: t.detach() for n, t in mask_tensors.items()}  # a mask carries no gradient
+    _, mask_mod = _mods(plan.score, prepared, mask_names, tuple(detached.values()), plan.q_len, plan.kv_len, fd)
     # the tensors go in as a mapping: a tensor may be named like an argument (batch, device, ...)
     bs = mask_block_sparsity(plan.mask, plan.checked.tensors, plan.checked.sources, plan.q_len, plan.kv_len,
-                             plan.batch, plan.q_heads, BLOCK_SIZE, {n: t.detach() for n, t in mask_tensors.items()})
+                             plan.batch, plan.q_heads, BLOCK_SIZE, detached)
     bm = bs.to_flex(mask_mod=mask_mod, device=q.device)
     if not _in_graph_pool(q.device):
         _block_masks[key] = bm
