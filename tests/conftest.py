@@ -23,6 +23,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def needs_fa4():
+    """Skips a module's tests unless FA4 runs here: a CUDA GPU of sm90 or newer and flash_attn.cute importable
+    (``pytestmark = pytest.mark.usefixtures("needs_fa4")``)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from attnlang.backends import fa4
+    try:
+        fa4._flash()
+    except Exception as e:
+        pytest.skip(f"flash_attn.cute not importable: {e}")
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("FA4 needs sm90+")
+
+
 def pytest_runtest_logreport(report):
     """With ATTNLANG_REPORT=path, each failure's traceback and each test's outcome and seconds are appended to that
     file as they happen: a GPU run that hits its time limit still leaves what it found."""

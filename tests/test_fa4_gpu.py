@@ -13,24 +13,11 @@ import torch
 
 import attnlang as al
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("needs_fa4")]
 
 OUT_TOL = 1e-2      # ||out - ref|| / ||ref||
 GRAD_TOL = 2e-2     # the same for dq, dk, dv
 LSE_TOL = 2e-2      # max |lse - ref| over rows with an allowed key
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _needs_fa4():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    from attnlang.backends import fa4
-    try:
-        fa4._flash()
-    except Exception as e:
-        pytest.skip(f"flash_attn.cute not importable: {e}")
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("FA4 needs sm90+")
 
 
 def _rel(a, b):

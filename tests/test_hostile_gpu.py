@@ -13,20 +13,7 @@ import torch
 
 import attnlang as al
 
-pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _needs_fa4():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    from attnlang.backends import fa4
-    try:
-        fa4._flash()
-    except Exception as e:
-        pytest.skip(f"flash_attn.cute not importable: {e}")
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("FA4 needs sm90+")
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("needs_fa4")]
 
 
 def _nan_table(n: int) -> torch.Tensor:
