@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import numbers
+import sys
 from typing import Any, Mapping
 
 import torch
@@ -25,6 +26,8 @@ __all__ = ["Variant", "compile", "from_config", "reference", "BACKENDS"]
 
 BACKENDS = ("auto", "eager", "flex", "fa4")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# packages whose code tests a Variant (a callable) for presence with bool(): they get True (see __bool__)
+_TRUTHY_CALLERS = frozenset({"torch", "functools", "inspect", "transformers", "typing", "dataclasses"})
 CONFIG_KEYS = ("score", "mask", "params", "sink", "normalize")
 
 
@@ -161,7 +164,12 @@ class Variant:
     __rxor__ = __xor__
 
     def __bool__(self):
-        # ``a and b`` would silently be b, ``not a`` False: the words never compose variants (JAX Splash masks too)
+        # ``a and b`` would silently be b, ``not a`` False: the words never compose variants (JAX Splash masks too).
+        # Libraries that test a callable for presence (Dynamo's ``if fn and callable(fn)`` on torch 2.11, functools,
+        # transformers) get True: only the caller's own ``and`` / ``or`` / ``not`` / ``if variant`` is an error.
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.split(".", 1)[0] in _TRUTHY_CALLERS:
+            return True
         raise AttnLangError("a Variant has no truth value: compose variants with &, | and ~ (not 'and', 'or', "
                             "'not'), and test for a missing one with 'is None'")
 

@@ -473,6 +473,23 @@ def test_variants_have_no_truth_value_so_the_words_cannot_compose_them_silently(
         use(a, b)
 
 
+def test_libraries_that_test_a_callable_for_presence_see_a_variant_as_true():
+    # torch 2.11's Dynamo evaluates `if inner_fn and callable(inner_fn)` on the called Variant: an error there
+    # broke every compiled call (H200, session 5); code outside torch and the stdlib helpers still gets the error
+    import types
+
+    def probe(x):
+        return bool(x)
+
+    def probe_in(module):  # the same function, as if defined in that module
+        return types.FunctionType(probe.__code__, {"__name__": module, "bool": bool})
+
+    a = al.compile(mask="q_idx >= kv_idx")
+    assert probe_in("torch._dynamo.symbolic_convert")(a) is True
+    with pytest.raises(al.AttnLangError, match="no truth value"):
+        probe_in("mymodel.layers")(a)
+
+
 @pytest.mark.parametrize("use", [lambda a: 1 & a, lambda a: None | a, lambda a: a ^ a],
                          ids=["rand", "ror", "xor"])
 def test_variant_operators_with_the_variant_on_the_right_or_xor_are_attnlang_errors(use):
