@@ -18,14 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# attnlang comes from its install: the checkout's attnlang/ has no backends/ (package-dir maps it), so ROOT must
+# not go in front of it (session 5's first GPU run failed with "No module named attnlang.grammar")
 
 
 def _bench(fn, warmup=5, rep=50) -> float:
@@ -97,8 +97,9 @@ class DecodeStep(torch.nn.Module):
 
     def __init__(self, fn, B, Hkv, L, D):
         super().__init__()
-        self.register_buffer("k_cache", torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16))
-        self.register_buffer("v_cache", torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16))
+        g = torch.Generator(device="cuda").manual_seed(1)  # every contender attends over the same cache
+        self.register_buffer("k_cache", torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=g))
+        self.register_buffer("v_cache", torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16, generator=g))
         self.fn = fn
 
     def forward(self, q, k_new, v_new, pos):
