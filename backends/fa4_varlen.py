@@ -12,8 +12,16 @@ allows are exactly the pairs inside one run, so each run is one varlen sequence.
    document of a self-attention call, ``q_idx >= kv_idx`` is FA4's ``causal=True``: q and kv share the
    document's offset), else a mask_mod; the score a score_mod; both emitted with ``positions=`` so they read the
    global ``b``, ``q_idx``, ``kv_idx``, ``q_len``, ``kv_len`` of LANGUAGE.md (``attnlang.emit_cute``);
-4. q / k / v go in as [B * S, H, D]: a view for B == 1 or [B, S, H, D]-laid-out tensors, else one copy; out and
-   lse come back as views ([total, H, Dv] -> [B, H, S, Dv]; lse [H, total] -> [B, H, S]).
+4. q / k / v go in in one of two layouts (``_layout``), the one with fewer copies (ties: packed):
+   - packed, [B * S, H, D]: a view for B == 1 or [B, S, H, D]-laid-out tensors, else one copy; out and lse come
+     back as views ([total, H, Dv] -> [B, H, S, Dv]; lse [H, total] -> [B, H, S]);
+   - batch folded into heads, [S, B * H, D] (``x.permute(2, 0, 1, 3)``, batch b head h as head b * H + h): a view
+     of [B, H, S, D]-contiguous tensors, the layout users usually pass (the packed one copies them). Only where
+     the ids are shared by the batch (``doc[q_idx]``, not ``doc[b, q_idx]``), so that one row's cu_seqlens serve
+     every folded head, and the modifiers read neither ``b`` nor ``h`` (FA4 hands them the folded head and
+     batch 0). GQA holds: FA4's q head i reads kv head i // g, and (b * Hq + h) // g == b * Hkv + h // g. out
+     [S, B * H, Dv] -> [B, H, S, Dv] and lse [B * H, S] -> [B, H, S] come back as views, and so do the gradients
+     (FA4 allocates them with ``empty_like`` of the folded q / k / v).
 
 Direction by direction (``kernel_options={"varlen": ...}``): True runs the forward and the backward on the varlen
 kernels, False neither (tile lists, the path of ``attnlang.backends.fa4``). Without the key (and unless the mask
@@ -23,7 +31,8 @@ runs varlen (H200, GQA B=2 S=4096 random documents: 0.95 ms against 1.23 ms for 
 varlen from ``VARLEN_FORWARD_MIN_TOKENS`` packed tokens on (tile lists were faster at 2 x 4096 tokens, 0.304 against
 0.395 ms, varlen at 1 x 32768, 1.208 against 1.420 ms). A tile-list forward and a varlen backward are one autograd
 function: FA4's lse of the dense forward ([B, H, S]) is permuted into the varlen layout ([H, B * S]) for the
-backward, which recomputes P from it; both forwards give the same lse up to rounding.
+backward, which recomputes P from it; both forwards give the same lse up to rounding. Folded, the dense forward
+writes out into a [B, H, S, Dv] buffer and its lse [B, H, S] is already the folded [B * H, S].
 """
 
 from __future__ import annotations
@@ -44,6 +53,8 @@ __all__ = ["Host", "Packing", "pack_documents", "route", "describe", "VARLEN_FOR
 VARLEN_FORWARD_MIN_TOKENS = 16384  # packed tokens (B * S) from which the forward also runs varlen by default
 _TILE = 128  # FA4's Hopper tile rows: documents on these boundaries leave the tile-list path no partial tile
 _INT32_MAX = (1 << 31) - 1
+_MAX_GRID_HEADS = 65535  # FA4's single-tile schedulers put the heads on the grid's y dimension (CUDA: < 2^16)
+_FOLDED, _PACKED = "folded", "packed"
 
 
 @dataclass(frozen=True)
@@ -104,10 +115,12 @@ def pack_documents(doc: torch.Tensor, batch: int, length: int, batched: bool) ->
     return Packing(cu_seqlens=cu, max_seqlen=int(longest), count=int(cu.numel()) - 1, aligned=aligned == 0)
 
 
-def _packing(plan, docs: Documents) -> Packing | None:
+def _packing(plan, docs: Documents, batch: int | None = None) -> Packing | None:
+    """The packing of the call's B rows (``batch`` None) or of ``batch`` rows (1: the folded layout's one row)."""
     doc = plan.tensors[docs.tensor]
-    tag = f"varlen/{plan.batch}/{plan.q_len}/{int(docs.batched)}"
-    return MEMO.get(doc, tag, lambda t: pack_documents(t, plan.batch, plan.q_len, docs.batched))
+    batch = plan.batch if batch is None else batch
+    tag = f"varlen/{batch}/{plan.q_len}/{int(docs.batched)}"
+    return MEMO.get(doc, tag, lambda t: pack_documents(t, batch, plan.q_len, docs.batched))
 
 
 # ----- lowering of what is left inside a document -----
@@ -115,7 +128,9 @@ def _packing(plan, docs: Documents) -> Packing | None:
 @dataclass(frozen=True, slots=True)
 class VarlenLowering:
     """window: FA4's (left, right) flags inside each sequence; module: the generated CuteModule (positions made
-    global) or None; score_mod / mask_mod: whether it defines them; tensors: aux_tensors names, in order."""
+    global) or None; score_mod / mask_mod: whether it defines them; tensors: aux_tensors names, in order;
+    native: the words for describe(); per_row: whether the modifiers read ``b`` or ``h`` (directly or as an index
+    of a tensor or table), which the folded layout would change."""
 
     window: tuple
     module: object
@@ -123,6 +138,7 @@ class VarlenLowering:
     mask_mod: bool
     tensors: tuple
     native: str
+    per_row: bool = False
 
 
 @functools.lru_cache(maxsize=256)
@@ -146,13 +162,15 @@ def _lowering_cached(score: Expr, rest: Expr, q_len: int, batched: bool, fastmat
         if e is not None:
             used |= {n.tensor for n in walk(e) if isinstance(n, Index)}
     tensors = tuple(sorted(used - set(table_map)))
+    read = {n.name for e in (score_expr, mask_expr) if e is not None for n in walk(e) if isinstance(n, Var)}
+    per_row = bool(read & {"b", "h"})
     module = None
     if score_expr is not None or mask_expr is not None:
         header = f"varlen | score: {to_source(score)} | mask inside documents: {to_source(rest)}"
         module = emit_module(score_expr, mask_expr, None if identity else derivative(score), tensors,
                              fastmath=fastmath, header=header, tables=table_map,
                              positions=VarlenPositions(q_len, q_len, batched))
-    return VarlenLowering(window, module, score_expr is not None, mask_expr is not None, tensors, native)
+    return VarlenLowering(window, module, score_expr is not None, mask_expr is not None, tensors, native, per_row)
 
 
 _LOWERED = IdentityMemo()
@@ -197,16 +215,64 @@ def _choice(q, k, v, plan):
     return docs, packing, forward, grads
 
 
+def _expanded(q, k, v, grads: bool, low: VarlenLowering):
+    """k / v as the kernel gets them: expanded to the query heads for a backward with modifiers (as in
+    fa4.kernel_arguments: FA4's grouped backward is not trusted with modifiers), else as given."""
+    if grads and k.shape[1] != q.shape[1] and low.module is not None:
+        group = q.shape[1] // k.shape[1]
+        return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return k, v
+
+
+def _packed_view(t: torch.Tensor) -> bool:
+    """Whether [B, H, S, D] ``t`` reshapes to the packed [B * S, H, D] without a copy."""
+    B, _, S, _ = t.shape
+    return B == 1 or S == 1 or t.stride(0) == S * t.stride(2)
+
+
+def _folded_view(t: torch.Tensor) -> bool:
+    """Whether [B, H, S, D] ``t`` reshapes to the folded [S, B * H, D] without a copy."""
+    B, H = t.shape[0], t.shape[1]
+    return B == 1 or H == 1 or t.stride(0) == H * t.stride(1)
+
+
+def _layout(q, k, v, plan, docs: Documents, low: VarlenLowering) -> tuple[str, tuple[str, ...]]:
+    """(``_FOLDED`` or ``_PACKED``, the names of the tensors among q / k / v that layout copies). q / k / v are
+    [B, H, S, D] as the kernel gets them (after ``_expanded``). Folded only where it is exact (ids shared by the
+    batch, modifiers reading neither b nor h, B * Hq heads on FA4's grid) and copies fewer tensors."""
+    named = (("q", q), ("k", k), ("v", v))
+    packed = tuple(n for n, t in named if not _packed_view(t))
+    if (packed and plan.batch > 1 and not docs.batched and not low.per_row
+            and plan.batch * q.shape[1] <= _MAX_GRID_HEADS):
+        folded = tuple(n for n, t in named if not _folded_view(t))
+        if len(folded) < len(packed):
+            return _FOLDED, folded
+    return _PACKED, packed
+
+
+def _layout_words(layout: str, copies: tuple) -> str:
+    copied = "one copy of " + ", ".join(copies)
+    if layout == _FOLDED:
+        return "folded batch into heads (" + ("no copy" if not copies else copied) + ")"
+    return "packed view" if not copies else copied
+
+
 def describe(q, k, v, plan, host: Host) -> str:
-    """Which path an fa4 call takes for packed documents, in words (for the benchmark's notes)."""
+    """Which path an fa4 call takes for packed documents, in words (for the benchmark's notes): the directions,
+    the layout of q / k / v ("folded batch into heads (no copy)", "packed view", "one copy of q, k, v"), the
+    sequences of one varlen call and what runs inside them."""
     got = _choice(q, k, v, plan)
     if got is None:
         return "tile lists (no varlen: " + ("kernel_options varlen=False" if plan.options.get("varlen") is False
                                              else "not packed documents, or ids not in contiguous runs") + ")"
     docs, packing, forward, backward = got
     low = _lowering(plan, docs, host)
+    layout, copies = _layout(q, *_expanded(q, k, v, backward, low), plan, docs, low)
+    if layout == _FOLDED:
+        packing = _packing(plan, docs, 1)
     where = ("varlen forward" if forward else "tile-list forward") + (" + varlen backward" if backward else "")
-    return f"{where}; {packing.count} sequences, longest {packing.max_seqlen}; {low.native}"
+    return (f"{where}; {_layout_words(layout, copies)}; {packing.count} sequences, longest {packing.max_seqlen}; "
+            f"{low.native}")
 
 
 # ----- running it -----
@@ -216,21 +282,48 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0] * t.shape[1], t.shape[2], t.shape[3])
 
 
+def _fold(t: torch.Tensor) -> torch.Tensor:
+    """[B, S, H, D] -> [S, B * H, D] (batch b head h -> head b * H + h): a view where the strides allow (a
+    [B, H, S, D]-contiguous tensor transposed), else one copy."""
+    return t.transpose(0, 1).reshape(t.shape[1], t.shape[0] * t.shape[2], t.shape[3])
+
+
+def _to_varlen(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """[B, S, H, D] -> the varlen layout's [total, heads, D]."""
+    return _fold(t) if layout == _FOLDED else _flat(t)
+
+
+def _from_varlen(t: torch.Tensor, shape, layout: str) -> torch.Tensor:
+    """The inverse of ``_to_varlen`` to [B, S, H, D] ``shape`` (a view for FA4's gradients, allocated with
+    ``empty_like`` of the varlen inputs)."""
+    if layout == _FOLDED:
+        return t.reshape(shape[1], shape[0], shape[2], shape[3]).transpose(0, 1)
+    return t.reshape(shape)
+
+
 class _Documents(torch.autograd.Function):
     """Forward on tile lists (``dense`` = flash_attn_func-style kwargs) or varlen; backward on varlen.
-    Inputs q / k / v are [B, S, H, D]; outputs out [B * S, H, Dv] and lse [H, B * S] (the varlen layouts)."""
+    Inputs q / k / v are [B, S, H, D]; outputs out and lse in the varlen layout of ``run["layout"]``:
+    packed out [B * S, H, Dv], lse [H, B * S]; folded out [S, B * H, Dv], lse [B * H, S]."""
 
     @staticmethod
     def forward(ctx, q, k, v, run):
-        fa = run["fa"]
-        B, S = q.shape[0], q.shape[1]
+        fa, layout = run["fa"], run["layout"]
+        B, S, H = q.shape[0], q.shape[1], q.shape[2]
         if run["dense"] is not None:
-            out, lse = fa._flash_attn_fwd(q, k, v, **run["dense"])[:2]
-            out = out.view(B * S, out.shape[2], out.shape[3])
-            lse = lse.permute(1, 0, 2).reshape(lse.shape[1], B * S)  # [B, H, S] -> [H, B * S]: 4 bytes a row
+            if layout == _FOLDED:
+                # out written into a [B, H, S, Dv] buffer: its [S, B * H, Dv] fold is a view, and FA4's lse
+                # [B, H, S] is already the folded [B * H, S]
+                buf = torch.empty(B, H, S, v.shape[3], dtype=q.dtype, device=q.device)
+                lse = fa._flash_attn_fwd(q, k, v, out=buf.transpose(1, 2), **run["dense"])[1]
+                out, lse = _fold(buf.transpose(1, 2)), lse.view(B * H, S)
+            else:
+                out, lse = fa._flash_attn_fwd(q, k, v, **run["dense"])[:2]
+                out = out.view(B * S, out.shape[2], out.shape[3])
+                lse = lse.permute(1, 0, 2).reshape(lse.shape[1], B * S)  # [B, H, S] -> [H, B * S]: 4 bytes a row
             saved = (q, k, v)
         else:
-            saved = (_flat(q), _flat(k), _flat(v))
+            saved = tuple(_to_varlen(t, layout) for t in (q, k, v))
             out, lse = fa._flash_attn_fwd(*saved, causal=False, return_lse=True, **run["varlen"])[:2]
         ctx.save_for_backward(*saved, out, lse)
         ctx.run, ctx.shapes = run, (q.shape, k.shape, v.shape)
@@ -241,14 +334,14 @@ class _Documents(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         run = ctx.run
+        layout = run["layout"]
         if dout is None:
             dout = torch.zeros_like(out)
-        q, k, v = (t if t.dim() == 3 else _flat(t) for t in (q, k, v))
+        q, k, v = (t if t.dim() == 3 else _to_varlen(t, layout) for t in (q, k, v))
         dq, dk, dv = run["fa"]._flash_attn_bwd(
             q, k, v, out, dout.contiguous(), lse, causal=False, score_mod_bwd=run["score_mod_bwd"],
             dlse=None if dlse is None else dlse.contiguous(), **run["varlen"])[:3]
-        shapes = ctx.shapes
-        return dq.view(shapes[0]), dk.view(shapes[1]), dv.view(shapes[2]), None
+        return (*(_from_varlen(g, shape, layout) for g, shape in zip((dq, dk, dv), ctx.shapes)), None)
 
 
 def route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, host: Host):
@@ -267,10 +360,10 @@ def route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, host: Host):
     mask_mod = getattr(mod, "mask_mod", None) if low.mask_mod else None
     aux = [MEMO.get(plan.tensors[n], "aux", host.aux) for n in low.tensors] or None
     B, S = plan.batch, plan.q_len
-    if grads and k.shape[1] != q.shape[1] and low.module is not None:
-        # as in fa4.kernel_arguments: FA4's grouped backward is not trusted with modifiers
-        group = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    k, v = _expanded(q, k, v, grads, low)
+    layout = _layout(q, k, v, plan, docs, low)[0]
+    if layout == _FOLDED:
+        packing = _packing(plan, docs, 1)  # one row's documents, shared by every folded head
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     cu, m = packing.cu_seqlens, packing.max_seqlen
     varlen = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=m, max_seqlen_k=m, softmax_scale=plan.scale,
@@ -278,7 +371,7 @@ def route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, host: Host):
                   mask_mod=mask_mod, aux_tensors=aux)
     H, Dv = q.shape[1], v.shape[-1]
     if not grads:
-        out, lse = fa._flash_attn_fwd(_flat(qt), _flat(kt), _flat(vt), causal=False,
+        out, lse = fa._flash_attn_fwd(*(_to_varlen(t, layout) for t in (qt, kt, vt)), causal=False,
                                       return_lse=plan.return_lse, **varlen)[:2]
     else:
         dense = None
@@ -289,12 +382,15 @@ def route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, host: Host):
             kwargs.pop("score_mod_bwd")
             kwargs.pop("block_sparse_tensors_bwd")
             dense = dict(kwargs, window_size_left=left, window_size_right=right, return_lse=True)
-        run = {"fa": fa, "dense": dense, "varlen": varlen, "score_mod_bwd": score_mod_bwd}
+        run = {"fa": fa, "dense": dense, "varlen": varlen, "score_mod_bwd": score_mod_bwd, "layout": layout}
         out, lse = _Documents.apply(qt, kt, vt, run)
-    out = out.view(B, S, H, Dv).transpose(1, 2)
-    if lse is not None:
-        lse = lse.view(H, B, S).permute(1, 0, 2)
-        if plan.lse_shift is not None:
-            lse = lse + row_values(plan.lse_shift, plan.batch, plan.q_heads, plan.q_len, plan.kv_len,
-                                   plan.tensors, torch.float32, q.device)
+    if layout == _FOLDED:
+        out = out.view(S, B, H, Dv).permute(1, 2, 0, 3)
+        lse = None if lse is None else lse.view(B, H, S)
+    else:
+        out = out.view(B, S, H, Dv).transpose(1, 2)
+        lse = None if lse is None else lse.view(H, B, S).permute(1, 0, 2)
+    if lse is not None and plan.lse_shift is not None:
+        lse = lse + row_values(plan.lse_shift, plan.batch, plan.q_heads, plan.q_len, plan.kv_len,
+                               plan.tensors, torch.float32, q.device)
     return out, lse

@@ -182,11 +182,13 @@ def _allowed(Sq, Sk, left, right, causal):
     return ok
 
 
-def _attend(q, k, v, scale, allowed):
-    """q [Sq, H, D], k / v [Sk, Hk, D]; -> out [Sq, H, Dv], lse [H, Sq]."""
+def _attend(q, k, v, scale, allowed, score_mod=None):
+    """q [Sq, H, D], k / v [Sk, Hk, D]; -> out [Sq, H, Dv], lse [H, Sq]; score_mod(scores [H, Sq, Sk])."""
     H, Hk = q.shape[1], k.shape[1]
     k, v = k.repeat_interleave(H // Hk, dim=1), v.repeat_interleave(H // Hk, dim=1)
     s = torch.einsum("qhd,khd->hqk", q, k) * scale
+    if score_mod is not None:
+        s = score_mod(s)
     s = s.masked_fill(~allowed, -math.inf)
     lse = s.logsumexp(-1)
     p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
@@ -194,21 +196,35 @@ def _attend(q, k, v, scale, allowed):
 
 
 class FakeFA4:
-    """flash_attn.cute's _flash_attn_fwd / _flash_attn_bwd for calls without modifiers, in float64 torch.
+    """flash_attn.cute's _flash_attn_fwd / _flash_attn_bwd, in float64 torch, reading the tensors it is handed with
+    whatever strides they have (so a wrong fold / unfold of the layouts gives a wrong result).
 
-    Varlen calls attend inside each cu_seqlens sequence with FA4's window flags; dense calls (the tile-list
-    forward) use ``dense_mask`` [S, S], the mask the tile lists stand for. The backward recomputes the forward
-    by autograd and checks that the lse it is handed is the forward's (the layout permutation)."""
+    Varlen calls attend inside each cu_seqlens sequence, head by head of the tensors given (q head i reads kv head
+    i // (Hq / Hkv), as FA4 does), with FA4's window flags and, where given, a ``score_mod`` stand-in called as
+    ``score_mod(score, seq, head, q_local, kv_local, offset_q, offset_k, aux)`` with FA4's indices (the sequence
+    and the head of the varlen call, positions local to the sequence); dense calls (the tile-list forward) use
+    ``dense_mask`` [S, S], the mask the tile lists stand for, and write into ``out=`` where given. The backward
+    recomputes the forward by autograd, checks that the lse it is handed is the forward's (the layout
+    permutation) and returns gradients laid out as ``torch.empty_like`` of q / k / v, as FA4 allocates them.
+    ``received`` records (data_ptr, shape, stride) of the q / k / v of every varlen call."""
 
     def __init__(self, dense_mask=None):
         self.dense_mask = dense_mask
         self.calls = []
+        self.received = []
 
-    def _varlen(self, q, k, v, cu, scale, left, right):
+    def _varlen(self, q, k, v, cu, scale, left, right, score_mod=None, aux=None):
+        self.received.append(tuple((t.data_ptr(), tuple(t.shape), t.stride()) for t in (q, k, v)))
         outs, lses = [], []
         cu = cu.tolist()
-        for a, b in zip(cu[:-1], cu[1:]):
-            o, lse = _attend(q[a:b], k[a:b], v[a:b], scale, _allowed(b - a, b - a, left, right, False))
+        for seq, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
+            mod = None
+            if score_mod is not None:
+                def mod(s, a=a, seq=seq):
+                    heads = torch.arange(s.shape[0])[:, None, None]
+                    i, j = torch.arange(s.shape[1])[None, :, None], torch.arange(s.shape[2])[None, None, :]
+                    return score_mod(s, seq, heads, i, j, a, a, aux)
+            o, lse = _attend(q[a:b], k[a:b], v[a:b], scale, _allowed(b - a, b - a, left, right, False), mod)
             outs.append(o)
             lses.append(lse)
         return torch.cat(outs), torch.cat(lses, dim=1)
@@ -216,18 +232,25 @@ class FakeFA4:
     def _flash_attn_fwd(self, q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
                         max_seqlen_k=None, softmax_scale=None, causal=False, window_size_left=None,
                         window_size_right=None, score_mod=None, mask_mod=None, aux_tensors=None,
-                        return_lse=False, block_sparse_tensors=None):
-        assert score_mod is None and mask_mod is None
+                        return_lse=False, block_sparse_tensors=None, out=None):
+        assert mask_mod is None
         if cu_seqlens_q is not None:
             self.calls.append("fwd varlen")
             assert cu_seqlens_q.dtype == torch.int32 and q.dim() == 3
+            assert int(cu_seqlens_q[-1]) == q.shape[0] == k.shape[0]
             assert max_seqlen_q == int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
-            out, lse = self._varlen(q, k, v, cu_seqlens_q, softmax_scale, window_size_left, window_size_right)
+            o, lse = self._varlen(q, k, v, cu_seqlens_q, softmax_scale, window_size_left, window_size_right,
+                                  score_mod, aux_tensors)
         else:
+            assert score_mod is None
             self.calls.append("fwd dense")
             outs, lses = zip(*(_attend(q[b], k[b], v[b], softmax_scale, self.dense_mask) for b in range(q.shape[0])))
-            out, lse = torch.stack(outs), torch.stack(lses)
-        return out, (lse if return_lse else None), None, None, None
+            o, lse = torch.stack(outs), torch.stack(lses)
+        if out is not None:
+            assert out.shape == o.shape
+            out.copy_(o)
+            o = out
+        return o, (lse if return_lse else None), None, None, None
 
     def _flash_attn_bwd(self, q, k, v, out, dout, lse, softmax_scale=None, causal=False, softcap=0.0,
                         window_size_left=None, window_size_right=None, cu_seqlens_q=None, cu_seqlens_k=None,
@@ -235,13 +258,16 @@ class FakeFA4:
                         aux_tensors=None, dlse=None):
         self.calls.append("bwd varlen" if cu_seqlens_q is not None else "bwd dense")
         assert cu_seqlens_q is not None and lse.shape == (q.shape[1], q.shape[0])
+        assert (score_mod is None) == (score_mod_bwd is None)
         qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
         with torch.enable_grad():
-            o, l2 = self._varlen(qq, kk, vv, cu_seqlens_q, softmax_scale, window_size_left, window_size_right)
+            o, l2 = self._varlen(qq, kk, vv, cu_seqlens_q, softmax_scale, window_size_left, window_size_right,
+                                 score_mod, aux_tensors)
             finite = torch.isfinite(lse)
             assert torch.allclose(l2[finite], lse[finite], atol=1e-6), "lse handed to the backward is not the forward's"
             loss = (o * dout).sum() + ((l2.where(finite, 0.0) * dlse).sum() if dlse is not None else 0.0)
-            return torch.autograd.grad(loss, (qq, kk, vv))
+            grads = torch.autograd.grad(loss, (qq, kk, vv))
+        return tuple(torch.empty_like(t).copy_(g) for t, g in zip((q, k, v), grads))
 
 
 @pytest.fixture
@@ -260,14 +286,23 @@ def _doc_ids(lengths):
     return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
 
 
-def _run(mask, tensors, B=2, Hq=4, Hkv=2, S=48, D=32, grads=True, options=None, params=None, seed=0):
+def _run(mask, tensors, B=2, Hq=4, Hkv=2, S=48, D=32, grads=True, options=None, params=None, seed=0, score=None,
+         layout="bhsd"):
+    """route() against eager on random float64 q / k / v; layout "bhsd": [B, H, S, D]-contiguous (what users
+    usually pass), "bshd": [B, S, H, D]-laid-out views. Returns (out, lse, (q, k, v) as route got them, plan)."""
     from attnlang.backends import fa4_varlen
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Hq, S, D, dtype=torch.float64, generator=g)
-    k = torch.randn(B, Hkv, S, D, dtype=torch.float64, generator=g)
-    v = torch.randn(B, Hkv, S, D, dtype=torch.float64, generator=g)
-    variant = al.compile(mask=mask, params=params)
-    qa, ka, va = (t.clone().requires_grad_(grads) for t in (q, k, v))
+
+    def rand(H):
+        if layout == "bshd":
+            return torch.randn(B, S, H, D, dtype=torch.float64, generator=g).transpose(1, 2)
+        return torch.randn(B, H, S, D, dtype=torch.float64, generator=g)
+    q, k, v = rand(Hq), rand(Hkv), rand(Hkv)
+    variant = al.compile(mask=mask, params=params, **({} if score is None else {"score": score}))
+    qa, ka, va = (t.detach().requires_grad_(grads) for t in (q.clone(), k.clone(), v.clone()))
+    if layout == "bshd":
+        qa, ka, va = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(grads)
+                      for t in (q, k, v))
     plan = variant._plan(qa, ka, va, None, "fa4", True, options, tensors)
     from attnlang.backends import fa4
     got = fa4_varlen.route(qa, ka, va, plan, fa4.VARLEN_HOST)
@@ -286,7 +321,7 @@ def _run(mask, tensors, B=2, Hq=4, Hkv=2, S=48, D=32, grads=True, options=None, 
         ((ref * dout).sum() + (ref_lse.where(torch.isfinite(ref_lse), 0.0) * dlse).sum()).backward()
         for a, b in ((qa, qe), (ka, ke), (va, ve)):
             torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4)  # eager lse is float32
-    return out, lse
+    return out, lse, (qa, ka, va), plan
 
 
 LENGTHS = [5, 17, 1, 25]  # 48 positions, a document of length 1 included
@@ -333,6 +368,154 @@ def test_route_tile_list_forward_varlen_backward(fake, monkeypatch):
     monkeypatch.setattr(fa4, "_block_sparse", lambda plan, low, device: (None, None, True))
     _run("doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx", {"doc": doc})
     assert fa.calls == ["fwd dense", "bwd varlen"]
+
+
+# ----- the folded layout: batch into heads, no copy of [B, H, S, D]-contiguous inputs -----
+
+def _describe(mask, tensors, q, k, v, options=None, score=None):
+    from attnlang.backends import fa4, fa4_varlen
+    variant = al.compile(mask=mask, **({} if score is None else {"score": score}))
+    plan = variant._plan(q, k, v, None, "fa4", False, options, tensors)
+    return fa4_varlen.describe(q, k, v, plan, fa4.VARLEN_HOST)
+
+
+def _assert_no_copy(fa, inputs, B, Hq, Hkv, S, D):
+    """Every varlen call got the user's very storage, folded: [S, B * H, D] with strides (D, S * D, 1)."""
+    assert fa.received
+    for got in fa.received:
+        for (ptr, shape, stride), t, H in zip(got, inputs, (Hq, Hkv, Hkv)):
+            assert ptr == t.data_ptr(), "q / k / v were copied"
+            assert shape == (S, B * H, D) and stride == (D, S * D, 1)
+
+
+@pytest.mark.parametrize("B", [2, 3])
+@pytest.mark.parametrize("Hq, Hkv", [(4, 4), (4, 2)])
+@pytest.mark.parametrize("rest", ["q_idx >= kv_idx", "0 <= q_idx - kv_idx < 4"])
+def test_folded_layout_matches_eager_forward_and_backward(fake, B, Hq, Hkv, rest):
+    fa = fake()
+    mask = f"doc[q_idx] == doc[kv_idx] & {rest}"
+    out, lse, inputs, plan = _run(mask, {"doc": _doc_ids(LENGTHS)}, B=B, Hq=Hq, Hkv=Hkv,
+                                  options={"varlen": True})
+    assert fa.calls == ["fwd varlen", "bwd varlen"]
+    _assert_no_copy(fa, inputs, B, Hq, Hkv, 48, 32)
+    assert out.shape == (B, Hq, 48, 32) and lse.shape == (B, Hq, 48)
+    assert "folded batch into heads (no copy)" in _describe(mask, {"doc": _doc_ids(LENGTHS)}, *inputs,
+                                                            options={"varlen": True})
+
+
+def test_folded_layout_inference(fake):
+    fa = fake()
+    _, _, inputs, _ = _run("doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx", {"doc": _doc_ids(LENGTHS)}, B=3,
+                           grads=False, options={"varlen": True})
+    assert fa.calls == ["fwd varlen"]
+    _assert_no_copy(fa, inputs, 3, 4, 2, 48, 32)
+
+
+def test_folded_layout_uses_one_rows_cu_seqlens(fake):
+    fa = fake()
+    seen = []
+    real = fa._varlen
+    fa._varlen = lambda q, k, v, cu, *a: seen.append(cu.tolist()) or real(q, k, v, cu, *a)
+    _run("doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx", {"doc": _doc_ids(LENGTHS)}, B=3, options={"varlen": True})
+    assert seen and all(cu == [0, 5, 22, 23, 48] for cu in seen)
+
+
+def test_folded_tile_list_forward_varlen_backward(fake, monkeypatch):
+    """The tile-list forward writes out into a [B, H, S, Dv] buffer and hands its lse [B, H, S] on as the
+    folded [B * H, S]; the varlen backward gets the saved [B, S, H, D] q / k / v folded, not copied."""
+    from attnlang.backends import fa4
+    doc = _doc_ids(LENGTHS)
+    dense = (doc[:, None] == doc[None, :]) & (torch.arange(48)[:, None] >= torch.arange(48)[None, :])
+    fa = fake(dense)
+    monkeypatch.setattr(fa4, "_load", lambda module: None)
+    monkeypatch.setattr(fa4, "_block_sparse", lambda plan, low, device: (None, None, True))
+    _, _, inputs, _ = _run("doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx", {"doc": doc}, B=3)
+    assert fa.calls == ["fwd dense", "bwd varlen"]
+    _assert_no_copy(fa, inputs, 3, 4, 2, 48, 32)
+
+
+def test_packed_view_for_bshd_inputs(fake):
+    """[B, S, H, D]-laid-out inputs already pack to [B * S, H, D] without a copy: that layout stays."""
+    fa = fake()
+    mask = "doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx"
+    _, _, inputs, _ = _run(mask, {"doc": _doc_ids(LENGTHS)}, layout="bshd", options={"varlen": True})
+    for got in fa.received:
+        for (ptr, shape, _), t in zip(got, inputs):
+            assert ptr == t.data_ptr() and shape[0] == 2 * 48
+    assert "packed view" in _describe(mask, {"doc": _doc_ids(LENGTHS)}, *inputs, options={"varlen": True})
+
+
+def test_batched_ids_keep_the_packed_layout(fake):
+    fa = fake()
+    doc = torch.stack([_doc_ids(LENGTHS), _doc_ids([30, 18])])
+    mask = "doc[b, q_idx] == doc[b, kv_idx] & q_idx >= kv_idx"
+    _, _, inputs, _ = _run(mask, {"doc": doc}, options={"varlen": True})
+    assert all(shape[0] == 2 * 48 for got in fa.received for _, shape, _ in got)
+    assert "one copy of q, k, v" in _describe(mask, {"doc": doc}, *inputs, options={"varlen": True})
+
+
+def _slope_score_mod(S, slope):
+    """What the module emitted for ``score + slope[h] * (kv_idx - q_idx)`` with global positions does, in torch
+    (``slope`` baked into it as a table; the simplified score is ``score + slope[h] * kv_idx``, the row term
+    going to the lse shift): the batch row from the sequence's offset in the packed rows, positions
+    made global, h the kernel's head (a folded head would index past the table)."""
+    def score_mod(s, seq, h, i, j, offset_q, offset_k, aux):
+        row = offset_q // S
+        kv = offset_k + j - row * S
+        return s + slope[h] * kv
+    return score_mod
+
+
+def test_score_reading_h_is_not_folded(fake, monkeypatch):
+    from types import SimpleNamespace
+
+    from attnlang.backends import fa4
+    fa = fake()
+    slope = torch.tensor([0.5, -0.25, 0.125, 1.0], dtype=torch.float64)
+    monkeypatch.setattr(fa4, "_load", lambda module: SimpleNamespace(score_mod=_slope_score_mod(48, slope),
+                                                                     score_mod_bwd=object()))
+    tensors = {"doc": _doc_ids(LENGTHS), "slope": slope}
+    mask, score = "doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx", "score + slope[h] * (kv_idx - q_idx)"
+    _, _, inputs, _ = _run(mask, tensors, score=score, options={"varlen": True})
+    assert all(shape[0] == 2 * 48 for got in fa.received for _, shape, _ in got)
+    text = _describe(mask, tensors, *inputs, options={"varlen": True}, score=score)
+    assert "one copy of q, k, v" in text and "folded" not in text
+
+
+def test_score_reading_neither_b_nor_h_folds(fake, monkeypatch):
+    """A score of positions only (the same for every batch row and head) runs folded (simplified: ``score +
+    0.25 * kv_idx``, the row term in the lse shift)."""
+    from types import SimpleNamespace
+
+    from attnlang.backends import fa4
+    fa = fake()
+
+    def score_mod(s, seq, h, i, j, offset_q, offset_k, aux):
+        return s + 0.25 * (offset_k + j)
+    monkeypatch.setattr(fa4, "_load", lambda module: SimpleNamespace(score_mod=score_mod, score_mod_bwd=object()))
+    mask, score = "doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx", "score + 0.25 * (kv_idx - q_idx)"
+    _, _, inputs, _ = _run(mask, {"doc": _doc_ids(LENGTHS)}, Hkv=4, score=score, options={"varlen": True})
+    _assert_no_copy(fa, inputs, 2, 4, 4, 48, 32)
+
+
+@pytest.mark.parametrize("score, mask, per_row", [
+    ("score", "doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx", False),
+    ("score + 0.5 * (kv_idx - q_idx)", "doc[q_idx] == doc[kv_idx]", False),
+    ("score * slope[h]", "doc[q_idx] == doc[kv_idx]", True),
+    ("score * float(b + 1)", "doc[q_idx] == doc[kv_idx]", True),
+    ("score + slope[h]", "doc[q_idx] == doc[kv_idx]", False),  # a row constant: simplified away
+    ("score", "doc[q_idx] == doc[kv_idx] & (h == 0 | q_idx >= kv_idx)", True),
+    ("score + rel[h, clamp(q_idx - kv_idx, -8, 8) + 8]", "doc[q_idx] == doc[kv_idx]", True),
+])
+def test_lowering_knows_whether_the_modifiers_read_b_or_h(score, mask, per_row):
+    from attnlang.backends import fa4, fa4_varlen
+    q = torch.randn(2, 4, 16, 32)
+    tensors = {"doc": torch.arange(16) // 4, "slope": torch.zeros(4), "rel": torch.zeros(4, 32)}
+    variant = al.compile(score=score, mask=mask)
+    used = {n: t for n, t in tensors.items() if n == "doc" or f"{n}[" in score + mask}
+    plan = variant._plan(q, q, q, None, "fa4", False, {"varlen": True}, used)
+    low = fa4_varlen._lowering(plan, fa4_varlen._documents(plan), fa4.VARLEN_HOST)
+    assert low.per_row is per_row
 
 
 def test_route_declines(fake):

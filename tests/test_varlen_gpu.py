@@ -34,16 +34,23 @@ class Spy:
 
     def __init__(self, fa):
         self.fa, self.calls = fa, []
+        self.varlen_inputs = []  # (data_ptr, shape, stride) of q / k / v of each varlen call
 
     def __getattr__(self, name):
         return getattr(self.fa, name)
 
+    def _record(self, args, kwargs):
+        if kwargs.get("cu_seqlens_q") is not None:
+            self.varlen_inputs.append(tuple((t.data_ptr(), tuple(t.shape), t.stride()) for t in args[:3]))
+
     def _flash_attn_fwd(self, *args, **kwargs):
         self.calls.append(("fwd", kwargs.get("cu_seqlens_q") is not None))
+        self._record(args, kwargs)
         return self.fa._flash_attn_fwd(*args, **kwargs)
 
     def _flash_attn_bwd(self, *args, **kwargs):
         self.calls.append(("bwd", kwargs.get("cu_seqlens_q") is not None))
+        self._record(args, kwargs)
         return self.fa._flash_attn_bwd(*args, **kwargs)
 
     def flash_attn_func(self, *args, **kwargs):
@@ -79,7 +86,8 @@ def random_lengths(total, lo, hi, seed):
 
 def check(mask, tensors, score="score", B=2, Hq=4, Hkv=2, S=700, D=64, grads=True, lse_grad=False,
           options=None, params=None, seed=0):
-    """fa4 (bf16) against eager (float64) on the same inputs: out, lse and, with grads, dq / dk / dv."""
+    """fa4 (bf16) against eager (float64) on the same inputs ([B, H, S, D]-contiguous): out, lse and, with
+    grads, dq / dk / dv. Returns the q / k / v handed to the fa4 backend."""
     variant = al.compile(score=score, mask=mask, params=params)
     g = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(B, Hq, S, D, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -109,6 +117,7 @@ def check(mask, tensors, score="score", B=2, Hq=4, Hkv=2, S=700, D=64, grads=Tru
         for name, a, b in (("dq", qb, qr), ("dk", kb, kr), ("dv", vb, vr)):
             assert not torch.isnan(a.grad).any(), f"{name} has NaN"
             assert _rel(a.grad, b.grad) < GRAD_TOL, f"{name}: rel err {_rel(a.grad, b.grad):.2e}"
+    return qb, kb, vb
 
 
 DOC = "doc[q_idx] == doc[kv_idx]"
@@ -220,3 +229,25 @@ def test_modified_ids_are_read_again(spy):
     check(f"{DOC} & q_idx >= kv_idx", {"doc": doc}, options={"varlen": True})
     doc[300:] = 99  # in place: the cached cu_seqlens must not be reused
     check(f"{DOC} & q_idx >= kv_idx", {"doc": doc}, options={"varlen": True}, seed=5)
+
+
+def test_folded_batch_into_heads_no_copy(spy):
+    """Ids shared by the batch, [B, H, S, D]-contiguous q / k / v, GQA: one varlen call over S tokens with B * H
+    heads, reading the caller's q storage (no copy), forward and backward. (k / v: fa4.attention's "expand" guard
+    for grouped heads with a modifier fires on the tile-list lowering's document mask_mod and hands the varlen
+    path k / v repeated to the query heads; those fold without a copy too.)"""
+    from attnlang.backends import fa4, fa4_varlen
+    B, Hq, Hkv, S, D = 4, 8, 2, 1024, 128
+    doc = doc_ids(random_lengths(S, 20, 400, seed=6))
+    mask = f"{DOC} & q_idx >= kv_idx"
+    q, k, v = check(mask, {"doc": doc}, B=B, Hq=Hq, Hkv=Hkv, S=S, D=D, options={"varlen": True})
+    assert spy.calls == [("fwd", True), ("bwd", True)]
+    assert len(spy.varlen_inputs) == 2
+    for (qp, qshape, qstride), *kv in spy.varlen_inputs:
+        assert qp == q.data_ptr(), "q was copied"
+        assert qshape == (S, B * Hq, D) and qstride == (D, S * D, 1), (qshape, qstride)
+        for _, shape, stride in kv:
+            assert shape in ((S, B * Hkv, D), (S, B * Hq, D)) and stride == (D, S * D, 1), (shape, stride)
+    plan = al.compile(mask=mask)._plan(q, k, v, None, "fa4", True, {"varlen": True}, {"doc": doc})
+    text = fa4_varlen.describe(q, k, v, plan, fa4.VARLEN_HOST)
+    assert "folded batch into heads (no copy)" in text, text
