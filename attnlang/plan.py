@@ -34,6 +34,8 @@ class CallPlan:
         per row; it reads no ``kv_idx`` or ``score``), or None. When lse_shift drops a row term c from the score,
         this sink is already ``sink - c``. Backends run it through ``attnlang.denominator``.
     normalize: False: out is the softmax's numerator alone (sigmoid attention); see ``attnlang.denominator``.
+    memo: what backends derive from this plan alone (plus the call facts they key it with), e.g. ``unsupported()``'s
+        answer and FA4's kernel arguments: a warm call reuses its plan (``Variant._warm_plan``) and with it these.
     """
 
     score: Expr
@@ -53,3 +55,4 @@ class CallPlan:
     value_ranges: Mapping[str, object] = field(default_factory=dict)
     sink: Expr | None = None
     normalize: bool = True
+    memo: dict = field(default_factory=dict, repr=False)

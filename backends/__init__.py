@@ -24,6 +24,7 @@ __all__ = ["run", "select", "NAMES", "KernelFailure", "clear_choices"]
 NAMES = ("eager", "flex", "fa4")
 _CUDA_ORDER = ("fa4", "flex", "eager")
 _CHOICES_MAX = 1024
+_UNASKED = object()
 
 
 class KernelFailure(AttnLangError):
@@ -161,7 +162,12 @@ def run(backend: str, q, k, v, plan: CallPlan):
         raise AttnLangError(bad)
     if backend != "auto":
         if backend != "eager":
-            why_not = _module(backend).unsupported(q, plan)
+            # a warm call's plan is the last call's (Variant._warm_plan): its answer is kept with it
+            asked = ("unsupported", backend, q.dtype, q.device, tuple(q.shape), torch.is_grad_enabled(),
+                     q.requires_grad, k.requires_grad, v.requires_grad)
+            why_not = plan.memo.get(asked, _UNASKED)
+            if why_not is _UNASKED:
+                why_not = plan.memo[asked] = _module(backend).unsupported(q, plan)
             if why_not is not None:
                 raise AttnLangError(f"backend {backend!r} cannot run this call: {why_not}")
         return _module(backend).attention(q, k, v, plan)

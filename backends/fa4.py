@@ -601,8 +601,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
             from . import KernelFailure  # a KernelFailure: "auto" moves on to flex
             raise KernelFailure(_backward_nan_message(why))
     Dv = v.shape[-1]
+    # what this plan gives for these shapes, kept with the plan (a warm call reuses it: Variant._warm_plan)
+    shapes = ("fa4", grads, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.device)
     # the guards' fixes first, so that both paths below (varlen and the rest) run the fixed configuration
-    fixes = {g.fix for g in _guards(q, k, v, plan, lowering(plan), grads)}
+    fixes = plan.memo.get(shapes)
+    if fixes is None:
+        fixes = plan.memo[shapes] = frozenset(g.fix for g in _guards(q, k, v, plan, lowering(plan), grads))
     if "expand" in fixes:
         # k / v expanded to the query heads (h_kv = h // group, as repeat_interleave lays them out); autograd sums
         # dk / dv back over the group
@@ -616,7 +620,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
     if routed is not None:
         out, lse = routed
         return (out[..., :Dv] if out.shape[-1] != Dv else out), lse
-    k, v, kwargs = kernel_arguments(q, k, v, plan, fixes=())  # fixed above
+    # kernel arguments are the plan's alone, except while a CUDA graph is captured (aux conversions are captured
+    # then) and when a named tensor needs gradients (the learnable sink is a node of this call's autograd graph)
+    reuse = not fixes and not (q.is_cuda and torch.cuda.is_current_stream_capturing()) and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in plan.tensors.values()))
+    kwargs = plan.memo.get(shapes + ("kwargs",)) if reuse else None
+    if kwargs is None:
+        k, v, kwargs = kernel_arguments(q, k, v, plan, fixes=())  # fixed above
+        if reuse:
+            plan.memo[shapes + ("kwargs",)] = kwargs
+    kwargs = dict(kwargs)  # the bhsd_out path pops from it
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if _option(plan, "bhsd_out") and not grads:
         # inference: out written straight into a [B, H, S, Dv] buffer (the layout of q), as flex's FA4 path does

@@ -359,3 +359,65 @@ def test_inference_mode_tensors(backend):
         out = v(q, q, q, backend=backend, bias=bias, doc=doc)
         ref = v(q, q, q, backend="eager", bias=bias, doc=doc)
     torch.testing.assert_close(out, ref)
+
+
+# ----- warm calls: the last call's plan again (Variant._warm_plan) -----
+
+def _counting_plans(monkeypatch, variant):
+    made = []
+    real = al.Variant._plan
+
+    def counted(self, *args):
+        made.append(1)
+        return real(self, *args)
+    monkeypatch.setattr(al.Variant, "_plan", counted)
+    return made
+
+
+def test_a_warm_call_reuses_its_plan_and_a_changed_call_plans_again(monkeypatch):
+    var = al.compile(score="score + bias[kv_idx % 8]", mask="q_idx >= kv_idx")
+    made = _counting_plans(monkeypatch, var)
+    q = torch.randn(1, 2, 8, 4)
+    bias = torch.randn(8)
+    first = var(q, q, q, bias=bias)
+    var(q, q, q, bias=bias)
+    assert len(made) == 1
+    var(torch.randn(1, 2, 9, 4), torch.randn(1, 2, 9, 4), torch.randn(1, 2, 9, 4), bias=bias)  # new shapes
+    var(q, q, q, bias=bias.clone())  # another tensor, same values
+    with torch.no_grad():
+        var(q, q, q, bias=bias)  # another grad mode
+    var(q, q, q, bias=bias, return_lse=True)
+    assert len(made) == 5
+    bias.mul_(3.0)  # in place: the plan's value ranges are stale
+    again = var(q, q, q, bias=bias)
+    assert len(made) == 6
+    torch.testing.assert_close(again, var(q, q, q, bias=bias.clone()))
+    assert not torch.allclose(first, again)
+
+
+def test_a_warm_call_still_checks_a_tensor_written_in_place():
+    # the index bounds were proved for the old values: after the write the call must check again and refuse
+    var = al.compile(score="score + table[idx[kv_idx]]")
+    q = torch.randn(1, 1, 4, 4)
+    idx, table = torch.tensor([0, 1, 2, 3]), torch.randn(4)
+    var(q, q, q, idx=idx, table=table)
+    idx[2] = 7
+    with pytest.raises(al.AttnLangError, match="idx|table"):
+        var(q, q, q, idx=idx, table=table)
+
+
+def test_unhashable_kernel_options_plan_every_call(monkeypatch):
+    var = al.compile(score="score + t[kv_idx]")
+    made = _counting_plans(monkeypatch, var)
+    q = torch.randn(1, 1, 4, 4)
+    t = torch.randn(4)
+    for _ in range(2):
+        var(q, q, q, t=t, backend="eager", kernel_options=None)
+    assert len(made) == 1
+    opts = {"value_ranges": {"t": (-10.0, 10.0)}}
+    for _ in range(2):
+        try:
+            var(q, q, q, t=t, kernel_options=opts)
+        except al.AttnLangError:
+            pass  # whatever the options mean here: the point is that nothing was reused
+    assert len(made) == 3
