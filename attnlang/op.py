@@ -149,11 +149,18 @@ def _dispatch_restored():
     (AOTAutograd's custom-op aliasing check) with every key above Python excluded, which breaks the vmap in
     flex's BlockMask construction; the backward's recompute needs autograd. Restored on exit; the caller's
     dispatch modes are set aside meanwhile."""
+    excluded = torch._C._dispatch_tls_local_exclude_set()
+    keys = [key for key in _KEYS if excluded.has(key)]
+    # what _disable_current_modes pops: the dispatch mode stack (infra modes included) and the pre-dispatch one
+    modes = torch._C._len_torch_dispatch_stack() > 0 or torch._ops._len_torch_dispatch_stack_pre_dispatch() > 0
+    if not keys and not modes:  # the common case (a compiled graph's later runs): ~9 us less per call
+        yield
+        return
     with contextlib.ExitStack() as stack:
-        for key in _KEYS:
-            if torch._C._dispatch_tls_is_dispatch_key_excluded(key):
-                stack.enter_context(torch._C._SetExcludeDispatchKeyGuard(key, False))
-        stack.enter_context(torch.utils._python_dispatch._disable_current_modes())
+        for key in keys:
+            stack.enter_context(torch._C._SetExcludeDispatchKeyGuard(key, False))
+        if modes:
+            stack.enter_context(torch.utils._python_dispatch._disable_current_modes())
         yield
 
 

@@ -108,6 +108,12 @@ def main(argv=None):
                  "attnlang_auto": lambda q, k, v: variant(q, k, v, **tensors)}
         if direct is not None:
             calls["fa4_direct"] = direct
+        if not tensors:
+            # the custom op a compiled graph calls (attnlang.op): its dispatch on top of the plain call
+            from attnlang import op
+            key = op.call_key(variant._op_config, "fa4", None, False, None, ())
+            calls["attnlang_op"] = lambda q, k, v: torch.ops.attnlang.attention(
+                q, k, v, [], key, op.grad_bits(q, k, v, []))[0]
         row = {}
         for who, call in calls.items():
             q, k, v, dout = base
@@ -142,7 +148,7 @@ def main(argv=None):
           "| row | who | host us | GPU us | train host us | train GPU us | sync (inference / train) |",
           "|---|---|---|---|---|---|---|"]
     for name, row in results.items():
-        for who in ("attnlang_fa4", "attnlang_auto", "fa4_direct"):
+        for who in ("attnlang_fa4", "attnlang_auto", "attnlang_op", "fa4_direct"):
             if f"{who}_host_us" in row or f"{who}_error" in row:
                 md.append(f"| {name} | {who} | {row.get(f'{who}_host_us', '')} | {row.get(f'{who}_gpu_us', '')} | "
                           f"{row.get(f'{who}_train_host_us', '')} | {row.get(f'{who}_train_gpu_us', '')} | "
