@@ -68,7 +68,7 @@ def _minimum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor],
              float_dtype: torch.dtype = torch.float32, device=None, int_dtype: torch.dtype = _INT,
-             full_consts: bool = False, pick_branches: bool = False) -> torch.Tensor:
+             full_consts: bool = False, pick_branches: bool = False, guard_branches: bool = False) -> torch.Tensor:
     """Evaluate a bound (fully typed) expression.
 
     Args:
@@ -87,6 +87,13 @@ def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str
             an unchosen branch's zero gradient times an infinite or NaN local derivative there (``sqrt`` of a
             negative score in ``where(score > 0.0, sqrt(score), score)``) would be NaN. Needs grid names (not the
             0-d values of a flex mod) and costs a host sync per where.
+        guard_branches: the same gradients for a traced mod (flex's score_mod, whose backward is the autograd of
+            this function): inside each branch of a float ``where``, every float leaf the branch reads (``score``,
+            a read of a floating tensor) becomes ``torch.where(pick, x, x.detach())``, pick being the conjunction
+            of the enclosing conditions that choose the branch. The forward values are unchanged (x either way);
+            the backward sends zero to the leaf wherever the branch is unchosen, so the NaN of ``0 * inf`` made
+            inside it never reaches ``score`` or the tensor. No host sync, works on 0-d values and grids alike; an
+            expression without a float ``where`` evaluates exactly as without it.
     Returns:
         a tensor of the broadcast shape of the names used (0-d if none), int_dtype, float_dtype or bool.
     """
@@ -95,6 +102,13 @@ def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str
 
     def _cast(x, dtype, float_dtype):
         return _cast_to(x, dtype, float_dtype, int_dtype)
+
+    # guard_branches: the condition choosing the branch being evaluated (None: every branch chosen everywhere)
+    state = {"pick": None}
+
+    def guarded(x: torch.Tensor) -> torch.Tensor:
+        pick = state["pick"]
+        return x if pick is None else torch.where(pick, x, x.detach())
 
     def const(node: Const) -> torch.Tensor:
         dt = {DType.FLOAT: float_dtype, DType.INT: int_dtype, DType.BOOL: torch.bool}[node.dtype]
@@ -114,10 +128,12 @@ def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str
         if isinstance(node, Const):
             return const(node)
         if isinstance(node, Var):
-            return _cast(names[node.name], node.dtype, float_dtype)
+            x = _cast(names[node.name], node.dtype, float_dtype)
+            return guarded(x) if names[node.name].is_floating_point() else x
         if isinstance(node, Index):
             idx = tuple(_cast(visit(i), DType.INT, float_dtype) for i in node.indices)
-            return _cast(tensors[node.tensor][idx], node.dtype, float_dtype)
+            x = _cast(tensors[node.tensor][idx], node.dtype, float_dtype)
+            return guarded(x) if tensors[node.tensor].is_floating_point() else x
         if isinstance(node, Unary):
             x = visit(node.operand)
             return torch.logical_not(x) if node.op is Op.NOT else torch.neg(_cast(x, node.dtype, float_dtype))
@@ -132,6 +148,8 @@ def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str
     def _call(node: Call) -> torch.Tensor:
         f, dt = node.func, node.dtype
         if f == "where":
+            if guard_branches and dt is DType.FLOAT and not pick_branches:
+                return _guarded_where(*node.args)
             c = visit(node.args[0])
             if pick_branches and dt is DType.FLOAT and c.dim() > 0:
                 return _picked_where(c, node.args[1], node.args[2])
@@ -161,6 +179,19 @@ def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str
         if f == "clamp":
             return _minimum(_maximum(xs[0], xs[1]), xs[2])
         raise AssertionError(f"unchecked function {f!r}")
+
+    def _guarded_where(cond: Expr, a: Expr, b: Expr) -> torch.Tensor:
+        outer = state["pick"]
+        branches = []
+        try:
+            state["pick"] = None  # a condition carries no gradient: its leaves need no guard
+            c = visit(cond)
+            for branch, pick in ((a, c), (b, torch.logical_not(c))):
+                state["pick"] = pick if outer is None else torch.logical_and(outer, pick)
+                branches.append(operand(branch, DType.FLOAT))
+        finally:
+            state["pick"] = outer
+        return torch.where(c, *branches)
 
     def _picked_where(c: torch.Tensor, a: Expr, b: Expr) -> torch.Tensor:
         full = torch.broadcast_shapes(c.shape, *(t.shape for t in names.values()))
