@@ -607,6 +607,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
     fixes = plan.memo.get(shapes)
     if fixes is None:
         fixes = plan.memo[shapes] = frozenset(g.fix for g in _guards(q, k, v, plan, lowering(plan), grads))
+    if "pad32" not in fixes:
+        # packed documents first, on k / v as given: the varlen path expands them itself where ITS modifiers
+        # meet grouped heads (fa4_varlen._expanded, the "expand" row of GUARDS); the tile-list lowering's
+        # document mask_mod, which makes that row match here, is not part of the varlen kernels
+        routed = route_varlen(q, k, v, plan, VARLEN_HOST)
+        if routed is not None:
+            return routed
     if "expand" in fixes:
         # k / v expanded to the query heads (h_kv = h // group, as repeat_interleave lays them out); autograd sums
         # dk / dv back over the group
@@ -616,7 +623,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
         # zeros add nothing to q·k and give zero columns of out; plan.scale is the true head dim's
         D = _round32(q.shape[-1])
         q, k, v = _pad_last(q, D), _pad_last(k, D), _pad_last(v, _round32(Dv))
-    routed = route_varlen(q, k, v, plan, VARLEN_HOST)  # packed documents on FA4's varlen kernels, where they apply
+    # packed documents on FA4's varlen kernels, where they apply (tried above unless padded)
+    routed = route_varlen(q, k, v, plan, VARLEN_HOST) if "pad32" in fixes else None
     if routed is not None:
         out, lse = routed
         return (out[..., :Dv] if out.shape[-1] != Dv else out), lse

@@ -498,6 +498,30 @@ def test_score_reading_neither_b_nor_h_folds(fake, monkeypatch):
     _assert_no_copy(fa, inputs, 2, 4, 4, 48, 32)
 
 
+def test_grouped_documents_keep_their_kv_heads_through_attention(fake):
+    """fa4.attention hands the varlen path k / v as the caller passed them: the tile-list lowering's document
+    mask_mod made the GUARDS "expand" row repeat them to the query heads, though the varlen kernels run no
+    modifier here (no copy of k / v, and a grouped varlen backward)."""
+    from attnlang.backends import fa4
+    fa = fake()
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, S, D = 2, 4, 2, 48, 32
+    q, k, v = (torch.randn(B, H, S, D, dtype=torch.float64, generator=g) for H in (Hq, Hkv, Hkv))
+    doc = _doc_ids(LENGTHS)
+    variant = al.compile(mask="doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx")
+    qa, ka, va = (t.clone().requires_grad_(True) for t in (q, k, v))
+    plan = variant._plan(qa, ka, va, None, "fa4", True, {"varlen": True}, {"doc": doc})
+    assert [gd.fix for gd in fa4._guards(qa, ka, va, plan, fa4.lowering(plan), True)] == ["expand"]
+    out, lse = fa4.attention(qa, ka, va, plan)
+    _assert_no_copy(fa, (qa, ka, va), B, Hq, Hkv, S, D)
+    qe, ke, ve = (t.clone().requires_grad_(True) for t in (q, k, v))
+    ref = variant(qe, ke, ve, backend="eager", doc=doc)
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
+    dout = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    for a, b in zip(torch.autograd.grad(out, (qa, ka, va), dout), torch.autograd.grad(ref, (qe, ke, ve), dout)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
 @pytest.mark.parametrize("score, mask, per_row", [
     ("score", "doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx", False),
     ("score + 0.5 * (kv_idx - q_idx)", "doc[q_idx] == doc[kv_idx]", False),
