@@ -28,8 +28,10 @@ kernels, False neither (tile lists, the path of ``attnlang.backends.fa4``). With
 is the equality alone with every document on a 128-row tile boundary: then every tile is full or empty and the
 tile lists run without a mask_mod, as measured for BENCHMARKS.md's ``document`` row): the backward always
 runs varlen (H200, GQA B=2 S=4096 random documents: 0.95 ms against 1.23 ms for tile lists); the forward runs
-varlen from ``VARLEN_FORWARD_MIN_TOKENS`` packed tokens on (tile lists were faster at 2 x 4096 tokens, 0.304 against
-0.395 ms, varlen at 1 x 32768, 1.208 against 1.420 ms). A tile-list forward and a varlen backward are one autograd
+varlen from ``VARLEN_FORWARD_MIN_TOKENS`` packed tokens on (H200 shape suite, session 5, with the batch folded into
+heads so nothing is copied: 2 x 4096 GQA 0.291 ms against 0.351 on tile lists, 4 x 4096 at head dim 64 0.381 against
+0.444, 1 x 32768 1.074 against 1.268; before the fold the copy of q / k / v made tile lists faster at 2 x 4096;
+shorter packs were not measured and keep the tile lists). A tile-list forward and a varlen backward are one autograd
 function: FA4's lse of the dense forward ([B, H, S]) is permuted into the varlen layout ([H, B * S]) for the
 backward, which recomputes P from it; both forwards give the same lse up to rounding. Folded, the dense forward
 writes out into a [B, H, S, Dv] buffer and its lse [B, H, S] is already the folded [B * H, S].
@@ -50,7 +52,7 @@ from ..patterns import Documents, documents
 
 __all__ = ["Host", "Packing", "pack_documents", "route", "describe", "VARLEN_FORWARD_MIN_TOKENS"]
 
-VARLEN_FORWARD_MIN_TOKENS = 16384  # packed tokens (B * S) from which the forward also runs varlen by default
+VARLEN_FORWARD_MIN_TOKENS = 8192  # packed tokens (B * S) from which the forward also runs varlen by default
 _TILE = 128  # FA4's Hopper tile rows: documents on these boundaries leave the tile-list path no partial tile
 _INT32_MAX = (1 << 31) - 1
 _MAX_GRID_HEADS = 65535  # FA4's single-tile schedulers put the heads on the grid's y dimension (CUDA: < 2^16)
@@ -381,6 +383,7 @@ def route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, host: Host):
             left, right = kwargs.pop("window_size")
             kwargs.pop("score_mod_bwd")
             kwargs.pop("block_sparse_tensors_bwd")
+            kwargs.pop("num_splits", None)  # a forward whose lse a backward reads: one split, as for training
             dense = dict(kwargs, window_size_left=left, window_size_right=right, return_lse=True)
         run = {"fa": fa, "dense": dense, "varlen": varlen, "score_mod_bwd": score_mod_bwd, "layout": layout}
         out, lse = _Documents.apply(qt, kt, vt, run)

@@ -515,7 +515,9 @@ def suite_maker(contender: str, name: str, group: dict, tensors: dict):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         score_mod, mask_mod = _suite_flex_mods(name, group, tensors)
         block_mask = create_block_mask(mask_mod, None, None, group["Sq"], group["Skv"], device="cuda")
-        compiled = torch.compile(flex_attention)
+        # dynamic=False: the cells' shapes differ, and after a few, automatic dynamic shapes made every FLASH cell
+        # fail ("captures a dynamic scalar (SymInt/SymFloat)", session 5's suite)
+        compiled = torch.compile(flex_attention, dynamic=False)
         opts = None if contender == "flex_default" else {"BACKEND": contender.split("_")[1].upper()}
         return lambda q, k, v: compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa,
                                         kernel_options=opts)

@@ -19,7 +19,7 @@ class FakeFlash:
         self.calls = []
 
     def flash_attn_func(self, q, k, v, softmax_scale, causal, window_size, score_mod, score_mod_bwd, mask_mod,
-                        aux_tensors, block_sparse_tensors, block_sparse_tensors_bwd, return_lse):
+                        aux_tensors, block_sparse_tensors, block_sparse_tensors_bwd, return_lse, num_splits=1):
         assert score_mod is None and mask_mod is None and not causal
         self.calls.append((tuple(q.shape), tuple(k.shape), tuple(v.shape)))
         qh, kh, vh = (t.transpose(1, 2).double() for t in (q, k, v))
@@ -117,3 +117,24 @@ def test_guard_table_rows():
 def test_guards_option_is_a_known_option():
     assert fa4._check_options({"guards": False}) is None
     assert "True or False" in fa4._check_options({"guards": 1})
+
+
+def test_split_kv_heuristic_only_for_flag_only_inference_calls():
+    # num_splits=0 (FA4's split heuristic) where the call has nothing but FA4's flags and needs no backward
+    import attnlang as al
+    from attnlang.backends import fa4
+    var = al.compile(mask="kv_idx <= q_idx + kv_len - q_len")
+    q = torch.zeros(2, 4, 1, 64, dtype=torch.bfloat16)
+    k = torch.zeros(2, 2, 300, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        plan = var._plan(q, k, k, None, "fa4", False, None, {})
+        assert fa4.kernel_arguments(q, k, k, plan)[2]["num_splits"] == 0
+        off = var._plan(q, k, k, None, "fa4", False, {"split_kv": False}, {})
+        assert "num_splits" not in fa4.kernel_arguments(q, k, k, off)[2]
+    qg = q.clone().requires_grad_()
+    plan = var._plan(qg, k, k, None, "fa4", False, None, {})
+    assert "num_splits" not in fa4.kernel_arguments(qg, k, k, plan)[2]
+    sink = al.compile(mask="kv_idx <= q_idx + kv_len - q_len", sink="0.0")
+    with torch.no_grad():
+        plan = sink._plan(q, k, k, None, "fa4", False, None, {})
+        assert "num_splits" not in fa4.kernel_arguments(q, k, k, plan)[2]
