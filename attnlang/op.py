@@ -127,10 +127,14 @@ def spec_of(key: str) -> tuple:
     return got
 
 
-def _run(q, k, v, tensors, key):
+def _run(q, k, v, tensors, key, restore: bool = True):
+    """The call ``key`` on these tensors; ``restore=False`` where the caller has restored the dispatch state."""
     variant, backend, scale, return_lse, options, names = spec_of(key)
+    named = dict(zip(names, tensors))
+    if not restore:
+        return variant._eager_call(q, k, v, scale, backend, return_lse, options, named)
     with _dispatch_restored():
-        return variant._eager_call(q, k, v, scale, backend, return_lse, options, dict(zip(names, tensors)))
+        return variant._eager_call(q, k, v, scale, backend, return_lse, options, named)
 
 
 # Keys an op's implementation may find excluded and that the backends need: autograd (the backward's recompute)
@@ -248,7 +252,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: list[t
         return _finish(q, o, l, inputs)
     leaves = _leaves(inputs, wanted)
     with torch.enable_grad(), _dispatch_restored():
-        o, l = _run(leaves[0], leaves[1], leaves[2], leaves[3:], key)
+        o, l = _run(leaves[0], leaves[1], leaves[2], leaves[3:], key, restore=False)
     out, lse = _finish(q, o, l, inputs)
     GRAPHS.put(out, (o, l, leaves))
     return out, lse
@@ -287,7 +291,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensor
             graph = GRAPHS.take(out)
             if graph is None:
                 leaves = _leaves(inputs, wanted)
-                o, l = _run(leaves[0], leaves[1], leaves[2], leaves[3:], key)
+                o, l = _run(leaves[0], leaves[1], leaves[2], leaves[3:], key, restore=False)
             else:
                 o, l, leaves = graph
             outs, gouts = [o], [grad_out.to(o.dtype)]

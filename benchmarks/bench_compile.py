@@ -82,6 +82,8 @@ def _model_row(impl: str, shape: dict, ids) -> dict:
     torch.cuda.synchronize()
     row["train_first_s"] = time.perf_counter() - t
     row["train_step_ms"] = _bench(train_step)
+    if PROFILE_TO is not None:
+        _profile(impl, train_step)
     model.eval()
     with torch.no_grad():
         t = time.perf_counter()
@@ -90,6 +92,29 @@ def _model_row(impl: str, shape: dict, ids) -> dict:
         row["prefill_first_s"] = time.perf_counter() - t
         row["prefill_ms"] = _bench(lambda c=compiled: c(ids))
     return row
+
+
+PROFILE_TO: Path | None = None  # --profile: where the train step's torch.profiler tables go
+
+
+def _profile(impl: str, step) -> None:
+    """Three warm train steps under torch.profiler: the top ops by device time and by host time, and the step's
+    wall time against the device's busy time (what tells a host-bound step from a slower kernel)."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / 3 * 1e3
+    events = prof.key_averages()
+    attr = "device_time_total" if hasattr(events[0], "device_time_total") else "cuda_time_total"
+    busy = sum(getattr(e, "self_" + attr, 0) for e in events) / 3 / 1e3
+    with open(PROFILE_TO, "a") as f:
+        f.write(f"===== {impl}: wall {wall:.3f} ms per step, device busy {busy:.3f} ms per step\n")
+        f.write(events.table(sort_by="self_" + attr, row_limit=25) + "\n")
+        f.write(events.table(sort_by="self_cpu_time_total", row_limit=25) + "\n")
 
 
 class DecodeStep(torch.nn.Module):
@@ -216,7 +241,10 @@ def main() -> None:
     parser.add_argument("--skip-model", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--profile", type=Path, default=None, help="write the train step's profiler tables here")
     args = parser.parse_args()
+    global PROFILE_TO
+    PROFILE_TO = args.profile
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     versions = {"torch": torch.__version__, "python": platform.python_version()}
     for name in ("transformers", "flash_attn", "triton"):
