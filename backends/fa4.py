@@ -31,9 +31,8 @@ value per query head, finite, goes into the kernel as FA4's ``learnable_sink``; 
 applied to FA4's (out, lse) by ``attnlang.denominator.finish``), ``guards`` (default True: the GUARDS
 table's fixes for configurations the kernel's backward gets wrong: zero-padding head dims that are not
 multiples of 32, expanding grouped k / v; False runs the kernel as is, for benchmarks/gpu_matrix.py's
-evidence), ``split_kv`` (default True: an inference call with no modifier, tile list or sink, only FA4's causal /
-window flags, passes ``num_splits=0``, FA4's split-KV heuristic, which splits the keys of short-query calls
-such as decoding over more SMs and keeps one split where the queries fill the GPU; False keeps ``num_splits=1``).
+evidence). FA4's split-KV (``num_splits`` > 1) is not used: FA4 4.0.0b36 asserts "SplitKV not supported on SM
+9.0" on Hopper (H200, session 5).
 
 Gradients flow to q, k and v through FA4's backward. Gradients to floating tensors bound by name that the score or
 mask read are not computed by the kernel: ``unsupported`` declines such calls (grad enabled and such a tensor
@@ -80,7 +79,7 @@ _BAKED: dict = {}  # variant canonical -> set of baked value sets seen
 
 OPTIONS = {"fastmath": True, "bake": True, "dense": False, "keep_mask_mod": False, "window_flags": True,
            "dense_tile_list": False, "bhsd_out": False, "varlen": None, "native_sink": True,
-           "guards": True, "split_kv": True}
+           "guards": True}
 
 
 # ----- guards: configurations the kernel gets wrong, as data -----
@@ -545,10 +544,6 @@ def kernel_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Ca
     kwargs = dict(softmax_scale=plan.scale, causal=False, window_size=low.window, score_mod=score_mod,
                   score_mod_bwd=score_mod_bwd, mask_mod=mask_mod, aux_tensors=aux, block_sparse_tensors=sparse_fwd,
                   block_sparse_tensors_bwd=sparse_bwd, return_lse=_wants_lse(plan))
-    if (not grads and _option(plan, "split_kv") and score_mod is None and mask_mod is None and aux is None
-            and sparse_fwd is None and plan.sink is None):
-        # decoding: FA4's own split heuristic (what its callers pass for short queries); one split elsewhere
-        kwargs["num_splits"] = 0
     if native_sink(plan):
         # [Hq] float32 natural-log logits: FA4 folds them into its softmax statistics and its backward returns
         # their gradient (dsink), which autograd carries on to the tensors the sink reads

@@ -383,7 +383,6 @@ def route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, host: Host):
             left, right = kwargs.pop("window_size")
             kwargs.pop("score_mod_bwd")
             kwargs.pop("block_sparse_tensors_bwd")
-            kwargs.pop("num_splits", None)  # a forward whose lse a backward reads: one split, as for training
             dense = dict(kwargs, window_size_left=left, window_size_right=right, return_lse=True)
         run = {"fa": fa, "dense": dense, "varlen": varlen, "score_mod_bwd": score_mod_bwd, "layout": layout}
         out, lse = _Documents.apply(qt, kt, vt, run)

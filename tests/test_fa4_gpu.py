@@ -294,27 +294,3 @@ def test_new_constructs_on_flex(name, score, mask, kernel):
         out = v(q, k, w, backend="flex", kernel_options={"BACKEND": kernel})
     assert _rel(out, ref) < OUT_TOL, f"out: rel err {_rel(out, ref):.2e}"
 
-
-@pytest.mark.parametrize("mask", ["kv_idx <= q_idx + kv_len - q_len",
-                                  "0 <= q_idx + kv_len - q_len - kv_idx < 1024", "True"],
-                         ids=["causal", "window", "full"])
-@pytest.mark.parametrize("Sq", [1, 16])
-def test_split_kv_decode_agrees_with_eager(mask, Sq, monkeypatch):
-    """Inference calls with FA4's flags only pass num_splits=0 (FA4's split-KV heuristic, which splits these
-    decode shapes): out and lse against eager, GQA, a long cache; the spy checks the split was asked for."""
-    from attnlang.backends import fa4
-    fa = fa4._flash()
-    seen = []
-    real = fa.flash_attn_func
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("num_splits"))
-        return real(*args, **kwargs)
-    monkeypatch.setattr(fa, "flash_attn_func", spy)
-    v = al.compile(mask=mask)
-    check_agreement(v, {}, B=4, Hq=8, Hkv=2, Sq=Sq, Skv=8192, D=128, grads=False, seed=11)
-    assert seen and seen[-1] == 0
-    seen.clear()
-    check_agreement(v, {}, B=4, Hq=8, Hkv=2, Sq=Sq, Skv=8192, D=128, grads=False, seed=12,
-                    options={"split_kv": False})
-    assert seen and seen[-1] in (None, 1)

@@ -118,23 +118,3 @@ def test_guards_option_is_a_known_option():
     assert fa4._check_options({"guards": False}) is None
     assert "True or False" in fa4._check_options({"guards": 1})
 
-
-def test_split_kv_heuristic_only_for_flag_only_inference_calls():
-    # num_splits=0 (FA4's split heuristic) where the call has nothing but FA4's flags and needs no backward
-    import attnlang as al
-    from attnlang.backends import fa4
-    var = al.compile(mask="kv_idx <= q_idx + kv_len - q_len")
-    q = torch.zeros(2, 4, 1, 64, dtype=torch.bfloat16)
-    k = torch.zeros(2, 2, 300, 64, dtype=torch.bfloat16)
-    with torch.no_grad():
-        plan = var._plan(q, k, k, None, "fa4", False, None, {})
-        assert fa4.kernel_arguments(q, k, k, plan)[2]["num_splits"] == 0
-        off = var._plan(q, k, k, None, "fa4", False, {"split_kv": False}, {})
-        assert "num_splits" not in fa4.kernel_arguments(q, k, k, off)[2]
-    qg = q.clone().requires_grad_()
-    plan = var._plan(qg, k, k, None, "fa4", False, None, {})
-    assert "num_splits" not in fa4.kernel_arguments(qg, k, k, plan)[2]
-    sink = al.compile(mask="kv_idx <= q_idx + kv_len - q_len", sink="0.0")
-    with torch.no_grad():
-        plan = sink._plan(q, k, k, None, "fa4", False, None, {})
-        assert "num_splits" not in fa4.kernel_arguments(q, k, k, plan)[2]
