@@ -472,6 +472,44 @@ def not_compare(n, a, b, c):
     return None
 
 
+_EXACT = 1 << 53  # ints up to here are exact float64 values, so the literal's value does not change
+
+
+def _as_float(x: Expr) -> Expr:
+    if isinstance(x, Const) and x.dtype is DType.INT and abs(x.value) <= _EXACT:
+        return Const(float(x.value), DType.FLOAT, x.span)
+    return x
+
+
+def float_literal_operand(n):
+    """An int literal that meets a float in arithmetic or a comparison is converted there (LANGUAGE.md: int op float
+    is float): written as the float literal, so ``score + 1`` and ``score + 1.0`` have one canonical form. A
+    power's exponent keeps its spelling (an int exponent is a repeated product)."""
+    if n.op in _CMP:
+        if DType.FLOAT not in (n.left.dtype, n.right.dtype) or DType.UNKNOWN in (n.left.dtype, n.right.dtype):
+            return None
+    elif n.dtype is not DType.FLOAT or n.op not in _FLOAT_ARITH:
+        return None
+    left = _as_float(n.left)
+    right = n.right if n.op is Op.POW else _as_float(n.right)
+    if left is n.left and right is n.right:
+        return None
+    return Binary(n.op, left, right, n.span, n.dtype)
+
+
+def float_literal_arg(n):
+    """The same for the number arguments of a float min / max / clamp / where (``max(score, 0)`` is
+    ``max(score, 0.0)``)."""
+    if n.dtype is not DType.FLOAT:
+        return None
+    first = 1 if n.func == "where" else 0  # where's condition is bool
+    args = n.args[:first] + tuple(_as_float(a) for a in n.args[first:])
+    return None if all(a is b for a, b in zip(args, n.args)) else Call(n.func, args, n.span, n.dtype)
+
+
+_FLOAT_ARITH = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.TRUEDIV, Op.FLOORDIV, Op.MOD, Op.POW})
+
+
 def sub_neg(n, x, y):
     # x - (-y) -> x + y: exact in ints and floats alike
     return mk_binary(Op.ADD, x, y, n.span) if _join(x.dtype, y.dtype) is n.dtype else None
@@ -509,6 +547,8 @@ IDENTITIES = [
     (F("float", X("x")), float_of_float),                                   # float(x) -> x for a float x
     (F("int", X("x")), int_of_int),                                         # int(x) -> x for an int x
     (F(("min", "max"), X("x"), X("x")), minmax_self),                       # min(x, x) -> x
+    (Pat(cls=Binary, name="n"), float_literal_operand),                    # score + 1 -> score + 1.0
+    (Pat(cls=Call, func=("min", "max", "clamp", "where"), name="n"), float_literal_arg),  # max(s, 0) -> max(s, 0.0)
 ]
 
 
@@ -884,6 +924,8 @@ def simplify_variant(score: Expr, mask: Expr, sink: Expr | None = None, normaliz
     score = simplify(score, trace)
     mask = simplify(mask, trace)
     if sink is not None:
+        if sink.dtype is DType.INT:  # the sink is a float logit (LANGUAGE.md): sink 0 is the sink 0.0
+            sink = Call("float", (sink,), sink.span, DType.FLOAT)
         sink = simplify(sink, trace)
         if _is_neg_inf(sink):  # exp(-inf) adds nothing to the denominator
             sink = None

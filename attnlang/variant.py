@@ -609,10 +609,10 @@ def compile(score: str = "score", mask: str = "True", params: Mapping[str, Any] 
         score: how each pre-softmax score is modified; float; default "score".
         mask: which (q_idx, kv_idx) pairs may attend; bool; default "True".
         params: compile-time scalars (int, float or bool) by name. A param keeps its Python type, as a literal
-            would: ``{"w": 3}`` is the int 3 and ``{"w": 3.0}`` the float 3.0, so the two variants differ (their
-            canonical forms spell ``3`` and ``3.0``) even where the results agree (``score * w``), because
-            elsewhere they do not (``q_idx // w`` is an int, ``q_idx // 3.0`` a float; ``w`` as an index must be
-            an int).
+            would: ``{"w": 3}`` is the int 3 and ``{"w": 3.0}`` the float 3.0. Where the int meets a float it is
+            converted (LANGUAGE.md: int op float is float), and the canonical form spells it as the float literal,
+            so ``score * w`` is one variant for both; elsewhere they differ (``q_idx // w`` is an int,
+            ``q_idx // 3.0`` a float; ``w`` as an index must be an int). Likewise a sink ``"0"`` is ``"0.0"``.
         sink: the logit of one extra key per row that enters the softmax's denominator and carries no value
             (gpt-oss's learned per-head sinks ``"sinks[h]"``; "softmax plus one" (Miller 2023) is ``"0"``); a
             number expression of b, h, q_idx, q_len, kv_len, params and tensors. Default None: no sink.

@@ -69,7 +69,7 @@ def test_softcap_with_more_score():
     r = rec(score="30 * tanh(score / 30) + bias[h, kv_idx]")
     assert r.softcap == 30.0 and to_source(r.residual_score) == "score + bias[h, kv_idx]"
     r = rec(score="30 * tanh(score / 20)")
-    assert r.softcap is None and to_source(r.residual_score) == "30 * tanh(score / 20)"
+    assert r.softcap is None and to_source(r.residual_score) == "30.0 * tanh(score / 20.0)"
     r = rec(score="30 * tanh(score / 30) + score")
     assert r.softcap is None
 

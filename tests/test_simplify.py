@@ -129,6 +129,8 @@ CASES = [
     ("float(score)", "int(q_idx) >= kv_idx", None, "float_of_float"),
     ("score", "int(q_idx) >= kv_idx", None, "int_of_int"),
     ("min(score, score) + max(bias[h, kv_idx], bias[h, kv_idx])", "True", None, "minmax_self"),
+    ("score * 2 + 1", "q_idx * 0.5 >= 1", None, "float_literal_operand"),
+    ("max(score, 0) + clamp(score, -1, 1) + where(q_idx > 2, score, 1)", "True", None, "float_literal_arg"),
     ("score", "kv_idx <= q_idx", None, "affine_compare"),
     ("score", "0 <= q_idx - kv_idx < 5", None, "affine_compare"),
     ("score", "kv_idx <= q_idx + kv_len - q_len", None, "affine_compare"),
@@ -197,7 +199,7 @@ def test_types_are_kept():
     assert any(isinstance(n, Binary) and n.op is Op.ADD for n in _walk(m))
     # float * 0 is not 0 (inf * 0 is NaN)
     c = check("score * 0", "True")
-    assert to_source(simplify_variant(c.score, c.mask).score) == "score * 0"
+    assert to_source(simplify_variant(c.score, c.mask).score) == "score * 0.0"
     # an unknown-typed read times 1.0 could be an int turned float: kept
     c = check("score", "ib[q_idx] * 1.0 >= 3")
     assert "1.0" in to_source(simplify_variant(c.score, c.mask).mask)
