@@ -11,7 +11,7 @@ from typing import Mapping
 
 import torch
 
-from .ast import Binary, Call, Const, DType, Expr, Index, Op, Unary, Var
+from .ast import Binary, Call, Const, DType, Expr, Index, Op, Unary, Var, walk
 
 __all__ = ["evaluate", "positions", "row_values"]
 
@@ -66,6 +66,28 @@ def _minimum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(pick_a, a, b)
 
 
+def _pick_left(f: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Where ``_maximum`` / ``_minimum`` choose their left operand."""
+    pick = a >= b if f == "max" else a <= b
+    return pick | (a != a) if a.is_floating_point() else pick
+
+
+def _guard_needed(node: Expr) -> bool:
+    """Whether an operand of a select can send an unchosen NaN gradient to a leaf: it computes something from a
+    float leaf (a bare leaf's gradient is the select's own, zero where unchosen)."""
+    if isinstance(node, (Var, Index, Const)):
+        return False
+    return any(isinstance(n, Var) and n.dtype is DType.FLOAT or isinstance(n, Index) and n.dtype is DType.FLOAT
+               for n in walk(node))
+
+
+def _constant_zero(node: Binary) -> bool:
+    """``x * 0.0``, ``0.0 * x`` or ``x - x``: zero wherever it is finite, whatever x."""
+    if node.op is Op.MUL:
+        return any(isinstance(x, Const) and x.value == 0 for x in (node.left, node.right))
+    return node.op is Op.SUB and node.left == node.right
+
+
 def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor],
              float_dtype: torch.dtype = torch.float32, device=None, int_dtype: torch.dtype = _INT,
              full_consts: bool = False, pick_branches: bool = False, guard_branches: bool = False) -> torch.Tensor:
@@ -92,8 +114,11 @@ def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str
             a read of a floating tensor) becomes ``torch.where(pick, x, x.detach())``, pick being the conjunction
             of the enclosing conditions that choose the branch. The forward values are unchanged (x either way);
             the backward sends zero to the leaf wherever the branch is unchosen, so the NaN of ``0 * inf`` made
-            inside it never reaches ``score`` or the tensor. No host sync, works on 0-d values and grids alike; an
-            expression without a float ``where`` evaluates exactly as without it.
+            inside it never reaches ``score`` or the tensor. The operands of a float ``min`` / ``max`` / ``clamp``
+            likewise, each guarded by where the select chooses it (the left operand on a tie, a NaN operand
+            wherever it is one), unless the operand is a bare leaf or a constant. No host sync, works on 0-d values
+            and grids alike (eager uses it too); an expression without a float ``where`` or such a select evaluates
+            exactly as without it.
     Returns:
         a tensor of the broadcast shape of the names used (0-d if none), int_dtype, float_dtype or bool.
     """
@@ -142,6 +167,14 @@ def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str
                 return _LOGIC[node.op](visit(node.left), visit(node.right))
             common = _join(node.left.dtype, node.right.dtype) if node.op in _COMPARE else node.dtype
             a, b = operand(node.left, common), operand(node.right, common)
+            if node.dtype is DType.FLOAT and _constant_zero(node):
+                # x * 0.0 and x - x are 0 for every finite x (NaN otherwise, kept): their derivative is 0, where the
+                # chain rule would give 0 * inf = NaN under an infinite outer derivative (sqrt(score * 0.0)). A
+                # select that never picks x sends it exactly 0 and keeps the output in the graph (a detached score
+                # would leave out without a grad_fn)
+                never = torch.full((), False, dtype=torch.bool, device=a.device)
+                a, b = (x if isinstance(n, Const) else torch.where(never, x, x.detach())
+                        for x, n in ((a, node.left), (b, node.right)))
             return (_COMPARE if node.op in _COMPARE else _ARITH)[node.op](a, b)
         return _call(node)
 
@@ -172,6 +205,9 @@ def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str
             if dt is DType.INT:
                 return xs[0]
             return torch.floor(xs[0]) if f == "floor" else torch.ceil(xs[0])
+        if guard_branches and dt is DType.FLOAT and f in ("min", "max", "clamp") and any(
+                _guard_needed(a) for a in node.args):
+            return _guarded_select(f, node.args)
         if f == "min":
             return _minimum(xs[0], xs[1])
         if f == "max":
@@ -179,6 +215,32 @@ def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str
         if f == "clamp":
             return _minimum(_maximum(xs[0], xs[1]), xs[2])
         raise AssertionError(f"unchecked function {f!r}")
+
+    def _guarded_select(f: str, args) -> torch.Tensor:
+        """min / max / clamp under guard_branches: each operand evaluated with its leaves guarded by where it is
+        the chosen one (the select's own pick: the left operand on a tie, a NaN operand wherever it is one), so an
+        unchosen operand's infinite local derivative (``clamp(log(score), -1.0, 1.0)`` at score 0) sends no NaN to
+        its leaves. Values are those of the unguarded select."""
+        outer = state["pick"]
+        try:
+            state["pick"] = None  # the values that decide the pick carry no gradient
+            vals = [operand(a, DType.FLOAT).detach() for a in args]
+            steps = [("max", 1), ("min", 2)] if f == "clamp" else [(f, 1)]
+            # picks[i]: where operand i is the result; clamp is min(max(x, lo), hi)
+            cur, picks = vals[0], [None] * len(args)
+            for g, j in steps:
+                left = _pick_left(g, cur, vals[j])
+                picks = [left if p is None else torch.logical_and(p, left) for p in picks[:j]] + [
+                    torch.logical_not(left)] + picks[j + 1:]
+                cur = torch.where(left, cur, vals[j])
+            out = None
+            for a, pick in zip(args, picks):
+                state["pick"] = pick if outer is None else torch.logical_and(outer, pick)
+                x = operand(a, DType.FLOAT)
+                out = x if out is None else torch.where(pick, x, out)
+        finally:
+            state["pick"] = outer
+        return out
 
     def _guarded_where(cond: Expr, a: Expr, b: Expr) -> torch.Tensor:
         outer = state["pick"]

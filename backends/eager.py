@@ -125,14 +125,14 @@ def _differentiable_scores(score_expr, names, tensors, fd, s3, full, device):
     """The masked scores ``s3`` again, with autograd, evaluating the score expression only where s3 > -inf.
 
     Evaluating it at masked (or -inf) positions too would let their zero gradient meet an infinite local
-    derivative there (log(0), x * inf) and turn into NaN in the backward pass; the branches of a where() likewise
-    (``pick_branches``).
+    derivative there (log(0), x * inf) and turn into NaN in the backward pass; the unchosen branches of a where()
+    and operands of a min / max / clamp likewise (``guard_branches``, no host sync).
     """
     keep = s3 > -math.inf
     if bool(keep.all()):
-        return evaluate(score_expr, names, tensors, fd, device, pick_branches=True).to(fd).expand(full)
+        return evaluate(score_expr, names, tensors, fd, device, guard_branches=True).to(fd).expand(full)
     picked = {n: t.expand(full)[keep] for n, t in names.items()}
-    values = evaluate(score_expr, picked, tensors, fd, device, pick_branches=True).to(fd).expand(int(keep.sum()))
+    values = evaluate(score_expr, picked, tensors, fd, device, guard_branches=True).to(fd).expand(int(keep.sum()))
     return torch.full(full, -math.inf, dtype=fd, device=device).masked_scatter(keep, values)
 
 
@@ -164,6 +164,12 @@ def _block(qc, k, v, score_expr, mask_expr, start, scale, fd, tensors, Sq, Skv, 
         s3 = torch.where(allowed, s2, torch.tensor(-math.inf, dtype=fd, device=qc.device))
     elif grad:
         s3 = _differentiable_scores(score_expr, score_names, tensors, fd, s3, full, qc.device)
+    if grad and s.requires_grad and "score" not in used_s:
+        # a score that does not read score still depends on q and k (with zero gradient), as flex's tie does: out
+        # keeps a grad_fn, and autograd.grad(out, q) gives zeros instead of an unused-input error; a select that
+        # never picks s (not s * 0.0: inf * 0 is NaN) sends exactly 0
+        never = torch.zeros((), dtype=torch.bool, device=qc.device)
+        s3 = s3 + torch.where(never, s, torch.zeros((), dtype=fd, device=qc.device))
     empty = m == -math.inf  # rows with no allowed key
     any_empty = bool(empty.any())
     if any_empty:  # give such rows finite scores, so softmax and its gradient stay finite; zeroed below

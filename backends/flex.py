@@ -418,7 +418,8 @@ def _mods(score: Expr, mask: Expr, names: tuple[str, ...], values, q_len: int, k
             # float32 (float64 for float64 inputs) whatever s's dtype: compiled CPU flex miscomputes a score_mod
             # that casts back to bf16/fp16 (torch 2.13), and every kernel accumulates scores in float32 anyway
             # guard_branches: flex's backward is this function's autograd, where an unchosen where branch's NaN
-            # derivative (sqrt of a negative score) would reach the score
+            # derivative (sqrt of a negative score), or an unchosen min / max / clamp operand's (1 / score at 0 in
+            # min(1.0 / score, 10.0)), would reach the score
             out = evaluate(score, names_, tensors, fd, s.device, int_dtype, full_consts, guard_branches=True)
             return out + s.to(fd) * 0.0 if tie else out
 
