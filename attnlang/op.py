@@ -1,7 +1,9 @@
 """A variant's call as one PyTorch custom operator, so ``torch.compile`` sees one opaque node (and one for its
 backward) instead of tracing attnlang's host code.
 
-``torch.ops.attnlang.attention(q, k, v, tensors, key) -> (out, lse)``:
+``torch.ops.attnlang.attention(q, k, v, tensors, key, wanted) -> (out, lse)`` (defined with
+``torch.library.Library``: a CompositeExplicitAutograd kernel, a fake implementation and an explicit Autograd
+kernel; ``wanted``: ``grad_bits``):
 - ``key`` (str) names the call: the variant's config, backend, scale, return_lse, kernel_options and the names of
   ``tensors`` (the named tensors, sorted by name), as JSON. The Variant itself cannot be an op argument; ``key``
   is registered when Dynamo traces the call (``call``) and rebuilt from its JSON in a process that did not trace.
@@ -12,9 +14,9 @@ backward) instead of tracing attnlang's host code.
 - the real implementation is the eager-mode call ``variant(q, k, v, ...)``: the checks that read values (index
   bounds from value ranges, NaN scores, block sparsity; cached per tensor version as in eager mode), then the
   backend. Nothing is skipped under compilation.
-- the backward, ``torch.ops.attnlang.attention_backward``, recomputes the call under autograd through the
-  backend's own differentiable path and takes ``torch.autograd.grad`` of it: one opaque node too. Gradients flow
-  to q, k, v and to floating named tensors.
+- the backward, ``torch.ops.attnlang.attention_backward``, runs the backend's own backward on the autograd graph
+  its forward kept (``GRAPHS``; recomputed under autograd where none was kept): one opaque node too. Gradients
+  flow to q, k, v and to floating named tensors.
 
 Under an outer ``torch.compile`` every backend is called through this op, also flex: its own compiled
 flex_attention runs inside the op's real implementation (opaque), not traced into the outer graph.
@@ -133,8 +135,7 @@ def _run(q, k, v, tensors, key, restore: bool = True):
     named = dict(zip(names, tensors))
     if not restore:
         return variant._eager_call(q, k, v, scale, backend, return_lse, options, named)
-    with _dispatch_restored():
-        return variant._eager_call(q, k, v, scale, backend, return_lse, options, named)
+    return _restored(variant._eager_call, q, k, v, scale, backend, return_lse, options, named)
 
 
 # Keys an op's implementation may find excluded and that the backends need: autograd (the backward's recompute)
@@ -144,20 +145,33 @@ _KEY_NAMES = ("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor", 
               "FuncTorchVmapMode", "FuncTorchGradWrapper", "Batched", "BatchedNestedTensor", "VmapMode", "Conjugate",
               "Negative", "ZeroTensor")
 _KEYS = tuple(getattr(torch._C.DispatchKey, name) for name in _KEY_NAMES if hasattr(torch._C.DispatchKey, name))
+# the keys' functionality bits: one AND tells whether any of them is excluded (the common case: none)
+_KEYS_RAW = 0
+for _key in _KEYS:
+    _KEYS_RAW |= torch._C.DispatchKeySet(_key).raw_repr()
+del _key
+
+
+def _dispatch_plain() -> bool:
+    """True when the dispatcher's state needs no restoring (``_dispatch_restored`` would do nothing): no key of
+    ``_KEYS`` excluded, no dispatch mode set. A compiled graph's later runs: the op's kernels redispatch below
+    autograd without excluding it (``_attention_autograd``)."""
+    return (not torch._C._dispatch_tls_local_exclude_set().raw_repr() & _KEYS_RAW
+            and torch._C._len_torch_dispatch_stack() == 0
+            and torch._ops._len_torch_dispatch_stack_pre_dispatch() == 0)
 
 
 @contextlib.contextmanager
 def _dispatch_restored():
-    """The dispatcher's ordinary state inside a custom op's implementation. The op runs with the autograd keys
-    excluded (``_AutoDispatchBelowAutograd``), and on a compiled graph's first run below a Python dispatch mode
-    (AOTAutograd's custom-op aliasing check) with every key above Python excluded, which breaks the vmap in
-    flex's BlockMask construction; the backward's recompute needs autograd. Restored on exit; the caller's
-    dispatch modes are set aside meanwhile."""
+    """The dispatcher's ordinary state inside a custom op's implementation. On a compiled graph's first run the op
+    runs below a Python dispatch mode (AOTAutograd's checks) with keys above Python excluded, which breaks the vmap
+    in flex's BlockMask construction; a caller may have excluded autograd (``_AutoDispatchBelowAutograd``), which
+    the backward's recompute needs. Restored on exit; the caller's dispatch modes are set aside meanwhile."""
     excluded = torch._C._dispatch_tls_local_exclude_set()
     keys = [key for key in _KEYS if excluded.has(key)]
     # what _disable_current_modes pops: the dispatch mode stack (infra modes included) and the pre-dispatch one
     modes = torch._C._len_torch_dispatch_stack() > 0 or torch._ops._len_torch_dispatch_stack_pre_dispatch() > 0
-    if not keys and not modes:  # the common case (a compiled graph's later runs): ~9 us less per call
+    if not keys and not modes:
         yield
         return
     with contextlib.ExitStack() as stack:
@@ -168,11 +182,19 @@ def _dispatch_restored():
         yield
 
 
+def _restored(fn, *args):
+    """``fn(*args)`` in the dispatcher's ordinary state (``_dispatch_restored``), without entering a context
+    manager where nothing is to restore (~5 us less per call on the CPU)."""
+    if _dispatch_plain():
+        return fn(*args)
+    with _dispatch_restored():
+        return fn(*args)
+
+
 def _bshd_like(out: torch.Tensor) -> torch.Tensor:
     """``out`` [B, H, S, D] with the strides the fake implementation promises (a [B, S, H, D] buffer)."""
     B, H, S, D = out.shape
-    want = (S * H * D, D, H * D, 1)
-    if out.stride() == want or out.numel() == 0:
+    if out.stride() == (S * H * D, D, H * D, 1) or out.numel() == 0:
         return out
     buf = torch.empty(B, S, H, D, dtype=out.dtype, device=out.device).transpose(1, 2)
     buf.copy_(out)
@@ -200,19 +222,30 @@ class _Graphs:
     """The backend's own autograd graph of a forward call, kept from the op's forward until its backward, so the
     backward runs the backend's backward on what its forward saved: no second forward. Keyed by the memory of the
     op's output ``out`` (the backward gets another tensor object over the same memory); an entry goes with the
-    ``out`` the forward returned (a forward whose backward never runs), so a live entry's memory is never reused."""
+    ``out`` the forward returned (a forward whose backward never runs), so a live entry's memory is never reused.
+
+    The entry goes with that tensor object: where the op's ``out`` is itself what a compiled region returns and
+    the caller drops it before the backward (``f(x).sum().backward()``), autograd keeps only a copy of it and the
+    backward recomputes the forward (correct, one forward more). A model's attention output is an intermediate
+    (projected, reshaped) and keeps its entry."""
 
     def __init__(self):
         self._entries: dict[tuple, tuple] = {}
 
     @staticmethod
     def _key(out: torch.Tensor) -> tuple:
-        return (out.data_ptr(), str(out.device), out.dtype, tuple(out.shape), out.stride())
+        return (out.data_ptr(), out.device, out.dtype, out.shape, out.stride())
 
     def put(self, out: torch.Tensor, graph: tuple) -> None:
         key = self._key(out)
-        self._entries[key] = (weakref.ref(out), graph)
-        weakref.finalize(out, self._entries.pop, key, None)
+        entries = self._entries
+
+        def gone(ref, key=key):  # out was freed: its entry (if still this one) with it
+            hit = entries.get(key)
+            if hit is not None and hit[0] is ref:
+                del entries[key]
+
+        entries[key] = (weakref.ref(out, gone), graph)  # a weakref's callback: ~3 us less than weakref.finalize
 
     def take(self, out: torch.Tensor):
         key = self._key(out)
@@ -230,35 +263,72 @@ GRAPHS = _Graphs()
 
 
 def _finish(q, o, l, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's outputs from the backend's: out detached, in q's dtype, with the promised strides, aliasing no
+    input; lse detached, float32, contiguous (zeros where the backend gave none). Each step only where needed: a
+    no-op ``.to`` / ``.contiguous`` still costs a dispatch."""
     if not isinstance(l, torch.Tensor):
         l = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)
-    out = _bshd_like(o.detach().to(q.dtype))
-    if any(out.data_ptr() == t.data_ptr() for t in inputs if t.numel()):
-        out = _bshd_like(out.clone())  # a custom op's outputs must not alias its inputs
-    return out, l.detach().to(torch.float32).contiguous()
+    out = o.detach() if o.requires_grad else o
+    if out.dtype != q.dtype:
+        out = out.to(q.dtype)
+    out = _bshd_like(out)
+    if out.numel():
+        ptr = out.data_ptr()
+        if any(ptr == t.data_ptr() for t in inputs if t.numel()):
+            out = _bshd_like(out.clone())  # a custom op's outputs must not alias its inputs
+    if l.requires_grad:
+        l = l.detach()
+    if l.dtype != torch.float32:
+        l = l.float()
+    if not l.is_contiguous():
+        l = l.contiguous()
+    return out, l
 
 
-@torch.library.custom_op("attnlang::attention", mutates_args=())
+# The two ops, defined with torch.library.Library rather than torch.library.custom_op: the same schemas, fake
+# implementations and autograd, without custom_op's per-call Python layers (its autograd kernel's pytree handling
+# and fill_defaults, its backend wrapper's alias check, a Dynamo-disabling wrapper): ~25 us less per eager call
+# with gradients, a few us per call inside a compiled graph (benchmarks/bench_op_host.py).
+_LIB = torch.library.Library("attnlang", "DEF")
+_TAGS = (torch.Tag.pt2_compliant_tag,)
+_LIB.define("attention(Tensor q, Tensor k, Tensor v, Tensor[] tensors, str key, SymInt wanted) -> (Tensor, Tensor)",
+            tags=_TAGS)
+_LIB.define("attention_backward(Tensor q, Tensor k, Tensor v, Tensor[] tensors, Tensor out, Tensor lse, "
+            "Tensor grad_out, Tensor grad_lse, str key, SymInt wanted) -> (Tensor, Tensor, Tensor, Tensor[])",
+            tags=_TAGS)
+_ATTENTION = torch.ops.attnlang.attention.default
+_BACKWARD = torch.ops.attnlang.attention_backward.default
+_AFTER_AUTOGRAD = torch._C._after_autograd_keyset
+_set_grad_enabled = torch._C._set_grad_enabled
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor], key: str,
               wanted: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """out [B, Hq, Sq, Dv] (q's dtype, [B, Sq, Hq, Dv] strides), lse [B, Hq, Sq] float32 of the call ``key``.
+    """``torch.ops.attnlang.attention``'s implementation: out [B, Hq, Sq, Dv] (q's dtype, [B, Sq, Hq, Dv]
+    strides), lse [B, Hq, Sq] float32 of the call ``key``.
 
     ``wanted`` (``grad_bits``): which inputs need gradients. With any, the backend runs under autograd (so it
     picks the kernel it picks for training, as outside compile) and its graph is kept for the backward."""
     inputs = (q, k, v, *tensors)
+    grad_was = torch.is_grad_enabled()
     if not wanted:
-        with torch.no_grad():
-            o, l = _run(q, k, v, tensors, key)
+        _set_grad_enabled(False)
+        try:
+            o, l = _restored(_run, q, k, v, tensors, key, False)
+        finally:
+            _set_grad_enabled(grad_was)
         return _finish(q, o, l, inputs)
     leaves = _leaves(inputs, wanted)
-    with torch.enable_grad(), _dispatch_restored():
-        o, l = _run(leaves[0], leaves[1], leaves[2], leaves[3:], key, restore=False)
+    _set_grad_enabled(True)
+    try:
+        o, l = _restored(_run, leaves[0], leaves[1], leaves[2], leaves[3:], key, False)
+    finally:
+        _set_grad_enabled(grad_was)
     out, lse = _finish(q, o, l, inputs)
     GRAPHS.put(out, (o, l, leaves))
     return out, lse
 
 
-@attention.register_fake
 def _attention_fake(q, k, v, tensors, key, wanted):
     variant, backend, scale, return_lse, options, names = spec_of(key)
     try:
@@ -272,34 +342,56 @@ def _attention_fake(q, k, v, tensors, key, wanted):
     return out, lse
 
 
-@torch.library.custom_op("attnlang::attention_backward", mutates_args=())
+def _backend_backward(inputs, out, grad_out, grad_lse, key, wanted, needing):
+    graph = GRAPHS.take(out)
+    if graph is None:
+        leaves = _leaves(inputs, wanted)
+        o, l = _run(leaves[0], leaves[1], leaves[2], leaves[3:], key, False)
+    else:
+        o, l, leaves = graph
+    outs = [o]
+    gouts = [grad_out if grad_out.dtype == o.dtype else grad_out.to(o.dtype)]
+    # lse's gradient only where the caller sees lse: otherwise it is zero
+    if spec_of(key)[3] and isinstance(l, torch.Tensor) and l.requires_grad:
+        outs.append(l)
+        gouts.append(grad_lse if grad_lse.dtype == l.dtype else grad_lse.to(l.dtype))
+    return _grad(outs, [leaves[i] for i in needing], gouts)
+
+
+def _grad(outs, inputs, gouts):
+    """``torch.autograd.grad(outs, inputs, gouts, allow_unused=True)``: the engine called as autograd.grad calls
+    it, without its argument normalisation (the gradients have the outputs' shapes and dtypes already)."""
+    if _engine_run_backward is None:
+        return torch.autograd.grad(outs, inputs, gouts, allow_unused=True)
+    return _engine_run_backward(tuple(outs), tuple(gouts), False, False, tuple(inputs), True, accumulate_grad=False)
+
+
+try:
+    from torch.autograd.graph import _engine_run_backward
+except ImportError:  # pragma: no cover - a torch without it: the public API
+    _engine_run_backward = None
+
+
 def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor],
                        out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor, grad_lse: torch.Tensor,
                        key: str, wanted: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """(dq, dk, dv, [d tensor for each of ``tensors``]) of the call ``key``; ``wanted``: bit i set when input i
-    (q, k, v, then tensors) needs a gradient (others come back as zeros, named ones of size 0).
+    """``torch.ops.attnlang.attention_backward``'s implementation: (dq, dk, dv, [d tensor for each of
+    ``tensors``]) of the call ``key``; ``wanted``: bit i set when input i (q, k, v, then tensors) needs a gradient
+    (others come back as zeros, named ones of size 0).
 
     Runs the backend's backward on the graph its forward kept (``GRAPHS``); where none was kept (a second
     backward through the same graph, a forward recomputed by activation checkpointing) the forward is recomputed
     under autograd first."""
-    inputs = [q, k, v, *tensors]
+    inputs = (q, k, v, *tensors)
     needing = [i for i in range(len(inputs)) if wanted >> i & 1]
     grads: list = [None] * len(inputs)
-    return_lse = spec_of(key)[3]
     if needing:
-        with torch.enable_grad(), _dispatch_restored():  # autograd.grad too: the eager backend checkpoints
-            graph = GRAPHS.take(out)
-            if graph is None:
-                leaves = _leaves(inputs, wanted)
-                o, l = _run(leaves[0], leaves[1], leaves[2], leaves[3:], key, restore=False)
-            else:
-                o, l, leaves = graph
-            outs, gouts = [o], [grad_out.to(o.dtype)]
-            # lse's gradient only where the caller sees lse: otherwise it is zero
-            if return_lse and isinstance(l, torch.Tensor) and l.requires_grad:
-                outs.append(l)
-                gouts.append(grad_lse.to(l.dtype))
-            got = torch.autograd.grad(outs, [leaves[i] for i in needing], gouts, allow_unused=True)
+        grad_was = torch.is_grad_enabled()
+        _set_grad_enabled(True)  # the engine too: the eager backend checkpoints
+        try:
+            got = _restored(_backend_backward, inputs, out, grad_out, grad_lse, key, wanted, needing)
+        finally:
+            _set_grad_enabled(grad_was)
         for i, g in zip(needing, got):
             grads[i] = g
     result = []
@@ -307,11 +399,14 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensor
         g = grads[i]
         if g is None:
             g = torch.zeros_like(t) if i < 3 or wanted >> i & 1 else t.new_zeros((0,))
-        result.append(g.to(t.dtype).contiguous())
+        if g.dtype != t.dtype:
+            g = g.to(t.dtype)
+        if not g.is_contiguous():
+            g = g.contiguous()
+        result.append(g)
     return result[0], result[1], result[2], result[3:]
 
 
-@attention_backward.register_fake
 def _attention_backward_fake(q, k, v, tensors, out, lse, grad_out, grad_lse, key, wanted):
     named = [torch.empty_like(t, memory_format=torch.contiguous_format) if wanted >> (3 + i) & 1
              else t.new_empty((0,)) for i, t in enumerate(tensors)]
@@ -320,26 +415,78 @@ def _attention_backward_fake(q, k, v, tensors, out, lse, grad_out, grad_lse, key
             torch.empty_like(v, memory_format=torch.contiguous_format), named)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, tensors, key, wanted = inputs
-    out, lse = output
-    ctx.key, ctx.wanted = key, wanted
-    ctx.save_for_backward(q, k, v, out, lse, *tensors)
+class _AttentionFunction(torch.autograd.Function):
+    """The op's autograd (what ``register_autograd`` would build): saves q, k, v, out, lse and the named tensors;
+    its backward is ``attention_backward``, one opaque op. Named tensors come flattened after q, k, v."""
+
+    @staticmethod
+    def forward(ctx, keyset, key, wanted, q, k, v, *tensors):
+        out, lse = _ATTENTION.redispatch(keyset & _AFTER_AUTOGRAD, q, k, v, list(tensors), key, wanted)
+        ctx.key, ctx.wanted = key, wanted
+        ctx.save_for_backward(q, k, v, out, lse, *tensors)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, *tensors = ctx.saved_tensors
+        dq, dk, dv, dnamed = _BACKWARD(q, k, v, tensors, out, lse, grad_out, grad_lse, ctx.key, ctx.wanted)
+        named = [g if ctx.wanted >> (3 + i) & 1 else None for i, g in enumerate(dnamed)]
+        return None, None, None, dq, dk, dv, *named
 
 
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, *tensors = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    if grad_lse is None:
-        grad_lse = torch.zeros_like(lse)
-    dq, dk, dv, dnamed = attention_backward(q, k, v, list(tensors), out, lse, grad_out, grad_lse, ctx.key,
-                                            ctx.wanted)
-    named = [g if ctx.wanted >> (3 + i) & 1 else None for i, g in enumerate(dnamed)]
-    return dq, dk, dv, named, None, None
+class _BackwardFunction(torch.autograd.Function):
+    """``attention_backward`` where its inputs need gradients (a double backward): runs it, and refuses the
+    backward through it."""
+
+    @staticmethod
+    def forward(ctx, keyset, key, wanted, n, q, k, v, out, lse, grad_out, grad_lse, *tensors):
+        dq, dk, dv, dnamed = _BACKWARD.redispatch(keyset & _AFTER_AUTOGRAD, q, k, v, list(tensors), out, lse,
+                                                  grad_out, grad_lse, key, wanted)
+        return dq, dk, dv, *dnamed
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise AttnLangError("attnlang's attention has no double backward (a gradient of its gradients); "
+                            "torch.ops.attnlang.attention_backward is not differentiable")
 
 
-attention.register_autograd(_backward, setup_context=_setup_context)
+def _attention_autograd(keyset, q, k, v, tensors, key, wanted):
+    """The op's Autograd kernel. Without gradients it redispatches below autograd without excluding it (what
+    ``_AutoDispatchBelowAutograd`` would do), so the implementation finds the dispatcher's state as it was and
+    restores nothing (the backend's own autograd graph for the backward is built there)."""
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(q, k, v, tensors):
+        return _AttentionFunction.apply(keyset, key, wanted, q, k, v, *tensors)
+    return _ATTENTION.redispatch(keyset & _AFTER_AUTOGRAD, q, k, v, tensors, key, wanted)
+
+
+def _attention_backward_autograd(keyset, q, k, v, tensors, out, lse, grad_out, grad_lse, key, wanted):
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(q, k, v, tensors, out, lse, grad_out, grad_lse):
+        got = _BackwardFunction.apply(keyset, key, wanted, len(tensors), q, k, v, out, lse, grad_out, grad_lse,
+                                      *tensors)
+        return got[0], got[1], got[2], list(got[3:])
+    return _BACKWARD.redispatch(keyset & _AFTER_AUTOGRAD, q, k, v, tensors, out, lse, grad_out, grad_lse, key,
+                                wanted)
+
+
+def _never_traced(*fns) -> None:
+    """Dynamo never traces these kernels, nor what they call, where they run eagerly under an active
+    ``torch.compile`` (a frame Dynamo skips calling the op): their frames and all below run as plain Python. What
+    custom_op gets from a ``torch._dynamo.disable`` wrapper per call; here a flag on the code objects, free per
+    call."""
+    from torch._dynamo.eval_frame import set_code_exec_strategy
+    from torch._dynamo.types import FrameAction, FrameExecStrategy
+    for fn in fns:
+        set_code_exec_strategy(fn.__code__, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
+
+
+_never_traced(attention, _attention_autograd, attention_backward, _attention_backward_autograd,
+              _AttentionFunction.backward, _BackwardFunction.backward)
+_LIB.impl("attention", attention, "CompositeExplicitAutograd")
+_LIB.impl("attention", _attention_autograd, "Autograd", with_keyset=True)
+_LIB.impl("attention_backward", attention_backward, "CompositeExplicitAutograd")
+_LIB.impl("attention_backward", _attention_backward_autograd, "Autograd", with_keyset=True)
+torch.library.register_fake("attnlang::attention", _attention_fake, lib=_LIB)
+torch.library.register_fake("attnlang::attention_backward", _attention_backward_fake, lib=_LIB)
 
 
 def call(variant, q, k, v, scale, backend, return_lse, kernel_options, tensors: Mapping[str, torch.Tensor]):

@@ -5,6 +5,8 @@ generation); one uses inductor."""
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 
@@ -255,3 +257,126 @@ def test_transformers_config_variants_compile_with_fullgraph(spec):
         ref = model(ids).logits
         got = torch.compile(model, fullgraph=True, backend="aot_eager")(ids).logits
     torch.testing.assert_close(got, ref)
+
+
+SCHEMAS = {
+    "attention": "attnlang::attention(Tensor q, Tensor k, Tensor v, Tensor[] tensors, str key, SymInt wanted) -> "
+                 "(Tensor, Tensor)",
+    "attention_backward": "attnlang::attention_backward(Tensor q, Tensor k, Tensor v, Tensor[] tensors, Tensor out, "
+                          "Tensor lse, Tensor grad_out, Tensor grad_lse, str key, SymInt wanted) -> "
+                          "(Tensor, Tensor, Tensor, Tensor[])",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_the_op_schemas_and_tags(name):
+    overload = getattr(torch.ops.attnlang, name).default
+    assert str(overload._schema) == SCHEMAS[name]
+    assert torch.Tag.pt2_compliant_tag in overload.tags
+
+
+def test_the_op_called_directly_with_gradients(monkeypatch):
+    """The op in eager mode with inputs that need gradients (its autograd kernel): one backend forward, gradients
+    to q, k, v and the named tensor equal to the variant's own, nothing kept afterwards; a double backward is an
+    AttnLangError."""
+    module = Biased(ALIBI, "slope", (4,))
+    q, k, v = _qkv()
+    ref = _grads(module, q, k, v)
+    key = op.call_key(ALIBI._op_config, "eager", None, True, None, ("slope",))
+    runs = []
+    real = op._run
+    monkeypatch.setattr(op, "_run", lambda *a, **kw: runs.append(1) or real(*a, **kw))
+    out, lse = torch.ops.attnlang.attention(q, k, v, [module.table], key, 15)
+    (out.square().sum() + lse.sum()).backward()
+    assert len(runs) == 1 and len(op.GRAPHS) == 0
+    torch.testing.assert_close(out.detach(), ref[0])
+    torch.testing.assert_close(lse.detach(), ref[1])
+    for t, g in zip((q, k, v, module.table), ref[2]):
+        torch.testing.assert_close(t.grad, g)
+    out, lse = torch.ops.attnlang.attention(q, k, v, [module.table], key, 15)
+    dq, = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(al.AttnLangError, match="double backward"):
+        dq.sum().backward()
+
+
+def test_the_op_kernels_are_never_traced_by_dynamo():
+    """The op run eagerly below an active torch.compile (from a frame Dynamo skips): Dynamo traces none of
+    attnlang's code (its kernels are marked skipped, recursively), forward and backward."""
+    key = op.call_key(DECODE._op_config, "eager", None, False, None, ())
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    @torch._dynamo.disable(recursive=False)
+    def eager_part(x):
+        return torch.ops.attnlang.attention(x, x, x, [], key, 1 if x.requires_grad else 0)[0]
+
+    torch._dynamo.reset()
+    for grad in (False, True):
+        x = torch.randn(1, 2, 5, 8).requires_grad_(grad)
+        out = torch.compile(lambda x: eager_part(x) * 2, backend=backend)(x)
+        if grad:
+            out.sum().backward()
+            assert x.grad is not None
+        torch.testing.assert_close(out, DECODE(x, x, x, backend="eager") * 2)
+    assert len(graphs) == 2  # the two lambdas' `* 2`, nothing from attnlang
+    assert all(n.target in (torch.ops.aten.mul.Tensor, operator.mul)
+               for g in graphs for n in g.graph.nodes if n.op == "call_function")
+
+
+def test_dispatch_plain_sees_every_restored_key():
+    """The fast check (one AND on the excluded keys' bits) agrees with _dispatch_restored's key by key test."""
+    assert op._dispatch_plain()
+    for key in op._KEYS:
+        with torch._C._SetExcludeDispatchKeyGuard(key, True):
+            assert not op._dispatch_plain(), key
+            with op._dispatch_restored():
+                assert op._dispatch_plain(), key
+    with torch._C._AutoDispatchBelowAutograd():
+        assert not op._dispatch_plain()
+
+    class Mode(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        assert not op._dispatch_plain()
+
+
+def test_activation_checkpointing_inside_compile():
+    """torch.utils.checkpoint around a variant call under torch.compile: the backward recomputes the op (a forward
+    in the backward graph) and runs its backward; gradients equal the uncompiled ones, nothing kept after."""
+    import torch.utils.checkpoint as checkpointing
+    slope = torch.rand(4, requires_grad=True)
+
+    def step(q, k, v):
+        block = lambda q, k, v: ALIBI(q, k, v, backend="eager", slope=slope).square().sum()  # noqa: E731
+        return checkpointing.checkpoint(block, q, k, v, use_reentrant=False)
+
+    q, k, v = _qkv(Sq=9, Skv=9)
+
+    def grads(fn):
+        fn(q, k, v).backward()
+        got = [t.grad.clone() for t in (q, k, v, slope)]
+        for t in (q, k, v, slope):
+            t.grad = None
+        return got
+
+    ref = grads(step)
+    torch._dynamo.reset()
+    got = grads(torch.compile(step, fullgraph=True, backend="aot_eager"))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+    assert len(op.GRAPHS) == 0
+
+
+def test_graphs_entries_go_with_their_output():
+    q, k, v = _qkv(grad=False)
+    out = torch.empty(2, 19, 4, 16).transpose(1, 2)
+    op.GRAPHS.put(out, ("graph",))
+    assert len(op.GRAPHS) == 1 and op.GRAPHS.take(out.detach()) == ("graph",) and len(op.GRAPHS) == 0
+    op.GRAPHS.put(out, ("graph",))
+    del out
+    assert len(op.GRAPHS) == 0
