@@ -221,42 +221,52 @@ def _leaves(inputs, wanted: int) -> list:
 class _Graphs:
     """The backend's own autograd graph of a forward call, kept from the op's forward until its backward, so the
     backward runs the backend's backward on what its forward saved: no second forward. Keyed by the memory of the
-    op's output ``out`` (the backward gets another tensor object over the same memory); an entry goes with the
-    ``out`` the forward returned (a forward whose backward never runs), so a live entry's memory is never reused.
+    op's output ``out`` (the backward gets another tensor object over the same memory: AOTAutograd saves a copy or
+    a detached alias); an entry holds that memory (``out``'s storage), so while it lives no other tensor can be
+    allocated there and a key names one forward only.
 
-    The entry goes with that tensor object: where the op's ``out`` is itself what a compiled region returns and
-    the caller drops it before the backward (``f(x).sum().backward()``), autograd keeps only a copy of it and the
-    backward recomputes the forward (correct, one forward more). A model's attention output is an intermediate
-    (projected, reshaped) and keeps its entry."""
+    An entry goes with the ``out`` the forward returned (a forward whose backward never runs), but not at once: the
+    last such orphan stays until its backward takes it, the next forward starts or the next orphan replaces it.
+    So the backward still finds its graph where ``out`` died right before it: an activation-checkpointing recompute
+    in a compiled backward (AOTAutograd detaches the recomputed ``out`` and drops it), or ``f(x).sum().backward()``
+    where ``out`` is what the compiled region returned. At most one orphaned graph is held longer than its
+    output, and none past the next forward."""
 
     def __init__(self):
         self._entries: dict[tuple, tuple] = {}
+        self._orphan: tuple | None = None  # (key, graph, storage): the entry whose out died last
 
     @staticmethod
     def _key(out: torch.Tensor) -> tuple:
         return (out.data_ptr(), out.device, out.dtype, out.shape, out.stride())
 
     def put(self, out: torch.Tensor, graph: tuple) -> None:
+        self._orphan = None  # a new forward: the last orphan's backward did not come right after it
         key = self._key(out)
         entries = self._entries
 
-        def gone(ref, key=key):  # out was freed: its entry (if still this one) with it
+        def gone(ref, key=key):  # out was freed: its entry (if still this one) becomes the orphan
             hit = entries.get(key)
             if hit is not None and hit[0] is ref:
                 del entries[key]
+                self._orphan = (key, hit[1], hit[2])
 
-        entries[key] = (weakref.ref(out, gone), graph)  # a weakref's callback: ~3 us less than weakref.finalize
+        # a weakref's callback: ~3 us less than weakref.finalize
+        entries[key] = (weakref.ref(out, gone), graph, out.untyped_storage())
 
     def take(self, out: torch.Tensor):
         key = self._key(out)
-        hit = self._entries.get(key)
-        if hit is None or hit[0]() is None:
-            return None
-        del self._entries[key]
-        return hit[1]
+        hit = self._entries.pop(key, None)
+        if hit is not None:
+            return hit[1]
+        orphan = self._orphan
+        if orphan is not None and orphan[0] == key:
+            self._orphan = None
+            return orphan[1]
+        return None
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) + (self._orphan is not None)
 
 
 GRAPHS = _Graphs()

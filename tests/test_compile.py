@@ -345,9 +345,11 @@ def test_dispatch_plain_sees_every_restored_key():
         assert not op._dispatch_plain()
 
 
-def test_activation_checkpointing_inside_compile():
+def test_activation_checkpointing_inside_compile(monkeypatch):
     """torch.utils.checkpoint around a variant call under torch.compile: the backward recomputes the op (a forward
-    in the backward graph) and runs its backward; gradients equal the uncompiled ones, nothing kept after."""
+    in the backward graph) and runs its backward on the recomputed graph (AOTAutograd drops the recomputed output
+    first: the orphaned entry is still found), so two backend forwards per step, not three; gradients equal the
+    uncompiled ones, nothing kept after."""
     import torch.utils.checkpoint as checkpointing
     slope = torch.rand(4, requires_grad=True)
 
@@ -366,17 +368,59 @@ def test_activation_checkpointing_inside_compile():
 
     ref = grads(step)
     torch._dynamo.reset()
-    got = grads(torch.compile(step, fullgraph=True, backend="aot_eager"))
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    grads(compiled)  # compile
+    runs = []
+    real = op._run
+    monkeypatch.setattr(op, "_run", lambda *a, **kw: runs.append(1) or real(*a, **kw))
+    got = grads(compiled)
+    assert len(runs) == 2 and len(op.GRAPHS) == 0
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b)
-    assert len(op.GRAPHS) == 0
+
+
+def test_the_output_dropped_before_the_backward_keeps_its_graph(monkeypatch):
+    """f(q).sum().backward() where f's output is the op's own: autograd keeps only a copy of it, the op's output
+    dies before the backward, and the backward still runs on the forward's graph (one backend forward)."""
+    slope = torch.rand(4, requires_grad=True)
+    compiled = torch.compile(lambda q, k, v: ALIBI(q, k, v, backend="eager", slope=slope), fullgraph=True,
+                             backend="aot_eager")
+    q, k, v = _qkv()
+    compiled(q, k, v).sum().backward()  # compile
+    ref = [t.grad.clone() for t in (q, k, v, slope)]
+    runs = []
+    real = op._run
+    monkeypatch.setattr(op, "_run", lambda *a, **kw: runs.append(1) or real(*a, **kw))
+    compiled(q, k, v).sum().backward()
+    assert len(runs) == 1 and len(op.GRAPHS) == 0
+    for t, g in zip((q, k, v, slope), ref):
+        torch.testing.assert_close(t.grad, 2 * g)
 
 
 def test_graphs_entries_go_with_their_output():
-    q, k, v = _qkv(grad=False)
+    """An entry is taken once; when its output dies it becomes the orphan, released when the next orphan comes or
+    the next forward puts an entry."""
+    import weakref
+
+    class Graph:
+        pass
+
+    first, second = Graph(), Graph()
     out = torch.empty(2, 19, 4, 16).transpose(1, 2)
-    op.GRAPHS.put(out, ("graph",))
-    assert len(op.GRAPHS) == 1 and op.GRAPHS.take(out.detach()) == ("graph",) and len(op.GRAPHS) == 0
-    op.GRAPHS.put(out, ("graph",))
+    op.GRAPHS.put(out, (first,))
+    assert len(op.GRAPHS) == 1 and op.GRAPHS.take(out.detach()) == (first,) and len(op.GRAPHS) == 0
+    assert op.GRAPHS.take(out) is None  # taken once
+    op.GRAPHS.put(out, (first,))
+    alias = out.detach()
     del out
-    assert len(op.GRAPHS) == 0
+    assert len(op.GRAPHS) == 1  # the orphan
+    other = torch.empty(3, 5)
+    op.GRAPHS.put(other, (second,))
+    gone = weakref.ref(first)
+    del first, other  # the next orphan replaces the first
+    assert gone() is None and len(op.GRAPHS) == 1
+    assert op.GRAPHS.take(alias) is None  # released
+    gone = weakref.ref(second)
+    del second
+    op.GRAPHS.put(alias, ("new",))  # a new forward releases the orphan
+    assert gone() is None and op.GRAPHS.take(alias) == ("new",) and len(op.GRAPHS) == 0
