@@ -424,3 +424,13 @@ def test_graphs_entries_go_with_their_output():
     del second
     op.GRAPHS.put(alias, ("new",))  # a new forward releases the orphan
     assert gone() is None and op.GRAPHS.take(alias) == ("new",) and len(op.GRAPHS) == 0
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_torch_library_opcheck(grad):
+    """torch.library.opcheck of the forward op (schema, fake tensors, autograd registration, AOT dispatch with
+    dynamic shapes), with and without gradients."""
+    q, k, v = _qkv(Sq=9, Skv=9, grad=grad)
+    slope = torch.rand(4, requires_grad=grad)
+    key = op.call_key(ALIBI._op_config, "eager", None, True, None, ("slope",))
+    torch.library.opcheck(torch.ops.attnlang.attention.default, (q, k, v, [slope], key, 15 if grad else 0))
