@@ -164,8 +164,8 @@ def finish(out: torch.Tensor, lse: torch.Tensor, plan: CallPlan, float_dtype: to
     out, lse = out.to(float_dtype), lse.to(float_dtype)
     if not plan.normalize:
         # exp(lse) * out is the numerator whether or not lse counts the sink; exp(-inf) = 0 for empty rows
-        out = out * torch.exp(lse).unsqueeze(-1)
-        check_numerator(out, lse, out_dtype or float_dtype)
+        normalized, out = out, out * torch.exp(lse).unsqueeze(-1)
+        check_numerator(out, lse, out_dtype or float_dtype, normalized)
     if plan.sink is not None and not sink_in_kernel:
         sink = sink_values(plan, out.device, float_dtype)
         zero = torch.zeros((), dtype=float_dtype, device=out.device)
@@ -180,9 +180,12 @@ def finish(out: torch.Tensor, lse: torch.Tensor, plan: CallPlan, float_dtype: to
     return out, lse
 
 
-def check_numerator(out: torch.Tensor, lse: torch.Tensor, float_dtype: torch.dtype) -> None:
+def check_numerator(out: torch.Tensor, lse: torch.Tensor, float_dtype: torch.dtype,
+                    normalized: torch.Tensor | None = None) -> None:
     """normalize=False: the numerator sum exp(s'') V past float_dtype's range is inf (or NaN where V is 0: inf * 0;
-    or inf once cast to float16): an error, as a score past the range is, instead of a silent inf / NaN output."""
+    or inf once cast to float16): an error, as a score past the range is, instead of a silent inf / NaN output.
+    ``normalized``: the output before the scale by exp(lse); where it is not finite already, v is (the error says
+    so instead of blaming the range)."""
     x = out.detach()
     bad = ~torch.isfinite(x) | (x.abs() > torch.finfo(float_dtype).max)
     if out.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -192,6 +195,10 @@ def check_numerator(out: torch.Tensor, lse: torch.Tensor, float_dtype: torch.dty
     if not bool(bad.any()):
         return
     b, h, i = (int(x) for x in bad.nonzero()[0][:3])
+    if normalized is not None and not bool(torch.isfinite(normalized[b, h, i]).all()):
+        raise AttnLangError(f"the output is not finite in row b={b}, h={h}, q_idx={i} before normalize=False's scale "
+                            f"by exp(lse) (lse {float(lse[b, h, i]):.6g}): v holds a NaN or an infinite value (a "
+                            f"weight, even 0, times NaN or inf is NaN); attention of a non-finite v is not defined")
     raise AttnLangError(f"with normalize=False the output sum over allowed keys of exp(score) * v passes "
                         f"{float_dtype}'s range (largest {torch.finfo(float_dtype).max:.4g}) in row b={b}, h={h}, "
                         f"q_idx={i}, where lse is {float(lse[b, h, i]):.6g}; subtract a constant from the score "

@@ -236,7 +236,12 @@ class Variant:
         NaN, on every backend: comparisons with NaN are False as in IEEE (``!=`` is True), NaN propagates
         through arithmetic, functions and min / max / clamp (``sign(NaN)`` is 0, as torch gives), and a mask
         that is False masks its position: ``sqrt(-1.0) > 0.0`` masks every key, silently. A score that is NaN
-        at an allowed position is an error; at a masked position it is never seen.
+        at an allowed position is an error; at a masked position it is never seen. A NaN or inf in q or k is a
+        NaN / inf score (an error where allowed; -inf scores are masked). A NaN or inf in v is not checked (that
+        would cost a device sync per call): the rows it meets are NaN / inf, and since a weight of 0 times NaN or
+        inf is NaN, which rows that is beyond those attending the key depends on the backend's tiling (eager's
+        matmul meets every key; fa4 and flex skip empty blocks); rows with no allowed key stay 0. With
+        normalize=False, whose numerator is checked anyway, it is an AttnLangError naming the row.
         """
         if extra:
             names = ", ".join(f"{n}=<tensor>" for n in self.tensor_names) or "none"

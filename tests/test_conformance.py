@@ -50,3 +50,31 @@ def test_int_literals_keep_their_meaning_where_no_float_meets_them():
 def test_a_huge_int_literal_is_not_respelled_where_float64_would_round_it():
     big = (1 << 53) + 1
     assert str(big) in al.compile(score=f"score + {big}").canonical[2]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hostile values in v
+
+@pytest.mark.parametrize("backend", ["eager", "flex"])
+def test_nan_in_v_with_normalize_false_names_v_not_the_range(backend):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 8, 8) for _ in range(3))
+    v[0, 0, 5, 0] = float("nan")
+    variant = al.compile(mask="q_idx >= kv_idx & q_idx > 0", normalize=False)
+    with pytest.raises(al.AttnLangError, match="v holds a NaN or an infinite value"):
+        variant(q, k, v, backend=backend)
+    # a numerator past the range is still reported as such
+    with pytest.raises(al.AttnLangError, match="range"):
+        al.compile(score="score + 100.0", normalize=False)(q, k, torch.randn(1, 1, 8, 8), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["eager", "flex"])
+def test_nan_in_v_leaves_rows_without_keys_zero(backend):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 8, 8) for _ in range(3))
+    v[0, 0, 5, 0] = float("nan")
+    for sink in (None, "0.0"):
+        out, lse = al.compile(mask="q_idx >= kv_idx & q_idx > 0 & q_idx < 6", sink=sink)(
+            q, k, v, backend=backend, return_lse=True)
+        assert torch.equal(out[0, 0, [0, 6, 7]], torch.zeros(3, 8))
+        assert torch.isnan(out[0, 0, 5]).any()  # the row attending the NaN key

@@ -80,3 +80,25 @@ def test_gradients_through_an_unchosen_where_branch_stay_finite_on_cuda(backend)
     var = al.compile(score="where(score > 0.0, sqrt(score), score)", mask="q_idx >= kv_idx")
     var(q, k, v, backend=backend).sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("score", ["min(1.0 / score, 10.0)", "clamp(log(score * score), -1.0, 1.0)",
+                                   "sqrt(score * 0.0) + score"])
+@pytest.mark.parametrize("backend", ["flex", "auto"])
+def test_gradients_through_an_unchosen_select_operand_stay_finite_on_cuda(backend, score):
+    """min / max / clamp operands are guarded like where branches (tests/test_select_grads.py on the CPU): a zero
+    query row makes every score of its row 0, where 1 / score is inf (unchosen) and sqrt(score * 0.0)'s chain rule
+    0 * inf. Gradients finite and equal to eager's."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 256, 64, device="cuda")
+    q[:, :, 7] = 0.0
+    k, v = torch.randn(1, 2, 256, 64, device="cuda"), torch.randn(1, 2, 256, 64, device="cuda")
+    var = al.compile(score=score, mask="q_idx >= kv_idx")
+    grads = []
+    for b in (backend, "eager"):
+        qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+        var(qq, kk, vv, backend=b).sum().backward()
+        grads.append([t.grad for t in (qq, kk, vv)])
+    for got, want in zip(*grads):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
