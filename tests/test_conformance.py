@@ -1,10 +1,14 @@
 """Conformance with LANGUAGE.md: spellings the language defines as the same meaning give one Variant (==, hash,
 canonical form, config round trip), and evaluations match independent Python / float64 references."""
 
+import operator
+import random
+
 import pytest
 import torch
 
 import attnlang as al
+from attnlang.lower_torch import evaluate, positions
 
 CAUSAL = "q_idx >= kv_idx"
 
@@ -78,3 +82,98 @@ def test_nan_in_v_leaves_rows_without_keys_zero(backend):
             q, k, v, backend=backend, return_lse=True)
         assert torch.equal(out[0, 0, [0, 6, 7]], torch.zeros(3, 8))
         assert torch.isnan(out[0, 0, 5]).any()  # the row attending the NaN key
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# precedence and integer / float semantics against Python (LANGUAGE.md's ladder; Python's // % signs)
+
+S = 6
+PRECEDENCE = [
+ ("not q_idx > 2 & kv_idx > 2", lambda q, k: (not q > 2) and k > 2),
+ ("~q_idx > 2 | kv_idx < 1", lambda q, k: (not q > 2) or k < 1),
+ ("not q_idx > 2 or kv_idx > 3 and q_idx < 1", lambda q, k: (not q > 2) or (k > 3 and q < 1)),
+ ("(-2 ** 2) == -4 & q_idx >= kv_idx", lambda q, k: q >= k),
+ ("-q_idx ** 2 == -(q_idx * q_idx)", lambda q, k: True),
+ ("2 ** 3 ** 2 == 512", lambda q, k: True),
+ ("(8 // 2 // 2) == 2 & q_idx - kv_idx - 1 >= 0", lambda q, k: q - k - 1 >= 0),
+ ("(1 << 2 + 1) == 8", lambda q, k: True),
+ ("(q_idx & 1 + 1) == 2", lambda q, k: (q & 2) == 2),
+ ("(6 | 1 ^ 3 & 5) == 6", lambda q, k: True),
+ ("(q_idx | kv_idx ^ 3 & q_idx) == (q_idx | (kv_idx ^ (3 & q_idx)))", lambda q, k: True),
+ ("(q_idx << 1 >> 1) == q_idx", lambda q, k: True),
+ ("(q_idx - 3 >> 1) == (q_idx - 3) // 2", lambda q, k: True),
+ ("(-7 // 2) == -4 & (-7 % 2) == 1 & (7 % -2) == -1 & (7 // -2) == -4", lambda q, k: True),
+ ("((q_idx - 3) % 4) == (q_idx - 3) - 4 * ((q_idx - 3) // 4)", lambda q, k: True),
+ ("(-7.5 // 2.0) == -4.0 & (-7.5 % 2.0) == 0.5 & (7.5 % -2.0) == -0.5", lambda q, k: True),
+ ("int(-7.9) == -7 & int(7.9) == 7 & int(-0.5) == 0", lambda q, k: True),
+ ("q_idx == kv_idx != 3", lambda q, k: q == k and k != 3),
+ ("1 < q_idx + 1 <= kv_idx + 2 < 6", lambda q, k: 1 < q + 1 <= k + 2 < 6),
+ ("q_idx > 1 and kv_idx > 1 or q_idx == 0", lambda q, k: (q > 1 and k > 1) or q == 0),
+ ("q_idx > 1 & kv_idx > 1 | q_idx == 0 & kv_idx == 0", lambda q, k: (q > 1 and k > 1) or (q == 0 and k == 0)),
+ ("(q_idx ^ -1) == -q_idx - 1", lambda q, k: True),
+ ("abs(-9223372036854775807) > 0", lambda q, k: True),
+ ("(3 - q_idx) * (3 - q_idx) ** 1 >= 0", lambda q, k: (3 - q) * (3 - q) >= 0),
+ ("2.0 ** -1 == 0.5 & 0.5 ** 2 == 0.25 & (-8.0) ** 2 == 64.0", lambda q, k: True),
+ ("(-8.0) ** (1.0 / 3.0) > 0.0", lambda q, k: False),   # NaN: comparisons False
+ ("exp2(3.0) == 8.0 & log2(8.0) == 3.0", lambda q, k: True),
+ ("1e-3 * 1000.0 == 1.0", lambda q, k: True),
+ (".5 == 0.5 & 5. == 5.0 & 1e3 == 1000", lambda q, k: True),
+]
+
+
+def _masks(text):
+    v = al.compile(mask=text)
+    names = positions(1, 1, 0, S, S)
+    return [evaluate(m, names, {}, torch.float32).expand(1, 1, S, S)[0, 0] for m in (v.checked.mask,
+                                                                                     v.simplified.mask)]
+
+
+@pytest.mark.parametrize("text, f", PRECEDENCE, ids=[c[0] for c in PRECEDENCE])
+def test_precedence_and_semantics_match_python(text, f):
+    want = torch.tensor([[bool(f(q, k)) for k in range(S)] for q in range(S)])
+    checked, simplified = _masks(text)  # unsimplified (the run time) and simplified (folding, normal forms)
+    assert torch.equal(checked, want) and torch.equal(simplified, want)
+
+
+def _random_int_expr(rng, depth):
+    """An int expression over shifted positions (negatives occur) as (attnlang text, Python function)."""
+    if depth == 0 or rng.random() < 0.25:
+        kind = rng.choice("qkc")
+        if kind == "q":
+            return "(q_idx - 4)", lambda q, k: q - 4
+        if kind == "k":
+            return "(kv_idx - 5)", lambda q, k: k - 5
+        c = rng.randint(-9, 9)
+        return f"({c})", lambda q, k, c=c: c
+    op = rng.choice(["+", "-", "*", "//", "%", "&", "|", "^", "<<", ">>", "min", "max", "abs"])
+    a, fa = _random_int_expr(rng, depth - 1)
+    if op == "abs":
+        return f"abs({a})", lambda q, k: abs(fa(q, k))
+    b, fb = _random_int_expr(rng, depth - 1)
+    if op in ("//", "%"):
+        c = rng.choice([-7, -3, -2, 2, 3, 5])
+        b, fb = f"({c})", lambda q, k, c=c: c
+    if op in ("<<", ">>"):
+        c = rng.randint(0, 5)
+        b, fb = str(c), lambda q, k, c=c: c
+    if op in ("min", "max"):
+        g = min if op == "min" else max
+        return f"{op}({a}, {b})", lambda q, k: g(fa(q, k), fb(q, k))
+    py = {"+": operator.add, "-": operator.sub, "*": operator.mul, "//": operator.floordiv, "%": operator.mod,
+          "&": operator.and_, "|": operator.or_, "^": operator.xor, "<<": operator.lshift, ">>": operator.rshift}[op]
+    return f"({a} {op} {b})", lambda q, k: py(fa(q, k), fb(q, k))
+
+
+def test_random_int_expressions_match_python():
+    rng = random.Random(0)
+    for _ in range(120):
+        (a, fa), (b, fb) = _random_int_expr(rng, 3), _random_int_expr(rng, 2)
+        op = rng.choice(["<", "<=", "==", "!=", ">", ">="])
+        text = f"{a} {op} {b}"
+        cmp = {"<": operator.lt, "<=": operator.le, "==": operator.eq, "!=": operator.ne, ">": operator.gt,
+               ">=": operator.ge}[op]
+        want = torch.tensor([[cmp(fa(q, k), fb(q, k)) for k in range(S)] for q in range(S)])
+        checked, simplified = _masks(text)
+        assert torch.equal(checked, want), text
+        assert torch.equal(simplified, want), text
