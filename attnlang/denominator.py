@@ -39,9 +39,11 @@ def bad_score_hint(score) -> str:
     """The end of the error for a NaN score at an allowed position when the score takes a log (or a square root),
     most often of a weight that went negative: exp space (LANGUAGE.md: weights exp(score), with normalize=False
     too) cannot carry a negative weight, e.g. GELU activation attention's. "" when the score takes neither."""
-    if not any(isinstance(n, Call) and n.func in ("log", "log2", "sqrt") for n in walk(score)):
+    funcs = {n.func for n in walk(score) if isinstance(n, Call) and n.func in ("log", "log2", "sqrt")}
+    if not funcs:
         return ""
-    return ("; a log of a negative number? Every weight is exp(score) >= 0, with normalize=False too, so a negative "
+    what = " or ".join(w for w, fs in (("a log", {"log", "log2"}), ("a square root", {"sqrt"})) if funcs & fs)
+    return (f"; {what} of a negative number? Every weight is exp(score) >= 0, with normalize=False too, so a negative "
             "weight (GELU activation attention's, say) cannot be expressed: write log(f(score) + offset) with "
             "normalize=False and subtract offset * (the sum of v over the allowed keys), as attention-gym's "
             "activation attention and examples/activation.py do")

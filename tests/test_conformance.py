@@ -177,3 +177,13 @@ def test_random_int_expressions_match_python():
         checked, simplified = _masks(text)
         assert torch.equal(checked, want), text
         assert torch.equal(simplified, want), text
+
+
+@pytest.mark.parametrize("score, named", [("sqrt(score)", "a square root of a negative"),
+                                          ("log(score)", "a log of a negative"),
+                                          ("log(score) + sqrt(score)", "a log or a square root of a negative")])
+def test_a_nan_score_hint_names_the_function_the_score_takes(score, named):
+    torch.manual_seed(0)
+    q = torch.randn(1, 1, 4, 8)  # some scores negative
+    with pytest.raises(al.AttnLangError, match=named):
+        al.compile(score=score)(q, q, q, backend="eager")
