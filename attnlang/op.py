@@ -478,23 +478,34 @@ def _attention_backward_autograd(keyset, q, k, v, tensors, out, lse, grad_out, g
                                 wanted)
 
 
-def _never_traced(*fns) -> None:
+def _never_traced(*fns) -> bool:
     """Dynamo never traces these kernels, nor what they call, where they run eagerly under an active
     ``torch.compile`` (a frame Dynamo skips calling the op): their frames and all below run as plain Python. What
     custom_op gets from a ``torch._dynamo.disable`` wrapper per call; here a flag on the code objects, free per
-    call."""
-    from torch._dynamo.eval_frame import set_code_exec_strategy
-    from torch._dynamo.types import FrameAction, FrameExecStrategy
+    call. False where this torch lacks the (private) flag: the kernels are then wrapped as custom_op does."""
+    try:
+        from torch._dynamo.eval_frame import set_code_exec_strategy
+        from torch._dynamo.types import FrameAction, FrameExecStrategy
+    except ImportError:  # pragma: no cover - torch 2.11 and 2.13 have them
+        return False
     for fn in fns:
         set_code_exec_strategy(fn.__code__, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
+    return True
 
 
-_never_traced(attention, _attention_autograd, attention_backward, _attention_backward_autograd,
-              _AttentionFunction.backward, _BackwardFunction.backward)
-_LIB.impl("attention", attention, "CompositeExplicitAutograd")
-_LIB.impl("attention", _attention_autograd, "Autograd", with_keyset=True)
-_LIB.impl("attention_backward", attention_backward, "CompositeExplicitAutograd")
-_LIB.impl("attention_backward", _attention_backward_autograd, "Autograd", with_keyset=True)
+def _kernel(fn):
+    return fn
+
+
+if not _never_traced(attention, _attention_autograd, attention_backward, _attention_backward_autograd,
+                     _AttentionFunction.backward, _BackwardFunction.backward):  # pragma: no cover
+    _kernel = torch._disable_dynamo  # noqa: F811
+    _AttentionFunction.backward = staticmethod(_kernel(_AttentionFunction.backward))
+    _BackwardFunction.backward = staticmethod(_kernel(_BackwardFunction.backward))
+_LIB.impl("attention", _kernel(attention), "CompositeExplicitAutograd")
+_LIB.impl("attention", _kernel(_attention_autograd), "Autograd", with_keyset=True)
+_LIB.impl("attention_backward", _kernel(attention_backward), "CompositeExplicitAutograd")
+_LIB.impl("attention_backward", _kernel(_attention_backward_autograd), "Autograd", with_keyset=True)
 torch.library.register_fake("attnlang::attention", _attention_fake, lib=_LIB)
 torch.library.register_fake("attnlang::attention_backward", _attention_backward_fake, lib=_LIB)
 
