@@ -334,7 +334,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: list[t
         o, l = _restored(_run, leaves[0], leaves[1], leaves[2], leaves[3:], key, False)
     finally:
         _set_grad_enabled(grad_was)
-    out, lse = _finish(q, o, l, inputs)
+    # always a new tensor over o's memory (GRAPHS keeps o; the entry goes with out)
+    out, lse = _finish(q, o.detach(), l, inputs)
     GRAPHS.put(out, (o, l, leaves))
     return out, lse
 

@@ -434,3 +434,27 @@ def test_torch_library_opcheck(grad):
     slope = torch.rand(4, requires_grad=grad)
     key = op.call_key(ALIBI._op_config, "eager", None, True, None, ("slope",))
     torch.library.opcheck(torch.ops.attnlang.attention.default, (q, k, v, [slope], key, 15 if grad else 0))
+
+
+def test_a_kept_graph_goes_when_its_backward_never_runs(monkeypatch):
+    """A forward with gradients whose backward never runs, where the backend's output needs no gradient: the
+    op's output is still a tensor apart from the kept one, so the entry goes with it (to the orphan slot, released
+    by the next forward) rather than holding itself alive."""
+    import weakref
+
+    import attnlang.backends.eager as eager_backend
+    def kernel(q, k, v, plan):  # an output in the promised layout, no gradient
+        B, H, S, D = q.shape
+        return torch.empty(B, S, H, D).transpose(1, 2).copy_(q.detach()), None
+
+    monkeypatch.setattr(eager_backend, "attention", kernel)
+    q, k, v = _qkv()
+    key = op.call_key(DECODE._op_config, "eager", None, False, None, ())
+    with torch.no_grad():
+        out, _ = torch.ops.attnlang.attention.default(q, k, v, [], key, 7)  # as a compiled forward calls it
+    kept = weakref.ref(op.GRAPHS._entries[op.GRAPHS._key(out)][1][0])
+    del out
+    assert not op.GRAPHS._entries and op.GRAPHS._orphan is not None and kept() is not None
+    other = torch.empty(3)
+    op.GRAPHS.put(other, ("next forward",))
+    assert kept() is None and op.GRAPHS.take(other) == ("next forward",) and len(op.GRAPHS) == 0
