@@ -7,6 +7,7 @@ Every operand is first converted to the node's own type, so torch's promotion ru
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import torch
@@ -72,13 +73,30 @@ def _pick_left(f: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return pick | (a != a) if a.is_floating_point() else pick
 
 
+_FINITE_DERIVATIVE = frozenset({"tanh", "sigmoid", "erf", "cos", "sin", "abs", "sign", "floor", "ceil", "float", "int",
+                                "where", "min", "max", "clamp"})
+
+
 def _guard_needed(node: Expr) -> bool:
-    """Whether an operand of a select can send an unchosen NaN gradient to a leaf: it computes something from a
-    float leaf (a bare leaf's gradient is the select's own, zero where unchosen)."""
-    if isinstance(node, (Var, Index, Const)):
-        return False
-    return any(isinstance(n, Var) and n.dtype is DType.FLOAT or isinstance(n, Index) and n.dtype is DType.FLOAT
-               for n in walk(node))
+    """Whether an operand of a select can send an unchosen NaN gradient to a leaf: some local derivative inside it
+    can be infinite or NaN (log, sqrt, exp, a division, a fractional power, a non-finite literal, a product of two
+    non-constants, one of which may be inf). Otherwise every local derivative is finite and the select's zero
+    gradient stays 0 (nested where / min / max guard themselves): no guard, the same graph."""
+    for n in walk(node):
+        if isinstance(n, Call) and n.func not in _FINITE_DERIVATIVE:
+            return True
+        if isinstance(n, Const) and n.dtype is DType.FLOAT and not math.isfinite(n.value):
+            return True
+        if isinstance(n, Binary) and n.dtype is DType.FLOAT:
+            if n.op is Op.TRUEDIV:
+                return True
+            exponent = n.right
+            if n.op is Op.POW and not (isinstance(exponent, Const) and exponent.dtype is DType.INT
+                                       and exponent.value >= 0):
+                return True
+            if n.op is Op.MUL and not isinstance(n.left, Const) and not isinstance(n.right, Const):
+                return True
+    return False
 
 
 def _constant_zero(node: Binary) -> bool:
@@ -129,7 +147,9 @@ def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str
         return _cast_to(x, dtype, float_dtype, int_dtype)
 
     # guard_branches: the condition choosing the branch being evaluated (None: every branch chosen everywhere)
-    state = {"pick": None}
+    # plain: evaluating values that carry no gradient (a select's pick, a where's condition): no guards there, so
+    # nested selects are evaluated twice per level at most once (not 2 ** depth times, as in a max reduction's tree)
+    state = {"pick": None, "plain": False}
 
     def guarded(x: torch.Tensor) -> torch.Tensor:
         pick = state["pick"]
@@ -181,7 +201,7 @@ def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str
     def _call(node: Call) -> torch.Tensor:
         f, dt = node.func, node.dtype
         if f == "where":
-            if guard_branches and dt is DType.FLOAT and not pick_branches:
+            if guard_branches and dt is DType.FLOAT and not pick_branches and not state["plain"]:
                 return _guarded_where(*node.args)
             c = visit(node.args[0])
             if pick_branches and dt is DType.FLOAT and c.dim() > 0:
@@ -194,6 +214,9 @@ def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str
             if x.is_floating_point():
                 x = torch.trunc(x)  # toward zero
             return _cast(x, DType.INT, float_dtype)
+        if guard_branches and not state["plain"] and dt is DType.FLOAT and f in ("min", "max", "clamp") and any(
+                _guard_needed(a) for a in node.args):
+            return _guarded_select(f, node.args)
         xs = [operand(a, dt if dt is not DType.BOOL else DType.FLOAT) for a in node.args]
         if f in _FLOAT_FUNCS:
             return _FLOAT_FUNCS[f](xs[0])
@@ -205,9 +228,6 @@ def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str
             if dt is DType.INT:
                 return xs[0]
             return torch.floor(xs[0]) if f == "floor" else torch.ceil(xs[0])
-        if guard_branches and dt is DType.FLOAT and f in ("min", "max", "clamp") and any(
-                _guard_needed(a) for a in node.args):
-            return _guarded_select(f, node.args)
         if f == "min":
             return _minimum(xs[0], xs[1])
         if f == "max":
@@ -223,8 +243,9 @@ def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str
         its leaves. Values are those of the unguarded select."""
         outer = state["pick"]
         try:
-            state["pick"] = None  # the values that decide the pick carry no gradient
+            state["pick"], state["plain"] = None, True  # the values that decide the pick carry no gradient
             vals = [operand(a, DType.FLOAT).detach() for a in args]
+            state["plain"] = False
             steps = [("max", 1), ("min", 2)] if f == "clamp" else [(f, 1)]
             # picks[i]: where operand i is the result; clamp is min(max(x, lo), hi)
             cur, picks = vals[0], [None] * len(args)
@@ -239,20 +260,21 @@ def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str
                 x = operand(a, DType.FLOAT)
                 out = x if out is None else torch.where(pick, x, out)
         finally:
-            state["pick"] = outer
+            state["pick"], state["plain"] = outer, False
         return out
 
     def _guarded_where(cond: Expr, a: Expr, b: Expr) -> torch.Tensor:
         outer = state["pick"]
         branches = []
         try:
-            state["pick"] = None  # a condition carries no gradient: its leaves need no guard
+            state["pick"], state["plain"] = None, True  # a condition carries no gradient: its leaves need no guard
             c = visit(cond)
+            state["plain"] = False
             for branch, pick in ((a, c), (b, torch.logical_not(c))):
                 state["pick"] = pick if outer is None else torch.logical_and(outer, pick)
                 branches.append(operand(branch, DType.FLOAT))
         finally:
-            state["pick"] = outer
+            state["pick"], state["plain"] = outer, False
         return torch.where(c, *branches)
 
     def _picked_where(c: torch.Tensor, a: Expr, b: Expr) -> torch.Tensor:

@@ -235,3 +235,20 @@ def test_eager_score_without_score_gives_zero_gradients_to_q_and_k(score):
     out = al.compile(score=score, mask="q_idx >= kv_idx")(q, k, torch.randn(1, 1, 4, 8), backend="eager", **tensors)
     gq, gk = torch.autograd.grad(out.sum(), (q, k))
     assert torch.equal(gq, torch.zeros_like(q)) and torch.equal(gk, torch.zeros_like(k))
+
+
+def _graph_size(expr: str, guard: bool) -> int:
+    v = al.compile(score=expr)
+    gm = make_fx(lambda s: evaluate(v.simplified.score, {"score": s}, {}, torch.float32, guard_branches=guard))(
+        torch.randn(4, 4))
+    return len(gm.graph.nodes)
+
+
+def test_a_max_reduction_traces_without_blowup():
+    """Operands whose local derivatives are all finite need no guard (the same graph); guarded ones are evaluated
+    once plainly for the pick and once guarded per level: n log n, not 2 ** depth (a balanced max tree of 32
+    terms is 5 levels deep)."""
+    tame = "max(score * (1.0 + 0.01 * float(i)) for i in range(64))"
+    assert _graph_size(tame, True) == _graph_size(tame, False)
+    risky = "max(log(score * score + float(i)) for i in range(32))"
+    assert _graph_size(risky, True) < 12 * _graph_size(risky, False)
