@@ -12,42 +12,14 @@ import functools
 
 import pytest
 import torch
+
+# flex's score_mod under plain autograd, on grids or vmapped 0-d values: the where tests' helpers
+from test_flex_where_grads import H, S, _call, _grids, _plan, _score_mod
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import attnlang as al
 from attnlang.backends import flex
 from attnlang.lower_torch import evaluate
-
-S = 16
-H = 2
-
-
-def _plan(score: str, tensors: dict):
-    q = torch.randn(1, H, S, 8)
-    return al.compile(score=score, mask="q_idx >= kv_idx")._plan(q, q, q, None, "flex", False, None, tensors)
-
-
-def _score_mod(plan):
-    names = tuple(sorted(flex._tensor_names(plan.score) | flex._tensor_names(plan.mask)))
-    named = tuple(plan.tensors[n] for n in names)
-    score = flex._prepare(plan.score, S, S, torch.float32)
-    score_mod, _ = flex._mods(score, plan.mask, names, named, S, S, torch.float32)
-    assert score_mod is not None
-    return score_mod
-
-
-def _grids():
-    return (torch.arange(1).view(1, 1, 1, 1), torch.arange(H).view(1, H, 1, 1),
-            torch.arange(S).view(1, 1, S, 1), torch.arange(S).view(1, 1, 1, S))
-
-
-def _call(score_mod, s, how):
-    if how == "grid":
-        return score_mod(s, *_grids())
-    fn, n = score_mod, None
-    for dims in ((0, n, n, n, 0), (0, n, n, 0, n), (0, n, 0, n, n), (0, 0, n, n, n)):
-        fn = torch.vmap(fn, in_dims=dims)
-    return fn(s, torch.arange(1), torch.arange(H), torch.arange(S), torch.arange(S))
 
 
 def _scores():
