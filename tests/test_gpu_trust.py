@@ -27,16 +27,6 @@ def _needs_cuda():
         pytest.skip("needs a CUDA GPU")
 
 
-def _needs_fa4():
-    from attnlang.backends import fa4
-    try:
-        fa4._flash()
-    except Exception as e:
-        pytest.skip(f"flash_attn.cute not importable: {e}")
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("FA4 needs sm90+")
-
-
 def _rel(a, b) -> float:
     return float((a.double() - b.double()).abs().max()) / max(float(b.double().abs().max()), 1e-30)
 
@@ -84,8 +74,8 @@ DECODE_BIAS = al.compile(score="score + bias[h, kv_idx]", mask="kv_idx <= q_idx 
 
 @pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
 @pytest.mark.parametrize("D", [8, 16, 48, 64, 80, 128])
+@pytest.mark.usefixtures("needs_fa4")
 def test_fa4_gradients_causal_odd_length(D, gqa):
-    _needs_fa4()
     from attnlang.backends import fa4
     assert bool(fa4.guards_for(D, D, gqa, False, True)) == (D % 32 != 0)  # the guard the matrix calls for
     check(CAUSAL, 2, 4, 2 if gqa else 4, 131, 131, D, backend="fa4", seed=D)
@@ -93,15 +83,15 @@ def test_fa4_gradients_causal_odd_length(D, gqa):
 
 @pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
 @pytest.mark.parametrize("D", [16, 64, 128])
+@pytest.mark.usefixtures("needs_fa4")
 def test_fa4_gradients_decode_with_a_score_mod_reading_a_tensor(D, gqa):
-    _needs_fa4()
     bias = torch.randn(4, 197, device="cuda", generator=torch.Generator(device="cuda").manual_seed(D))
     check(DECODE_BIAS, 1, 4, 2 if gqa else 4, 37, 197, D, backend="fa4", tensors={"bias": bias}, seed=D + 1)
 
 
+@pytest.mark.usefixtures("needs_fa4")
 def test_fa4_padding_is_exact_in_the_forward():
     # padded and unpadded forward kernels compute the same out / lse: zeros add nothing to q·k
-    _needs_fa4()
     from attnlang.backends import fa4
     q = torch.randn(1, 4, 131, 48, device="cuda", dtype=torch.bfloat16)
     plan = CAUSAL._plan(q, q, q, None, "fa4", True, None, {})
@@ -113,9 +103,9 @@ def test_fa4_padding_is_exact_in_the_forward():
     assert _rel(lse_p, lse) <= 8 * U[torch.bfloat16]
 
 
+@pytest.mark.usefixtures("needs_fa4")
 def test_fa4_head_dim_8_through_auto_runs_fa4_padded():
     # flex's GPU kernels need head dim >= 16: auto runs fa4, which pads 8 -> 32 for the backward
-    _needs_fa4()
     from attnlang.backends import select
     q = torch.randn(1, 4, 131, 8, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     assert select(q, CAUSAL._plan(q, q, q, None, "auto", True, None, {}))[0] == "fa4"
@@ -186,8 +176,8 @@ def test_triton_trains_a_slope_under_a_log_chain():
 
 # ----- auto moves on when a kernel fails -----
 
+@pytest.mark.usefixtures("needs_fa4")
 def test_auto_moves_on_when_fa4_fails(monkeypatch):
-    _needs_fa4()
     from attnlang import backends
     from attnlang.backends import fa4
     backends.clear_choices()
