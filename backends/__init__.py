@@ -156,24 +156,28 @@ def _option_problem(backend: str, options) -> str | None:
     return None
 
 
+def _call_facts(q, k, v) -> tuple:
+    """What a backend's per-plan answers (``plan.memo``) depend on besides the plan: a warm call reuses the last
+    call's plan (``Variant._warm_plan``), and with it these answers for the same facts."""
+    return (q.dtype, q.device, tuple(q.shape), tuple(k.shape), tuple(v.shape), torch.is_grad_enabled(),
+            q.requires_grad, k.requires_grad, v.requires_grad)
+
+
 def run(backend: str, q, k, v, plan: CallPlan):
     bad = _option_problem(backend, plan.options)
     if bad is not None:
         raise AttnLangError(bad)
     if backend != "auto":
         if backend != "eager":
-            # a warm call's plan is the last call's (Variant._warm_plan): its answer is kept with it
-            asked = ("unsupported", backend, q.dtype, q.device, tuple(q.shape), torch.is_grad_enabled(),
-                     q.requires_grad, k.requires_grad, v.requires_grad)
+            asked = ("unsupported", backend) + _call_facts(q, k, v)
             why_not = plan.memo.get(asked, _UNASKED)
             if why_not is _UNASKED:
                 why_not = plan.memo[asked] = _module(backend).unsupported(q, plan)
             if why_not is not None:
                 raise AttnLangError(f"backend {backend!r} cannot run this call: {why_not}")
         return _module(backend).attention(q, k, v, plan)
-    # a warm call's plan is the last call's: its choice is kept with it (the signature costs ~100 us on the H200)
-    asked = ("auto", q.dtype, q.device, tuple(q.shape), tuple(k.shape), tuple(v.shape), torch.is_grad_enabled(),
-             q.requires_grad, k.requires_grad, v.requires_grad)
+    # kept with the plan: _choice's signature costs ~100 us a call on the H200
+    asked = ("auto",) + _call_facts(q, k, v)
     choice = plan.memo.get(asked)
     if choice is None:
         choice = plan.memo[asked] = _choice(q, k, v, plan)
