@@ -129,13 +129,10 @@ def spec_of(key: str) -> tuple:
     return got
 
 
-def _run(q, k, v, tensors, key, restore: bool = True):
-    """The call ``key`` on these tensors; ``restore=False`` where the caller has restored the dispatch state."""
+def _run(q, k, v, tensors, key):
+    """The call ``key`` on these tensors, in the dispatch state the caller set (``_restored``)."""
     variant, backend, scale, return_lse, options, names = spec_of(key)
-    named = dict(zip(names, tensors))
-    if not restore:
-        return variant._eager_call(q, k, v, scale, backend, return_lse, options, named)
-    return _restored(variant._eager_call, q, k, v, scale, backend, return_lse, options, named)
+    return variant._eager_call(q, k, v, scale, backend, return_lse, options, dict(zip(names, tensors)))
 
 
 # Keys an op's implementation may find excluded and that the backends need: autograd (the backward's recompute)
@@ -171,9 +168,6 @@ def _dispatch_restored():
     keys = [key for key in _KEYS if excluded.has(key)]
     # what _disable_current_modes pops: the dispatch mode stack (infra modes included) and the pre-dispatch one
     modes = torch._C._len_torch_dispatch_stack() > 0 or torch._ops._len_torch_dispatch_stack_pre_dispatch() > 0
-    if not keys and not modes:
-        yield
-        return
     with contextlib.ExitStack() as stack:
         for key in keys:
             stack.enter_context(torch._C._SetExcludeDispatchKeyGuard(key, False))
@@ -324,14 +318,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: list[t
     if not wanted:
         _set_grad_enabled(False)
         try:
-            o, l = _restored(_run, q, k, v, tensors, key, False)
+            o, l = _restored(_run, q, k, v, tensors, key)
         finally:
             _set_grad_enabled(grad_was)
         return _finish(q, o, l, inputs)
     leaves = _leaves(inputs, wanted)
     _set_grad_enabled(True)
     try:
-        o, l = _restored(_run, leaves[0], leaves[1], leaves[2], leaves[3:], key, False)
+        o, l = _restored(_run, leaves[0], leaves[1], leaves[2], leaves[3:], key)
     finally:
         _set_grad_enabled(grad_was)
     # always a new tensor over o's memory (GRAPHS keeps o; the entry goes with out)
@@ -357,7 +351,7 @@ def _backend_backward(inputs, out, grad_out, grad_lse, key, wanted, needing):
     graph = GRAPHS.take(out)
     if graph is None:
         leaves = _leaves(inputs, wanted)
-        o, l = _run(leaves[0], leaves[1], leaves[2], leaves[3:], key, False)
+        o, l = _run(leaves[0], leaves[1], leaves[2], leaves[3:], key)
     else:
         o, l, leaves = graph
     outs = [o]
