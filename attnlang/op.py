@@ -32,6 +32,7 @@ from typing import Any, Mapping
 import torch
 
 from .errors import AttnLangError
+from .plan import request_direct_backward, take_direct_backward
 
 __all__ = ["call", "call_key", "grad_bits", "register", "spec_of", "variant_of_op_config", "set_loader",
            "TraceTimeError", "GRAPHS"]
@@ -323,15 +324,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: list[t
             _set_grad_enabled(grad_was)
         return _finish(q, o, l, inputs)
     leaves = _leaves(inputs, wanted)
+    # gradients to q / k / v only: the backend may hand its backward over instead of an autograd graph
+    direct = not wanted >> 3
+    if direct:
+        request_direct_backward()
     _set_grad_enabled(True)
     try:
         o, l = _restored(_run, leaves[0], leaves[1], leaves[2], leaves[3:], key)
     finally:
         _set_grad_enabled(grad_was)
+        backward = take_direct_backward() if direct else None
     # always a new tensor over o's memory (GRAPHS keeps o; the entry goes with out)
     out, lse = _finish(q, o.detach(), l, inputs)
-    GRAPHS.put(out, (o, l, leaves))
+    GRAPHS.put(out, (o, l, leaves) if backward is None else _Direct(backward))
     return out, lse
+
+
+class _Direct(tuple):
+    """A GRAPHS entry for a backward the backend handed over (``attnlang.plan.give_direct_backward``)."""
+
+    __slots__ = ()
+
+    def __new__(cls, backward):
+        return tuple.__new__(cls, (backward,))
 
 
 def _attention_fake(q, k, v, tensors, key, wanted):
@@ -349,6 +364,11 @@ def _attention_fake(q, k, v, tensors, key, wanted):
 
 def _backend_backward(inputs, out, grad_out, grad_lse, key, wanted, needing):
     graph = GRAPHS.take(out)
+    if type(graph) is _Direct:
+        # the backend's own backward, no autograd: gradients of q, k, v (needing names no named tensor here)
+        grad_lse = grad_lse if spec_of(key)[3] else None
+        got = graph[0](grad_out if grad_out.dtype == out.dtype else grad_out.to(out.dtype), grad_lse)
+        return [got[i] for i in needing]
     if graph is None:
         leaves = _leaves(inputs, wanted)
         o, l = _run(leaves[0], leaves[1], leaves[2], leaves[3:], key)
@@ -406,7 +426,12 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensor
             g = torch.zeros_like(t) if i < 3 or wanted >> i & 1 else t.new_zeros((0,))
         if g.dtype != t.dtype:
             g = g.to(t.dtype)
-        if not g.is_contiguous():
+        if i < 3:
+            if g.stride() != t.stride():
+                # the fake's layout: empty_like(t), t's own strides where t is dense (q / k / v given as
+                # transposed [B, S, H, D] buffers get gradients in that layout, no copy where the backend's are)
+                g = torch.empty_like(t).copy_(g)
+        elif not g.is_contiguous():
             g = g.contiguous()
         result.append(g)
     return result[0], result[1], result[2], result[3:]
@@ -415,9 +440,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensor
 def _attention_backward_fake(q, k, v, tensors, out, lse, grad_out, grad_lse, key, wanted):
     named = [torch.empty_like(t, memory_format=torch.contiguous_format) if wanted >> (3 + i) & 1
              else t.new_empty((0,)) for i, t in enumerate(tensors)]
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format), named)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), named
 
 
 class _AttentionFunction(torch.autograd.Function):

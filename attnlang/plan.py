@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
 from .ast import Expr
 from .check import Checked
 
-__all__ = ["CallPlan"]
+__all__ = ["CallPlan", "request_direct_backward", "direct_backward_requested", "give_direct_backward",
+           "take_direct_backward"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,3 +58,38 @@ class CallPlan:
     sink: Expr | None = None
     normalize: bool = True
     memo: dict = field(default_factory=dict, repr=False)
+
+
+# ----- a backward handed over without autograd (attnlang.op <-> a backend; per thread) -----
+# attnlang.op runs a forward with gradients and later its backward, each as one opaque op. A backend that can
+# run its own backward directly (fa4: FA4's _flash_attn_bwd on what its forward saved) hands it over instead of
+# recording an autograd graph that the op's backward would replay with a second, reentrant autograd engine run
+# (~0.2 ms of host time a call on the H200; a compiled training step is host-bound there: issue 18).
+_DIRECT = threading.local()
+_REQUESTED = object()
+
+
+def request_direct_backward() -> None:
+    """attnlang.op, before the backend's forward of a call whose gradients go to q, k and v only."""
+    _DIRECT.slot = _REQUESTED
+
+
+def direct_backward_requested() -> bool:
+    """Whether the running call may hand its backward over (``give_direct_backward``) instead of building an
+    autograd graph. Only the first asking backend gets True: the request is taken by the handover."""
+    return getattr(_DIRECT, "slot", None) is _REQUESTED
+
+
+def give_direct_backward(backward: Callable) -> None:
+    """The backend's backward for the call that ``direct_backward_requested``: ``backward(grad_out, grad_lse)``
+    with grad_out [B, Hq, Sq, Dv] in out's dtype and grad_lse [B, Hq, Sq] float32 or None (the caller does not see
+    lse) -> (dq, dk, dv) shaped as q, k, v. The out / lse the backend returns are then plain tensors (no graph)."""
+    _DIRECT.slot = backward
+
+
+def take_direct_backward() -> Callable | None:
+    """attnlang.op, after the forward: the handed-over backward, or None (the backend built an autograd graph);
+    clears the request either way."""
+    slot = getattr(_DIRECT, "slot", None)
+    _DIRECT.slot = None
+    return None if slot is _REQUESTED else slot

@@ -60,7 +60,7 @@ from ..denominator import finish, head_values, per_head, sink_finite
 from ..intervals import bounds, tensor_range
 from ..lower_torch import row_values
 from ..memo import MEMO, IdentityMemo
-from ..plan import CallPlan
+from ..plan import CallPlan, direct_backward_requested, give_direct_backward
 from ..sparsity import mask_block_sparsity
 from .fa4_varlen import Host
 from .fa4_varlen import route as route_varlen
@@ -579,6 +579,32 @@ def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
     return t if t.shape[-1] == size else torch.nn.functional.pad(t, (0, size - t.shape[-1]))
 
 
+def _direct_training(fa, qt, kt, vt, kwargs: dict):
+    """(out [B, S, H, Dv], lse [B, H, S]) of FA4's forward with gradients, its backward handed to attnlang.op
+    (``attnlang.plan.give_direct_backward``) rather than recorded as flash_attn_func's autograd graph: the op's
+    backward calls FA4's _flash_attn_bwd itself, without a reentrant autograd engine run. The same kernels with
+    the same arguments as flash_attn_func's FlashAttnFunc (softcap 0.0, deterministic False); ``qt`` / ``kt`` /
+    ``vt`` are [B, S, H, D] views, the gradients come back as [B, H, S, D] views of FA4's."""
+    fwd = dict(kwargs)
+    left, right = fwd.pop("window_size")
+    score_mod_bwd, sparse_bwd = fwd.pop("score_mod_bwd"), fwd.pop("block_sparse_tensors_bwd")
+    fwd["return_lse"] = True  # the backward needs it
+    qt, kt, vt = qt.detach(), kt.detach(), vt.detach()
+    out, lse = fa._flash_attn_fwd(qt, kt, vt, softcap=0.0, window_size_left=left, window_size_right=right,
+                                  **fwd)[:2]
+
+    def backward(grad_out, grad_lse):
+        dq, dk, dv = fa._flash_attn_bwd(
+            qt, kt, vt, out, grad_out.transpose(1, 2), lse, fwd["softmax_scale"], False, 0.0,
+            window_size_left=left, window_size_right=right, score_mod=fwd["score_mod"],
+            score_mod_bwd=score_mod_bwd, mask_mod=fwd["mask_mod"], aux_tensors=fwd["aux_tensors"],
+            block_sparse_tensors=sparse_bwd, dlse=None if grad_lse is None else grad_lse.contiguous())[:3]
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+    give_direct_backward(backward)
+    return out, lse
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan):
     """Attention for one checked call on FlashAttention-4.
 
@@ -650,6 +676,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
         left, right = kwargs.pop("window_size")
         fa._flash_attn_fwd(qt, kt, vt, out=out.transpose(1, 2), lse=lse, window_size_left=left,
                            window_size_right=right, **kwargs)
+    elif (grads and not fixes and plan.sink is None and plan.normalize and "learnable_sink" not in kwargs
+          and direct_backward_requested()):
+        out, lse = _direct_training(fa, qt, kt, vt, kwargs)
+        out = out.transpose(1, 2)
     else:
         out, lse = fa.flash_attn_func(qt, kt, vt, **kwargs)
         out = out.transpose(1, 2)

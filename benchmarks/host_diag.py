@@ -129,7 +129,7 @@ def main(argv=None):
                     out.backward(dout)
                 row[f"{who}_train_host_us"], row[f"{who}_train_gpu_us"] = _timed(train, max(args.n // 5, 5))
                 row[f"{who}_train_sync"] = _sync_of(train)
-                if who in ("attnlang_fa4", "fa4_direct"):
+                if who in ("attnlang_fa4", "attnlang_op", "fa4_direct"):
                     with torch.no_grad():
                         profiles.append(f"===== {name} {who} inference, {args.n} calls\n"
                                         + _profile(lambda: call(q, k, v), args.n))

@@ -17,6 +17,7 @@ class FakeFlash:
 
     def __init__(self):
         self.calls = []
+        self.direct = []  # "fwd" / "bwd": calls of _flash_attn_fwd / _flash_attn_bwd
 
     def flash_attn_func(self, q, k, v, softmax_scale, causal, window_size, score_mod, score_mod_bwd, mask_mod,
                         aux_tensors, block_sparse_tensors, block_sparse_tensors_bwd, return_lse, num_splits=1):
@@ -36,11 +37,38 @@ class FakeFlash:
         out = torch.softmax(s, -1) @ vh
         return out.to(q.dtype).transpose(1, 2), lse.float()
 
+    # FA4's two functions under flash_attn_func, as the direct training path calls them (attnlang.op)
+    def _flash_attn_fwd(self, q, k, v, softmax_scale, causal, softcap, window_size_left, window_size_right,
+                        score_mod, mask_mod, aux_tensors, block_sparse_tensors, return_lse):
+        assert softcap == 0.0 and return_lse and not any(t.requires_grad for t in (q, k, v))
+        self.direct.append("fwd")
+        out, lse = self.flash_attn_func(q, k, v, softmax_scale, causal, (window_size_left, window_size_right),
+                                        score_mod, None, mask_mod, aux_tensors, block_sparse_tensors, None, True)
+        return out.contiguous(), lse, None, None, None
+
+    def _flash_attn_bwd(self, q, k, v, out, dout, lse, softmax_scale, causal, softcap, window_size_left,
+                        window_size_right, score_mod, score_mod_bwd, mask_mod, aux_tensors, block_sparse_tensors,
+                        dlse):
+        assert softcap == 0.0 and not causal and out.shape == dout.shape
+        self.direct.append("bwd")
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        with torch.enable_grad():
+            o, ls = self.flash_attn_func(qq, kk, vv, softmax_scale, causal, (window_size_left, window_size_right),
+                                         score_mod, None, mask_mod, aux_tensors, None, None, True)
+            self.calls.pop()
+            outs, gouts = [o], [dout]
+            if dlse is not None:
+                outs.append(ls)
+                gouts.append(dlse)
+            # dq / dk / dv in FA4's own layout: contiguous [B, S, H, D]
+            return tuple(g.contiguous() for g in torch.autograd.grad(outs, (qq, kk, vv), gouts))
+
 
 @pytest.fixture
 def fake(monkeypatch):
     f = FakeFlash()
-    monkeypatch.setattr(fa4, "_flash", lambda: types.SimpleNamespace(flash_attn_func=f.flash_attn_func))
+    monkeypatch.setattr(fa4, "_flash", lambda: types.SimpleNamespace(
+        flash_attn_func=f.flash_attn_func, _flash_attn_fwd=f._flash_attn_fwd, _flash_attn_bwd=f._flash_attn_bwd))
     return f
 
 
@@ -118,3 +146,50 @@ def test_guards_option_is_a_known_option():
     assert fa4._check_options({"guards": False}) is None
     assert "True or False" in fa4._check_options({"guards": 1})
 
+
+
+def _op_training(variant, q, k, v, return_lse):
+    """out (and lse) of the custom op that a compiled graph calls (attnlang.op), backend fa4, with gradients."""
+    from attnlang import op
+    key = op.call_key(variant._op_config, "fa4", None, return_lse, None, ())
+    return torch.ops.attnlang.attention(q, k, v, [], key, op.grad_bits(q, k, v, []))
+
+
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_the_op_runs_fa4s_backward_directly_with_the_same_gradients(fake, monkeypatch, return_lse):
+    # the op's forward with gradients hands FA4's backward over (attnlang.plan.give_direct_backward): no
+    # autograd graph of flash_attn_func, FA4's _flash_attn_bwd called by the op's backward itself
+    monkeypatch.setattr(fa4, "unsupported", lambda q, plan: None)  # a CPU stand-in for the kernel
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, S, D = 2, 4, 2, 33, 32
+    # q / k / v as transposed [B, S, H, D] buffers (a transformers model's layout)
+    q = torch.randn(B, S, Hq, D, generator=g).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, S, Hkv, D, generator=g).transpose(1, 2).requires_grad_()
+    v = torch.randn(B, S, Hkv, D, generator=g).transpose(1, 2).requires_grad_()
+    out, lse = _op_training(CAUSAL, q, k, v, return_lse)
+    assert fake.direct == ["fwd"]
+    dout, dlse = torch.randn(out.shape, generator=g), torch.randn(lse.shape, generator=g)
+    got = torch.autograd.grad((out, lse) if return_lse else (out,), (q, k, v),
+                              (dout, dlse) if return_lse else (dout,))
+    assert fake.direct == ["fwd", "bwd"]
+    ref, ref_lse = CAUSAL(q, k, v, backend="eager", return_lse=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+    want = torch.autograd.grad((ref, ref_lse) if return_lse else (ref,), (q, k, v),
+                               (dout, dlse) if return_lse else (dout,))
+    for a, b, t in zip(got, want, (q, k, v)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert a.stride() == t.stride()  # the inputs' layout: FA4's [B, S, H, D] gradients are not copied
+
+
+def test_the_op_keeps_the_autograd_graph_where_fa4s_call_is_not_plain(fake, monkeypatch):
+    # a guard's fix (here zero-padding of D=48) runs through autograd: the direct handover is not taken
+    monkeypatch.setattr(fa4, "unsupported", lambda q, plan: None)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 17, 48, generator=g).requires_grad_() for _ in range(3))
+    out, _ = _op_training(CAUSAL, q, k, v, False)
+    got = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert fake.direct == []
+    want = torch.autograd.grad(CAUSAL(q, k, v, backend="eager"), (q, k, v), torch.ones_like(out))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
