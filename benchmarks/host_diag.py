@@ -109,6 +109,15 @@ def main(argv=None):
         if direct is not None:
             calls["fa4_direct"] = direct
         if not tensors:
+            # FA4 called with the very arguments attnlang's fa4 backend gives it (kernel_arguments): tells a
+            # difference in kernel arguments from one in host code
+            plan = variant._plan(*base[:3], None, "fa4", False, None, {})
+            _, _, fa_kwargs = fa4.kernel_arguments(*base[:3], plan)
+            row_kwargs = {k_: v_ for k_, v_ in fa_kwargs.items() if v_ is not None}
+            print(name, "attnlang's FA4 arguments:", row_kwargs, flush=True)
+            flash = fa4._flash()
+            calls["fa4_attnlang_args"] = lambda q, k, v, kw=fa_kwargs, fl=flash: fl.flash_attn_func(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **kw)[0].transpose(1, 2)
             # the custom op a compiled graph calls (attnlang.op): its dispatch on top of the plain call
             from attnlang import op
             key = op.call_key(variant._op_config, "fa4", None, False, None, ())
@@ -148,7 +157,7 @@ def main(argv=None):
           "| row | who | host us | GPU us | train host us | train GPU us | sync (inference / train) |",
           "|---|---|---|---|---|---|---|"]
     for name, row in results.items():
-        for who in ("attnlang_fa4", "attnlang_auto", "attnlang_op", "fa4_direct"):
+        for who in ("attnlang_fa4", "attnlang_auto", "attnlang_op", "fa4_attnlang_args", "fa4_direct"):
             if f"{who}_host_us" in row or f"{who}_error" in row:
                 md.append(f"| {name} | {who} | {row.get(f'{who}_host_us', '')} | {row.get(f'{who}_gpu_us', '')} | "
                           f"{row.get(f'{who}_train_host_us', '')} | {row.get(f'{who}_train_gpu_us', '')} | "
