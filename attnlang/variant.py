@@ -554,11 +554,11 @@ def _check_qkv(q, k, v) -> None:
         raise AttnLangError(f"k and v must have the same heads and length: k {tuple(k.shape)}, v {tuple(v.shape)}")
     if Dk != D:
         raise AttnLangError(f"q and k head dims differ: {D} and {Dk}")
-    if Hkv == 0 or Hq % Hkv:
+    if min(B, Hq, Sq, Skv, D, Hkv) < 1:  # before the head ratio: no heads at all is an empty input, not GQA's fault
+        raise AttnLangError(f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}; every size must be at least 1")
+    if Hq % Hkv:
         raise AttnLangError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv}); layout is "
                             f"[B, H, S, D]")
-    if min(B, Hq, Sq, Skv, D) < 1:
-        raise AttnLangError(f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}; every size must be at least 1")
 
 
 def _check_scale(scale, head_dim: int) -> float:

@@ -589,3 +589,12 @@ def test_eager_gradients_through_an_unchosen_where_branch_stay_finite(score, mas
             scale=0.5) if "sqrt" not in score else torch.softmax(
             s.masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), -math.inf) if ">=" in mask else s, -1) @ k
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# round 2 (issue 19, helper cf2): call errors that were Python's TypeError or blamed the wrong thing
+
+def test_no_heads_at_all_is_an_empty_input_not_a_head_ratio_error():
+    q, kv = torch.randn(1, 0, 4, 8), torch.randn(1, 0, 4, 8)
+    with pytest.raises(al.AttnLangError, match="empty input"):
+        al.compile(mask="q_idx >= kv_idx")(q, kv, kv, backend="eager")
