@@ -26,6 +26,7 @@ __all__ = ["Variant", "compile", "from_config", "reference", "BACKENDS"]
 
 BACKENDS = ("auto", "eager", "flex", "fa4")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_MISSING = object()  # q / k / v not given: an AttnLangError saying so, not Python's TypeError
 # packages whose code tests a Variant (a callable) for presence with bool(): they get True (see __bool__)
 _TRUTHY_CALLERS = frozenset({"torch", "functools", "inspect", "transformers", "typing", "dataclasses"})
 CONFIG_KEYS = ("score", "mask", "params", "sink", "normalize")
@@ -210,7 +211,8 @@ class Variant:
                                    kv_len, batch, heads, block_size, tensors, **options)
 
     # ----- calling -----
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, *extra, scale: float | None = None,
+    def __call__(self, q: torch.Tensor = _MISSING, k: torch.Tensor = _MISSING, v: torch.Tensor = _MISSING, /, *extra,
+                 scale: float | None = None,
                  backend: str = "auto", return_lse: bool = False, kernel_options: Mapping | None = None,
                  **tensors: torch.Tensor):
         """Attention with this variant.
@@ -243,15 +245,24 @@ class Variant:
         matmul meets every key; fa4 and flex skip empty blocks); rows with no allowed key stay 0. With
         normalize=False, whose numerator is checked anyway, it is an AttnLangError naming the row.
         """
-        if extra:
-            names = ", ".join(f"{n}=<tensor>" for n in self.tensor_names) or "none"
-            raise AttnLangError(f"a variant takes three positional arguments (q, k, v), got {3 + len(extra)}; "
-                                f"named tensors are passed by name (this variant reads: {names})")
+        if extra or v is _MISSING:
+            raise AttnLangError(self._positional_message(3 + len(extra) if extra else
+                                                         sum(t is not _MISSING for t in (q, k, v)), tensors))
         if torch.compiler.is_compiling():
             # under torch.compile the call is one custom op (attnlang.op): Dynamo never traces what follows
             return _op.call(self, q, k, v, scale, backend, return_lse, kernel_options, tensors)
         out, lse = self._eager_call(q, k, v, scale, backend, return_lse, kernel_options, tensors)
         return (out, lse) if return_lse else out
+
+    def _positional_message(self, given: int, tensors) -> str:
+        names = ", ".join(f"{n}=<tensor>" for n in self.tensor_names) or "none"
+        msg = (f"a variant takes three positional arguments (q, k, v), got {given}; named tensors are passed by "
+               f"name (this variant reads: {names})")
+        by_name = [n for n in ("q", "k", "v") if n in tensors and n not in self.tensor_names]
+        if given < 3 and by_name:
+            were = "was" if len(by_name) == 1 else "were"
+            msg += f"; {', '.join(by_name)} {were} given by name: pass q, k, v by position"
+        return msg
 
     def _eager_call(self, q, k, v, scale, backend, return_lse, kernel_options, tensors):
         """(out, lse) of one call, checks included: the call outside torch.compile, and the custom op's body."""

@@ -598,3 +598,20 @@ def test_no_heads_at_all_is_an_empty_input_not_a_head_ratio_error():
     q, kv = torch.randn(1, 0, 4, 8), torch.randn(1, 0, 4, 8)
     with pytest.raises(al.AttnLangError, match="empty input"):
         al.compile(mask="q_idx >= kv_idx")(q, kv, kv, backend="eager")
+
+
+@pytest.mark.parametrize("call, given, hint", [
+    (lambda c, x: c(), 0, None),
+    (lambda c, x: c(x, x), 2, None),
+    (lambda c, x: c(x, x, v=x), 2, "v was given by name"),
+    (lambda c, x: c(q=x, k=x, v=x), 0, "q, k, v were given by name"),
+])
+def test_missing_q_k_v_is_an_attnlang_error_not_a_type_error(call, given, hint):
+    x = torch.randn(1, 1, 3, 4)
+    with pytest.raises(al.AttnLangError, match=f"three positional arguments \\(q, k, v\\), got {given};") as info:
+        call(al.compile(mask="q_idx >= kv_idx"), x)
+    assert hint is None or hint in str(info.value)
+    # a tensor the variant reads may be named v: then it is no hint
+    with pytest.raises(al.AttnLangError, match="got 2; .*reads: v=<tensor>\\)$"):
+        al.compile(score="score + v[h]")(x, x, v=torch.ones(1))
+    assert al.compile(score="score + v[h]")(x, x, x, v=torch.ones(1)).shape == x.shape
