@@ -42,7 +42,8 @@ def _rename(text: str, old: str, new: str) -> str:
 def compose_masks(op: str, parts: list[Mapping]) -> tuple[str, dict]:
     """The mask text and params of the variant whose mask is the parts' masks combined by ``op`` ("and", "or" or
     "not"; "not" takes one part). Each part: {"mask": source text, "params": dict, "score": the score as written,
-    "plain": whether its canonical score is ``score`` with nothing else (no lse shift, sink or normalize=False)}.
+    "plain": whether its canonical score is ``score`` with nothing else (no lse shift, sink or normalize=False),
+    optionally "why": what makes it not plain, for the message}.
 
     Raises:
         AttnLangError: a part that is not plain, or two parts that give one parameter different values.
@@ -51,7 +52,7 @@ def compose_masks(op: str, parts: list[Mapping]) -> tuple[str, dict]:
     for p in parts:
         if not p["plain"]:
             raise AttnLangError(f"{what} composes masks only: each variant's score must be 'score' (and no sink or "
-                                f"normalize=False), but one has score {p['score']!r}")
+                                f"normalize=False), but one has {p.get('why') or 'score ' + repr(p['score'])}")
     params: dict = {}
     for p in parts:
         for name, value in p["params"].items():

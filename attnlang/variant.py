@@ -420,16 +420,23 @@ def _connect_unread(out, lse, plan: CallPlan, tensors):
     return out, lse
 
 
+def _not_plain(p: "Variant") -> str:
+    """What keeps ``p`` from composing by its mask alone ('' when nothing does)."""
+    if p.canonical[0] != "score" or p.canonical[2]:
+        return f"score {p.score!r}"
+    if getattr(p, "sink", None) is not None:
+        return f"sink {p.sink!r}"
+    return "normalize=False" if getattr(p, "normalize", True) is not True else ""
+
+
 def _compose(op: str, *parts) -> "Variant":
     from .compose import compose_masks
     symbol = {"and": "'&'", "or": "'|'", "not": "'~'"}[op]
     for p in parts:
         if not isinstance(p, Variant):
             raise AttnLangError(f"{symbol} composes two attnlang Variants, got {type(p).__name__}")
-    plain = [p.canonical[0] == "score" and not p.canonical[2] and getattr(p, "sink", None) is None
-             and getattr(p, "normalize", True) is True for p in parts]
-    mask, params = compose_masks(op, [{"mask": p.mask, "params": p.params, "score": p.score, "plain": ok}
-                                      for p, ok in zip(parts, plain)])
+    mask, params = compose_masks(op, [{"mask": p.mask, "params": p.params, "score": p.score, "plain": not why,
+                                       "why": why} for p, why in ((p, _not_plain(p)) for p in parts)])
     return compile("score", mask, params)
 
 

@@ -615,3 +615,15 @@ def test_missing_q_k_v_is_an_attnlang_error_not_a_type_error(call, given, hint):
     with pytest.raises(al.AttnLangError, match="got 2; .*reads: v=<tensor>\\)$"):
         al.compile(score="score + v[h]")(x, x, v=torch.ones(1))
     assert al.compile(score="score + v[h]")(x, x, x, v=torch.ones(1)).shape == x.shape
+
+
+@pytest.mark.parametrize("other, named", [
+    (dict(mask="True", sink="0.0"), "sink '0.0'"), (dict(normalize=False), "normalize=False"),
+    (dict(score="score * 2.0"), "score 'score * 2.0'"), (dict(score="score + c[h]"), "score 'score + c[h]'"),
+])
+def test_composing_a_variant_that_is_not_plain_names_what_is_not(other, named):
+    causal, v = al.compile(mask="q_idx >= kv_idx"), al.compile(**other)
+    for compose in (lambda: causal & v, lambda: v | causal, lambda: ~v):
+        with pytest.raises(al.AttnLangError, match="composes masks only") as info:
+            compose()
+        assert str(info.value).endswith(f"but one has {named}")
