@@ -17,7 +17,7 @@ from .check import Checked, bind, check, check_float_range, check_index_bounds, 
 from .errors import AttnLangError
 from .intervals import Interval, bounds, tensor_range
 from .memo import MEMO, IdentityMemo
-from .parse import MAX_LENGTH
+from .parse import MAX_LENGTH, parse
 from .plan import CallPlan
 from .printer import to_source
 from .simplify import Simplified, simplify_variant
@@ -441,10 +441,15 @@ def _compose(op: str, *parts) -> "Variant":
 
 
 def _first_read(checked: Checked, name: str):
-    for where in checked.wheres:
-        for node in walk(checked.expr(where)):
-            if isinstance(node, Index) and node.tensor == name:
-                return where, node
+    """(where, Index node) of the first read of tensor ``name``: in the checked expressions, else in the text as
+    written (a read inside a binding the result never uses, or a reduction over range(0), is gone from the checked
+    trees, yet the tensor is one the variant reads: tensor_names lists it and a call must pass it)."""
+    for trees in ({w: checked.expr(w) for w in checked.wheres}, None):
+        for where in checked.wheres:
+            tree = trees[where] if trees is not None else parse(checked.sources[where], where=where)
+            for node in walk(tree):
+                if isinstance(node, Index) and node.tensor == name:
+                    return where, node
     raise KeyError(name)
 
 

@@ -627,3 +627,20 @@ def test_composing_a_variant_that_is_not_plain_names_what_is_not(other, named):
         with pytest.raises(al.AttnLangError, match="composes masks only") as info:
             compose()
         assert str(info.value).endswith(f"but one has {named}")
+
+
+@pytest.mark.parametrize("mask, params", [("a = t[q_idx]; True", {}), ("sum(t[i] for i in range(0)) == 0", {}),
+                                          ("any(t[i] == kv_idx for i in range(K)) | q_idx >= kv_idx", {"K": 0})])
+def test_a_tensor_read_only_where_the_result_never_looks_is_still_named_when_missing(mask, params):
+    # a read in an unused binding or a reduction over range(0) is gone once expanded, but the variant reads the
+    # tensor (tensor_names lists it): missing or mis-shaped, it was a KeyError from the caret's lookup
+    x = torch.randn(1, 2, 4, 8)
+    variant = al.compile(mask=mask, params=params)
+    assert variant.tensor_names == ("t",)
+    with pytest.raises(al.AttnLangError, match="tensor 't' is read here but was not given") as info:
+        variant(x, x, x, backend="eager")
+    assert info.value.column == 5 and "^^^^" in str(info.value)
+    with pytest.raises(al.AttnLangError, match="has 2 dimensions"):
+        variant(x, x, x, backend="eager", t=torch.ones(4, 4))
+    for backend in ("eager", "flex"):
+        assert variant(x, x, x, backend=backend, t=torch.ones(4)).shape == x.shape
