@@ -579,26 +579,32 @@ def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
     return t if t.shape[-1] == size else torch.nn.functional.pad(t, (0, size - t.shape[-1]))
 
 
-def _direct_training(fa, qt, kt, vt, kwargs: dict):
+def _forward_arguments(kwargs: dict) -> tuple[dict, dict]:
+    """flash_attn_func-style ``kwargs`` split into _flash_attn_fwd's keyword arguments and the backward's own
+    (score_mod_bwd, block_sparse_tensors_bwd), with the values flash_attn_func's FlashAttnFunc passes (softcap 0.0)."""
+    fwd = dict(kwargs)
+    fwd["window_size_left"], fwd["window_size_right"] = fwd.pop("window_size")
+    bwd = {"score_mod_bwd": fwd.pop("score_mod_bwd"), "block_sparse_tensors": fwd.pop("block_sparse_tensors_bwd")}
+    fwd["softcap"] = 0.0
+    return fwd, bwd
+
+
+def _direct_training(fa, qt, kt, vt, fwd: dict, bwd: dict):
     """(out [B, S, H, Dv], lse [B, H, S]) of FA4's forward with gradients, its backward handed to attnlang.op
     (``attnlang.plan.give_direct_backward``) rather than recorded as flash_attn_func's autograd graph: the op's
     backward calls FA4's _flash_attn_bwd itself, without a reentrant autograd engine run. The same kernels with
     the same arguments as flash_attn_func's FlashAttnFunc (softcap 0.0, deterministic False); ``qt`` / ``kt`` /
     ``vt`` are [B, S, H, D] views, the gradients come back as [B, H, S, D] views of FA4's."""
-    fwd = dict(kwargs)
-    left, right = fwd.pop("window_size")
-    score_mod_bwd, sparse_bwd = fwd.pop("score_mod_bwd"), fwd.pop("block_sparse_tensors_bwd")
-    fwd["return_lse"] = True  # the backward needs it
     qt, kt, vt = qt.detach(), kt.detach(), vt.detach()
-    out, lse = fa._flash_attn_fwd(qt, kt, vt, softcap=0.0, window_size_left=left, window_size_right=right,
-                                  **fwd)[:2]
+    out, lse = fa._flash_attn_fwd(qt, kt, vt, **dict(fwd, return_lse=True))[:2]  # the backward needs lse
 
     def backward(grad_out, grad_lse):
         dq, dk, dv = fa._flash_attn_bwd(
             qt, kt, vt, out, grad_out.transpose(1, 2), lse, fwd["softmax_scale"], False, 0.0,
-            window_size_left=left, window_size_right=right, score_mod=fwd["score_mod"],
-            score_mod_bwd=score_mod_bwd, mask_mod=fwd["mask_mod"], aux_tensors=fwd["aux_tensors"],
-            block_sparse_tensors=sparse_bwd, dlse=None if grad_lse is None else grad_lse.contiguous())[:3]
+            window_size_left=fwd["window_size_left"], window_size_right=fwd["window_size_right"],
+            score_mod=fwd["score_mod"], score_mod_bwd=bwd["score_mod_bwd"], mask_mod=fwd["mask_mod"],
+            aux_tensors=fwd["aux_tensors"], block_sparse_tensors=bwd["block_sparse_tensors"],
+            dlse=None if grad_lse is None else grad_lse.contiguous())[:3]
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
     give_direct_backward(backward)
@@ -657,34 +663,35 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
         return (out[..., :Dv] if out.shape[-1] != Dv else out), lse
     # kernel arguments are the plan's alone, except while a CUDA graph is captured (aux conversions are captured
     # then) and when a named tensor needs gradients (the learnable sink is a node of this call's autograd graph)
-    reuse = not fixes and not (q.is_cuda and torch.cuda.is_current_stream_capturing()) and not (
-        torch.is_grad_enabled() and any(t.requires_grad for t in plan.tensors.values()))
+    tensor_grads = torch.is_grad_enabled() and any(t.requires_grad for t in plan.tensors.values())
+    reuse = not fixes and not (q.is_cuda and torch.cuda.is_current_stream_capturing()) and not tensor_grads
     kwargs = plan.memo.get(shapes + ("kwargs",)) if reuse else None
     if kwargs is None:
         k, v, kwargs = kernel_arguments(q, k, v, plan, fixes=())  # fixed above
         if reuse:
             plan.memo[shapes + ("kwargs",)] = kwargs
-    kwargs = dict(kwargs)  # the bhsd_out path pops from it
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if _option(plan, "bhsd_out") and not grads:
-        # inference: out written straight into a [B, H, S, Dv] buffer (the layout of q), as flex's FA4 path does
-        out = torch.empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1], dtype=q.dtype, device=q.device)
-        lse = torch.empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32, device=q.device) \
-            if _wants_lse(plan) else None
-        for name in ("block_sparse_tensors_bwd", "score_mod_bwd"):
-            kwargs.pop(name)
-        left, right = kwargs.pop("window_size")
-        fa._flash_attn_fwd(qt, kt, vt, out=out.transpose(1, 2), lse=lse, window_size_left=left,
-                           window_size_right=right, **kwargs)
+    if not grads and not tensor_grads:
+        # inference: _flash_attn_fwd itself, as flash_attn_func's autograd.Function calls it (~10-20 us less host)
+        fwd = _forward_arguments(kwargs)[0]
+        if _option(plan, "bhsd_out"):
+            # out written straight into a [B, H, S, Dv] buffer (the layout of q), as flex's FA4 path does
+            out = torch.empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1], dtype=q.dtype, device=q.device)
+            lse = torch.empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32, device=q.device) \
+                if _wants_lse(plan) else None
+            fa._flash_attn_fwd(qt, kt, vt, out=out.transpose(1, 2), lse=lse, **fwd)
+        else:
+            out, lse = fa._flash_attn_fwd(qt, kt, vt, **fwd)[:2]
+            out = out.transpose(1, 2)
     elif (grads and not fixes and plan.sink is None and plan.normalize and "learnable_sink" not in kwargs
           and direct_backward_requested()):
-        out, lse = _direct_training(fa, qt, kt, vt, kwargs)
+        out, lse = _direct_training(fa, qt, kt, vt, *_forward_arguments(kwargs))
         out = out.transpose(1, 2)
     else:
         out, lse = fa.flash_attn_func(qt, kt, vt, **kwargs)
         out = out.transpose(1, 2)
-        if out.shape[-1] != Dv:
-            out = out[..., :Dv]
+    if out.shape[-1] != Dv:
+        out = out[..., :Dv]
     if plan.sink is not None or not plan.normalize:
         out, lse = finish(out, lse, plan, torch.float32, sink_in_kernel="learnable_sink" in kwargs,
                           out_dtype=q.dtype)

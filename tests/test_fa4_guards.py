@@ -40,11 +40,11 @@ class FakeFlash:
     # FA4's two functions under flash_attn_func, as the direct training path calls them (attnlang.op)
     def _flash_attn_fwd(self, q, k, v, softmax_scale, causal, softcap, window_size_left, window_size_right,
                         score_mod, mask_mod, aux_tensors, block_sparse_tensors, return_lse):
-        assert softcap == 0.0 and return_lse and not any(t.requires_grad for t in (q, k, v))
+        assert softcap == 0.0 and not any(t.requires_grad for t in (q, k, v))
         self.direct.append("fwd")
         out, lse = self.flash_attn_func(q, k, v, softmax_scale, causal, (window_size_left, window_size_right),
                                         score_mod, None, mask_mod, aux_tensors, block_sparse_tensors, None, True)
-        return out.contiguous(), lse, None, None, None
+        return out.contiguous(), lse if return_lse else None, None, None, None
 
     def _flash_attn_bwd(self, q, k, v, out, dout, lse, softmax_scale, causal, softcap, window_size_left,
                         window_size_right, score_mod, score_mod_bwd, mask_mod, aux_tensors, block_sparse_tensors,
@@ -112,6 +112,7 @@ def test_forward_only_calls_are_not_padded(fake):
     with torch.no_grad():
         _run(CAUSAL, 1, 4, 4, 37, 37, 48, grads=False)
     assert fake.calls[0][0][-1] == 48
+    assert fake.direct == ["fwd"]  # inference calls _flash_attn_fwd itself, not flash_attn_func's Function
 
 
 def test_grouped_heads_off_32_are_padded_and_expanded(fake):

@@ -600,6 +600,10 @@ def test_fa4_asks_for_lse_only_when_wanted(monkeypatch):
             seen.append(return_lse)
             return super().flash_attn_func(q, k, v, return_lse=return_lse, **kw)
 
+        def _flash_attn_fwd(self, q, k, v, return_lse=False, **kw):  # what inference calls
+            seen.append(return_lse)
+            return super()._flash_attn_fwd(q, k, v, return_lse=return_lse, **kw)
+
     stub = Recording()
     monkeypatch.setattr(fa4, "_flash", lambda: stub)
     monkeypatch.setattr(fa4, "_device_problem", lambda q: None)
