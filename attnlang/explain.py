@@ -4,6 +4,7 @@ parts (sources, checked and simplified expressions), so this stage never needs t
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Mapping
 
 from .ast import Const, DType, Index, names_used, walk
@@ -41,6 +42,13 @@ def _sparsity_class(mask) -> str:
     return "static: block kinds follow from the lengths; partial blocks are refined by evaluation" + heads
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent that fails to import; a module whose __spec__ is None
+        return False
+
+
 def _auto_policy() -> str:
     lines = []
     try:
@@ -56,9 +64,16 @@ def _auto_policy() -> str:
     for name in ("fa4", "flex"):
         try:
             importlib.import_module(f"attnlang.backends.{name}")
-            lines.append(f"{name} backend: available")
         except ImportError as e:
             lines.append(f"{name} backend: not available ({e})")
+            continue
+        # attnlang.backends.fa4 imports flash_attn only when it runs: importable, it says nothing of FA4 itself
+        if name == "fa4" and not _installed("flash_attn"):
+            lines.append("fa4 backend: not available (flash-attn-4 is not installed: pip install 'attnlang[gpu]')")
+        elif name == "fa4" and not cuda:
+            lines.append("fa4 backend: flash-attn-4 installed, but FA4 needs a CUDA GPU")
+        else:
+            lines.append(f"{name} backend: available")
     return "; ".join(lines)
 
 

@@ -644,3 +644,17 @@ def test_a_tensor_read_only_where_the_result_never_looks_is_still_named_when_mis
         variant(x, x, x, backend="eager", t=torch.ones(4, 4))
     for backend in ("eager", "flex"):
         assert variant(x, x, x, backend=backend, t=torch.ones(4)).shape == x.shape
+
+
+def test_explain_says_fa4_is_not_available_where_flash_attn_is_not_installed(monkeypatch):
+    # the attnlang.backends.fa4 module imports flash_attn lazily, so importing it proved nothing
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    text = al.compile(mask="q_idx >= kv_idx").explain()
+    assert "fa4 backend: not available (flash-attn-4 is not installed" in text
+    assert "fa4 backend: available" not in text and "flex backend: available" in text
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(
+        name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "fa4 backend: flash-attn-4 installed, but FA4 needs a CUDA GPU" in al.compile().explain()
