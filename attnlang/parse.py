@@ -16,6 +16,7 @@ from lark import Lark, Token, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 from lark.visitors import Transformer_NonRecursive
 
+from . import ast
 from .ast import Binary, Binding, Call, Const, DType, Index, Let, Op, Reduce, Span, Unary, Var, depth
 from .errors import AttnLangError
 
@@ -254,10 +255,73 @@ def parse(text: str, where: str | None = None):
         raise AttnLangError(f"expression nested too deeply; at most {MAX_DEPTH} levels", text, 1, 1,
                             where=where) from None
     d = depth(tree)
+    if d > MAX_DEPTH:  # long written chains of | & ^ regrouped first; what is accepted as written stays as written
+        tree = _regroup_chains(tree)
+        d = depth(tree)
     if d > MAX_DEPTH:
-        raise AttnLangError(f"expression nested too deeply ({d} levels; at most {MAX_DEPTH})", text, 1, 1,
+        hint = ("; a chain of n operators nests n levels: group it with parentheses, or write a reduction "
+                "(sum / any / all / max / min over range(K))") if _longest_chain(tree) > MAX_DEPTH // 2 else ""
+        raise AttnLangError(f"expression nested too deeply ({d} levels; at most {MAX_DEPTH}){hint}", text, 1, 1,
                             len(text), where=where)
     return tree
+
+
+_REGROUP = frozenset({Op.AND, Op.OR, Op.XOR})  # associative exactly, on bools and on ints alike
+
+
+def _chain_operands(node) -> list:
+    """The operands of the chain of ``node``'s operator under ``node`` (same op and spelling), left to right."""
+    out, stack = [], [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, Binary) and n.op is node.op and n.word == node.word:
+            stack += [n.right, n.left]
+        else:
+            out.append(n)
+    return out
+
+
+def _regroup_chains(tree):
+    """Every chain of ``|``, ``&`` or ``^`` (``a | b | c | ...``, as written, or a chained comparison's pairs) as a
+    balanced tree of the same operands in the same order: n operands nest log2(n) levels instead of n - 1, as the
+    expansions of any() / all() do. Exact: the operators are associative on bools and on ints. No recursion."""
+    done: dict[int, object] = {}
+    stack = [(tree, False)]
+    while stack:
+        node, ready = stack.pop()
+        if id(node) in done:
+            continue
+        chain = isinstance(node, Binary) and node.op in _REGROUP
+        kids = _chain_operands(node) if chain else ast.children(node)
+        if not ready:
+            stack.append((node, True))
+            stack += [(k, False) for k in kids if id(k) not in done]
+            continue
+        new = [done[id(k)] for k in kids]
+        done[id(node)] = _balanced(node, new) if chain else ast.with_children(node, tuple(new))
+    return done[id(tree)]
+
+
+def _balanced(node, operands: list):
+    if len(operands) == 1:
+        return operands[0]
+    mid = len(operands) // 2
+    left, right = _balanced(node, operands[:mid]), _balanced(node, operands[mid:])
+    span = node.span if left.span is None or right.span is None else Span(
+        left.span.line, left.span.column, left.span.start, right.span.end)
+    return Binary(node.op, left, right, span, word=node.word)
+
+
+def _longest_chain(tree) -> int:
+    """Operators in the longest left- or right-nested run of one binary operator."""
+    best = 0
+    for n in ast.walk(tree):
+        if isinstance(n, Binary):
+            run, m = 0, n
+            while isinstance(m, Binary) and m.op is n.op:
+                run, m = run + 1, m.left
+            best = max(best, run)
+    return best
 
 
 def _lone_equals(text: str) -> int | None:

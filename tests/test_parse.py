@@ -1,12 +1,15 @@
 """The grammar: LANGUAGE.md's precedence ladder, chained comparisons, literals, keywords, and syntax errors with
 their line, column and caret."""
 
+import functools
 import math
+import operator
 
 import pytest
+import torch
 
 import attnlang as al
-from attnlang.ast import Binary, Call, Const, DType, Index, Op, Unary, Var
+from attnlang.ast import Binary, Call, Const, DType, Index, Op, Unary, Var, depth
 from attnlang.parse import MAX_DEPTH, parse
 
 
@@ -254,3 +257,37 @@ def test_too_deep_is_clean():
 def test_not_a_string():
     with pytest.raises(al.AttnLangError):
         parse(42)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# long written chains of | & ^ (exactly associative) are regrouped rather than refused as nested too deeply
+
+def test_a_long_chain_of_alternatives_is_regrouped_not_refused():
+    n = MAX_DEPTH + 50
+    text = " | ".join(f"kv_idx == {i}" for i in range(n))
+    tree = parse(text)
+    assert depth(tree) <= 12
+    x = torch.randn(1, 1, n + 7, 4, dtype=torch.float64)
+    got = al.compile(mask=text)(x, x, x, backend="eager")
+    torch.testing.assert_close(got, al.compile(mask=f"kv_idx < {n}")(x, x, x, backend="eager"))
+    # the same for a chained comparison's pairs and for the word `and`
+    assert al.compile(mask="0 " + "<= q_idx " * n) == al.compile(mask="0 <= q_idx <= q_idx")
+    words = al.compile(mask=" and ".join(f"kv_idx != {i}" for i in range(n)))
+    want = al.compile(mask=f"kv_idx >= {n}")(x, x, x, backend="eager")
+    torch.testing.assert_close(words(x, x, x, backend="eager"), want)
+
+
+def test_a_long_xor_chain_keeps_its_value_and_short_chains_keep_their_shape():
+    n = MAX_DEPTH + 20
+    want = functools.reduce(operator.xor, (3 * i + 1 for i in range(n)))
+    text = " ^ ".join(f"{3 * i + 1}" for i in range(n))
+    assert al.compile(mask=f"({text}) == {want}").canonical[1] == "True"
+    assert al.compile(mask=f"({text}) == {want + 1}").canonical[1] == "False"
+    assert parse("a | b | c | d") == B(Op.OR, B(Op.OR, B(Op.OR, a, b_), c), d)   # accepted as written: unchanged
+
+
+def test_a_long_chain_of_arithmetic_is_refused_with_a_hint():
+    with pytest.raises(al.AttnLangError, match="a chain of n operators nests n levels: group it with parentheses"):
+        parse(" + ".join(["score"] * (MAX_DEPTH + 5)))
+    with pytest.raises(al.AttnLangError, match=r"nested too deeply \(\d+ levels; at most \d+\)\n"):
+        parse("-" * (MAX_DEPTH + 5) + "score")   # no chain: no hint
