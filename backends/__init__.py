@@ -153,7 +153,7 @@ def _option_problem(backend: str, options) -> str | None:
     if unknown:
         return (f"{flex.option_problem({k: None for k in unknown})}; backend 'fa4' takes "
                 f"{', '.join(fa4.OPTIONS)}")
-    return None
+    return flex.value_problem(options)
 
 
 def _call_facts(q, k, v) -> tuple:

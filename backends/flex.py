@@ -210,6 +210,28 @@ def option_problem(options) -> str | None:
         listed = ", ".join(sorted(n for n in known if not n.startswith(("fwd_", "bwd_"))))
         return (f"unknown kernel_options for backend 'flex': {', '.join(map(repr, unknown))}; expected some of "
                 f"{listed} (FlexAttention's, also with fwd_ / bwd_ prefixes)")
+    return value_problem(options)
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel_names() -> tuple:
+    """The values kernel_options["BACKEND"] may take (torch's _Backend literal); () where torch does not say."""
+    try:
+        import typing
+
+        from torch.nn.attention.flex_attention import _Backend
+        return typing.get_args(_Backend)
+    except ImportError:  # pragma: no cover - a torch without the literal
+        return ()
+
+
+def value_problem(options) -> str | None:
+    """None unless kernel_options["BACKEND"] names no flex kernel: checked before any backend runs, so "auto"
+    (which may run another backend, which ignores it) does not take a misspelt kernel silently."""
+    names = _kernel_names()
+    kernel = (options or {}).get("BACKEND")
+    if kernel is not None and names and kernel not in names:
+        return f"kernel_options['BACKEND'] must be one of {', '.join(map(repr, names))}; got {kernel!r}"
     return None
 
 

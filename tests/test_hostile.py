@@ -658,3 +658,14 @@ def test_explain_says_fa4_is_not_available_where_flash_attn_is_not_installed(mon
         name, *a))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert "fa4 backend: flash-attn-4 installed, but FA4 needs a CUDA GPU" in al.compile().explain()
+
+
+@pytest.mark.parametrize("backend", ["auto", "flex"])
+@pytest.mark.parametrize("kernel", ["bogus", "triton", 1])
+def test_a_misspelt_flex_kernel_is_an_error_also_where_auto_runs_another_backend(backend, kernel):
+    # auto on the CPU runs eager, which ignores kernel_options: a kernel flex does not have was taken silently
+    x = torch.randn(1, 1, 4, 8)
+    with pytest.raises(al.AttnLangError, match="kernel_options\\['BACKEND'\\] must be one of 'AUTO', 'TRITON'"):
+        al.compile(mask="q_idx >= kv_idx")(x, x, x, backend=backend, kernel_options={"BACKEND": kernel})
+    assert al.compile(mask="q_idx >= kv_idx")(x, x, x, backend=backend, kernel_options={"BACKEND": "TRITON"}).shape \
+        == x.shape
