@@ -49,6 +49,13 @@ def bad_score_hint(score) -> str:
             "activation attention and examples/activation.py do")
 
 
+def raw_score_hint(value: float, dtype) -> str:
+    """The end of that error where the scaled dot product itself, scale * q·k, is already NaN or infinite there:
+    the expression is not at fault, q / k / scale are."""
+    return (f"; there the scaled dot product scale * q·k is itself {value} (before the score expression): q or k "
+            f"holds NaN or inf, or their dot product times scale overflows {str(dtype).replace('torch.', '')}")
+
+
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 
 

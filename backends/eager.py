@@ -13,7 +13,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..ast import Binary, Call, Const, DType, Index, Op, names_used, walk
-from ..denominator import bad_score_hint, finish, lse_float32
+from ..denominator import bad_score_hint, finish, lse_float32, raw_score_hint
 from ..errors import AttnLangError
 from ..lower_torch import evaluate, positions, row_values
 from ..plan import CallPlan
@@ -77,13 +77,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan,
     return out, lse_float32(lse)  # float64 stays float64 (API.md)
 
 
-def _raise_bad_score(s3: torch.Tensor, start: int, source: tuple | None = None, score_expr=None):
+def _raise_bad_score(s3: torch.Tensor, start: int, source: tuple | None = None, score_expr=None, raw=None):
     bad = torch.isnan(s3) | (s3 == math.inf)
     b, h, i, j = (int(x) for x in bad.nonzero()[0])
     value = float(s3[b, h, i, j])
     message = (f"the score expression gives {value} at b={b}, h={h}, q_idx={start + i}, "
                f"kv_idx={j}, an allowed position; scores must be finite or -inf")
-    if math.isnan(value) and score_expr is not None:
+    given = None if raw is None else float(raw.expand(s3.shape)[b, h, i, j])
+    if given is not None and not math.isfinite(given):
+        message += raw_score_hint(given, raw.dtype)
+    elif math.isnan(value) and score_expr is not None:
         message += bad_score_hint(score_expr)
     if source is None:
         raise AttnLangError(message)
@@ -158,7 +161,7 @@ def _block(qc, k, v, score_expr, mask_expr, start, scale, fd, tensors, Sq, Skv, 
         m = s3.amax(dim=-1, keepdim=True)
     # amax propagates NaN and +inf, so one small reduction tells whether any allowed score is bad
     if not bool(torch.isfinite(m).logical_or(m == -math.inf).all()):
-        _raise_bad_score(s3, start, score_source, score_expr)
+        _raise_bad_score(s3, start, score_source, score_expr, s)
     if grad and not guard:
         s2 = evaluate(score_expr, score_names, tensors, fd, qc.device).to(fd).expand(full)
         s3 = torch.where(allowed, s2, torch.tensor(-math.inf, dtype=fd, device=qc.device))

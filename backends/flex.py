@@ -41,7 +41,7 @@ from collections import OrderedDict
 import torch
 
 from ..ast import Binary, Call, Const, DType, Expr, Index, Op, Var, children, names_used, walk, with_children
-from ..denominator import bad_score_hint, finish, lse_float32
+from ..denominator import bad_score_hint, finish, lse_float32, raw_score_hint
 from ..errors import AttnLangError
 from ..lower_torch import evaluate, row_values
 from ..memo import MEMO, IdentityMemo
@@ -870,7 +870,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
     elif bool(bad.any()):
         b, h, i = (int(x) for x in bad.nonzero()[0])
         raise _bad_score(plan, f"the score expression gives NaN or +inf at an allowed position in row b={b}, "
-                               f"h={h}, q_idx={i}; scores must be finite or -inf")
+                               f"h={h}, q_idx={i}; scores must be finite or -inf",
+                         _raw_row_problem(q, k, plan, b, h, i))
     # rows with no allowed key: out 0 and lse -inf whatever the kernel wrote into out there
     empty = lse == -math.inf
     lse = torch.where(empty, torch.full_like(lse, -math.inf), lse)
@@ -922,10 +923,23 @@ def _lengths_tensor(q_len: int, kv_len: int, device) -> torch.Tensor:
     return t
 
 
-def _bad_score(plan: CallPlan, message: str) -> AttnLangError:
+def _raw_row_problem(q, k, plan: CallPlan, b: int, h: int, i: int) -> str:
+    """raw_score_hint for row (b, h, i) when scale * q·k is NaN or +inf / -inf somewhere in it (this error's path
+    only: one row's dot products), else ""."""
+    group = q.shape[1] // k.shape[1]
+    fd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    raw = (k[b, h // group].to(fd) @ q[b, h, i].to(fd)) * plan.scale
+    off = ~torch.isfinite(raw)
+    if not bool(off.any()):
+        return ""
+    j = int(off.nonzero()[0])
+    return raw_score_hint(float(raw[j]), fd) + f" (at kv_idx={j})"
+
+
+def _bad_score(plan: CallPlan, message: str, raw_problem: str = "") -> AttnLangError:
     """The error for a NaN / +inf score, with the caret under the score expression (as the eager reference)."""
     checked = plan.checked
-    message += bad_score_hint(plan.score)  # NaN or +inf: flex's lse does not tell which
+    message += raw_problem or bad_score_hint(plan.score)  # NaN or +inf: flex's lse does not tell which
     return AttnLangError.at(message, checked.sources["score"], checked.score.span, where="score")
 
 

@@ -669,3 +669,17 @@ def test_a_misspelt_flex_kernel_is_an_error_also_where_auto_runs_another_backend
         al.compile(mask="q_idx >= kv_idx")(x, x, x, backend=backend, kernel_options={"BACKEND": kernel})
     assert al.compile(mask="q_idx >= kv_idx")(x, x, x, backend=backend, kernel_options={"BACKEND": "TRITON"}).shape \
         == x.shape
+
+
+@pytest.mark.parametrize("backend", ["eager", "flex"])
+@pytest.mark.parametrize("score", ["score", "log(score)", "2.0 * score"])
+def test_a_nan_score_from_q_or_k_itself_says_so_rather_than_blaming_the_expression(backend, score):
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 1, 3, 8)
+    for bad_q, bad_k, what in ((q * 1e20, k * 1e20, "nan"), (q.index_fill(2, torch.tensor([0]), math.nan), k, "nan")):
+        with pytest.raises(al.AttnLangError, match=f"scale \\* q·k is itself {what} \\(before the score expression\\)"):
+            al.compile(score=score)(bad_q, bad_k, k, backend=backend)
+    # the expression's own NaN keeps its hint, and a finite q·k gets none
+    with pytest.raises(al.AttnLangError) as info:
+        al.compile(score="score * inf - score * inf")(q, k, k, backend=backend)
+    assert "q·k is itself" not in str(info.value)
