@@ -783,12 +783,16 @@ def _load_text(text) -> Any:
         raise AttnLangError(f"variant config is neither JSON nor YAML: {e}") from None
 
 
-def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: Variant, /, *,
-              scale: float | None = None, return_lse: bool = False, **tensors):
+def reference(q: torch.Tensor = _MISSING, k: torch.Tensor = _MISSING, v: torch.Tensor = _MISSING,
+              variant: Variant = _MISSING, /, *extra, scale: float | None = None, return_lse: bool = False, **tensors):
     """The eager reference: ``variant(q, k, v, backend="eager", ...)``.
 
     Shapes and errors as ``Variant.__call__``.
     """
+    if extra or variant is _MISSING:
+        given = 4 + len(extra) if extra else sum(x is not _MISSING for x in (q, k, v, variant))
+        raise AttnLangError(f"reference() takes four positional arguments (q, k, v, variant), got {given}; named "
+                            f"tensors are passed by name")
     if not isinstance(variant, Variant):
         raise AttnLangError(f"reference() takes a Variant as its fourth argument, got {type(variant).__name__}")
     if "backend" in tensors:

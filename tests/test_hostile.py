@@ -683,3 +683,13 @@ def test_a_nan_score_from_q_or_k_itself_says_so_rather_than_blaming_the_expressi
     with pytest.raises(al.AttnLangError) as info:
         al.compile(score="score * inf - score * inf")(q, k, k, backend=backend)
     assert "q·k is itself" not in str(info.value)
+
+
+@pytest.mark.parametrize("args, given", [(3, 3), (5, 5), (0, 0)])
+def test_reference_with_too_few_or_too_many_positional_arguments_is_an_attnlang_error(args, given):
+    x = torch.randn(1, 1, 3, 4)
+    variant = al.compile(mask="t[q_idx] > 0")
+    positional = [x, x, x, variant, torch.ones(3)][:args]
+    with pytest.raises(al.AttnLangError, match=f"takes four positional arguments \\(q, k, v, variant\\), got {given}"):
+        al.reference(*positional)
+    assert al.reference(x, x, x, variant, t=torch.ones(3)).shape == x.shape
