@@ -14,9 +14,11 @@ kernel; ``wanted``: ``grad_bits``):
 - the real implementation is the eager-mode call ``variant(q, k, v, ...)``: the checks that read values (index
   bounds from value ranges, NaN scores, block sparsity; cached per tensor version as in eager mode), then the
   backend. Nothing is skipped under compilation.
-- the backward, ``torch.ops.attnlang.attention_backward``, runs the backend's own backward on the autograd graph
-  its forward kept (``GRAPHS``; recomputed under autograd where none was kept): one opaque node too. Gradients
-  flow to q, k, v and to floating named tensors.
+- the backward, ``torch.ops.attnlang.attention_backward``, runs the backend's own backward on what its forward
+  kept (``GRAPHS``): the backward a backend handed over (``attnlang.plan.give_direct_backward``; fa4 hands FA4's
+  _flash_attn_bwd over where gradients go to q, k, v only), else the autograd graph the backend's forward recorded
+  (recomputed under autograd where none was kept): one opaque node too. Gradients flow to q, k, v and to floating
+  named tensors.
 
 Under an outer ``torch.compile`` every backend is called through this op, also flex: its own compiled
 flex_attention runs inside the op's real implementation (opaque), not traced into the outer graph.
