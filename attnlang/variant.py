@@ -26,7 +26,15 @@ __all__ = ["Variant", "compile", "from_config", "reference", "BACKENDS"]
 
 BACKENDS = ("auto", "eager", "flex", "fa4")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_MISSING = object()  # q / k / v not given: an AttnLangError saying so, not Python's TypeError
+class _Required:
+    """The default of q / k / v (and reference's variant): left out, it is an AttnLangError saying so, not Python's
+    TypeError; shown as <required> in signatures."""
+
+    def __repr__(self) -> str:
+        return "<required>"
+
+
+_MISSING = _Required()
 # packages whose code tests a Variant (a callable) for presence with bool(): they get True (see __bool__)
 _TRUTHY_CALLERS = frozenset({"torch", "functools", "inspect", "transformers", "typing", "dataclasses"})
 CONFIG_KEYS = ("score", "mask", "params", "sink", "normalize")
