@@ -1,6 +1,7 @@
 """Conformance with LANGUAGE.md: spellings the language defines as the same meaning give one Variant (==, hash,
 canonical form, config round trip), and evaluations match independent Python / float64 references."""
 
+import math
 import operator
 import random
 
@@ -187,3 +188,61 @@ def test_a_nan_score_hint_names_the_function_the_score_takes(score, named):
     q = torch.randn(1, 1, 4, 8)  # some scores negative
     with pytest.raises(al.AttnLangError, match=named):
         al.compile(score=score)(q, q, q, backend="eager")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# float values through the whole pipeline (check, simplify, backend) against Python's float64: a row with no
+# allowed key has lse = sink (LANGUAGE.md), so a sink expression of q_idx reads out one value per row
+
+def _py_sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+VALUES = [
+    ("float(-7 // 2) + float(-7 % 2) * 10.0", lambda i: -4.0 + 10.0), ("float(7 % -3)", lambda i: -2.0),
+    ("-7.0 % 2.0 + 7.0 % -2.5 * 10.0", lambda i: (-7.0 % 2.0) + (7.0 % -2.5) * 10.0),
+    ("float(q_idx) % 1.5 - float(-q_idx) % 1.5", lambda i: i % 1.5 - (-i) % 1.5),
+    ("float(q_idx - 1) // 0.7", lambda i: (i - 1) // 0.7), ("-7.0 // 2.0 + 7.5 // -2.0", lambda i: -4.0 - 4.0),
+    ("float(int(-2.5)) + float(int(2.9)) * 10.0 + float(int(-0.9)) * 100.0", lambda i: -2.0 + 20.0),
+    ("floor(-2.5) + ceil(-2.5) * 10.0", lambda i: -3.0 - 20.0), ("float(floor(q_idx - 1))", lambda i: i - 1.0),
+    ("sign(-3.0) + sign(0.0) * 10.0 + float(sign(q_idx - 1)) * 100.0", lambda i: -1.0 + 100.0 * ((i > 1) - (i < 1))),
+    ("float(abs(1 - q_idx)) + abs(-2.5)", lambda i: abs(1 - i) + 2.5),
+    ("erf(0.5) + cos(1.0) * 10.0 + sin(1.0) * 100.0 + erf(float(q_idx))",
+     lambda i: math.erf(0.5) + math.cos(1.0) * 10 + math.sin(1.0) * 100 + math.erf(i)),
+    ("exp(1.0) + exp2(0.5) + log(2.0) + log2(3.0) + sqrt(2.0)",
+     lambda i: math.e + 2 ** 0.5 + math.log(2) + math.log2(3) + math.sqrt(2)),
+    ("tanh(0.3) + sigmoid(0.3) + sigmoid(-800.0)", lambda i: math.tanh(0.3) + _py_sigmoid(0.3)),
+    ("float(min(3, q_idx)) + max(1, 2.5) + min(1, 2.5) * 10.0", lambda i: min(3, i) + 2.5 + 10.0),
+    ("float(clamp(q_idx, 1, 1)) + clamp(5.0, 1.0, 3.0) * 10.0", lambda i: 1.0 + 30.0),
+    ("where(q_idx > 0, 1.5, 2)", lambda i: 1.5 if i > 0 else 2.0),
+    ("float(True) + float(q_idx > 0)", lambda i: 1.0 + (i > 0)),
+    ("1 / 2 + float(7 / 2)", lambda i: 0.5 + 3.5),
+    ("float(5 & 3) + float(5 | 3) * 10.0 + float(5 ^ 3) * 100.0 + float(-8 >> 1) * 1000.0",
+     lambda i: 1.0 + 70.0 + 600.0 - 4000.0),
+    ("float(1 << 62) / 4611686018427387904.0", lambda i: 1.0),
+    ("float(9007199254740993) - 9007199254740992.0", lambda i: float(9007199254740993) - 9007199254740992.0),
+    ("float(sum(i for i in range(5)))", lambda i: 10.0), ("sum(0.1 for i in range(10))", lambda i: sum([0.1] * 10)),
+    ("float(sum(i * q_idx for i in range(K)))", lambda i: float(sum(j * i for j in range(4)))),
+    ("max(float(i) - 1.5 for i in range(3))", lambda i: 0.5),
+    ("float(min(q_idx - i for i in range(3)))", lambda i: i - 2.0),
+    ("float(any(i == q_idx for i in range(2))) + float(all(i != q_idx for i in range(2))) * 10.0",
+     lambda i: float(i < 2) + 10.0 * (i >= 2)),
+    ("float(sum(0 for i in range(0))) + sum(0.0 for i in range(0))", lambda i: 0.0),
+    ("float(any(True for i in range(0))) + float(all(False for i in range(0))) * 10.0", lambda i: 10.0),
+    ("a = float(q_idx); c = a * 2.0; c + a", lambda i: 3.0 * i), ("float(~(q_idx > 0))", lambda i: float(not i > 0)),
+    ("float(q_idx) ** 0.5 + 2.0 ** 3.0 ** 2.0 + float(-2 ** 2)", lambda i: i ** 0.5 + 512.0 - 4.0),
+    ("-2.0 ** 0.5 + float(-9223372036854775807 - 1) / 9223372036854775808.0", lambda i: -(2 ** 0.5) - 1.0),
+    ("float(int(1e18)) / 1e18 + float(10 // 3 * 3 + 10 % 3) + float(--q_idx)", lambda i: 1.0 + 10.0 + i),
+    ("float(q_len + kv_len) + float(b + h)", lambda i: 3.0 + 4.0),
+]
+
+
+@pytest.mark.parametrize("backend", ["eager", "flex"])
+def test_values_through_the_pipeline_match_python_float64(backend):
+    q, k = torch.zeros(1, 1, 3, 4, dtype=torch.float64), torch.zeros(1, 1, 4, 4, dtype=torch.float64)
+    for text, want in VALUES:
+        variant = al.compile(mask="False", sink=text, params={"K": 4} if "range(K)" in text else {})
+        out, lse = variant(q, k, k, backend=backend, return_lse=True)
+        expected = torch.tensor([want(i) for i in range(3)], dtype=torch.float64)
+        torch.testing.assert_close(lse[0, 0], expected, rtol=1e-12, atol=1e-12, msg=text)
+        assert torch.equal(out, torch.zeros_like(out)), text
