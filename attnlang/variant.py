@@ -237,7 +237,8 @@ class Variant:
         Returns:
             out [B, Hq, Sq, Dv] in q's dtype, or (out, lse) with return_lse.
         Raises:
-            AttnLangError: bad shapes, dtypes or devices; missing, extra or mis-shaped tensors; an index that can
+            AttnLangError: bad shapes, dtypes or devices (an empty input too: B, Hq, Hkv, Sq, Skv or D of 0); q, k
+                and v not all given by position; missing, extra or mis-shaped tensors; an index that can
                 fall outside its tensor; a backend that cannot run this variant here; int() of inf or NaN, or an
                 int that overflows int64; a float literal, param or tensor value past the compute dtype's range
                 (float32's 3.4e38 for float32 / 16-bit inputs; float64 for float64); a float64 lse past
@@ -252,6 +253,10 @@ class Variant:
         inf is NaN, which rows that is beyond those attending the key depends on the backend's tiling (eager's
         matmul meets every key; fa4 and flex skip empty blocks); rows with no allowed key stay 0. With
         normalize=False, whose numerator is checked anyway, it is an AttnLangError naming the row.
+
+        Float values (literals, params, float named tensors of any float dtype) are computed in the compute dtype:
+        float64 for float64 inputs, else float32. A value past its range is an error (above); a tiny one rounds
+        there as float32 does (a float64 tensor's 1e-300 is 0.0 in float32, so ``t[h] > 0.0`` is False for it).
         """
         if extra or v is _MISSING:
             raise AttnLangError(self._positional_message(3 + len(extra) if extra else
