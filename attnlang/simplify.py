@@ -921,6 +921,8 @@ def simplify_variant(score: Expr, mask: Expr, sink: Expr | None = None, normaliz
     shift rule does not apply then.
     """
     trace: list[str] = []
+    if score.dtype is DType.INT:  # the score is a float (LANGUAGE.md), as the sink: score 1 is the score 1.0
+        score = Call("float", (score,), score.span, DType.FLOAT)
     score = simplify(score, trace)
     mask = simplify(mask, trace)
     if sink is not None:

@@ -34,6 +34,23 @@ def test_an_int_sink_is_the_same_variant_as_its_float_spelling(a, b):
 
 
 @pytest.mark.parametrize("a, b", [
+    ("q_idx", "float(q_idx)"), ("1", "1.0"), ("kv_idx // 2", "float(kv_idx // 2)"), ("max(h, 0)", "float(max(h, 0))"),
+    ("kv_idx * 2 - q_idx", "float(kv_idx * 2 - q_idx)"),
+])
+def test_an_int_score_is_the_same_variant_as_its_float_spelling(a, b):
+    # LANGUAGE.md: the score is a float, as the sink is; an int score expression is converted, so it is float(score)
+    x, y = al.compile(score=a, mask=CAUSAL), al.compile(score=b, mask=CAUSAL)
+    assert x == y and hash(x) == hash(y) and x.canonical == y.canonical
+    assert al.from_config(x.to_config()) == y
+    q = torch.randn(1, 2, 5, 8, dtype=torch.float64)
+    for backend in ("eager", "flex"):
+        ox, lx = x(q, q, q, backend=backend, return_lse=True)
+        oy, ly = y(q, q, q, backend=backend, return_lse=True)
+        torch.testing.assert_close(ox, oy)
+        torch.testing.assert_close(lx, ly)
+
+
+@pytest.mark.parametrize("a, b", [
     ("score + 1", "score + 1.0"), ("score * 2", "score * 2.0"), ("score / 2", "score / 2.0"),
     ("max(score, 0)", "max(score, 0.0)"), ("clamp(score, -1, 1)", "clamp(score, -1.0, 1.0)"),
     ("where(q_idx > kv_idx, score, 0)", "where(q_idx > kv_idx, score, 0.0)"), ("score - 3 // 2", "score - 1.0"),
