@@ -11,6 +11,7 @@ tensors by identity and version, options, grad mode), so a warm ``auto`` call as
 from __future__ import annotations
 
 import importlib
+import sys
 import warnings
 
 import torch
@@ -40,7 +41,10 @@ def _order(q) -> tuple[str, ...]:
 
 
 def _module(name: str):
-    return importlib.import_module(f"{__name__}.{name}")
+    full = f"{__name__}.{name}"
+    # sys.modules first (a dict lookup; what is there is what import_module would return): ~2 us less a call
+    got = sys.modules.get(full)
+    return got if got is not None else importlib.import_module(full)
 
 
 class _Choice:
@@ -159,7 +163,7 @@ def _option_problem(backend: str, options) -> str | None:
 def _call_facts(q, k, v) -> tuple:
     """What a backend's per-plan answers (``plan.memo``) depend on besides the plan: a warm call reuses the last
     call's plan (``Variant._warm_plan``), and with it these answers for the same facts."""
-    return (q.dtype, q.device, tuple(q.shape), tuple(k.shape), tuple(v.shape), torch.is_grad_enabled(),
+    return (q.dtype, q.device, q.shape, k.shape, v.shape, torch.is_grad_enabled(),  # torch.Size: a tuple
             q.requires_grad, k.requires_grad, v.requires_grad)
 
 

@@ -581,7 +581,8 @@ def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
 
 def _forward_arguments(kwargs: dict) -> tuple[dict, dict]:
     """flash_attn_func-style ``kwargs`` split into _flash_attn_fwd's keyword arguments and the backward's own
-    (score_mod_bwd, block_sparse_tensors_bwd), with the values flash_attn_func's FlashAttnFunc passes (softcap 0.0)."""
+    (score_mod_bwd, block_sparse_tensors_bwd), with the values flash_attn_func's FlashAttnFunc passes (softcap 0.0).
+    Kept with the plan (never modified: callers pass copies on)."""
     fwd = dict(kwargs)
     fwd["window_size_left"], fwd["window_size_right"] = fwd.pop("window_size")
     bwd = {"score_mod_bwd": fwd.pop("score_mod_bwd"), "block_sparse_tensors": fwd.pop("block_sparse_tensors_bwd")}
@@ -635,7 +636,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
             raise KernelFailure(_backward_nan_message(why))
     Dv = v.shape[-1]
     # what this plan gives for these shapes, kept with the plan (a warm call reuses it: Variant._warm_plan)
-    shapes = ("fa4", grads, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.device)
+    shapes = ("fa4", grads, q.shape, k.shape, v.shape, q.device)  # torch.Size: a hashable tuple, no copy
     # the guards' fixes first, so that both paths below (varlen and the rest) run the fixed configuration
     fixes = plan.memo.get(shapes)
     if fixes is None:
@@ -671,9 +672,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
         if reuse:
             plan.memo[shapes + ("kwargs",)] = kwargs
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    split = plan.memo.get(shapes + ("split",)) if reuse else None
+    if split is None:
+        split = _forward_arguments(kwargs)
+        if reuse:
+            plan.memo[shapes + ("split",)] = split
     if not grads and not tensor_grads:
         # inference: _flash_attn_fwd itself, as flash_attn_func's autograd.Function calls it (~10-20 us less host)
-        fwd = _forward_arguments(kwargs)[0]
+        fwd = split[0]
         if _option(plan, "bhsd_out"):
             # out written straight into a [B, H, S, Dv] buffer (the layout of q), as flex's FA4 path does
             out = torch.empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1], dtype=q.dtype, device=q.device)
@@ -685,7 +691,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
             out = out.transpose(1, 2)
     elif (grads and not fixes and plan.sink is None and plan.normalize and "learnable_sink" not in kwargs
           and direct_backward_requested()):
-        out, lse = _direct_training(fa, qt, kt, vt, *_forward_arguments(kwargs))
+        out, lse = _direct_training(fa, qt, kt, vt, *split)
         out = out.transpose(1, 2)
     else:
         out, lse = fa.flash_attn_func(qt, kt, vt, **kwargs)

@@ -191,8 +191,17 @@ def _lowering(plan, docs: Documents, host: Host) -> VarlenLowering:
 _DOCS = IdentityMemo()
 
 
+_UNSET = object()
+
+
 def _documents(plan) -> Documents | None:
-    return _DOCS.get((plan.mask,), None, lambda: documents(plan.mask))
+    memo = getattr(plan, "memo", None)  # kept with the plan as well: a dict lookup per warm call
+    if memo is None:
+        return _DOCS.get((plan.mask,), None, lambda: documents(plan.mask))
+    got = memo.get("varlen_documents", _UNSET)
+    if got is _UNSET:
+        got = memo["varlen_documents"] = _DOCS.get((plan.mask,), None, lambda: documents(plan.mask))
+    return got
 
 
 def _choice(q, k, v, plan):
