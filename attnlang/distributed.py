@@ -727,7 +727,9 @@ class _RingAttention(torch.autograd.Function):
         out = torch.zeros(*q.shape[:3], v.shape[3], dtype=acc, device=q.device)
         lse = torch.full(q.shape[:3], -math.inf, dtype=acc, device=q.device)
         held = _pack(k, v)
-        lse_dtype = torch.float32  # the backends' lse dtype (the first partial result tells)
+        # lse as a single-process call gives it (API.md): float64 for float64 q, else float32; also on a rank
+        # that computes no step (no rows, or no allowed key for any of its rows), which no partial result tells
+        lse_dtype = acc
         keep = ring.keep and any(ctx.needs_input_grad[1:])
         kept = []
         if keep:
@@ -748,7 +750,6 @@ class _RingAttention(torch.autograd.Function):
                     o, l = o.detach(), l.detach()
                 else:
                     o, l = ring.partial(q, ks, vs, s, tensors)
-                lse_dtype = l.dtype
                 out, lse = _merge(out, lse, o, l.to(acc))
             else:
                 ring.stats["skipped"] += 1
@@ -868,7 +869,9 @@ def _backward_kept(ring: _Ring, kept, k, v, lse, dout, dlse, row, need_q, need_t
         grad_outputs += [do, dl]
     inputs = [x for _, _, _, kg, vg in steps for x in (kg, vg)]
     inputs += ([qg] if need_q else []) + [tg[n] for n in sorted(need_t)]
-    grads = list(torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)) if outputs else []
+    # a rank that computed no step (no rows, or no allowed key for any of them) has no graph: zero gradients
+    grads = list(torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)) if outputs else \
+        [None] * len(inputs)
     rank, W, plan = ring.rank, ring.world, ring.plan
     own = torch.zeros(_kv_numel(k, v, plan.lengths[rank]), dtype=acc, device=k.device)
     transfers, received = [], []
@@ -889,6 +892,8 @@ def _backward_kept(ring: _Ring, kept, k, v, lse, dout, dlse, row, need_q, need_t
     reqs = ring.post(transfers)
     rest = grads[2 * len(steps):]
     dq = rest.pop(0) if need_q else None
+    if need_q and dq is None:
+        dq = torch.zeros_like(qg)
     dt = {}
     for n in sorted(need_t):
         g = rest.pop(0)

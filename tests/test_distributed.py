@@ -269,6 +269,7 @@ def _worker(rank, world, path, out_dir):
                                 timeout=datetime.timedelta(seconds=90))
         pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
         pair = pairs[rank // 2]
+        triple, single = dist.new_group([0, 1, 2]), dist.new_group([3])
         data = _inputs()
         for name, (variant, tensors) in _cases().items():
             ref = _reference(variant, tensors, *data)
@@ -290,6 +291,10 @@ def _worker(rank, world, path, out_dir):
                 assert stats["computed"] == (1, 2, 2, 2)[rank], stats
                 assert stats["sends"] == (1, 2, 2, 1)[rank], stats
             _check_ring(variant, tensors, pair, rank % 2, 2, ref, data)
+        # a 3-rank group and a 1-rank group at once: odd world sizes and lengths, empty ranks (_odd_cases)
+        sub, sub_rank, sub_world = (triple, rank, 3) if rank < 3 else (single, 0, 1)
+        failures = [f for case in _odd_cases() for f in _odd_case_check(case, sub, sub_rank, sub_world)]
+        assert not failures, "\n".join(failures)
         # bad input: an AttnLangError on every rank, never a hang
         variant, tensors = _cases()["documents"]
         positions = ald.shard_positions(variant, S, world, **tensors)
@@ -322,7 +327,8 @@ def _worker(rank, world, path, out_dir):
 
 
 def test_ring_on_gloo(tmp_path):
-    """One spawn of 4 gloo ranks: every variant on the world and on two 2-rank groups, then bad input."""
+    """One spawn of 4 gloo ranks: every variant on the world and on two 2-rank groups, the odd cases on a 3-rank
+    and a 1-rank group, then bad input."""
     world = 4
     context = mp.spawn(_worker, args=(world, os.path.join(tmp_path, "init"), str(tmp_path)), nprocs=world,
                        join=False)
@@ -347,3 +353,62 @@ def test_needs_a_process_group():
         pytest.skip("a process group exists in this process")
     with pytest.raises(AttnLangError, match="init_process_group"):
         ald.attention(v, q, q, q, positions=[torch.arange(8)])
+
+
+# ------------------------------------------------------------------------------------------------ odd cases
+
+def _odd_cases():
+    """(name, variant, tensors, S, B, Hq, Hkv, D, Dv, dtype): an odd world size, lengths that no chunk or world size
+    divides, ranks with no rows (W > S) or with no allowed key for any of their rows, float32 and float64."""
+    g = torch.Generator().manual_seed(7)
+    f64 = torch.float64
+    causal = al.compile(mask="q_idx >= kv_idx")
+    docs = al.compile(mask="doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx")
+    return [
+        ("causal_S2_empty_rank", causal, {}, 2, 1, 2, 1, 4, 4, f64),
+        ("no_key_for_a_rank", al.compile(mask="kv_idx <= q_idx + kv_len - q_len & q_idx > q_len - 5"), {},
+         37, 1, 2, 1, 4, 4, f64),
+        ("docs_uneven_gqa_b2", docs, {"doc": _doc((3, 17, 1, 9, 7))}, 37, 2, 4, 2, 4, 5, f64),
+        ("rel_table_f32", al.compile(score="score + rel[q_idx - kv_idx + kv_len - 1]", mask="q_idx >= kv_idx"),
+         {"rel": torch.randn(2 * 41 - 1, generator=g)}, 41, 1, 2, 2, 4, 4, torch.float32),
+        ("sink_q_window", al.compile(mask="q_idx >= kv_idx & q_idx - kv_idx < 6", sink="sk[q_idx]"),
+         {"sk": torch.randn(37, generator=g, dtype=f64)}, 37, 1, 2, 1, 4, 4, f64),
+        ("sigmoid_len_score", al.compile(score="log(sigmoid(score + 0.1 * (q_len - q_idx)))", normalize=False), {},
+         23, 1, 2, 1, 4, 4, f64),
+    ]
+
+
+def _odd_case_check(case, group, rank, world):
+    """Forward and backward on every rank first (collective), then the comparisons; returns the failures."""
+    name, variant, tensors, S_, B, Hq, Hkv, D, Dv, dtype = case
+    g = torch.Generator().manual_seed(len(name))
+    q = torch.randn(B, Hq, S_, D, generator=g, dtype=dtype)
+    k = torch.randn(B, Hkv, S_, D, generator=g, dtype=dtype)
+    v = torch.randn(B, Hkv, S_, Dv, generator=g, dtype=dtype)
+    gout = torch.randn(B, Hq, S_, Dv, generator=g, dtype=dtype)
+    glse = torch.randn(B, Hq, S_, generator=g, dtype=dtype)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    named = {n: (t.clone().requires_grad_() if t.is_floating_point() else t) for n, t in tensors.items()}
+    r_out, r_lse = variant(*leaves, backend="eager", return_lse=True, **named)
+    ((r_out * gout).sum() + (torch.nan_to_num(r_lse, neginf=0.0) * glse).sum()).backward()
+    positions = ald.shard_positions(variant, S_, world, **tensors)
+    p = positions[rank]
+    failures = []
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-9)
+    for recompute in (True, False):
+        loc = [x[:, :, p].clone().requires_grad_() for x in (q, k, v)]
+        nl = {n: (t.clone().requires_grad_() if t.is_floating_point() else t) for n, t in tensors.items()}
+        out, lse = ald.attention(variant, *loc, positions=positions, group=group, recompute=recompute, **nl)
+        ((out * gout[:, :, p]).sum() + (torch.nan_to_num(lse, neginf=0.0) * glse[:, :, p]).sum()).backward()
+        try:
+            assert lse.dtype == r_lse.dtype, f"lse is {lse.dtype}, the single-process call's {r_lse.dtype}"
+            torch.testing.assert_close(out, r_out[:, :, p].detach(), **tol)
+            torch.testing.assert_close(lse, r_lse[:, :, p].detach(), **tol)
+            for x, leaf, ref in zip("qkv", loc, leaves):
+                torch.testing.assert_close(leaf.grad, ref.grad[:, :, p], **tol, msg=lambda m, x=x: f"d{x}: {m}")
+            for n, t in nl.items():
+                if t.is_floating_point():   # summed over ranks: the single-process gradient on every rank
+                    torch.testing.assert_close(t.grad, named[n].grad, **tol, msg=lambda m, n=n: f"d{n}: {m}")
+        except AssertionError as e:
+            failures.append(f"{name} recompute={recompute}: {e}")
+    return failures
