@@ -34,7 +34,9 @@ spirit of MagiAttention):
   local rows' global positions (``sink_variant``) and enters the denominator after the ring, as
   ``attnlang.denominator`` does for one process; its tensors' gradients are summed over ranks.
 - Before any ring step every rank checks its inputs and the ranks agree through one ``all_gather_object``: bad input
-  on any rank is an AttnLangError on every rank, never a hang.
+  on any rank is an AttnLangError on every rank, never a hang. An error that shows only while a block is computed
+  (a NaN score in one rank's rows, a NaN sink) lets that rank finish its transfers without computing; one 4-byte
+  ``all_reduce`` after the forward then makes it an AttnLangError on every rank.
 """
 
 from __future__ import annotations
@@ -565,10 +567,10 @@ def _local_checks(v, q, k, vv, positions, rank, world, backend, scale, tensors):
     B, Hq, _, D = q.shape
     Hkv, Dv = k.shape[1], vv.shape[3]
 
-    def glob(t, heads, dim):  # a stride-0 stand-in of the global tensor for the single-process checks
-        return torch.empty(1, dtype=t.dtype, device=t.device).view(1, 1, 1, 1).expand(B, heads, S, dim)
-    plan = v._plan(glob(q, Hq, D), glob(k, Hkv, k.shape[3]), glob(vv, Hkv, Dv), scale, backend, True, None,
-                   tensors)
+    def glob(t):  # a stride-0 stand-in of the global tensor for the single-process checks (its own B, H, D)
+        return torch.empty(1, dtype=t.dtype, device=t.device).view(1, 1, 1, 1).expand(t.shape[0], t.shape[1], S,
+                                                                                     t.shape[3])
+    plan = v._plan(glob(q), glob(k), glob(vv), scale, backend, True, None, tensors)
     position_variant(v, S)
     mask_reads = sorted(n for n in tensors if n in _mask_tensors(v))
     signature = (v.canonical, S, world, _positions_digest(pos), (B, Hq, Hkv, D, k.shape[3], Dv), str(q.dtype),
@@ -732,6 +734,7 @@ class _RingAttention(torch.autograd.Function):
         lse_dtype = acc
         keep = ring.keep and any(ctx.needs_input_grad[1:])
         kept = []
+        failed = None          # a block's error: the ring goes on without computing, then it is raised
         if keep:
             need_t = _tensors_needing_grad(ring, ctx)
             qg = q.detach().requires_grad_(ctx.needs_input_grad[1])
@@ -740,21 +743,28 @@ class _RingAttention(torch.autograd.Function):
             s = (rank - t) % W
             transfers, recv = _kv_transfers(ring, k, v, held, t)
             reqs = ring.post(transfers)
-            if plan.needed[rank, s]:
+            if plan.needed[rank, s] and failed is None:
                 ks, vs = (k, v) if s == rank else _unpack(held, _kv_shapes(k, v, plan.lengths[s]))
-                if keep:
-                    with torch.enable_grad():
-                        kg, vg = ks.detach().requires_grad_(), vs.detach().requires_grad_()
-                        o, l = ring.partial(qg, kg, vg, s, tg)
-                    kept.append((s, o, l, kg, vg))
-                    o, l = o.detach(), l.detach()
-                else:
-                    o, l = ring.partial(q, ks, vs, s, tensors)
-                out, lse = _merge(out, lse, o, l.to(acc))
+                try:
+                    if keep:
+                        with torch.enable_grad():
+                            kg, vg = ks.detach().requires_grad_(), vs.detach().requires_grad_()
+                            o, l = ring.partial(qg, kg, vg, s, tg)
+                        kept.append((s, o, l, kg, vg))
+                        o, l = o.detach(), l.detach()
+                    else:
+                        o, l = ring.partial(q, ks, vs, s, tensors)
+                    out, lse = _merge(out, lse, o, l.to(acc))
+                except Exception as e:  # noqa: BLE001 -- raised after the ring, on every rank (see attention)
+                    failed = e
             else:
                 ring.stats["skipped"] += 1
             _wait(reqs)
             held = recv
+        if failed is not None:
+            # this rank's transfers are all done, so the other ranks finish their ring; attention() then tells
+            # every rank
+            raise failed
         ctx.ring = ring
         ctx.kept = (qg, tg, kept) if keep else None
         ctx.save_for_backward(q, k, v, out, lse, *values)
@@ -1002,10 +1012,38 @@ def attention(v, q_local: torch.Tensor, k_local: torch.Tensor, v_local: torch.Te
                  positions=_device_positions(pos, q_local.device), plan=plan, backend=backend, scale=scale,
                  names=names, grad_names=tuple(n for n in names if tensors[n].is_floating_point()), stats=stats,
                  keep=_keep_graphs(plan) if recompute is None else not recompute, original=v)
-    out, lse = _RingAttention.apply(ring, q_local, k_local, v_local, *(tensors[n] for n in names))
-    if v.sink is not None or not v.normalize:
-        out, lse = _denominator(v, S, out, lse, q_local, ring.positions[rank], group, tensors)
+    error = None
+    try:
+        out, lse = _RingAttention.apply(ring, q_local, k_local, v_local, *(tensors[n] for n in names))
+        if v.sink is not None or not v.normalize:
+            out, lse = _denominator(v, S, out, lse, q_local, ring.positions[rank], group, tensors)
+    except Exception as e:  # noqa: BLE001 -- told to every rank, then raised
+        error = e
+    _agree_on_errors(error, group, rank, world, q_local.device)
     return (out, lse) if return_lse else out
+
+
+def _agree_on_errors(error, group, rank: int, world: int, device) -> None:
+    """After the forward: an error on any rank (a NaN score where one rank's rows meet it, a backend refusing a
+    block, a sink that is NaN) is an AttnLangError on every rank, never one rank raising while the others go on
+    to wait for it in their next collective (the backward's ring, say). One 4-byte all_reduce, read on the host
+    (on CUDA: one device synchronisation per call); the messages travel only when some rank failed."""
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if not int(flag.item()):
+        return
+    message = None if error is None else (str(error) if isinstance(error, AttnLangError)
+                                           else f"{type(error).__name__}: {error}")
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, message, group=group)
+    failed = [r for r, m in enumerate(gathered) if m is not None]
+    where = f"context-parallel attention failed on rank {', '.join(map(str, failed))}"
+    if error is None:
+        raise AttnLangError(f"{where}; rank {failed[0]}: {gathered[failed[0]]}")
+    if isinstance(error, AttnLangError):
+        raise AttnLangError(f"{where}: {error.message}", error.source, error.line, error.column, error.length,
+                            error.where) from None
+    raise error
 
 
 class _SumOverRanks(torch.autograd.Function):

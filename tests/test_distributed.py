@@ -313,6 +313,22 @@ def _worker(rank, world, path, out_dir):
         _expect_error_everywhere("values", lambda: ald.attention(variant, q, k, v, positions=positions, doc=doc2))
         _expect_error_everywhere("permutation", lambda: ald.attention(
             variant, q, k, v, positions=[p[:-1] if i == 0 else p for i, p in enumerate(positions)], **tensors))
+        # errors that only show inside the ring or after it, on one rank: every rank raises, none waits
+        nan_q = torch.full_like(q, float("nan")) if rank == 1 else q                # a NaN score on rank 1's rows
+        _expect_error_everywhere("failed on rank 1", lambda: ald.attention(variant, nan_q, k, v, positions=positions,
+                                                                           **tensors))
+        _expect_error_everywhere("FA4 needs a CUDA GPU", lambda: ald.attention(variant, q, k, v, positions=positions,
+                                                                               backend="fa4", **tensors))
+        sink_v = al.compile(mask="q_idx >= kv_idx", sink="sk[q_idx]")
+        sk = torch.zeros(S, dtype=torch.float64)
+        sink_pos = ald.shard_positions(sink_v, S, world)
+        sk[sink_pos[2][0]] = float("nan")                                            # the sink of one row of rank 2
+        qs, ks, vs = (x[:, :, sink_pos[rank]] for x in data[:3])
+        _expect_error_everywhere("failed on rank 2", lambda: ald.attention(sink_v, qs, ks, vs, positions=sink_pos,
+                                                                           sk=sk))
+        kv2 = [torch.cat([x, x]) for x in (k, v)]                                   # k / v of another batch size
+        _expect_error_everywhere("batch sizes differ", lambda: ald.attention(variant, q, *kv2, positions=positions,
+                                                                             **tensors))
         # still in step after the errors
         out = ald.attention(variant, q, k, v, positions=positions, return_lse=False, **tensors)
         ref = variant(*data[:3], backend="eager", **tensors)
