@@ -535,7 +535,8 @@ def _fingerprint(t: torch.Tensor) -> tuple:
     with torch.no_grad():
         x = t.detach().reshape(-1).to(torch.float64)
         w = torch.arange(1, x.numel() + 1, dtype=torch.float64, device=x.device)
-        return (tuple(t.shape), str(t.dtype), float(x.sum()), float((x * w.remainder(1009)).sum()))
+        # repr: a NaN (or an inf - inf sum) compares equal to itself, so that equal tensors agree
+        return (tuple(t.shape), str(t.dtype), repr(float(x.sum())), repr(float((x * w.remainder(1009)).sum())))
 
 
 def _positions_digest(positions: list[torch.Tensor]) -> str:
@@ -572,11 +573,14 @@ def _local_checks(v, q, k, vv, positions, rank, world, backend, scale, tensors):
                                                                                      t.shape[3])
     plan = v._plan(glob(q), glob(k), glob(vv), scale, backend, True, None, tensors)
     position_variant(v, S)
-    mask_reads = sorted(n for n in tensors if n in _mask_tensors(v))
+    # which inputs autograd differentiates: a rank whose backward never runs, or skips a named tensor's
+    # all_reduce, would leave the others waiting in the backward's ring
+    grads = (torch.is_grad_enabled(), q.requires_grad, k.requires_grad, vv.requires_grad,
+             tuple((n, tensors[n].requires_grad) for n in sorted(tensors)))
     signature = (v.canonical, S, world, _positions_digest(pos), (B, Hq, Hkv, D, k.shape[3], Dv), str(q.dtype),
                  str(k.dtype), str(vv.dtype), backend, plan.scale,
                  tuple((n, tuple(tensors[n].shape), str(tensors[n].dtype)) for n in sorted(tensors)),
-                 tuple((n, _fingerprint(tensors[n])) for n in mask_reads))
+                 tuple((n, _fingerprint(tensors[n])) for n in sorted(tensors)), grads)
     return signature, pos
 
 
@@ -591,11 +595,19 @@ def _walk(e):
 
 _SIGNATURE_FIELDS = ("the variant", "the sequence length", "the world size", "positions", "the shapes [B, Hq, Hkv, "
                      "D, Dk, Dv]", "q's dtype", "k's dtype", "v's dtype", "backend", "scale", "the named tensors' "
-                     "shapes and dtypes", "the mask's tensors' values")
+                     "shapes and dtypes", "the named tensors' values", "which inputs require grad (q, k, v, the "
+                     "named tensors) or grad mode")
 
 
 def _agree(v, q, k, vv, positions, group, backend, scale, tensors):
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    try:
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+    except (TypeError, ValueError, AttributeError, RuntimeError) as e:
+        raise AttnLangError(f"group must be a torch.distributed process group (or None: the world), got "
+                            f"{type(group).__name__} ({e})") from None
+    if rank < 0:
+        raise AttnLangError(f"this process (global rank {dist.get_rank()}) is not a member of the process group "
+                            f"passed as group=; call attention only on the group's ranks")
     error, signature, pos = None, None, None
     try:
         signature, pos = _local_checks(v, q, k, vv, positions, rank, world, backend, scale, tensors)
@@ -988,7 +1000,9 @@ def attention(v, q_local: torch.Tensor, k_local: torch.Tensor, v_local: torch.Te
     Raises:
         AttnLangError: on every rank when any rank's input is bad: positions that are not a permutation or do not
             match the shards' lengths, tensors the variant cannot read at the global length, ranks that disagree
-            on the variant, positions, shapes, dtypes or the mask's tensors, or a backend that cannot run a block.
+            on the variant, positions, shapes, dtypes, the named tensors' values or which inputs require grad,
+            a group this process is not a member of, or a backend that cannot run a block; an error of one
+            rank's blocks (a NaN score, a NaN sink) is raised on every rank.
     """
     if group is None:
         group = dist.group.WORLD

@@ -329,6 +329,22 @@ def _worker(rank, world, path, out_dir):
         kv2 = [torch.cat([x, x]) for x in (k, v)]                                   # k / v of another batch size
         _expect_error_everywhere("batch sizes differ", lambda: ald.attention(variant, q, *kv2, positions=positions,
                                                                              **tensors))
+        # ranks that disagree on a score tensor's values or on what autograd differentiates; foreign groups
+        alibi, slope = _cases()["alibi"]
+        slope = slope["slope"]
+        apos = ald.shard_positions(alibi, S, world)
+        qa, ka, va = (x[:, :, apos[rank]] for x in data[:3])
+        _expect_error_everywhere("values", lambda: ald.attention(alibi, qa, ka, va, positions=apos,
+                                                                 slope=slope * (2 if rank == 2 else 1)))
+        _expect_error_everywhere("require grad", lambda: ald.attention(
+            alibi, qa, ka, va, positions=apos, slope=slope.clone().requires_grad_(rank == 0)))
+        _expect_error_everywhere("require grad", lambda: ald.attention(
+            alibi, qa.clone().requires_grad_(rank == 3), ka, va, positions=apos, slope=slope))
+        if rank == 3:   # alone: the other ranks do not call
+            _expect_error_everywhere("not a member", lambda: ald.attention(
+                alibi, qa, ka, va, positions=ald.shard_positions(alibi, S, 3), group=triple, slope=slope))
+        _expect_error_everywhere("process group", lambda: ald.attention(alibi, qa, ka, va, positions=apos,
+                                                                        group="world", slope=slope))
         # still in step after the errors
         out = ald.attention(variant, q, k, v, positions=positions, return_lse=False, **tensors)
         ref = variant(*data[:3], backend="eager", **tensors)
