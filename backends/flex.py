@@ -30,6 +30,7 @@ run through ``torch.compile(flex_attention)``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import math
@@ -823,7 +824,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
             # the unfused path warns that it is unfused, and return_lse is deprecated on newer torch
             warnings.simplefilter("ignore", UserWarning)
             warnings.simplefilter("ignore", FutureWarning)
-            res = fn(q, kk, vv, lengths, *_block_tensors(bm), *named)
+            with contextlib.nullcontext() if compiled else torch._dynamo.config.patch(specialize_float=True):
+                # uncompiled, flex_attention compiles one shared wrapper around the mods, whose closures hold the
+                # expressions: a float literal that differs from the previous variant's (min(score, 2.0) after
+                # min(score, 1.0)) would otherwise be traced as a symbolic float on the recompile, which the mods'
+                # host-side checks (math.isfinite) cannot take ("torch.* op returned non-Tensor")
+                res = fn(q, kk, vv, lengths, *_block_tensors(bm), *named)
             if grads and kern != "FLASH" and q.is_cuda and not torch.cuda.is_current_stream_capturing():
                 _compile_backward_now(res[0], (q, kk, vv, *named), (_tiles_key(plan, q, grads), repr(tiles)))
             return res

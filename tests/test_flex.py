@@ -320,3 +320,17 @@ def test_int_literals_meet_floats_on_compiled_cpu_flex():
     with torch.no_grad():
         out = variant(q, k, v, backend="flex", kernel_options={"CPU_COMPILED": True})
     torch.testing.assert_close(out, variant(q, k, v, backend="eager"), atol=2e-5, rtol=1e-5)
+
+
+def test_float_literals_that_change_between_variants_run_on_uncompiled_flex():
+    # Uncompiled flex (CPU with lse or float64) compiles torch's one shared wrapper around the mods: a literal that
+    # differs from the previous variant's was traced as a symbolic float on that recompile, and min / max / clamp's
+    # guard check (math.isfinite of it) failed with "torch.* op returned non-Tensor"
+    torch.manual_seed(0)
+    q = torch.randn(1, 1, 8, 4, dtype=torch.float64)
+    for cap in (1.375, 2.625, 3.875):
+        variant = al.compile(f"min(score, {cap})", "q_idx >= kv_idx")
+        out, lse = variant(q, q, q, backend="flex", return_lse=True)
+        ref_out, ref_lse = variant(q, q, q, backend="eager", return_lse=True)
+        torch.testing.assert_close(out, ref_out)
+        torch.testing.assert_close(lse, ref_lse)
