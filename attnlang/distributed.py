@@ -142,6 +142,9 @@ def _check_sizes(seq_len, world_size) -> tuple[int, int]:
 
 def _sparsity(v, seq_len: int, block: int, tensors: Mapping, batch: int = 1, heads: int = 1):
     from .sparsity import block_sparsity_of
+    for n, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise AttnLangError(f"tensor {n!r} must be a torch.Tensor, got {type(t).__name__}")
     cpu = {n: t.detach().cpu() for n, t in tensors.items()}
     return block_sparsity_of(v, seq_len, seq_len, batch, heads, (block, block), cpu, device="cpu")
 

@@ -138,6 +138,8 @@ def test_shard_positions_errors():
         ald.shard_positions(v, 64, 2, doc=torch.zeros(63, dtype=torch.long))   # wrong length
     with pytest.raises(AttnLangError, match="Variant"):
         ald.shard_positions("q_idx >= kv_idx", 64, 2)
+    with pytest.raises(AttnLangError, match="'doc' must be a torch.Tensor, got list"):
+        ald.shard_positions(v, 64, 2, doc=[0] * 64)
 
 
 def test_rank_work_matches_exact_counts():
