@@ -9,9 +9,10 @@ How it works (ring attention, Liu et al. 2023, "Ring Attention with Blockwise Tr
 "zigzag" split of zhuzilin/ring-flash-attention and torch's ``context_parallel``; per-document balancing in the
 spirit of MagiAttention):
 
-- ``shard_positions`` cuts the sequence into chunks (128 positions, fewer for short sequences, so that every rank
-  gets at least 16 chunks), counts the allowed (q, kv) pairs of every query chunk from the mask's block sparsity
-  (full blocks exactly, partial blocks by evaluating the mask on them within a budget, else half their size), and
+- ``shard_positions`` cuts the sequence into chunks (128 positions; fewer for short sequences, so that every rank
+  gets at least 16 chunks; more past 2M positions, see ``chunk_size``), counts the allowed (q, kv) pairs of every
+  query chunk from the mask's block sparsity (full blocks exactly, partial blocks by evaluating the mask on them
+  within a budget, else half their size), and
   gives each rank chunks of about the same work: contiguous shards when that is balanced already (full, sliding
   window), else the zigzag split (rank r takes pieces r and 2W-1-r of 2W; causal, prefix LM, ALiBi), else
   contiguous shards cut by work (many short documents: each rank keeps its neighbours, so shards stop travelling
@@ -126,10 +127,14 @@ def _position_variant(v, seq_len: int, kind: str = "softmax"):
 # sharding
 
 def chunk_size(seq_len: int, world_size: int) -> int:
-    """Positions per chunk: the largest power of two <= 128 that leaves every rank 16 chunks (at least 1)."""
+    """Positions per chunk: the largest power of two <= 128 that leaves every rank 16 chunks (at least 1); for
+    sequences so long that the chunks' block sparsity would exceed PLAN_BLOCKS blocks (S > 2M at 128), the
+    smallest multiple 2^k * 128 that keeps within it (so that ``shard_positions`` works at any length)."""
     c = MAX_CHUNK
     while c > 1 and seq_len < c * MIN_CHUNKS_PER_RANK * world_size:
         c //= 2
+    while (-(-seq_len // c)) ** 2 > PLAN_BLOCKS:
+        c *= 2
     return c
 
 
@@ -335,7 +340,7 @@ def rank_work(v, positions: Sequence[torch.Tensor], **tensors) -> list[float]:
     or counted within budget, as ``chunk_work``."""
     positions = _as_positions(positions)
     seq_len = sum(len(p) for p in positions)
-    g = _granularity(positions, seq_len)
+    g = _plan_granularity(positions, seq_len)
     work = chunk_work(v, seq_len, g, **tensors)
     owner = _owners(positions, seq_len, g)
     loads = torch.zeros(len(positions), dtype=torch.float64).index_add_(0, owner, work)
@@ -430,10 +435,10 @@ def _as_positions(positions) -> list[torch.Tensor]:
     return out
 
 
-def _granularity(positions: list[torch.Tensor], seq_len: int) -> int:
-    """The largest power of two <= 128 that divides every run of consecutive positions (a run that ends at S may be
+def _granularity(positions: list[torch.Tensor], seq_len: int, cap: int = MAX_CHUNK) -> int:
+    """The largest power of two <= cap that divides every run of consecutive positions (a run that ends at S may be
     ragged), so that a block of that size lies on one rank."""
-    g = MAX_CHUNK
+    g = cap
     for p in positions:
         if p.numel() == 0:
             continue
@@ -446,6 +451,17 @@ def _granularity(positions: list[torch.Tensor], seq_len: int) -> int:
             g = math.gcd(g, int(x))
             if g == 1:
                 return 1
+    return g
+
+
+def _plan_granularity(positions: list[torch.Tensor], seq_len: int) -> int:
+    """``_granularity`` (<= 128), coarsened (by powers of two, still never straddling two ranks) where the analysis
+    would exceed PLAN_BLOCKS blocks: the long sequences whose shards ``chunk_size`` cuts in chunks > 128."""
+    g = _granularity(positions, seq_len)
+    if (-(-seq_len // g)) ** 2 > PLAN_BLOCKS:
+        coarse = _granularity(positions, seq_len, cap=1 << 62)
+        while g < coarse and (-(-seq_len // g)) ** 2 > PLAN_BLOCKS:
+            g *= 2
     return g
 
 
@@ -474,7 +490,7 @@ def _plan(v, positions: list[torch.Tensor], batch: int, heads: int, tensors: Map
     world = len(positions)
     seq_len = sum(len(p) for p in positions)
     lengths = tuple(len(p) for p in positions)
-    g = _granularity(positions, seq_len)
+    g = _plan_granularity(positions, seq_len)
     nblocks = -(-seq_len // g)
     if nblocks * nblocks > PLAN_BLOCKS:
         needed = torch.ones(world, world, dtype=torch.bool)

@@ -130,6 +130,23 @@ def test_chunk_size():
     assert ald.chunk_size(5, 4) == 1
 
 
+def test_long_sequences_coarser_chunks(monkeypatch):
+    """Past the block-sparsity limit at 128-position chunks (S > 2M in real sizes; here the limits are scaled
+    down), chunks and the plan's blocks grow by powers of two instead of shard_positions failing with advice to
+    pass a block_size it does not take."""
+    import attnlang.sparsity as sparsity
+    monkeypatch.setattr(sparsity, "MAX_BLOCKS", 1 << 16)
+    monkeypatch.setattr(ald, "PLAN_BLOCKS", 1 << 14)
+    S_, W = 1 << 16, 4                      # 512 x 512 blocks of 128: past MAX_BLOCKS
+    assert ald.chunk_size(S_, W) == 512 and ald.chunk_size(1024, 4) == 16
+    window = al.compile(mask="0 <= q_idx - kv_idx < 1000")
+    positions = ald.shard_positions(window, S_, W)
+    assert torch.equal(torch.cat(positions), torch.arange(S_))       # contiguous, balanced already
+    plan = ald.plan_communication(window, positions)
+    assert plan.granularity == 512 and plan.last_step == (1, 1, 1, 0)  # still skips what no rank needs
+    assert len(ald.rank_work(window, positions)) == W
+
+
 def test_shard_positions_errors():
     v = al.compile(mask="doc[q_idx] == doc[kv_idx]")
     with pytest.raises(AttnLangError, match="seq_len"):
