@@ -48,7 +48,7 @@ import hashlib
 import math
 import re
 from collections import OrderedDict
-from typing import Mapping, Sequence
+from typing import Mapping, MutableMapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -566,11 +566,22 @@ def _positions_digest(positions: list[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _local_checks(v, q, k, vv, positions, rank, world, backend, scale, tensors):
-    """(error message or None, signature, positions as CPU tensors)."""
+def _local_checks(v, q, k, vv, positions, rank, world, backend, scale, tensors, options):
+    """(signature, positions as CPU tensors); raises AttnLangError on bad input. Checked on every rank before any
+    rank raises (``_agree``), so that one rank's bad argument cannot leave the others waiting."""
     from .variant import BACKENDS, Variant
     if not isinstance(v, Variant):
         raise AttnLangError(f"attention takes a Variant as its first argument, got {type(v).__name__}")
+    return_lse, recompute, comm_stats = options
+    if not isinstance(return_lse, bool):
+        raise AttnLangError(f"return_lse must be True or False, got {return_lse!r}")
+    if recompute is not None and not isinstance(recompute, bool):
+        raise AttnLangError(f"recompute must be True, False or None, got {recompute!r}")
+    if comm_stats is not None and not isinstance(comm_stats, MutableMapping):
+        raise AttnLangError(f"comm_stats must be a dict (or None), got {type(comm_stats).__name__}")
+    if "kernel_options" in tensors and "kernel_options" not in v.tensor_names:
+        raise AttnLangError("attnlang.distributed.attention takes no kernel_options: each block runs with the "
+                            "backend's defaults (backend= chooses the backend)")
     pos = _as_positions(positions)
     if len(pos) != world:
         raise AttnLangError(f"positions has {len(pos)} shards but the process group has {world} ranks")
@@ -599,7 +610,7 @@ def _local_checks(v, q, k, vv, positions, rank, world, backend, scale, tensors):
     signature = (v.canonical, S, world, _positions_digest(pos), (B, Hq, Hkv, D, k.shape[3], Dv), str(q.dtype),
                  str(k.dtype), str(vv.dtype), backend, plan.scale,
                  tuple((n, tuple(tensors[n].shape), str(tensors[n].dtype)) for n in sorted(tensors)),
-                 tuple((n, _fingerprint(tensors[n])) for n in sorted(tensors)), grads)
+                 tuple((n, _fingerprint(tensors[n])) for n in sorted(tensors)), grads, recompute)
     return signature, pos
 
 
@@ -615,10 +626,10 @@ def _walk(e):
 _SIGNATURE_FIELDS = ("the variant", "the sequence length", "the world size", "positions", "the shapes [B, Hq, Hkv, "
                      "D, Dk, Dv]", "q's dtype", "k's dtype", "v's dtype", "backend", "scale", "the named tensors' "
                      "shapes and dtypes", "the named tensors' values", "which inputs require grad (q, k, v, the "
-                     "named tensors) or grad mode")
+                     "named tensors) or grad mode", "recompute")
 
 
-def _agree(v, q, k, vv, positions, group, backend, scale, tensors):
+def _agree(v, q, k, vv, positions, group, backend, scale, tensors, options):
     try:
         rank, world = dist.get_rank(group), dist.get_world_size(group)
     except (TypeError, ValueError, AttributeError, RuntimeError) as e:
@@ -629,7 +640,7 @@ def _agree(v, q, k, vv, positions, group, backend, scale, tensors):
                             f"passed as group=; call attention only on the group's ranks")
     error, signature, pos = None, None, None
     try:
-        signature, pos = _local_checks(v, q, k, vv, positions, rank, world, backend, scale, tensors)
+        signature, pos = _local_checks(v, q, k, vv, positions, rank, world, backend, scale, tensors, options)
     except AttnLangError as e:
         error = str(e)
     except Exception as e:  # anything else would leave the other ranks waiting in the ring
@@ -1028,11 +1039,8 @@ def attention(v, q_local: torch.Tensor, k_local: torch.Tensor, v_local: torch.Te
     if not dist.is_available() or not dist.is_initialized():
         raise AttnLangError("attnlang.distributed.attention needs an initialised torch.distributed process group "
                             "(torch.distributed.init_process_group)")
-    if not isinstance(return_lse, bool):
-        raise AttnLangError(f"return_lse must be True or False, got {return_lse!r}")
-    if recompute is not None and not isinstance(recompute, bool):
-        raise AttnLangError(f"recompute must be True, False or None, got {recompute!r}")
-    rank, world, pos = _agree(v, q_local, k_local, v_local, positions, group, backend, scale, tensors)
+    rank, world, pos = _agree(v, q_local, k_local, v_local, positions, group, backend, scale, tensors,
+                              (return_lse, recompute, comm_stats))
     S = sum(len(p) for p in pos)
     key = (v, _positions_digest(pos), q_local.shape[0], q_local.shape[1],
            tuple((n, _fingerprint(t)) for n, t in sorted(tensors.items()) if n in _mask_tensors(v)))

@@ -364,6 +364,15 @@ def _worker(rank, world, path, out_dir):
                 alibi, qa, ka, va, positions=ald.shard_positions(alibi, S, 3), group=triple, slope=slope))
         _expect_error_everywhere("process group", lambda: ald.attention(alibi, qa, ka, va, positions=apos,
                                                                         group="world", slope=slope))
+        # arguments that one rank gets wrong, or that must agree (the backward's path depends on recompute)
+        _expect_error_everywhere("return_lse", lambda: ald.attention(variant, q, k, v, positions=positions,
+                                                                     return_lse=1 if rank == 0 else True, **tensors))
+        _expect_error_everywhere("recompute", lambda: ald.attention(variant, q, k, v, positions=positions,
+                                                                    recompute=rank == 1, **tensors))
+        _expect_error_everywhere("comm_stats", lambda: ald.attention(variant, q, k, v, positions=positions,
+                                                                     comm_stats=[] if rank == 2 else None, **tensors))
+        _expect_error_everywhere("takes no kernel_options", lambda: ald.attention(
+            variant, q, k, v, positions=positions, kernel_options={}, **tensors))
         # still in step after the errors
         out = ald.attention(variant, q, k, v, positions=positions, return_lse=False, **tensors)
         ref = variant(*data[:3], backend="eager", **tensors)
