@@ -1117,14 +1117,21 @@ def _denominator(v, S, out, lse, q, positions, group, tensors):
                 if n in wanted}
         if Q_POSITIONS in wanted:
             call[Q_POSITIONS] = positions
-        B, _, _, D = q.shape
+        B, H, n, D = q.shape
         k1 = torch.zeros(B, 1, 1, D, dtype=q.dtype, device=q.device)   # the mask allows no key: any one will do
         v1 = torch.zeros(B, 1, 1, 1, dtype=q.dtype, device=q.device)
+        qs = q.detach()
+        if n == 0:
+            # a rank without rows (W > S): the sink of one stand-in row, sliced away, so that its tensors are still
+            # in this rank's graph and their all_reduce in the backward runs here as on every other rank
+            qs = torch.zeros(B, H, 1, D, dtype=q.dtype, device=q.device)
+            if Q_POSITIONS in call:
+                call[Q_POSITIONS] = torch.zeros(1, dtype=positions.dtype, device=positions.device)
         try:
-            _, sink = sv(q.detach(), k1, v1, backend="eager", return_lse=True, **call)
+            _, sink = sv(qs, k1, v1, backend="eager", return_lse=True, **call)
         except AttnLangError as e:
             raise _global_error(e, v, positions) from None
-        sink = sink.to(acc)
+        sink = sink[:, :, :n].to(acc)
         zero = torch.zeros((), dtype=acc, device=q.device)
         none = (l == -math.inf) & (sink == -math.inf)     # neither a key nor a sink: lse -inf, out 0
         a, b = torch.where(none, zero, l), torch.where(none, zero, sink)

@@ -426,6 +426,8 @@ def _odd_cases():
     docs = al.compile(mask="doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx")
     return [
         ("causal_S2_empty_rank", causal, {}, 2, 1, 2, 1, 4, 4, f64),
+        ("sink_S2_empty_rank", al.compile(mask="q_idx >= kv_idx", sink="sk[h] + 0.1 * q_idx"),
+         {"sk": torch.randn(2, generator=g, dtype=f64)}, 2, 1, 2, 1, 4, 4, f64),
         ("no_key_for_a_rank", al.compile(mask="kv_idx <= q_idx + kv_len - q_len & q_idx > q_len - 5"), {},
          37, 1, 2, 1, 4, 4, f64),
         ("docs_uneven_gqa_b2", docs, {"doc": _doc((3, 17, 1, 9, 7))}, 37, 2, 4, 2, 4, 5, f64),
