@@ -16,6 +16,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import attnlang as al
 import attnlang.distributed as ald
@@ -90,6 +92,40 @@ def test_shard_positions_balance(name, world):
         assert torch.all(starts % c == 0)
     again = ald.shard_positions(v, 1024, world, **tensors)
     assert all(torch.equal(a, b) for a, b in zip(positions, again))
+
+
+_MASKS = {"causal": "q_idx >= kv_idx", "window": "0 <= q_idx - kv_idx < 37", "docs": "doc[q_idx] == doc[kv_idx]",
+          "docs_causal": "doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx", "prefix": "kv_idx < 50 | q_idx >= kv_idx",
+          "full": "True", "diagonal": "q_idx == kv_idx", "anti_causal": "q_idx <= kv_idx"}
+
+
+@settings(max_examples=30, deadline=None)
+@given(seq_len=st.integers(1, 900), world=st.integers(1, 9), name=st.sampled_from(sorted(_MASKS)),
+       cuts=st.lists(st.floats(0, 1), max_size=10))
+def test_shard_positions_properties(seq_len, world, name, cuts):
+    """Any length, any world size (W > S too), documents of any lengths: a permutation of range(S) in W ascending
+    int64 CPU shards of whole chunks, the same list again, and within 1.3x the mean allowed pairs per rank once
+    every rank can hold four positions (exact counts, 1x1 blocks)."""
+    tensors = {}
+    if "doc" in _MASKS[name]:
+        ends = sorted({int(c * seq_len) for c in cuts} - {0, seq_len})
+        lengths = [b - a for a, b in zip([0] + ends, ends + [seq_len])]
+        tensors["doc"] = _doc(tuple(lengths))
+    v = al.compile(mask=_MASKS[name])
+    positions = ald.shard_positions(v, seq_len, world, **tensors)
+    assert len(positions) == world
+    assert all(p.dtype == torch.int64 and p.device.type == "cpu" and p.dim() == 1 for p in positions)
+    assert torch.equal(torch.sort(torch.cat(positions)).values, torch.arange(seq_len))
+    c = ald.chunk_size(seq_len, world)
+    for p in positions:
+        assert bool((p[1:] > p[:-1]).all())
+        runs = torch.nonzero(p[1:] != p[:-1] + 1).flatten() + 1
+        starts = torch.cat([p[:1], p[runs]]) if len(p) else p
+        assert bool((starts % c == 0).all())
+    assert all(torch.equal(a, b) for a, b in zip(positions, ald.shard_positions(v, seq_len, world, **tensors)))
+    if seq_len >= 4 * world:
+        loads = _allowed_per_rank(v, positions, tensors)
+        assert float(loads.max() / loads.mean()) <= 1.3, loads.tolist()
 
 
 def test_layouts_chosen():
