@@ -1023,10 +1023,10 @@ def attention(v, q_local: torch.Tensor, k_local: torch.Tensor, v_local: torch.Te
             positions (2 ranks; sliding windows), else True.
         **tensors: the variant's tensors, global (``doc`` is ``[S]``), the same on every rank.
     Returns:
-        out [B, Hq, len(positions[rank]), Dv] in q's dtype (and lse [B, Hq, len(positions[rank])] in the dtype
-        the backend gives a single-process call, float32): the rows at positions[rank] of the single-process
-        result. Autograd reaches q_local, k_local, v_local and floating named tensors (their gradient summed over
-        ranks, the same on every rank).
+        out [B, Hq, len(positions[rank]), Dv] in q's dtype (and lse [B, Hq, len(positions[rank])], natural log,
+        float32, float64 when q is float64, as a single-process call gives it): the rows at positions[rank] of the
+        single-process result, on a rank with no rows too (W > S: empty tensors). Autograd reaches q_local,
+        k_local, v_local and floating named tensors (their gradient summed over ranks, the same on every rank).
     Raises:
         AttnLangError: on every rank when any rank's input is bad: positions that are not a permutation or do not
             match the shards' lengths, tensors the variant cannot read at the global length, ranks that disagree
