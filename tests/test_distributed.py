@@ -1,8 +1,9 @@
 """attnlang.distributed: sharding, the communication plan, and the ring on gloo against the single-process result.
 
 The ring tests spawn 4 CPU processes once (spawning costs seconds): every variant runs on the 4-rank world and on
-two 2-rank groups at once, and each rank compares its rows of out, lse and the gradients (q, k, v, a bias) with the
-single-process eager call. Bad input is checked in the same processes.
+two 2-rank groups at once, the odd cases (_odd_cases) on a 3-rank and a 1-rank group at once, and each rank compares
+its rows of out, lse and the gradients (q, k, v, the named tensors) with the single-process eager call. Bad input,
+and errors that only one rank's blocks meet, are checked in the same processes: an AttnLangError on every rank.
 """
 
 from __future__ import annotations
@@ -409,6 +410,8 @@ def _worker(rank, world, path, out_dir):
                                                                      comm_stats=[] if rank == 2 else None, **tensors))
         _expect_error_everywhere("takes no kernel_options", lambda: ald.attention(
             variant, q, k, v, positions=positions, kernel_options={}, **tensors))
+        _expect_error_everywhere("unknown backend 'nope'", lambda: ald.attention(
+            variant, q, k, v, positions=positions, backend="nope" if rank == 3 else "auto", **tensors))
         # still in step after the errors
         out = ald.attention(variant, q, k, v, positions=positions, return_lse=False, **tensors)
         ref = variant(*data[:3], backend="eager", **tensors)
