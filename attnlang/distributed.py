@@ -1027,6 +1027,8 @@ def attention(v, q_local: torch.Tensor, k_local: torch.Tensor, v_local: torch.Te
         float32, float64 when q is float64, as a single-process call gives it): the rows at positions[rank] of the
         single-process result, on a rank with no rows too (W > S: empty tensors). Autograd reaches q_local,
         k_local, v_local and floating named tensors (their gradient summed over ranks, the same on every rank).
+        The backward is collective too: every rank of the group backpropagates through its out (a rank whose
+        loss leaves out aside would leave the others waiting; its out may be multiplied by 0).
     Raises:
         AttnLangError: on every rank when any rank's input is bad: positions that are not a permutation or do not
             match the shards' lengths, tensors the variant cannot read at the global length, ranks that disagree
