@@ -827,6 +827,8 @@ def _binary(expr, env: Env) -> Interval:
         return Interval(max(x.lo, y.lo), max(x.hi, y.hi))
     if op in RULES:
         integer = expr.dtype is DType.INT or _is_int(expr.left, expr.right)
+        if op is Op.MUL and expr.left == expr.right:  # x * x is x ** 2 (never negative), not the corners' product
+            return _scalar_result(apply(Op.POW, SCALAR, ctx(integer), [_b(x), _b(Interval(2, 2))]))
         return _scalar_result(apply(op, SCALAR, ctx(integer), [_b(x), _b(y)]))
     full, some = decide(op, _b(x), _b(y), SCALAR)
     return TRUE if full else FALSE if not some else BOOL

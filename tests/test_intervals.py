@@ -30,6 +30,24 @@ def test_constants_and_names():
     assert bounds(c.mask, {"q_idx": Interval(5, 9), "kv_idx": Interval(0, 2)}) == TRUE
 
 
+def test_a_square_is_never_negative():
+    # x * x took the corners' product ([-6, 9] for x in [-2, 3]), so 1.0 / (t[q_idx] * t[q_idx] + 0.5) looked like a
+    # division by a value that can be 0, and int() of it was refused as "can be NaN" for any float tensor t
+    c = check("score", "q_idx * q_idx + (q_idx - kv_idx) * (q_idx - kv_idx) >= 3")
+    env = {"q_idx": Interval(-2, 3), "kv_idx": Interval(0, 1)}
+    assert bounds(c.mask.left.left, env) == Interval(0, 9)
+    assert bounds(c.mask.left.right, env) == Interval(0, 9)  # q_idx - kv_idx in [-3, 3]
+    assert bounds(check("score * score").score, {"score": Interval(-2.0, 0.5)}) == Interval(0.0, 4.0)
+    variant = attnlang.compile(mask="int(clamp(1.0 / (t[q_idx] * t[q_idx] + 0.5), -30.0, 30.0)) >= kv_idx")
+    q = torch.randn(1, 1, 6, 4, dtype=torch.float64)
+    t = torch.tensor([-1.5, -0.2, 0.0, 0.3, 1.0, 2.0], dtype=torch.float64)
+    allowed = (1.0 / (t * t + 0.5)).trunc().view(6, 1) >= torch.arange(6)
+    s = (q @ q.transpose(-1, -2) / 2.0).masked_fill(~allowed, -math.inf)
+    for backend in ("eager", "flex"):
+        out = variant(q, q, q, t=t, backend=backend)
+        torch.testing.assert_close(out, torch.softmax(s, -1) @ q)
+
+
 def _ints():
     leaves = st.sampled_from(["q_idx", "kv_idx", "h", "t[q_idx]", "2", "-3", "7"])
     return st.recursive(leaves, lambda s: st.one_of(
