@@ -22,9 +22,9 @@ import math
 
 import torch
 
-from .ast import Call, Const, Index, Var, walk
+from .ast import Call, Const, DType, Index, Var, walk
 from .errors import AttnLangError
-from .intervals import bounds
+from .intervals import TOP, bounds
 from .lower_torch import evaluate, positions, row_values
 from .memo import IdentityMemo
 from .plan import CallPlan
@@ -64,7 +64,11 @@ def sink_finite(plan: CallPlan) -> bool:
     float32, where the backends compute it for 16- and 32-bit inputs (a sink bounded by 1e40 is inf there)."""
     def compute():
         r = bounds(plan.sink, plan.value_ranges)
-        return math.isfinite(r.lo) and math.isfinite(r.hi) and max(abs(r.lo), abs(r.hi)) <= _FLOAT32_MAX
+        if not (math.isfinite(r.lo) and math.isfinite(r.hi) and max(abs(r.lo), abs(r.hi)) <= _FLOAT32_MAX):
+            return False
+        # clamp / min / max give finite bounds, but a NaN passes through them (clamp(t[h] * 0.0, -3.0, 3.0) with
+        # -inf in t): a float part that can be NaN (TOP) leaves the sink unproven
+        return not any(n.dtype is DType.FLOAT and bounds(n, plan.value_ranges) == TOP for n in walk(plan.sink))
     return _FINITE.get((plan.sink,), tuple(plan.value_ranges.items()), compute)
 
 

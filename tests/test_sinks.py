@@ -300,6 +300,23 @@ def test_nan_or_inf_sink_values_are_errors(value):
 
 
 @pytest.mark.parametrize("backend", ["eager", "flex"])
+@pytest.mark.parametrize("sink", ["clamp(t[h] * 0.0, -3.0, 3.0)", "clamp(t[h] % -1.5, -3.0, 3.0)",
+                                  "min(max(t[h] - t[h], -1.0), 1.0)"])
+def test_a_nan_sink_inside_clamp_is_an_error_not_a_nan_result(backend, sink):
+    # clamp / min / max bound the sink's interval, but a NaN (here from -inf * 0, -inf % c, -inf - -inf) passes
+    # through them: the call returned NaN out and lse instead of the sink's error
+    var = al.compile(mask="q_idx >= kv_idx", sink=sink)
+    q, k, v = make_qkv()
+    t = torch.zeros(HQ, dtype=torch.float64)
+    t[1] = -math.inf
+    with pytest.raises(al.AttnLangError) as e:
+        var(q, k, v, t=t, backend=backend)
+    assert e.value.where == "sink" and "nan" in str(e.value) and "h=1" in str(e.value)
+    out, lse = var(q, k, v, t=torch.zeros(HQ, dtype=torch.float64), backend=backend, return_lse=True)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+
+
+@pytest.mark.parametrize("backend", ["eager", "flex"])
 def test_sink_past_float32_is_an_error_not_an_inf_lse(backend):
     # finite in exact arithmetic (1e10 * 1e30), inf in the float32 the call computes the sink in: an error, not
     # lse = inf; in float64 it is a finite sink
