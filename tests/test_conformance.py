@@ -14,6 +14,16 @@ from attnlang.lower_torch import evaluate, positions
 CAUSAL = "q_idx >= kv_idx"
 
 
+def _assert_same_results(x, y):
+    """x and y give the same out and lse on eager and flex (float64, CPU)."""
+    q = torch.randn(1, 2, 5, 8, dtype=torch.float64)
+    for backend in ("eager", "flex"):
+        ox, lx = x(q, q, q, backend=backend, return_lse=True)
+        oy, ly = y(q, q, q, backend=backend, return_lse=True)
+        torch.testing.assert_close(ox, oy)
+        torch.testing.assert_close(lx, ly)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # int literals where a float is meant (LANGUAGE.md: int op float is float; the sink is a float expression)
 
@@ -25,12 +35,7 @@ def test_an_int_sink_is_the_same_variant_as_its_float_spelling(a, b):
     x, y = al.compile(mask=CAUSAL, sink=a), al.compile(mask=CAUSAL, sink=b)
     assert x == y and hash(x) == hash(y) and x.canonical == y.canonical
     assert al.from_config(x.to_config()) == y and al.from_config(y.to_config()) == x
-    q = torch.randn(1, 2, 5, 8, dtype=torch.float64)
-    for backend in ("eager", "flex"):
-        ox, lx = x(q, q, q, backend=backend, return_lse=True)
-        oy, ly = y(q, q, q, backend=backend, return_lse=True)
-        torch.testing.assert_close(ox, oy)
-        torch.testing.assert_close(lx, ly)
+    _assert_same_results(x, y)
 
 
 @pytest.mark.parametrize("a, b", [
@@ -42,12 +47,7 @@ def test_an_int_score_is_the_same_variant_as_its_float_spelling(a, b):
     x, y = al.compile(score=a, mask=CAUSAL), al.compile(score=b, mask=CAUSAL)
     assert x == y and hash(x) == hash(y) and x.canonical == y.canonical
     assert al.from_config(x.to_config()) == y
-    q = torch.randn(1, 2, 5, 8, dtype=torch.float64)
-    for backend in ("eager", "flex"):
-        ox, lx = x(q, q, q, backend=backend, return_lse=True)
-        oy, ly = y(q, q, q, backend=backend, return_lse=True)
-        torch.testing.assert_close(ox, oy)
-        torch.testing.assert_close(lx, ly)
+    _assert_same_results(x, y)
 
 
 @pytest.mark.parametrize("a, b", [
