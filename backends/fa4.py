@@ -666,17 +666,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
     # then) and when a named tensor needs gradients (the learnable sink is a node of this call's autograd graph)
     tensor_grads = torch.is_grad_enabled() and any(t.requires_grad for t in plan.tensors.values())
     reuse = not fixes and not (q.is_cuda and torch.cuda.is_current_stream_capturing()) and not tensor_grads
-    kwargs = plan.memo.get(shapes + ("kwargs",)) if reuse else None
-    if kwargs is None:
+    # flash_attn_func's kwargs, and their split for _flash_attn_fwd / _flash_attn_bwd
+    arguments = plan.memo.get(shapes + ("kwargs",)) if reuse else None
+    if arguments is None:
         k, v, kwargs = kernel_arguments(q, k, v, plan, fixes=())  # fixed above
+        arguments = (kwargs, _forward_arguments(kwargs))
         if reuse:
-            plan.memo[shapes + ("kwargs",)] = kwargs
+            plan.memo[shapes + ("kwargs",)] = arguments
+    kwargs, split = arguments
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    split = plan.memo.get(shapes + ("split",)) if reuse else None
-    if split is None:
-        split = _forward_arguments(kwargs)
-        if reuse:
-            plan.memo[shapes + ("split",)] = split
     if not grads and not tensor_grads:
         # inference: _flash_attn_fwd itself, as flash_attn_func's autograd.Function calls it (~10-20 us less host)
         fwd = split[0]
