@@ -344,13 +344,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensors: list[t
     return out, lse
 
 
-class _Direct(tuple):
+class _Direct:
     """A GRAPHS entry for a backward the backend handed over (``attnlang.plan.give_direct_backward``)."""
 
-    __slots__ = ()
+    __slots__ = ("backward",)
 
-    def __new__(cls, backward):
-        return tuple.__new__(cls, (backward,))
+    def __init__(self, backward):
+        self.backward = backward
 
 
 def _attention_fake(q, k, v, tensors, key, wanted):
@@ -371,7 +371,7 @@ def _backend_backward(inputs, out, grad_out, grad_lse, key, wanted, needing):
     if type(graph) is _Direct:
         # the backend's own backward, no autograd: gradients of q, k, v (needing names no named tensor here)
         grad_lse = grad_lse if spec_of(key)[3] else None
-        got = graph[0](grad_out if grad_out.dtype == out.dtype else grad_out.to(out.dtype), grad_lse)
+        got = graph.backward(grad_out if grad_out.dtype == out.dtype else grad_out.to(out.dtype), grad_lse)
         return [got[i] for i in needing]
     if graph is None:
         leaves = _leaves(inputs, wanted)
