@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import numbers
@@ -26,6 +27,8 @@ __all__ = ["Variant", "compile", "from_config", "reference", "BACKENDS"]
 
 BACKENDS = ("auto", "eager", "flex", "fa4")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 class _Required:
     """The default of q / k / v (and reference's variant): left out, it is an AttnLangError saying so, not Python's
     TypeError; shown as <required> in signatures."""
@@ -457,12 +460,12 @@ def _first_read(checked: Checked, name: str):
     """(where, Index node) of the first read of tensor ``name``: in the checked expressions, else in the text as
     written (a read inside a binding the result never uses, or a reduction over range(0), is gone from the checked
     trees, yet the tensor is one the variant reads: tensor_names lists it and a call must pass it)."""
-    for trees in ({w: checked.expr(w) for w in checked.wheres}, None):
-        for where in checked.wheres:
-            tree = trees[where] if trees is not None else parse(checked.sources[where], where=where)
-            for node in walk(tree):
-                if isinstance(node, Index) and node.tensor == name:
-                    return where, node
+    checked_trees = ((w, checked.expr(w)) for w in checked.wheres)
+    written_trees = ((w, parse(checked.sources[w], where=w)) for w in checked.wheres)  # parsed only if needed
+    for where, tree in itertools.chain(checked_trees, written_trees):
+        for node in walk(tree):
+            if isinstance(node, Index) and node.tensor == name:
+                return where, node
     raise KeyError(name)
 
 
