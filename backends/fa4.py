@@ -31,7 +31,9 @@ value per query head, finite, goes into the kernel as FA4's ``learnable_sink``; 
 applied to FA4's (out, lse) by ``attnlang.denominator.finish``), ``guards`` (default True: the GUARDS
 table's fixes for configurations the kernel's backward gets wrong: zero-padding head dims that are not
 multiples of 32, expanding grouped k / v; False runs the kernel as is, for benchmarks/gpu_matrix.py's
-evidence). FA4's split-KV (``num_splits`` > 1) is not used: FA4 4.0.0b36 asserts "SplitKV not supported on SM
+evidence), ``replay`` (default True: a warm call of a signature seen before runs FA4's recorded allocations and
+kernel launches without FA4's Python between them, once checked against FA4's own call; see
+``attnlang.backends.fa4_replay``; False always calls FA4's host functions). FA4's split-KV (``num_splits`` > 1) is not used: FA4 4.0.0b36 asserts "SplitKV not supported on SM
 9.0" on Hopper (H200, session 5).
 
 Gradients flow to q, k and v through FA4's backward. Gradients to floating tensors bound by name that the score or
@@ -62,6 +64,7 @@ from ..lower_torch import row_values
 from ..memo import MEMO, IdentityMemo
 from ..plan import CallPlan, direct_backward_requested, give_direct_backward
 from ..sparsity import mask_block_sparsity
+from .fa4_replay import Replay
 from .fa4_varlen import Host
 from .fa4_varlen import route as route_varlen
 
@@ -79,7 +82,7 @@ _BAKED: dict = {}  # variant canonical -> set of baked value sets seen
 
 OPTIONS = {"fastmath": True, "bake": True, "dense": False, "keep_mask_mod": False, "window_flags": True,
            "dense_tile_list": False, "bhsd_out": False, "varlen": None, "native_sink": True,
-           "guards": True}
+           "guards": True, "replay": True}
 
 
 # ----- guards: configurations the kernel gets wrong, as data -----
@@ -590,22 +593,47 @@ def _forward_arguments(kwargs: dict) -> tuple[dict, dict]:
     return fwd, bwd
 
 
-def _direct_training(fa, qt, kt, vt, fwd: dict, bwd: dict):
+def _replayed(plan: CallPlan, key: tuple | None, exact: bool, call, inputs: tuple, constants: tuple, fa):
+    """``call()`` (an FA4 host call on ``inputs``), through the signature's Replay where ``key`` is given."""
+    if key is None:
+        return call()
+    key = key + tuple((t.stride(), t.data_ptr() % 16) if t is not None else None for t in inputs)
+    replay = plan.memo.get(key)
+    if replay is None:
+        replay = plan.memo[key] = Replay(exact)
+    return replay(call, inputs, constants, (fa,))
+
+
+def _constants(fwd: dict) -> tuple:
+    """The plan's own tensors among FA4's arguments (kept by a recorded call as they are)."""
+    return (fwd.get("aux_tensors"), fwd.get("block_sparse_tensors"), fwd.get("learnable_sink"))
+
+
+def _direct_training(fa, qt, kt, vt, fwd: dict, bwd: dict, plan: CallPlan | None = None, key: tuple | None = None):
     """(out [B, S, H, Dv], lse [B, H, S]) of FA4's forward with gradients, its backward handed to attnlang.op
     (``attnlang.plan.give_direct_backward``) rather than recorded as flash_attn_func's autograd graph: the op's
     backward calls FA4's _flash_attn_bwd itself, without a reentrant autograd engine run. The same kernels with
     the same arguments as flash_attn_func's FlashAttnFunc (softcap 0.0, deterministic False); ``qt`` / ``kt`` /
     ``vt`` are [B, S, H, D] views, the gradients come back as [B, H, S, D] views of FA4's."""
     qt, kt, vt = qt.detach(), kt.detach(), vt.detach()
-    out, lse = fa._flash_attn_fwd(qt, kt, vt, **dict(fwd, return_lse=True))[:2]  # the backward needs lse
+    forward = dict(fwd, return_lse=True)  # the backward needs lse
+    out, lse = _replayed(plan, None if key is None else key + ("fwd",), True,
+                         lambda: fa._flash_attn_fwd(qt, kt, vt, **forward), (qt, kt, vt), _constants(fwd), fa)[:2]
 
     def backward(grad_out, grad_lse):
-        dq, dk, dv = fa._flash_attn_bwd(
-            qt, kt, vt, out, grad_out.transpose(1, 2), lse, fwd["softmax_scale"], False, 0.0,
-            window_size_left=fwd["window_size_left"], window_size_right=fwd["window_size_right"],
-            score_mod=fwd["score_mod"], score_mod_bwd=bwd["score_mod_bwd"], mask_mod=fwd["mask_mod"],
-            aux_tensors=fwd["aux_tensors"], block_sparse_tensors=bwd["block_sparse_tensors"],
-            dlse=None if grad_lse is None else grad_lse.contiguous())[:3]
+        dout = grad_out.transpose(1, 2)
+        dlse = None if grad_lse is None else grad_lse.contiguous()
+
+        def call():
+            return fa._flash_attn_bwd(
+                qt, kt, vt, out, dout, lse, fwd["softmax_scale"], False, 0.0,
+                window_size_left=fwd["window_size_left"], window_size_right=fwd["window_size_right"],
+                score_mod=fwd["score_mod"], score_mod_bwd=bwd["score_mod_bwd"], mask_mod=fwd["mask_mod"],
+                aux_tensors=fwd["aux_tensors"], block_sparse_tensors=bwd["block_sparse_tensors"], dlse=dlse)
+        # dq accumulates with fp32 atomics: two runs agree to a tolerance, not bit for bit
+        dq, dk, dv = _replayed(plan, None if key is None else key + ("bwd",), False, call,
+                               (qt, kt, vt, out, dout, lse, dlse),
+                               _constants(fwd) + (bwd["block_sparse_tensors"],), fa)[:3]
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
     give_direct_backward(backward)
@@ -675,6 +703,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
             plan.memo[shapes + ("kwargs",)] = arguments
     kwargs, split = arguments
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    # a warm signature's calls replay FA4's recorded launches (fa4_replay), where the arguments are the plan's
+    replay_key = shapes + ("replay",) if reuse and _option(plan, "replay") else None
     if not grads and not tensor_grads:
         # inference: _flash_attn_fwd itself, as flash_attn_func's autograd.Function calls it (~10-20 us less host)
         fwd = split[0]
@@ -685,11 +715,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
                 if _wants_lse(plan) else None
             fa._flash_attn_fwd(qt, kt, vt, out=out.transpose(1, 2), lse=lse, **fwd)
         else:
-            out, lse = fa._flash_attn_fwd(qt, kt, vt, **fwd)[:2]
+            out, lse = _replayed(plan, replay_key, True, lambda: fa._flash_attn_fwd(qt, kt, vt, **fwd),
+                                 (qt, kt, vt), _constants(fwd), fa)[:2]
             out = out.transpose(1, 2)
     elif (grads and not fixes and plan.sink is None and plan.normalize and "learnable_sink" not in kwargs
           and direct_backward_requested()):
-        out, lse = _direct_training(fa, qt, kt, vt, *split)
+        out, lse = _direct_training(fa, qt, kt, vt, *split, plan=plan, key=replay_key)
         out = out.transpose(1, 2)
     else:
         out, lse = fa.flash_attn_func(qt, kt, vt, **kwargs)

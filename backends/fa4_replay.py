@@ -1,0 +1,359 @@
+"""FA4's host calls (``_flash_attn_fwd``, ``_flash_attn_bwd``) replayed as the allocations and kernel launches they
+made, without FA4's Python between them (issue 18: the compiled prefill and training step are host-bound; one
+warm _flash_attn_fwd costs ~110 us of host for a ~30 us launch, _flash_attn_bwd ~400 us for three launches).
+
+A ``Replay`` belongs to one call signature (what the fa4 backend keys it on: the plan, every tensor's shape, strides,
+dtype, device and alignment, the arguments). Its first call runs FA4 itself and records it (``record``):
+- every ATen op FA4 makes, under a TorchDispatchMode: allocations (empty, empty_strided, zeros, empty_like,
+  zeros_like, new_empty, new_zeros), views (detach, transpose, view, as_strided, slice, select, permute, ...) and
+  zero / fill of a fresh buffer are kept; any other op (a computation, a copy, a write to an input) means the call
+  is not a plain sequence of launches, and the signature stays on FA4's own call;
+- every compiled kernel call, through each ``compile_cache`` of flash_attn.cute's interface (wrapped while the call
+  runs), with its arguments: each tensor argument must be an input's view, a buffer allocated by the call (zeroed
+  or not, as it was when the first kernel read it) or one of the call's constant tensors (the plan's aux tensors);
+  anything else (a tensor from elsewhere) rejects the signature.
+The second call runs FA4 again and, beside it, the recorded program into its own buffers, and compares the two on
+the device (bit for bit where the kernels are deterministic, within a tolerance where they accumulate with atomics:
+FA4's backward dq); the comparison's result comes back through pinned memory without a sync, and once it has
+arrived (a later call, ``torch.cuda.Event.query``) the signature replays (it matched) or stays on FA4's own call.
+A replay is the same kernels, with the same arguments, in the same order, on the current stream (CUDA-graph
+capture is the caller's to avoid: the fa4 backend never replays while capturing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import weakref
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+
+_ALLOCATIONS = {aten.empty.memory_format, aten.empty_strided.default, aten.zeros.default, aten.empty_like.default,
+                aten.zeros_like.default, aten.new_empty.default, aten.new_zeros.default,
+                aten.new_empty_strided.default, aten.full.default}
+_ZERO_ALLOCATIONS = {aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default}
+_VIEWS = {aten.detach.default, aten.transpose.int, aten.view.default, aten._unsafe_view.default,
+          aten.as_strided.default, aten.slice.Tensor, aten.select.int, aten.permute.default, aten.unsqueeze.default,
+          aten.squeeze.dim, aten.squeeze.default, aten.expand.default, aten.alias.default, aten.t.default,
+          aten.unflatten.int, aten.flatten.using_ints, aten.reshape.default, aten.lift_fresh.default}
+_FILLS = {aten.zero_.default, aten.fill_.Scalar}
+
+_LOCK = threading.Lock()  # recording swaps module-wide compile caches
+
+
+class Rejected(Exception):
+    """The recorded call is not a plain sequence of allocations and launches (the reason is the message)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Input:
+    index: int  # which input of the call
+    size: tuple
+    stride: tuple
+    offset: int  # storage offset relative to the input's own
+
+
+@dataclasses.dataclass(frozen=True)
+class _Buffer:
+    index: int  # which of the program's buffers
+    size: tuple
+    stride: tuple
+    offset: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Const:
+    value: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rebuilt:
+    """A tuple / list / NamedTuple argument holding tensors: rebuilt from its parts on every call."""
+    kind: type
+    parts: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class _Storage:
+    numel: int
+    dtype: torch.dtype
+    fill: float | None  # None: left uninitialised (torch.empty), else the value the buffer starts with
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """What one FA4 host call did: buffers to allocate, kernels to call (each a compiled function and its argument
+    templates), and the templates of what it returned."""
+    storages: tuple[_Storage, ...]
+    launches: tuple[tuple[Callable, tuple], ...]
+    result: Any
+
+    def run(self, inputs: Sequence[torch.Tensor | None], device: torch.device):
+        buffers = [torch.empty(s.numel, dtype=s.dtype, device=device) if s.fill is None else
+                   torch.full((s.numel,), s.fill, dtype=s.dtype, device=device) for s in self.storages]
+        for fn, args in self.launches:
+            fn(*(_build(a, inputs, buffers) for a in args))
+        return _build(self.result, inputs, buffers)
+
+
+def _build(template, inputs, buffers):
+    kind = type(template)
+    if kind is _Const:
+        return template.value
+    if kind is _Input:
+        t = inputs[template.index]
+        if template.offset == 0 and t.shape == template.size and t.stride() == template.stride:
+            return t.detach() if t.requires_grad else t
+        return t.detach().as_strided(template.size, template.stride, t.storage_offset() + template.offset)
+    if kind is _Buffer:
+        return buffers[template.index].as_strided(template.size, template.stride, template.offset)
+    parts = [_build(p, inputs, buffers) for p in template.parts]
+    return template.kind._make(parts) if hasattr(template.kind, "_make") else template.kind(parts)
+
+
+class _Log(TorchDispatchMode):
+    """The ATen ops of one FA4 host call: fresh buffers (by storage), their fills, and a rejection reason."""
+
+    def __init__(self, input_storages: set[int]):
+        super().__init__()
+        self.inputs = input_storages
+        self.storages: dict[int, list] = {}  # storage data_ptr -> [numel, dtype, fill, used]
+        self.in_kernel = 0
+        self.why: str | None = None
+
+    def touch(self, value) -> None:
+        """A kernel reads ``value``'s buffers: a later fill of one of them is no fresh buffer's fill."""
+        for t in _tensors(value):
+            entry = self.storages.get(t.untyped_storage().data_ptr())
+            if entry is not None:
+                entry[3] = True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.in_kernel or self.why is not None:
+            return out
+        if func in _ALLOCATIONS:
+            old = self.storages.get(out.untyped_storage().data_ptr())
+            if old is not None and old[3]:
+                self.why = "a buffer's address was reused within the call"
+            if func in (aten.full.default,):
+                fill = float(args[1])
+            else:
+                fill = 0.0 if func in _ZERO_ALLOCATIONS else None
+            self.storages[out.untyped_storage().data_ptr()] = [out.untyped_storage().nbytes() // out.element_size(),
+                                                               out.dtype, fill, False]
+        elif func in _FILLS:
+            entry = self.storages.get(args[0].untyped_storage().data_ptr())
+            whole = args[0].numel() * args[0].element_size() == args[0].untyped_storage().nbytes()
+            if entry is None or entry[3] or not whole:
+                self.why = f"{func} on a tensor that is not a fresh, unused buffer"
+            else:
+                entry[2] = 0.0 if func is aten.zero_.default else float(args[1])
+        elif func not in _VIEWS:
+            self.why = f"FA4 ran {func} on the host's side of its kernels"
+        return out
+
+
+def _template(value, log: _Log, inputs, constants: dict[int, Any], order: dict[int, int]):
+    """The template of one kernel argument (or returned value)."""
+    if isinstance(value, torch.Tensor):
+        ptr = value.untyped_storage().data_ptr() if value.numel() or value.untyped_storage().nbytes() else None
+        if id(value) in constants or any(value is c for c in constants.values()):
+            return _Const(value)
+        for i, t in enumerate(inputs):
+            if t is not None and ptr is not None and t.untyped_storage().data_ptr() == ptr:
+                return _Input(i, tuple(value.shape), tuple(value.stride()), value.storage_offset() - t.storage_offset())
+        entry = log.storages.get(ptr)
+        if entry is None:
+            for c in constants.values():  # a view of a constant (the plan's aux tensor, as FA4 passes it on)
+                if isinstance(c, torch.Tensor) and c.untyped_storage().data_ptr() == ptr:
+                    return _Const(value)
+            raise Rejected(f"a kernel reads a tensor of shape {tuple(value.shape)} the call did not allocate")
+        index = order.setdefault(ptr, len(order))
+        return _Buffer(index, tuple(value.shape), tuple(value.stride()), value.storage_offset())
+    if isinstance(value, (tuple, list)):
+        parts = tuple(_template(v, log, inputs, constants, order) for v in value)
+        if all(type(p) is _Const for p in parts):
+            return _Const(value)
+        return _Rebuilt(type(value), parts)
+    if isinstance(value, (int, float, bool, str, type(None), torch.dtype)) or not _holds_tensors(value):
+        return _Const(value)
+    raise Rejected(f"a kernel argument of type {type(value).__name__} holds tensors")
+
+
+def _holds_tensors(value) -> bool:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return any(isinstance(getattr(value, f.name), torch.Tensor) for f in dataclasses.fields(value))
+    return any(isinstance(v, torch.Tensor) for v in getattr(value, "__dict__", {}).values())
+
+
+def _caches(modules) -> list:
+    """Every function of ``modules`` with a ``compile_cache``: where flash_attn.cute keeps its compiled kernels."""
+    found = []
+    for module in modules:
+        for name in dir(module):
+            fn = getattr(module, name, None)
+            if callable(fn) and hasattr(fn, "compile_cache") and fn not in found:
+                found.append(fn)
+    return found
+
+
+class _Recording:
+    """A compile cache's stand-in while one call is recorded: lookups go to the real cache, calls are logged."""
+
+    def __init__(self, real, calls: list, log: _Log):
+        self.real, self.calls, self.log = real, calls, log
+
+    def __contains__(self, key):
+        return key in self.real
+
+    def __setitem__(self, key, fn):
+        self.real[key] = fn
+
+    def __getitem__(self, key):
+        fn = self.real[key]
+
+        def launch(*args):
+            self.calls.append((fn, args))
+            self.log.touch(args)
+            self.log.in_kernel += 1
+            try:
+                return fn(*args)
+            finally:
+                self.log.in_kernel -= 1
+        return launch
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def record(call: Callable[[], Any], inputs: Sequence[torch.Tensor | None], constants: Sequence[Any],
+           modules: Sequence[Any]) -> tuple[Any, Program | None, str | None]:
+    """Run ``call()`` (an FA4 host call on ``inputs``) and record it: (its result, the Program or None, why not)."""
+    input_storages = [t.untyped_storage().data_ptr() for t in inputs if t is not None]
+    if len(set(input_storages)) != len(input_storages):
+        return call(), None, "two inputs share one storage"
+    log = _Log(set(input_storages))
+    calls: list = []
+    with _LOCK:
+        owners = _caches(modules)
+        real = [fn.compile_cache for fn in owners]
+        for fn, cache in zip(owners, real):
+            fn.compile_cache = _Recording(cache, calls, log)
+        try:
+            with log:
+                result = call()
+        finally:
+            for fn, cache in zip(owners, real):
+                fn.compile_cache = cache
+    if log.why is not None:
+        return result, None, log.why
+    if not calls:
+        return result, None, "no kernel launch was seen"
+    const = {id(c): c for c in _flatten(constants)}
+    order: dict[int, int] = {}
+    try:
+        launches = tuple((fn, tuple(_template(a, log, inputs, const, order) for a in args)) for fn, args in calls)
+        returned = _template(result, log, inputs, const, order)
+    except Rejected as e:
+        return result, None, str(e)
+    by_index = sorted(order.items(), key=lambda item: item[1])
+    storages = tuple(_Storage(log.storages[ptr][0], log.storages[ptr][1], log.storages[ptr][2]) for ptr, _ in by_index)
+    return result, Program(storages, launches, returned), None
+
+
+def _flatten(values) -> list:
+    out = []
+    for v in values:
+        if isinstance(v, (tuple, list)):
+            out.extend(_flatten(v))
+        elif v is not None:
+            out.append(v)
+    return out
+
+
+def _tensors(value) -> list:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _mismatch(a: list, b: list, exact: bool) -> torch.Tensor:
+    """A device bool: whether the program's results ``b`` differ from FA4's ``a``."""
+    device = a[0].device if a else torch.device("cpu")
+    bad = torch.tensor(len(a) != len(b), device=device)
+    for x, y in zip(a, b):
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return torch.ones((), dtype=torch.bool, device=device)
+        if exact:
+            bad = bad | ((x != y) & ~(x.isnan() & y.isnan())).any()
+        else:  # atomics: summation order differs between runs, a few ulps of the accumulated fp32 after rounding
+            xf, yf = x.float(), y.float()
+            tol = 1e-2 * xf.abs().amax().nan_to_num(0.0) + 1e-6
+            bad = bad | ((xf - yf).abs() > tol).any() | (xf.isnan() != yf.isnan()).any()
+    return bad
+
+
+_ALL: "weakref.WeakSet[Replay]" = weakref.WeakSet()
+
+
+def states() -> list[tuple[str, str, str | None]]:
+    """(kind, state, why) of every live Replay: kind "exact" (forward) or "tolerance" (backward); state "warm",
+    "record", "check", "pending", "replay" or "own"; why: the reason a signature stays on FA4's own call."""
+    return [("exact" if r.exact else "tolerance", r.state, r.why) for r in list(_ALL)]
+
+
+class Replay:
+    """One call signature's way to FA4: its own call until a recorded program has been checked against it."""
+
+    def __init__(self, exact: bool):
+        _ALL.add(self)
+        self.exact = exact
+        self.program: Program | None = None
+        # warm (the first call may compile kernels: not recorded) -> record -> check -> pending -> replay | own
+        self.state = "warm"
+        self.why: str | None = None
+        self._flag = None
+        self._event = None
+
+    def __call__(self, call: Callable[[], Any], inputs: Sequence[torch.Tensor | None], constants: Sequence[Any],
+                 modules: Sequence[Any]):
+        if self.state == "replay":
+            return self.program.run(inputs, inputs[0].device)
+        if inputs[0].is_cuda and torch.cuda.is_current_stream_capturing():
+            return call()  # no recording, no check (its event and pinned copy) inside a CUDA graph
+        if self.state == "pending":
+            if self._event.query():
+                self.state = "own" if bool(self._flag) else "replay"
+                if self.state == "own":
+                    self.why = "the recorded launches gave other results than FA4's call"
+                self._flag = self._event = None
+            return call() if self.state == "own" else self.program.run(inputs, inputs[0].device)
+        if self.state == "own":
+            return call()
+        if self.state == "warm":
+            self.state = "record"
+            return call()
+        if self.state == "record":
+            result, self.program, self.why = record(call, inputs, constants, modules)
+            self.state = "check" if self.program is not None else "own"
+            return result
+        result = call()  # check: FA4's own result goes to the caller, the program's beside it
+        mine = self.program.run(inputs, inputs[0].device)
+        bad = _mismatch(_tensors(result), _tensors(mine), self.exact)
+        if not bad.is_cuda:  # a CPU stand-in for FA4 (tests): nothing to wait for
+            self.state = "own" if bool(bad) else "replay"
+            self.why = "the recorded launches gave other results than FA4's call" if self.state == "own" else None
+            return result
+        self._flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        self._flag.copy_(bad, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+        self.state = "pending"
+        return result

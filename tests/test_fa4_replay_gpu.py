@@ -1,0 +1,68 @@
+"""The fa4 backend's replayed calls (attnlang.backends.fa4_replay) on the GPU: a signature called again and again
+with fresh inputs reaches the replay state, forward and backward, and every call, replayed or not, agrees with
+the eager reference (out, lse, dq, dk, dv) as the first call does."""
+
+import pytest
+import torch
+
+import attnlang as al
+from attnlang import op
+from attnlang.backends import fa4_replay
+
+from test_fa4_gpu import GRAD_TOL, LSE_TOL, OUT_TOL, _rel
+
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("needs_fa4")]
+
+CASES = [
+    ("causal", "score", "q_idx >= kv_idx", 128),
+    ("window", "score", "0 <= q_idx - kv_idx < 100", 64),
+    ("alibi", "score + slope[h] * (kv_idx - q_idx)", "q_idx >= kv_idx", 128),
+    ("softcap", "30 * tanh(score / 30)", "True", 64),
+    ("bias_table", "score + bias[kv_idx]", "q_idx >= kv_idx", 64),
+    ("prefix_lm", "score", "(kv_idx < 64) | (q_idx >= kv_idx)", 128),
+]
+
+
+def _tensors(name, Hq, S):
+    g = torch.Generator(device="cuda").manual_seed(7)
+    if name == "alibi":
+        return {"slope": torch.rand(Hq, device="cuda", generator=g)}
+    if name == "bias_table":
+        return {"bias": torch.randn(S, device="cuda", generator=g)}
+    return {}
+
+
+@pytest.mark.parametrize("grads", [True, False], ids=["fwd_bwd", "fwd"])
+@pytest.mark.parametrize("name,score,mask,D", CASES, ids=[c[0] for c in CASES])
+def test_replayed_calls_agree_with_the_reference(name, score, mask, D, grads):
+    B, Hq, Hkv, S = 2, 8, 2, 300
+    variant = al.compile(score=score, mask=mask)
+    tensors = _tensors(name, Hq, S)
+    before = {id(r) for r in fa4_replay._ALL}
+    for call in range(6):
+        g = torch.Generator(device="cuda").manual_seed(call)
+        q = torch.randn(B, S, Hq, D, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+        k, v = (torch.randn(B, S, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+                for _ in range(2))
+        dout = torch.randn(B, Hq, S, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        qf, kf, vf = (t.float().detach().requires_grad_(grads) for t in (q, k, v))
+        ref, ref_lse = variant(qf, kf, vf, backend="eager", return_lse=True, **tensors)
+        qb, kb, vb = (t.detach().requires_grad_(grads) for t in (q, k, v))
+        with torch.set_grad_enabled(grads):
+            out, lse = op.call(variant, qb, kb, vb, None, "fa4", True, None, tensors)  # the op: direct backward
+        assert _rel(out, ref) < OUT_TOL, f"call {call}: out rel err {_rel(out, ref):.2e}"
+        finite = ~torch.isinf(ref_lse)
+        assert torch.equal(torch.isinf(lse), ~finite)
+        assert float((lse - ref_lse)[finite].abs().max()) < LSE_TOL
+        if grads:
+            ref.backward(dout.float())
+            out.backward(dout)
+            for what, a, b in (("dq", qb.grad, qf.grad), ("dk", kb.grad, kf.grad), ("dv", vb.grad, vf.grad)):
+                assert _rel(a, b) < GRAD_TOL, f"call {call}: {what} rel err {_rel(a, b):.2e}"
+        torch.cuda.synchronize()  # the check's result arrives (pinned memory) before the next call
+    mine = [r for r in list(fa4_replay._ALL) if id(r) not in before]
+    assert mine, "no replay was made for this signature"
+    kinds = {"exact"} | ({"tolerance"} if grads else set())
+    for kind in kinds:
+        got = [(r.state, r.why) for r in mine if ("exact" if r.exact else "tolerance") == kind]
+        assert any(state == "replay" for state, _ in got), f"{kind}: {got}"
