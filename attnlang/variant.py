@@ -8,6 +8,7 @@ import json
 import math
 import numbers
 import sys
+from collections import OrderedDict
 from typing import Any, Mapping
 
 import torch
@@ -76,7 +77,7 @@ class Variant:
             key += ("normalize: False",)
         object.__setattr__(self, "_key", key)
         object.__setattr__(self, "_bind_cache", {})
-        object.__setattr__(self, "_warm", [None])  # [(call key, CallPlan)] of the last call (see _warm_plan)
+        object.__setattr__(self, "_warm", OrderedDict())  # call key -> CallPlan of the last calls (_warm_plan)
         # a string naming this variant for its custom op's key (attnlang.op), read while Dynamo traces a call
         object.__setattr__(self, "_op_config", _op.register(self, self.to_config()))
 
@@ -290,7 +291,9 @@ class Variant:
         return out, lse
 
     def _warm_plan(self, q, k, v, scale, backend, return_lse, kernel_options, tensors) -> CallPlan:
-        """The last call's CallPlan again when this call has the same key (below), else a new one from _plan.
+        """A recent call's CallPlan again when this call has the same key (below), else a new one from _plan
+        (the last ``_WARM_PLANS`` kept: a training step alternates a layer's calls with and without gradients, a
+        test its fa4 calls with eager ones).
 
         A warm call spends its host time in front of the kernel: on the H200, the checks and the plan were ~50 of
         the ~100 us attnlang added to a 215 us FA4 kernel (sinks_window), enough to leave the GPU waiting. The
@@ -300,11 +303,18 @@ class Variant:
         kernel_options (hashable ones only) and the grad mode. Backends keep per-plan results in ``plan.memo``,
         so they are reused exactly as long as the plan is."""
         key = _call_key(q, k, v, scale, backend, return_lse, kernel_options, tensors)
-        last = self._warm[0]
-        if key is not None and last is not None and last[0] == key:
-            return last[1]
+        if key is None:
+            return self._plan(q, k, v, scale, backend, return_lse, kernel_options, tensors)
+        warm = self._warm
+        plan = warm.get(key)
+        if plan is not None:
+            if next(reversed(warm)) != key:
+                warm.move_to_end(key)
+            return plan
         plan = self._plan(q, k, v, scale, backend, return_lse, kernel_options, tensors)
-        self._warm[0] = None if key is None else (key, plan)
+        warm[key] = plan
+        if len(warm) > _WARM_PLANS:
+            warm.popitem(last=False)
         return plan
 
     def _static_checks(self, q, k, v, scale, backend, return_lse, kernel_options, tensors):
@@ -509,6 +519,7 @@ def _call_key(q, k, v, scale, backend, return_lse, kernel_options, tensors):
     return key
 
 
+_WARM_PLANS = 8  # CallPlans a Variant keeps for its recent call keys (plans hold their calls' named tensors)
 _NAMES = IdentityMemo()  # bound expressions -> the names they read
 _BOUNDS_OK = IdentityMemo(1024)  # (bound expressions, sizes and value ranges) that passed check_index_bounds
 

@@ -130,3 +130,96 @@ def test_recording_restores_the_compile_caches():
     q, k, v = _inputs(0)
     record(lambda: fa._flash_attn_fwd(q, k, v, 0.5), (q, k, v), (), (fa,))
     assert fa._flash_attn_fwd.compile_cache is cache
+
+
+# ----- through the fa4 backend and the op (direct backward), with kernels in compile caches -----
+
+def _attend(q, k, v, scale, left, right):
+    """Reference math on [B, S, H, D] views (window (None, 0): bottom-right causal)."""
+    qh, kh, vh = (t.transpose(1, 2).double() for t in (q, k, v))
+    group = qh.shape[1] // kh.shape[1]
+    kh, vh = kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1)
+    s = scale * qh @ kh.transpose(-1, -2)
+    if right is not None:
+        Sq, Skv = s.shape[-2:]
+        allowed = torch.arange(Skv)[None, :] <= torch.arange(Sq)[:, None] + (Skv - Sq)
+        s = s.masked_fill(~allowed, float("-inf"))
+    return s
+
+
+def fake_fa4_interface():
+    fa = types.ModuleType("fake_flash_interface")
+    fa.host_calls = {"fwd": 0, "bwd": 0}
+
+    def fwd_kernel(q, k, v, out, lse, scale, left, right):
+        s = _attend(q, k, v, scale, left, right)
+        out.copy_((torch.softmax(s, -1) @ v.transpose(1, 2).double().repeat_interleave(
+            q.shape[2] // k.shape[2], 1)).transpose(1, 2))
+        if lse is not None:
+            lse.copy_(torch.logsumexp(s, -1))
+
+    def bwd_kernel(q, k, v, dout, dq, dk, dv, scale, left, right, scratch):
+        assert float(scratch.abs().sum()) == 0.0
+        qq, kk, vv = (t.detach().double().requires_grad_() for t in (q, k, v))
+        with torch.enable_grad():
+            s = _attend(qq, kk, vv, scale, left, right)
+            o = (torch.softmax(s, -1) @ vv.transpose(1, 2).repeat_interleave(q.shape[2] // k.shape[2], 1))
+            grads = torch.autograd.grad(o.transpose(1, 2), (qq, kk, vv), dout.double())
+        for dst, g in zip((dq, dk, dv), grads):
+            dst.copy_(g)
+        scratch.add_(1.0)
+
+    def _flash_attn_fwd(q, k, v, softmax_scale, causal, softcap, window_size_left, window_size_right, score_mod,
+                        mask_mod, aux_tensors, block_sparse_tensors, return_lse):
+        fa.host_calls["fwd"] += 1
+        out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype)
+        lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32) if return_lse else None
+        cache = _flash_attn_fwd.compile_cache
+        cache.setdefault("fwd", fwd_kernel)
+        cache["fwd"](q.detach(), k.detach(), v.detach(), out, lse, softmax_scale, window_size_left,
+                     window_size_right)
+        return out, lse, None, None, None
+
+    def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale, causal, softcap, window_size_left,
+                        window_size_right, score_mod, score_mod_bwd, mask_mod, aux_tensors, block_sparse_tensors,
+                        dlse):
+        fa.host_calls["bwd"] += 1
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        scratch = torch.zeros(3)
+        _flash_attn_bwd.compile_cache.setdefault("bwd", bwd_kernel)
+        _flash_attn_bwd.compile_cache["bwd"](q, k, v, dout, dq, dk, dv, softmax_scale, window_size_left,
+                                             window_size_right, scratch)
+        return dq, dk, dv
+
+    _flash_attn_fwd.compile_cache, _flash_attn_bwd.compile_cache = {}, {}
+    fa._flash_attn_fwd, fa._flash_attn_bwd = _flash_attn_fwd, _flash_attn_bwd
+    fa.flash_attn_func = None  # never called: inference and direct training use the two functions above
+    return fa
+
+
+@pytest.mark.parametrize("grads", [True, False], ids=["fwd_bwd", "fwd"])
+def test_the_fa4_backend_replays_warm_calls_through_the_op(monkeypatch, grads):
+    import attnlang as al
+    from attnlang import op
+    from attnlang.backends import fa4
+    fa = fake_fa4_interface()
+    monkeypatch.setattr(fa4, "_flash", lambda: fa)
+    monkeypatch.setattr(fa4, "unsupported", lambda q, plan: None)  # a CPU stand-in for the kernel
+    variant = al.compile(mask="kv_idx <= q_idx + kv_len - q_len")
+    for call in range(6):
+        g = torch.Generator().manual_seed(call)
+        q = torch.randn(2, 9, 4, 32, generator=g).transpose(1, 2).requires_grad_(grads)
+        k, v = (torch.randn(2, 9, 2, 32, generator=g).transpose(1, 2).requires_grad_(grads) for _ in range(2))
+        with torch.set_grad_enabled(grads):
+            out, lse = op.call(variant, q, k, v, None, "fa4", True, None, {})
+        ref, ref_lse = variant(q, k, v, backend="eager", return_lse=True)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+        if grads:
+            dout = torch.randn(out.shape, generator=g)
+            got = torch.autograd.grad(out, (q, k, v), dout)
+            want = torch.autograd.grad(ref, (q, k, v), dout)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert fa.host_calls["fwd"] == 3  # warm, record, check: the other three calls replayed
+    assert fa.host_calls["bwd"] == (3 if grads else 0)
