@@ -329,11 +329,12 @@ class Replay:
         if inputs[0].is_cuda and torch.cuda.is_current_stream_capturing():
             return call()  # no recording, no check (its event and pinned copy) inside a CUDA graph
         if self.state == "pending":
-            if self._event.query():
-                self.state = "own" if bool(self._flag) else "replay"
-                if self.state == "own":
-                    self.why = "the recorded launches gave other results than FA4's call"
-                self._flag = self._event = None
+            if not self._event.query():
+                return call()  # the check's result has not arrived: FA4's own call meanwhile
+            self.state = "own" if bool(self._flag) else "replay"
+            if self.state == "own":
+                self.why = "the recorded launches gave other results than FA4's call"
+            self._flag = self._event = None
             return call() if self.state == "own" else self.program.run(inputs, inputs[0].device)
         if self.state == "own":
             return call()

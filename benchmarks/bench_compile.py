@@ -33,6 +33,19 @@ def _bench(fn, warmup=5, rep=50) -> float:
     return float(do_bench(fn, warmup=warmup, rep=rep))
 
 
+def _back_to_back(fn, n: int = 20) -> float:
+    """ms per call of n calls issued back to back (throughput: no L2 flush, no event between calls), beside
+    do_bench's per-call latency (an L2 flush before each call, events around it)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e3
+
+
 def _model(impl: str, layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int, vocab: int):
     from transformers import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 64 * 64,
@@ -60,6 +73,9 @@ def model_rows(args) -> dict:
             rows[impl] = _model_row(impl, shape, ids)
         except Exception as e:  # recorded, not hidden; the decode rows still run
             rows[impl] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        if impl == "attnlang":  # which FA4 call signatures replay (attnlang.backends.fa4_replay)
+            from attnlang.backends import fa4_replay
+            rows[impl]["fa4_replay_states"] = sorted(f"{kind}:{state}" for kind, state, _ in fa4_replay.states())
         print(impl, rows[impl], flush=True)
         torch.cuda.empty_cache()
     return rows
@@ -82,6 +98,7 @@ def _model_row(impl: str, shape: dict, ids) -> dict:
     torch.cuda.synchronize()
     row["train_first_s"] = time.perf_counter() - t
     row["train_step_ms"] = _bench(train_step)
+    row["train_step_ms_back_to_back"] = _back_to_back(train_step)
     if PROFILE_TO is not None:
         _profile(impl, train_step)
     model.eval()
@@ -91,6 +108,7 @@ def _model_row(impl: str, shape: dict, ids) -> dict:
         torch.cuda.synchronize()
         row["prefill_first_s"] = time.perf_counter() - t
         row["prefill_ms"] = _bench(lambda c=compiled: c(ids))
+        row["prefill_ms_back_to_back"] = _back_to_back(lambda c=compiled: c(ids))
     return row
 
 
@@ -208,12 +226,14 @@ def _markdown(result: dict) -> str:
     m = result.get("model")
     if m:
         lines += [f"Llama-shaped model {m['shape']}, bf16, torch.compile(fullgraph=True):", "",
-                  "| impl | graph breaks | train step ms | prefill ms | first train s | first prefill s |",
-                  "|---|---|---|---|---|---|"]
+                  "| impl | graph breaks | train step ms | prefill ms | train step ms, back to back | prefill ms, back "
+                  "to back | first train s | first prefill s |",
+                  "|---|---|---|---|---|---|---|---|"]
         for impl in ("sdpa", "attnlang"):
             r = m.get(impl, {})
             lines.append(f"| {impl} | {r.get('graph_breaks')} | {r.get('train_step_ms', float('nan')):.3f} | "
-                         f"{r.get('prefill_ms', float('nan')):.3f} | {r.get('train_first_s', float('nan')):.1f} | "
+                         f"{r.get('prefill_ms', float('nan')):.3f} | {r.get('train_step_ms_back_to_back', float('nan')):.3f} | "
+                         f"{r.get('prefill_ms_back_to_back', float('nan')):.3f} | {r.get('train_first_s', float('nan')):.1f} | "
                          f"{r.get('prefill_first_s', float('nan')):.1f} |")
         lines.append("")
     d = result.get("decode")

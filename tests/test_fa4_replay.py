@@ -223,3 +223,25 @@ def test_the_fa4_backend_replays_warm_calls_through_the_op(monkeypatch, grads):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert fa.host_calls["fwd"] == 3  # warm, record, check: the other three calls replayed
     assert fa.host_calls["bwd"] == (3 if grads else 0)
+
+
+def test_a_pending_check_keeps_fa4s_own_call_until_its_result_arrives():
+    fa = fake_interface()
+    replay = Replay(exact=True)
+    _calls(fa, replay, 2)  # warm, record
+    assert replay.state == "check"
+
+    class Event:
+        done = False
+
+        def query(self):
+            return self.done
+
+    event = Event()
+    replay.state, replay._event, replay._flag = "pending", event, torch.tensor(False)
+    host = fa.host_calls
+    _calls(fa, replay, 2)
+    assert fa.host_calls == host + 2 and replay.state == "pending"  # not replayed before the check is in
+    event.done = True
+    _calls(fa, replay, 2)
+    assert fa.host_calls == host + 2 and replay.state == "replay"
