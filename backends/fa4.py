@@ -609,21 +609,18 @@ def _constants(fwd: dict) -> tuple:
     return (fwd.get("aux_tensors"), fwd.get("block_sparse_tensors"), fwd.get("learnable_sink"))
 
 
-def _direct_training(fa, qt, kt, vt, fwd: dict, bwd: dict, plan: CallPlan | None = None, key: tuple | None = None):
-    """(out [B, S, H, Dv], lse [B, H, S]) of FA4's forward with gradients, its backward handed to attnlang.op
-    (``attnlang.plan.give_direct_backward``) rather than recorded as flash_attn_func's autograd graph: the op's
-    backward calls FA4's _flash_attn_bwd itself, without a reentrant autograd engine run. The same kernels with
-    the same arguments as flash_attn_func's FlashAttnFunc (softcap 0.0, deterministic False); ``qt`` / ``kt`` /
-    ``vt`` are [B, S, H, D] views, the gradients come back as [B, H, S, D] views of FA4's."""
+def _training(fa, qt, kt, vt, fwd: dict, bwd: dict, plan: CallPlan | None = None, key: tuple | None = None):
+    """FA4's forward with gradients as flash_attn_func's FlashAttnFunc runs it (the same kernels, the same arguments:
+    softcap 0.0, deterministic False), each of its two host calls through the signature's Replay (``key``).
+
+    ``qt`` / ``kt`` / ``vt``: [B, S, H, D] views. Returns (out [B, S, H, Dv], lse [B, H, S], backward), where
+    ``backward(dout [B, S, H, Dv], dlse [B, H, S] or None)`` gives (dq, dk, dv) in FA4's [B, S, H, D] layout."""
     qt, kt, vt = qt.detach(), kt.detach(), vt.detach()
     forward = dict(fwd, return_lse=True)  # the backward needs lse
     out, lse = _replayed(plan, None if key is None else key + ("fwd",), True,
                          lambda: fa._flash_attn_fwd(qt, kt, vt, **forward), (qt, kt, vt), _constants(fwd), fa)[:2]
 
-    def backward(grad_out, grad_lse):
-        dout = grad_out.transpose(1, 2)
-        dlse = None if grad_lse is None else grad_lse.contiguous()
-
+    def backward(dout, dlse):
         def call():
             return fa._flash_attn_bwd(
                 qt, kt, vt, out, dout, lse, fwd["softmax_scale"], False, 0.0,
@@ -631,13 +628,49 @@ def _direct_training(fa, qt, kt, vt, fwd: dict, bwd: dict, plan: CallPlan | None
                 score_mod=fwd["score_mod"], score_mod_bwd=bwd["score_mod_bwd"], mask_mod=fwd["mask_mod"],
                 aux_tensors=fwd["aux_tensors"], block_sparse_tensors=bwd["block_sparse_tensors"], dlse=dlse)
         # dq accumulates with fp32 atomics: two runs agree to a tolerance, not bit for bit
-        dq, dk, dv = _replayed(plan, None if key is None else key + ("bwd",), False, call,
-                               (qt, kt, vt, out, dout, lse, dlse),
-                               _constants(fwd) + (bwd["block_sparse_tensors"],), fa)[:3]
-        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+        return _replayed(plan, None if key is None else key + ("bwd",), False, call,
+                         (qt, kt, vt, out, dout, lse, dlse),
+                         _constants(fwd) + (bwd["block_sparse_tensors"],), fa)[:3]
 
-    give_direct_backward(backward)
+    return out, lse, backward
+
+
+def _direct_training(fa, qt, kt, vt, fwd: dict, bwd: dict, plan: CallPlan | None = None, key: tuple | None = None):
+    """(out [B, S, H, Dv], lse [B, H, S]) of ``_training``, its backward handed to attnlang.op
+    (``attnlang.plan.give_direct_backward``) rather than recorded as an autograd graph: the op's backward calls
+    FA4's _flash_attn_bwd itself, without a reentrant autograd engine run; the gradients come back as
+    [B, H, S, D] views of FA4's."""
+    out, lse, backward = _training(fa, qt, kt, vt, fwd, bwd, plan, key)
+
+    def handed_over(grad_out, grad_lse):
+        dlse = None if grad_lse is None else grad_lse.contiguous()
+        return tuple(g.transpose(1, 2) for g in backward(grad_out.transpose(1, 2), dlse))
+
+    give_direct_backward(handed_over)
     return out, lse
+
+
+class _FlashTraining(torch.autograd.Function):
+    """An eager training call's autograd node: ``_training``'s forward and backward (flash_attn_func's own node
+    runs the same two FA4 host calls, but never through a Replay)."""
+
+    @staticmethod
+    def forward(ctx, qt, kt, vt, run):
+        out, lse, ctx.flash_backward = run(qt, kt, vt)
+        ctx.save_for_backward(qt, kt, vt)  # in-place changes of q / k / v before the backward are errors, as usual
+        ctx.set_materialize_grads(False)
+        ctx.out_meta = (out.shape, out.dtype, out.device)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        ctx.saved_tensors  # noqa: B018 (the version check)
+        if grad_out is None:  # only lse was used
+            shape, dtype, device = ctx.out_meta
+            grad_out = torch.zeros(shape, dtype=dtype, device=device)
+        dlse = None if grad_lse is None else grad_lse.contiguous()
+        dq, dk, dv = ctx.flash_backward(grad_out, dlse)
+        return dq, dk, dv, None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan):
@@ -718,9 +751,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
             out, lse = _replayed(plan, replay_key, True, lambda: fa._flash_attn_fwd(qt, kt, vt, **fwd),
                                  (qt, kt, vt), _constants(fwd), fa)[:2]
             out = out.transpose(1, 2)
-    elif (grads and not fixes and plan.sink is None and plan.normalize and "learnable_sink" not in kwargs
-          and direct_backward_requested()):
-        out, lse = _direct_training(fa, qt, kt, vt, *split, plan=plan, key=replay_key)
+    elif grads and not fixes and plan.sink is None and plan.normalize and "learnable_sink" not in kwargs:
+        if direct_backward_requested():  # inside attnlang's op: the op's backward calls FA4's backward itself
+            out, lse = _direct_training(fa, qt, kt, vt, *split, plan=plan, key=replay_key)
+        else:
+            out, lse = _FlashTraining.apply(
+                qt, kt, vt, lambda a, b, c: _training(fa, a, b, c, *split, plan=plan, key=replay_key))
         out = out.transpose(1, 2)
     else:
         out, lse = fa.flash_attn_func(qt, kt, vt, **kwargs)

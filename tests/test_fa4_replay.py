@@ -158,13 +158,18 @@ def fake_fa4_interface():
         if lse is not None:
             lse.copy_(torch.logsumexp(s, -1))
 
-    def bwd_kernel(q, k, v, dout, dq, dk, dv, scale, left, right, scratch):
+    def bwd_kernel(q, k, v, dout, dlse, dq, dk, dv, scale, left, right, scratch):
         assert float(scratch.abs().sum()) == 0.0
         qq, kk, vv = (t.detach().double().requires_grad_() for t in (q, k, v))
         with torch.enable_grad():
             s = _attend(qq, kk, vv, scale, left, right)
             o = (torch.softmax(s, -1) @ vv.transpose(1, 2).repeat_interleave(q.shape[2] // k.shape[2], 1))
-            grads = torch.autograd.grad(o.transpose(1, 2), (qq, kk, vv), dout.double())
+            outs, gouts = [o.transpose(1, 2)], [dout.double()]
+            if dlse is not None:
+                outs.append(torch.logsumexp(s, -1))
+                gouts.append(dlse.double())
+            grads = torch.autograd.grad(outs, (qq, kk, vv), gouts, allow_unused=True)
+            grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, (qq, kk, vv))]
         for dst, g in zip((dq, dk, dv), grads):
             dst.copy_(g)
         scratch.add_(1.0)
@@ -187,7 +192,7 @@ def fake_fa4_interface():
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         scratch = torch.zeros(3)
         _flash_attn_bwd.compile_cache.setdefault("bwd", bwd_kernel)
-        _flash_attn_bwd.compile_cache["bwd"](q, k, v, dout, dq, dk, dv, softmax_scale, window_size_left,
+        _flash_attn_bwd.compile_cache["bwd"](q, k, v, dout, dlse, dq, dk, dv, softmax_scale, window_size_left,
                                              window_size_right, scratch)
         return dq, dk, dv
 
@@ -197,21 +202,37 @@ def fake_fa4_interface():
     return fa
 
 
-@pytest.mark.parametrize("grads", [True, False], ids=["fwd_bwd", "fwd"])
-def test_the_fa4_backend_replays_warm_calls_through_the_op(monkeypatch, grads):
-    import attnlang as al
-    from attnlang import op
+@pytest.fixture
+def fake_fa4(monkeypatch):
     from attnlang.backends import fa4
     fa = fake_fa4_interface()
     monkeypatch.setattr(fa4, "_flash", lambda: fa)
     monkeypatch.setattr(fa4, "unsupported", lambda q, plan: None)  # a CPU stand-in for the kernel
+    return fa
+
+
+def _qkv(seed, grads):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 9, 4, 32, generator=g).transpose(1, 2).requires_grad_(grads)
+    k, v = (torch.randn(2, 9, 2, 32, generator=g).transpose(1, 2).requires_grad_(grads) for _ in range(2))
+    return q, k, v, g
+
+
+@pytest.mark.parametrize("path", ["op", "eager"])
+@pytest.mark.parametrize("grads", [True, False], ids=["fwd_bwd", "fwd"])
+def test_the_fa4_backend_replays_warm_calls(fake_fa4, grads, path):
+    import attnlang as al
+    from attnlang import op
+    fa = fake_fa4
     variant = al.compile(mask="kv_idx <= q_idx + kv_len - q_len")
+    variant._warm.clear()  # variants are interned: an earlier test's plans replay another stand-in's kernels
     for call in range(6):
-        g = torch.Generator().manual_seed(call)
-        q = torch.randn(2, 9, 4, 32, generator=g).transpose(1, 2).requires_grad_(grads)
-        k, v = (torch.randn(2, 9, 2, 32, generator=g).transpose(1, 2).requires_grad_(grads) for _ in range(2))
+        q, k, v, g = _qkv(call, grads)
         with torch.set_grad_enabled(grads):
-            out, lse = op.call(variant, q, k, v, None, "fa4", True, None, {})
+            if path == "op":  # what a compiled graph runs: the op's backward calls FA4's backward itself
+                out, lse = op.call(variant, q, k, v, None, "fa4", True, None, {})
+            else:  # an eager call: its own autograd node (fa4._FlashTraining)
+                out, lse = variant(q, k, v, backend="fa4", return_lse=True)
         ref, ref_lse = variant(q, k, v, backend="eager", return_lse=True)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
@@ -245,3 +266,21 @@ def test_a_pending_check_keeps_fa4s_own_call_until_its_result_arrives():
     event.done = True
     _calls(fa, replay, 2)
     assert fa.host_calls == host + 2 and replay.state == "replay"
+
+
+def test_an_eager_training_call_gives_lse_gradients_and_checks_versions(fake_fa4):
+    import attnlang as al
+    variant = al.compile(mask="kv_idx <= q_idx + kv_len - q_len")
+    variant._warm.clear()
+    q, k, v, g = _qkv(0, True)
+    out, lse = variant(q, k, v, backend="fa4", return_lse=True)
+    ref, ref_lse = variant(q, k, v, backend="eager", return_lse=True)
+    got = torch.autograd.grad(lse.sum(), (q, k, v))  # only lse used: the node gets no out gradient
+    want = torch.autograd.grad(ref_lse.sum(), (q, k, v), allow_unused=True)  # lse does not depend on v
+    for a, b, t in zip(got, want, (q, k, v)):
+        torch.testing.assert_close(a, torch.zeros_like(t) if b is None else b, rtol=1e-5, atol=1e-5)
+    out = variant(q, k, v, backend="fa4")
+    with torch.no_grad():
+        q.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
