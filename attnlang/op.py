@@ -140,12 +140,16 @@ def _run(q, k, v, tensors, key):
     return variant._eager_call(q, k, v, scale, backend, True, options, dict(zip(names, tensors)))
 
 
-# Keys an op's implementation may find excluded and that the backends need: autograd (the backward's recompute)
-# and functorch (flex builds its BlockMask with vmap).
+# Keys an op's implementation may find excluded and that the backends need: autograd (the backward's recompute),
+# functorch (flex builds its BlockMask with vmap), and the Python-dispatch keys a nested torch.compile's fake
+# tensors go through (a compiled training graph's first run excludes PythonTLSSnapshot, Functionalize and
+# PreDispatch; flex's own compile under it failed with "tls_on_entry.has_value() INTERNAL ASSERT FAILED" in
+# PythonFallbackKernel.cpp, which a Python-key tensor reaching the Python fallback without its TLS snapshot gives).
+# Names torch does not expose (Batched, VmapMode in 2.11 / 2.13) are skipped.
 _KEY_NAMES = ("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor", "ADInplaceOrView",
               "FuncTorchDynamicLayerBackMode", "FuncTorchDynamicLayerFrontMode", "FuncTorchBatched",
               "FuncTorchVmapMode", "FuncTorchGradWrapper", "Batched", "BatchedNestedTensor", "VmapMode", "Conjugate",
-              "Negative", "ZeroTensor")
+              "Negative", "ZeroTensor", "PythonTLSSnapshot", "Functionalize", "PreDispatch")
 _KEYS = tuple(getattr(torch._C.DispatchKey, name) for name in _KEY_NAMES if hasattr(torch._C.DispatchKey, name))
 # the keys' functionality bits: one AND tells whether any of them is excluded (the common case: none)
 _KEYS_RAW = 0

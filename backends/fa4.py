@@ -33,8 +33,8 @@ table's fixes for configurations the kernel's backward gets wrong: zero-padding 
 multiples of 32, expanding grouped k / v; False runs the kernel as is, for benchmarks/gpu_matrix.py's
 evidence), ``replay`` (default True: a warm call of a signature seen before runs FA4's recorded allocations and
 kernel launches without FA4's Python between them, once checked against FA4's own call; see
-``attnlang.backends.fa4_replay``; False always calls FA4's host functions). FA4's split-KV (``num_splits`` > 1) is not used: FA4 4.0.0b36 asserts "SplitKV not supported on SM
-9.0" on Hopper (H200, session 5).
+``attnlang.backends.fa4_replay``; False always calls FA4's host functions). FA4's split-KV (``num_splits`` > 1)
+is not used: FA4 4.0.0b36 asserts "SplitKV not supported on SM 9.0" on Hopper (H200, session 5).
 
 Gradients flow to q, k and v through FA4's backward. Gradients to floating tensors bound by name that the score or
 mask read are not computed by the kernel: ``unsupported`` declines such calls (grad enabled and such a tensor

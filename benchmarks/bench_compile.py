@@ -231,10 +231,10 @@ def _markdown(result: dict) -> str:
                   "|---|---|---|---|---|---|---|---|"]
         for impl in ("sdpa", "attnlang"):
             r = m.get(impl, {})
-            lines.append(f"| {impl} | {r.get('graph_breaks')} | {r.get('train_step_ms', float('nan')):.3f} | "
-                         f"{r.get('prefill_ms', float('nan')):.3f} | {r.get('train_step_ms_back_to_back', float('nan')):.3f} | "
-                         f"{r.get('prefill_ms_back_to_back', float('nan')):.3f} | {r.get('train_first_s', float('nan')):.1f} | "
-                         f"{r.get('prefill_first_s', float('nan')):.1f} |")
+            cells = [f"{r.get(name, float('nan')):.3f}" for name in
+                     ("train_step_ms", "prefill_ms", "train_step_ms_back_to_back", "prefill_ms_back_to_back")]
+            cells += [f"{r.get(name, float('nan')):.1f}" for name in ("train_first_s", "prefill_first_s")]
+            lines.append(f"| {impl} | {r.get('graph_breaks')} | " + " | ".join(cells) + " |")
         lines.append("")
     d = result.get("decode")
     if d:

@@ -73,8 +73,9 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--n", type=int, default=50)
     args = ap.parse_args(argv)
-    import attnlang as al
     from flash_attn.cute import flash_attn_func
+
+    import attnlang as al
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     B, Hq, Hkv, S, D = 4, 8, 2, 2048, 128
@@ -137,6 +138,7 @@ def main(argv=None):
                          args.n))
     (args.out / "op_host_gpu_profile.txt").write_text("".join(prof))
     import bench_compile as bc
+
     import attnlang.integrations.transformers as alt
     alt.register()
     model = bc._model("attnlang", layers=4, hidden=1024, heads=8, kv_heads=2, head_dim=128, vocab=32000).eval()

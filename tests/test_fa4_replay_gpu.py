@@ -4,12 +4,11 @@ the eager reference (out, lse, dq, dk, dv) as the first call does."""
 
 import pytest
 import torch
+from test_fa4_gpu import GRAD_TOL, LSE_TOL, OUT_TOL, _rel
 
 import attnlang as al
 from attnlang import op
 from attnlang.backends import fa4_replay
-
-from test_fa4_gpu import GRAD_TOL, LSE_TOL, OUT_TOL, _rel
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("needs_fa4")]
 
