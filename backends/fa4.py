@@ -64,7 +64,7 @@ from ..lower_torch import row_values
 from ..memo import MEMO, IdentityMemo
 from ..plan import CallPlan, direct_backward_requested, give_direct_backward
 from ..sparsity import mask_block_sparsity
-from .fa4_replay import Replay
+from .fa4_replay import replayed
 from .fa4_varlen import Host
 from .fa4_varlen import route as route_varlen
 
@@ -595,13 +595,7 @@ def _forward_arguments(kwargs: dict) -> tuple[dict, dict]:
 
 def _replayed(plan: CallPlan, key: tuple | None, exact: bool, call, inputs: tuple, constants: tuple, fa):
     """``call()`` (an FA4 host call on ``inputs``), through the signature's Replay where ``key`` is given."""
-    if key is None:
-        return call()
-    key = key + tuple((t.stride(), t.data_ptr() % 16) if t is not None else None for t in inputs)
-    replay = plan.memo.get(key)
-    if replay is None:
-        replay = plan.memo[key] = Replay(exact)
-    return replay(call, inputs, constants, (fa,))
+    return replayed(plan.memo, key, exact, call, inputs, constants, (fa,))
 
 
 def _constants(fwd: dict) -> tuple:

@@ -55,6 +55,7 @@ class _Input:
     size: tuple
     stride: tuple
     offset: int  # storage offset relative to the input's own
+    whole: bool = False  # the input itself (its own shape and strides): the signature's key fixes both
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,12 +92,24 @@ class Program:
     storages: tuple[_Storage, ...]
     launches: tuple[tuple[Callable, tuple], ...]
     result: Any
+    written: frozenset = frozenset()  # inputs the results are written into (FA4's out= argument)
+
+    def __post_init__(self):
+        # per launch: the argument list with its constants in place, and the positions to fill on every call
+        steps = []
+        for fn, args in self.launches:
+            fixed = [a.value if type(a) is _Const else None for a in args]
+            steps.append((fn, fixed, tuple((i, a) for i, a in enumerate(args) if type(a) is not _Const)))
+        object.__setattr__(self, "_steps", tuple(steps))
 
     def run(self, inputs: Sequence[torch.Tensor | None], device: torch.device):
         buffers = [torch.empty(s.numel, dtype=s.dtype, device=device) if s.fill is None else
                    torch.full((s.numel,), s.fill, dtype=s.dtype, device=device) for s in self.storages]
-        for fn, args in self.launches:
-            fn(*(_build(a, inputs, buffers) for a in args))
+        for fn, fixed, dynamic in self._steps:
+            args = fixed.copy()
+            for i, a in dynamic:
+                args[i] = _build(a, inputs, buffers)
+            fn(*args)
         return _build(self.result, inputs, buffers)
 
 
@@ -106,7 +119,7 @@ def _build(template, inputs, buffers):
         return template.value
     if kind is _Input:
         t = inputs[template.index]
-        if template.offset == 0 and t.shape == template.size and t.stride() == template.stride:
+        if template.whole:
             return t.detach() if t.requires_grad else t
         return t.detach().as_strided(template.size, template.stride, t.storage_offset() + template.offset)
     if kind is _Buffer:
@@ -166,7 +179,9 @@ def _template(value, log: _Log, inputs, constants: dict[int, Any], order: dict[i
             return _Const(value)
         for i, t in enumerate(inputs):
             if t is not None and ptr is not None and t.untyped_storage().data_ptr() == ptr:
-                return _Input(i, tuple(value.shape), tuple(value.stride()), value.storage_offset() - t.storage_offset())
+                offset = value.storage_offset() - t.storage_offset()
+                whole = offset == 0 and value.shape == t.shape and value.stride() == t.stride()
+                return _Input(i, tuple(value.shape), tuple(value.stride()), offset, whole)
         entry = log.storages.get(ptr)
         if entry is None:
             for c in constants.values():  # a view of a constant (the plan's aux tensor, as FA4 passes it on)
@@ -261,9 +276,17 @@ def record(call: Callable[[], Any], inputs: Sequence[torch.Tensor | None], const
         returned = _template(result, log, inputs, const, order)
     except Rejected as e:
         return result, None, str(e)
+    # inputs the call writes its results into (out=): the check runs the program on fresh buffers in their place
+    written = frozenset(t.index for t in _parts(returned) if type(t) is _Input)
     by_index = sorted(order.items(), key=lambda item: item[1])
     storages = tuple(_Storage(log.storages[ptr][0], log.storages[ptr][1], log.storages[ptr][2]) for ptr, _ in by_index)
-    return result, Program(storages, launches, returned), None
+    return result, Program(storages, launches, returned, written), None
+
+
+def _parts(template) -> list:
+    if type(template) is _Rebuilt:
+        return [p for part in template.parts for p in _parts(part)]
+    return [template]
 
 
 def _flatten(values) -> list:
@@ -298,6 +321,21 @@ def _mismatch(a: list, b: list, exact: bool) -> torch.Tensor:
             tol = 1e-2 * xf.abs().amax().nan_to_num(0.0) + 1e-6
             bad = bad | ((xf - yf).abs() > tol).any() | (xf.isnan() != yf.isnan()).any()
     return bad
+
+
+def replayed(memo: dict, key: tuple | None, exact: bool, call: Callable[[], Any],
+             inputs: Sequence[torch.Tensor | None], constants: Sequence[Any], modules: Sequence[Any]):
+    """``call()`` (an FA4 host call on ``inputs``), through the Replay kept in ``memo`` under ``key`` plus the
+    inputs' strides and alignment; ``call()`` itself where ``key`` is None. ``key`` must hold everything the call
+    depends on but ``inputs`` and ``constants`` (the caller's per-plan tensors among FA4's arguments: a replay
+    keeps the ones it recorded, so they must be the same values for as long as ``memo`` lives)."""
+    if key is None:
+        return call()
+    key = key + tuple((t.stride(), t.data_ptr() % 16) if t is not None else None for t in inputs)
+    replay = memo.get(key)
+    if replay is None:
+        replay = memo[key] = Replay(exact)
+    return replay(call, inputs, constants, modules)
 
 
 _ALL: "weakref.WeakSet[Replay]" = weakref.WeakSet()
@@ -346,7 +384,10 @@ class Replay:
             self.state = "check" if self.program is not None else "own"
             return result
         result = call()  # check: FA4's own result goes to the caller, the program's beside it
-        mine = self.program.run(inputs, inputs[0].device)
+        # an input the call writes into gets a fresh buffer for the program (else both results were one tensor)
+        beside = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+                  if i in self.program.written else t for i, t in enumerate(inputs)]
+        mine = self.program.run(beside, inputs[0].device)
         bad = _mismatch(_tensors(result), _tensors(mine), self.exact)
         if not bad.is_cuda:  # a CPU stand-in for FA4 (tests): nothing to wait for
             self.state = "own" if bool(bad) else "replay"

@@ -49,6 +49,7 @@ from ..emit_cute import VarlenPositions
 from ..lower_torch import row_values
 from ..memo import MEMO, IdentityMemo
 from ..patterns import Documents, documents
+from .fa4_replay import replayed
 
 __all__ = ["Host", "Packing", "pack_documents", "route", "describe", "VARLEN_FORWARD_MIN_TOKENS"]
 
@@ -326,16 +327,21 @@ class _Documents(torch.autograd.Function):
                 # out written into a [B, H, S, Dv] buffer: its [S, B * H, Dv] fold is a view, and FA4's lse
                 # [B, H, S] is already the folded [B * H, S]
                 buf = torch.empty(B, H, S, v.shape[3], dtype=q.dtype, device=q.device)
-                lse = fa._flash_attn_fwd(q, k, v, out=buf.transpose(1, 2), **run["dense"])[1]
+                dense, into = run["dense"], buf.transpose(1, 2)
+                lse = _replayed(run, "dense_folded", True, lambda: fa._flash_attn_fwd(q, k, v, out=into, **dense),
+                                (q, k, v, into), (dense.get("aux_tensors"), dense.get("block_sparse_tensors")))[1]
                 out, lse = _fold(buf.transpose(1, 2)), lse.view(B * H, S)
             else:
-                out, lse = fa._flash_attn_fwd(q, k, v, **run["dense"])[:2]
+                dense = run["dense"]
+                out, lse = _replayed(run, "dense", True, lambda: fa._flash_attn_fwd(q, k, v, **dense), (q, k, v),
+                                     (dense.get("aux_tensors"), dense.get("block_sparse_tensors")))[:2]
                 out = out.view(B * S, out.shape[2], out.shape[3])
                 lse = lse.permute(1, 0, 2).reshape(lse.shape[1], B * S)  # [B, H, S] -> [H, B * S]: 4 bytes a row
             saved = (q, k, v)
         else:
             saved = tuple(_to_varlen(t, layout) for t in (q, k, v))
-            out, lse = fa._flash_attn_fwd(*saved, causal=False, return_lse=True, **run["varlen"])[:2]
+            out, lse = _replayed(run, "fwd", True, lambda: fa._flash_attn_fwd(
+                *saved, causal=False, return_lse=True, **run["varlen"]), saved, _constants(run["varlen"]))[:2]
         ctx.save_for_backward(*saved, out, lse)
         ctx.run, ctx.shapes = run, (q.shape, k.shape, v.shape)
         ctx.set_materialize_grads(False)
@@ -349,10 +355,26 @@ class _Documents(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         q, k, v = (t if t.dim() == 3 else _to_varlen(t, layout) for t in (q, k, v))
-        dq, dk, dv = run["fa"]._flash_attn_bwd(
-            q, k, v, out, dout.contiguous(), lse, causal=False, score_mod_bwd=run["score_mod_bwd"],
-            dlse=None if dlse is None else dlse.contiguous(), **run["varlen"])[:3]
+        dout = dout.contiguous()
+        dlse = None if dlse is None else dlse.contiguous()
+        # dq accumulates with fp32 atomics: a replay's check compares within a tolerance (fa4_replay)
+        dq, dk, dv = _replayed(run, "bwd", False, lambda: run["fa"]._flash_attn_bwd(
+            q, k, v, out, dout, lse, causal=False, score_mod_bwd=run["score_mod_bwd"], dlse=dlse, **run["varlen"]),
+            (q, k, v, out, dout, lse, dlse), _constants(run["varlen"]))[:3]
         return (*(_from_varlen(g, shape, layout) for g, shape in zip((dq, dk, dv), ctx.shapes)), None)
+
+
+def _constants(varlen: dict) -> tuple:
+    """The per-plan tensors among the varlen call's arguments (cu_seqlens, aux tensors): what a replay keeps."""
+    return (varlen["cu_seqlens_q"], varlen["cu_seqlens_k"], varlen["aux_tensors"])
+
+
+def _replayed(run: dict, part: str, exact: bool, call, inputs, constants):
+    """One of the call's FA4 host calls (``part``: "fwd", "dense" or "bwd"), through its Replay where the call has
+    a replay key (``route``), else FA4's own call."""
+    key = run["replay"]
+    return replayed(run["memo"], None if key is None else key + (part,), exact, call, inputs, constants,
+                    (run["fa"],))
 
 
 def route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, host: Host):
@@ -381,9 +403,15 @@ def route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, host: Host):
                   window_size_left=low.window[0], window_size_right=low.window[1], score_mod=score_mod,
                   mask_mod=mask_mod, aux_tensors=aux)
     H, Dv = q.shape[1], v.shape[-1]
+    # warm signatures replay FA4's recorded launches (attnlang.backends.fa4_replay): everything the calls take
+    # besides q / k / v is the plan's (cu_seqlens and aux tensors per tensor version, the lowering per plan)
+    replay = None
+    if host.option(plan, "replay") and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        replay = ("varlen", grads, forward, layout, plan.return_lse, q.shape, k.shape, v.shape, q.dtype, q.device)
     if not grads:
-        out, lse = fa._flash_attn_fwd(*(_to_varlen(t, layout) for t in (qt, kt, vt)), causal=False,
-                                      return_lse=plan.return_lse, **varlen)[:2]
+        ins = tuple(_to_varlen(t, layout) for t in (qt, kt, vt))
+        out, lse = replayed(plan.memo, replay, True, lambda: fa._flash_attn_fwd(
+            *ins, causal=False, return_lse=plan.return_lse, **varlen), ins, _constants(varlen), (fa,))[:2]
     else:
         dense = None
         if not forward:
@@ -393,7 +421,8 @@ def route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, host: Host):
             kwargs.pop("score_mod_bwd")
             kwargs.pop("block_sparse_tensors_bwd")
             dense = dict(kwargs, window_size_left=left, window_size_right=right, return_lse=True)
-        run = {"fa": fa, "dense": dense, "varlen": varlen, "score_mod_bwd": score_mod_bwd, "layout": layout}
+        run = {"fa": fa, "dense": dense, "varlen": varlen, "score_mod_bwd": score_mod_bwd, "layout": layout,
+               "memo": plan.memo, "replay": replay}
         out, lse = _Documents.apply(qt, kt, vt, run)
     if layout == _FOLDED:
         out = out.view(S, B, H, Dv).permute(1, 2, 0, 3)

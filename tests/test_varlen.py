@@ -647,3 +647,89 @@ def test_lowering_reuse_keeps_no_plan_alive():
     del plan, doc
     gc.collect()
     assert gone() is None
+
+
+class ReplayableFakeFA4:
+    """FakeFA4 with its work inside "compiled kernels" of compile caches, as flash_attn.cute's interface keeps
+    them: the host functions only allocate and launch, so attnlang.backends.fa4_replay can record and replay
+    them. ``host_calls`` counts the host functions' calls (a replayed call makes none)."""
+
+    def __init__(self, dense_mask=None):
+        inner = FakeFA4(dense_mask)
+        self.calls = inner.calls
+        self.host_calls = host = {"fwd": 0, "bwd": 0}
+
+        def fwd_kernel(q, k, v, out, lse, cu_q, cu_k, aux, rest):
+            o, lse_ = inner._flash_attn_fwd(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, aux_tensors=aux,
+                                            return_lse=True, **dict(rest))[:2]
+            out.copy_(o)
+            lse.copy_(lse_)
+
+        def bwd_kernel(q, k, v, out, dout, lse, dlse, dq, dk, dv, cu_q, cu_k, aux, rest):
+            grads = inner._flash_attn_bwd(q, k, v, out, dout, lse, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                          aux_tensors=aux, dlse=dlse, **dict(rest))
+            for dst, g in zip((dq, dk, dv), grads):
+                dst.copy_(g)
+
+        def _flash_attn_fwd(q, k, v, out=None, return_lse=False, cu_seqlens_q=None, cu_seqlens_k=None,
+                            aux_tensors=None, **rest):
+            host["fwd"] += 1
+            varlen = cu_seqlens_q is not None
+            o = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype) if out is None else out
+            lse = torch.empty((q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1]),
+                              dtype=q.dtype)
+            _flash_attn_fwd.compile_cache.setdefault("fwd", fwd_kernel)
+            _flash_attn_fwd.compile_cache["fwd"](q.detach(), k.detach(), v.detach(), o, lse, cu_seqlens_q,
+                                                 cu_seqlens_k, aux_tensors, tuple(sorted(rest.items())))
+            return o, (lse if return_lse else None), None, None, None
+
+        def _flash_attn_bwd(q, k, v, out, dout, lse, cu_seqlens_q=None, cu_seqlens_k=None, aux_tensors=None,
+                            dlse=None, **rest):
+            host["bwd"] += 1
+            dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+            _flash_attn_bwd.compile_cache.setdefault("bwd", bwd_kernel)
+            _flash_attn_bwd.compile_cache["bwd"](q, k, v, out, dout, lse, dlse, dq, dk, dv, cu_seqlens_q,
+                                                 cu_seqlens_k, aux_tensors, tuple(sorted(rest.items())))
+            return dq, dk, dv
+
+        _flash_attn_fwd.compile_cache, _flash_attn_bwd.compile_cache = {}, {}
+        self._flash_attn_fwd, self._flash_attn_bwd = _flash_attn_fwd, _flash_attn_bwd
+
+
+@pytest.mark.parametrize("grads,direction", [(True, "varlen"), (False, "varlen"), (True, "tile_list_forward")],
+                         ids=["fwd_bwd", "fwd", "tile_list_fwd_varlen_bwd"])
+def test_route_replays_warm_calls(monkeypatch, grads, direction):
+    """One plan called with fresh q / k / v: from the fourth call on FA4's host functions are not called (their
+    recorded launches replay; the folded tile-list forward writes into a buffer it is given, out=), and every call
+    agrees with eager, gradients included. (A short pack's inference runs tile lists, not this path.)"""
+    from attnlang.backends import fa4, fa4_varlen
+    doc = _doc_ids(LENGTHS)
+    dense = (doc[:, None] == doc[None, :]) & (torch.arange(48)[:, None] >= torch.arange(48)[None, :])
+    fa = ReplayableFakeFA4(dense)
+    monkeypatch.setattr(fa4, "_flash", lambda: fa)
+    monkeypatch.setattr(fa4, "_load", lambda module: None)
+    monkeypatch.setattr(fa4, "_block_sparse", lambda plan, low, device: (None, None, True))
+    options = {"varlen": True} if direction == "varlen" else None
+    variant = al.compile(mask="doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx")
+    plan = None
+    for call in range(6):
+        g = torch.Generator().manual_seed(call)
+        q, k, v = (torch.randn(2, H, 48, 32, dtype=torch.float64, generator=g).requires_grad_(grads)
+                   for H in (4, 2, 2))
+        if plan is None:
+            plan = variant._plan(q, k, v, None, "fa4", True, options, {"doc": doc})
+        with torch.set_grad_enabled(grads):
+            out, lse = fa4_varlen.route(q, k, v, plan, fa4.VARLEN_HOST)
+        qe, ke, ve = (t.detach().clone().requires_grad_(grads) for t in (q, k, v))
+        ref, ref_lse = variant(qe, ke, ve, backend="eager", return_lse=True, doc=doc)
+        torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-5, rtol=1e-6)
+        if grads:
+            dout = torch.randn(out.shape, dtype=torch.float64, generator=g)
+            got = torch.autograd.grad(out, (q, k, v), dout)
+            want = torch.autograd.grad(ref, (qe, ke, ve), dout)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    if grads and direction == "tile_list_forward":
+        assert fa.calls[:2] == ["fwd dense", "bwd varlen"]
+    assert fa.host_calls == {"fwd": 3, "bwd": 3 if grads else 0}
