@@ -283,3 +283,17 @@ def test_an_eager_training_call_gives_lse_gradients_and_checks_versions(fake_fa4
         q.mul_(2.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+def test_a_program_that_fails_in_its_check_keeps_fa4s_own_call():
+    fa = fake_interface()
+    replay = Replay(exact=True)
+    _calls(fa, replay, 2)  # warm, record
+    def refusing(*a):
+        raise TypeError("argument 3 has the wrong type")
+    object.__setattr__(replay.program, "_steps", ((refusing, *replay.program._steps[0][1:]),))
+    got = _calls(fa, replay, 3)
+    assert replay.state == "own" and "wrong type" in replay.why
+    for (out, lse, *_), (want_out, want_lse, *_) in got:
+        torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+        torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
