@@ -22,6 +22,8 @@ CASES = [
     ("softcap", "30 * tanh(score / 30)", "True", 64, True),
     ("bias_table", "score + bias[kv_idx]", "q_idx >= kv_idx", 64, True),
     ("prefix_lm", "score", "(kv_idx < 64) | (q_idx >= kv_idx)", 128, True),
+    # packed documents: a short pack's training call runs a tile-list forward and a varlen backward (fa4_varlen)
+    ("documents", "score", "doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx", 128, False),
 ]
 
 
@@ -31,6 +33,9 @@ def _tensors(name, Hq, S):
         return {"slope": torch.rand(Hq, device="cuda", generator=g)}
     if name == "bias_table":
         return {"bias": torch.randn(S, device="cuda", generator=g)}
+    if name == "documents":
+        lengths = torch.tensor([70, 1, 129, 100])  # 300 positions, off the 128-row tiles
+        return {"doc": torch.repeat_interleave(torch.arange(4), lengths).cuda()}
     return {}
 
 
