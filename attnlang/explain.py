@@ -178,4 +178,7 @@ def explain(score: str, mask: str, params: Mapping[str, object], checked: Checke
             out.append(f"  block sparsity at q_len={q_len}, kv_len={kv_len}: not computed ({e.message}{hint})")
     out.append(f"  backend auto: on CUDA, fa4 (Hopper) when it supports the call, else flex; on the CPU, eager "
                f"({_auto_policy()})")
+    out.append("  fa4 host calls: from a call signature's fourth call on, FA4's recorded allocations and kernel "
+               "launches replay without FA4's Python, once checked against FA4's own call on the device "
+               "(kernel_options={'replay': False} turns it off)")
     return "\n".join(out)
