@@ -326,6 +326,27 @@ def test_the_op_kernels_are_never_traced_by_dynamo():
                for g in graphs for n in g.graph.nodes if n.op == "call_function")
 
 
+def test_the_first_compiled_run_reaches_the_backend_with_python_dispatch_keys(monkeypatch):
+    """A compiled training graph's first run calls the op with PythonTLSSnapshot / Functionalize / PreDispatch
+    excluded; the backend must see them back (a nested torch.compile there, flex's own, makes fake tensors that
+    need PythonTLSSnapshot: without it PyTorch asserts "tls_on_entry.has_value()" on the H200)."""
+    import attnlang.backends.eager as eager_backend
+    names = ("PythonTLSSnapshot", "Functionalize", "PreDispatch")
+    seen = []
+    real = eager_backend.attention
+
+    def recording(q, k, v, plan):
+        excluded = torch._C._dispatch_tls_local_exclude_set()
+        seen.append([n for n in names if excluded.has(getattr(torch._C.DispatchKey, n))])
+        return real(q, k, v, plan)
+    monkeypatch.setattr(eager_backend, "attention", recording)
+    module = Biased(ALIBI, "slope", (4,))
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        _grads(compiled, *_qkv())
+    assert seen and all(not got for got in seen), seen
+
+
 def test_dispatch_plain_sees_every_restored_key():
     """The fast check (one AND on the excluded keys' bits) agrees with _dispatch_restored's key by key test."""
     assert op._dispatch_plain()
