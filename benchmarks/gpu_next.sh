@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU runs session 7 left for the next session (benchmarks/results/NOTES.md, "First thing next session"), one
+# stage per device call (each under the 10-minute call limit), after `bash .gpu/a/stash.sh` in a first call:
+#   source benchmarks/gpu_setup.sh > $OUT/all.log 2>&1 && bash benchmarks/gpu_next.sh STAGE $OUT
+# STAGE: tests    the replay / fa4 / varlen / compile GPU tests (pytest -n 12; the timings of later stages are void
+#                 while its xdist workers outlive a timeout, so run it last in a call or alone)
+#        suite    the shape suite with attnlang_auto (issue 15), written to $OUT/shapes.{json,md}
+#        compile  bench_compile (issue 18), $OUT/compile.{json,md}
+set -u
+stage=$1
+out=$2
+export PYTHONUNBUFFERED=1
+case "$stage" in
+  tests)
+    (cd tests && timeout -k 5 450 python3 -m pytest -m gpu -v -p no:cacheprovider --tb=short -n 12 \
+      test_fa4_replay_gpu.py test_compile_gpu.py test_varlen_gpu.py test_fa4_gpu.py > "$out/tests.log" 2>&1)
+    grep -E "passed|failed" "$out/tests.log" | tail -1
+    grep FAILED "$out/tests.log" | head -20 ;;
+  suite)
+    timeout 540 python3 benchmarks/bench_kernels.py --suite --groups gqa hd64 long decode_q1 decode_q16 \
+      --parallel-first 8 --out "$out" --name shapes > "$out/suite.log" 2>&1
+    tail -60 "$out/shapes.md" ;;
+  compile)
+    timeout 300 python3 benchmarks/bench_compile.py --out "$out" > "$out/compile.log" 2>&1
+    cat "$out/compile.md" ;;
+  *)
+    echo "unknown stage $stage: tests, suite or compile" >&2
+    exit 2 ;;
+esac
