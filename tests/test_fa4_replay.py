@@ -297,3 +297,65 @@ def test_a_program_that_fails_in_its_check_keeps_fa4s_own_call():
     for (out, lse, *_), (want_out, want_lse, *_) in got:
         torch.testing.assert_close(out, want_out, rtol=0, atol=0)
         torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
+
+
+def _module_with(host):
+    """A stand-in interface whose _flash_attn_fwd is ``host(q, k, v, cache)``, its kernels in a compile cache."""
+    fa = types.ModuleType("fake_flash_interface")
+    fa.host_calls = 0
+
+    def _flash_attn_fwd(q, k, v):
+        fa.host_calls += 1
+        return host(q, k, v, _flash_attn_fwd.compile_cache)
+
+    _flash_attn_fwd.compile_cache = {}
+    fa._flash_attn_fwd = _flash_attn_fwd
+    return fa
+
+
+def _twice_replayed(fa, n=6):
+    replay = Replay(exact=True)
+    got = []
+    for i in range(n):
+        q, k, v = _inputs(i)
+        got.append((replay(lambda q=q, k=k, v=v: fa._flash_attn_fwd(q, k, v), (q, k, v), (), (fa,)), (q, k, v)))
+    return replay, got
+
+
+def test_views_of_inputs_and_tuples_of_buffers_are_rebuilt():
+    def kernel(q_half, pair, k, v):
+        out, scratch = pair
+        scratch.copy_(q_half.sum(-1))  # [B, S, H] from the first half of q's last dim
+        out.copy_(scratch[..., None] * k + v)
+
+    def host(q, k, v, cache):
+        out = torch.empty_like(v)
+        scratch = torch.empty(q.shape[:-1])
+        cache.setdefault("k", kernel)
+        cache["k"](q.detach()[..., : q.shape[-1] // 2], (out, scratch), k.detach(), v.detach())
+        return out, scratch
+
+    fa = _module_with(host)
+    replay, got = _twice_replayed(fa)
+    assert replay.state == "replay" and fa.host_calls == 3
+    for (out, scratch), (q, k, v) in got:
+        want = q[..., : q.shape[-1] // 2].sum(-1)
+        torch.testing.assert_close(scratch, want)
+        torch.testing.assert_close(out, want[..., None] * k + v)
+
+
+def test_a_fill_after_a_kernel_read_keeps_fa4s_own_call():
+    def kernel(q, acc):
+        acc.add_(q.sum())
+
+    def host(q, k, v, cache):
+        acc = torch.zeros(1)
+        cache.setdefault("k", kernel)
+        cache["k"](q.detach(), acc)
+        acc.zero_()  # the buffer was read by a kernel already: no fresh buffer's fill
+        cache["k"](q.detach(), acc)
+        return acc, None
+
+    fa = _module_with(host)
+    replay, _ = _twice_replayed(fa, 4)
+    assert replay.state == "own" and "not a fresh, unused buffer" in replay.why
