@@ -651,7 +651,9 @@ class _FlashTraining(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qt, kt, vt, run):
         out, lse, ctx.flash_backward = run(qt, kt, vt)
-        ctx.save_for_backward(qt, kt, vt)  # in-place changes of q / k / v before the backward are errors, as usual
+        # in-place changes of q / k / v, out or lse before the backward are errors, as with FlashAttnFunc (FA4's
+        # backward reads out and lse)
+        ctx.save_for_backward(qt, kt, vt, out, lse)
         ctx.set_materialize_grads(False)
         ctx.out_meta = (out.shape, out.dtype, out.device)
         return out, lse

@@ -283,6 +283,11 @@ def test_an_eager_training_call_gives_lse_gradients_and_checks_versions(fake_fa4
         q.mul_(2.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+    out = variant(q, k, v, backend="fa4")
+    with torch.no_grad():
+        out.mul_(2.0)  # FA4's backward reads out
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
 
 
 def test_a_program_that_fails_in_its_check_keeps_fa4s_own_call():
