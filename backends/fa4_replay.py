@@ -1,23 +1,27 @@
 """FA4's host calls (``_flash_attn_fwd``, ``_flash_attn_bwd``) replayed as the allocations and kernel launches they
-made, without FA4's Python between them (issue 18: the compiled prefill and training step are host-bound; one
-warm _flash_attn_fwd costs ~110 us of host for a ~30 us launch, _flash_attn_bwd ~400 us for three launches).
+made, without FA4's Python between them (issue 18: the compiled prefill and training step were host-bound on it;
+benchmarks/results/s7: one warm _flash_attn_fwd cost ~100 us of host for a launch of a tenth of that).
 
-A ``Replay`` belongs to one call signature (what the fa4 backend keys it on: the plan, every tensor's shape, strides,
-dtype, device and alignment, the arguments). Its first call runs FA4 itself and records it (``record``):
-- every ATen op FA4 makes, under a TorchDispatchMode: allocations (empty, empty_strided, zeros, empty_like,
-  zeros_like, new_empty, new_zeros), views (detach, transpose, view, as_strided, slice, select, permute, ...) and
-  zero / fill of a fresh buffer are kept; any other op (a computation, a copy, a write to an input) means the call
-  is not a plain sequence of launches, and the signature stays on FA4's own call;
-- every compiled kernel call, through each ``compile_cache`` of flash_attn.cute's interface (wrapped while the call
-  runs), with its arguments: each tensor argument must be an input's view, a buffer allocated by the call (zeroed
-  or not, as it was when the first kernel read it) or one of the call's constant tensors (the plan's aux tensors);
-  anything else (a tensor from elsewhere) rejects the signature.
-The second call runs FA4 again and, beside it, the recorded program into its own buffers, and compares the two on
-the device (bit for bit where the kernels are deterministic, within a tolerance where they accumulate with atomics:
-FA4's backward dq); the comparison's result comes back through pinned memory without a sync, and once it has
-arrived (a later call, ``torch.cuda.Event.query``) the signature replays (it matched) or stays on FA4's own call.
-A replay is the same kernels, with the same arguments, in the same order, on the current stream (CUDA-graph
-capture is the caller's to avoid: the fa4 backend never replays while capturing).
+A ``Replay`` belongs to one call signature (what its caller keys it on, ``replayed``: the plan, every tensor's
+shape, strides, dtype, device and alignment, the arguments). Its calls, in turn:
+1. warm: FA4 itself (a signature's first call may compile kernels, which is not recorded);
+2. record: FA4 itself, recorded (``record``):
+   - every ATen op FA4 makes, under a TorchDispatchMode: allocations (empty, empty_strided, zeros, empty_like,
+     zeros_like, new_empty, new_zeros, full), views (detach, transpose, view, as_strided, slice, select, permute,
+     ...) and zero / fill of a fresh buffer no kernel has read yet are kept; any other op (a computation, a copy,
+     a write to an input) means the call is not a plain sequence of launches: the signature stays on FA4's call;
+   - every compiled kernel call, through each ``compile_cache`` of flash_attn.cute's interface (wrapped for the
+     call), with its arguments: each tensor argument must be an input's view, a buffer the call allocated (zeroed
+     or not, as it was when the first kernel read it) or one of the caller's per-plan constant tensors (aux
+     tensors, block-sparse tables, cu_seqlens); anything else (a tensor from elsewhere) rejects the signature;
+3. check: FA4 again, and beside it the recorded program into its own buffers (a fresh buffer also in place of an
+   input the call writes its result into, FA4's ``out=``); the two are compared on the device, bit for bit where
+   the kernels are deterministic, within 1% of the largest value where they accumulate with atomics (FA4's
+   backward dq); the comparison comes back through pinned memory without a sync. A program that raises, or whose
+   results differ, leaves the signature on FA4's own call for good;
+4. pending: FA4 itself until the comparison has arrived (``torch.cuda.Event.query``);
+5. replay: the program alone: the same kernels, with the same arguments, in the same order, on the current stream.
+While a CUDA graph is captured a Replay records and checks nothing (it replays only if already replaying).
 """
 
 from __future__ import annotations
