@@ -3,8 +3,9 @@
     python benchmarks/host_diag.py [--rows sinks_window document_random] [--n 50]
 
 For each bench_kernels row (BENCHMARKS.md's shape B=4 H=16 S=8192 D=128 bf16, inputs [B, H, S, D] contiguous as
-the kernel benchmark makes them): attnlang backend="fa4", backend="auto" and FA4 called directly (the benchmark's
-own contender where it has one), inference and forward+backward:
+the kernel benchmark makes them): attnlang backend="fa4" (also with kernel_options={"replay": False}: FA4's host
+functions on every call, attnlang.backends.fa4_replay off), backend="auto" and FA4 called directly (the
+benchmark's own contender where it has one), inference and forward+backward:
 - host_us: wall time of n calls issued back to back after a sync, divided by n (the GPU time per call is reported
   beside it: host_us below it means the call is not host-bound);
 - gpu_us: CUDA-event time per call over the same n calls;
@@ -105,7 +106,10 @@ def main(argv=None):
         variant = bk.variant_of(name)
         direct = bk.make_fa4_builtin(name, tensors, S, H) or bk.make_fa4_varlen(name, tensors, S, H)
         calls = {"attnlang_fa4": lambda q, k, v: variant(q, k, v, backend="fa4", **tensors),
-                 "attnlang_auto": lambda q, k, v: variant(q, k, v, **tensors)}
+                 "attnlang_auto": lambda q, k, v: variant(q, k, v, **tensors),
+                 # FA4's host functions on every call (attnlang.backends.fa4_replay off): what the replay saves
+                 "attnlang_fa4_no_replay": lambda q, k, v: variant(q, k, v, backend="fa4",
+                                                                   kernel_options={"replay": False}, **tensors)}
         if direct is not None:
             calls["fa4_direct"] = direct
         if not tensors:
@@ -157,7 +161,8 @@ def main(argv=None):
           "| row | who | host us | GPU us | train host us | train GPU us | sync (inference / train) |",
           "|---|---|---|---|---|---|---|"]
     for name, row in results.items():
-        for who in ("attnlang_fa4", "attnlang_auto", "attnlang_op", "fa4_attnlang_args", "fa4_direct"):
+        for who in ("attnlang_fa4", "attnlang_fa4_no_replay", "attnlang_auto", "attnlang_op", "fa4_attnlang_args",
+                    "fa4_direct"):
             if f"{who}_host_us" in row or f"{who}_error" in row:
                 md.append(f"| {name} | {who} | {row.get(f'{who}_host_us', '')} | {row.get(f'{who}_gpu_us', '')} | "
                           f"{row.get(f'{who}_train_host_us', '')} | {row.get(f'{who}_train_gpu_us', '')} | "
