@@ -6,6 +6,7 @@
 #                 while its xdist workers outlive a timeout, so run it last in a call or alone)
 #        suite    the shape suite with attnlang_auto (issue 15), written to $OUT/shapes.{json,md}
 #        compile  bench_compile (issue 18), $OUT/compile.{json,md}
+#        host     host_diag at hd64 (replay on / off side by side), $OUT/host_diag_s8.{json,md}
 set -u
 stage=$1
 out=$2
@@ -23,7 +24,11 @@ case "$stage" in
   compile)
     timeout 300 python3 benchmarks/bench_compile.py --out "$out" > "$out/compile.log" 2>&1
     cat "$out/compile.md" ;;
+  host)
+    timeout 300 python3 benchmarks/host_diag.py --rows sliding_window causal document_random --shape 4 16 4096 64 \
+      --n 50 --out "$out" --name host_diag_s8 > "$out/host.log" 2>&1
+    cat "$out/host_diag_s8.md" ;;
   *)
-    echo "unknown stage $stage: tests, suite or compile" >&2
+    echo "unknown stage $stage: tests, suite, compile or host" >&2
     exit 2 ;;
 esac
