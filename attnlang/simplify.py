@@ -351,8 +351,10 @@ def add_zero(n, x, z):
 
 
 def sub_zero(n, x, z):
-    # x - 0 is x for ints, and for floats too (x - (+0.0) keeps -0.0), when the type does not widen
-    if _is_zero(z) and (x.dtype is DType.INT and z.dtype is DType.INT or x.dtype is DType.FLOAT):
+    # x - 0 is x for ints, and for floats too (x - (+0.0) keeps -0.0), when the type does not widen; not x - (-0.0),
+    # which is x + 0.0: +0.0 where x is -0.0 (1.0 / (score * 0.0 - -0.0) is +inf for a negative score, not -inf)
+    if _is_zero(z) and (x.dtype is DType.INT and z.dtype is DType.INT
+                        or x.dtype is DType.FLOAT and math.copysign(1.0, z.value) > 0):
         return x
     return None
 

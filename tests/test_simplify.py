@@ -151,6 +151,14 @@ def test_rule_case_keeps_output(case):
     assert rule in simp.trace, f"{rule} did not fire: {simp.trace}"
 
 
+def test_minus_negative_zero_is_kept():
+    """x - (-0.0) is x + 0.0, which is +0.0 where x is -0.0: dropping it turned the +inf of 1.0 / (score * 0.0 -
+    -0.0) (score < 0) into -inf, so an error became -5.0 (found by differential fuzzing)."""
+    simp = assert_same_output("score + max(1.0 / (score * 0.0 - -0.0), -5.0)")
+    assert "sub_zero" not in simp.trace
+    assert "sub_zero" in assert_same_output("score + max(1.0 / (score * 0.0 - 0.0), -5.0)").trace
+
+
 def test_every_rule_has_a_case():
     fired = set()
     for score, mask, params, _ in CASES:
