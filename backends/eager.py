@@ -7,6 +7,7 @@ each chunk is recomputed in the backward pass (activation checkpointing), so mem
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -55,11 +56,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan,
 
     def block(start: int, qc: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, *vals):
         bound = dict(zip(names, vals))
-        return _block(qc, kk, vv, score, mask, start, scale, fd, bound, Sq, Skv, B, Hq, Hkv, guard, source)
+        return _block(qc, kk, vv, score, mask, start, scale, fd, bound, Sq, Skv, B, Hq, Hkv, guard, source,
+                      v_finite)
 
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *values))
     guard = needs_grad and _may_leak_nan(score, tensors)
     k, v = k.to(fd), v.to(fd)  # once, not per chunk
+    with torch.no_grad():
+        v_finite = bool(torch.isfinite(v).all())  # else keys of weight 0 must not spread v's NaN / inf
     outs, lses = [], []
     for start in range(0, Sq, chunk_size):
         qc = q[:, :, start:start + chunk_size]
@@ -139,8 +143,38 @@ def _differentiable_scores(score_expr, names, tensors, fd, s3, full, device):
     return torch.full(full, -math.inf, dtype=fd, device=device).masked_scatter(keep, values)
 
 
+def _weights_times_v(p, v, B, Hq, Hkv, rows, v_finite=True):
+    """out = p @ v per (b, h) with GQA's head grouping: [B, Hq, rows, Skv] @ [B, Hkv, Skv, Dv].
+
+    LANGUAGE.md sums over the allowed keys only, so a key of weight exactly 0 (a masked pair, a -inf score)
+    contributes nothing even where its row of v is NaN or infinite (a cache's unwritten tail, say), where the
+    plain product gives 0 * NaN = NaN. When v is not all finite (``v_finite`` False), the product is taken with
+    those entries 0 and each output element gets NaN / +inf / -inf only from the non-finite entries its keys of
+    nonzero weight meet (NaN from a NaN, or from both +inf and -inf; else the infinity's sign)."""
+    group = Hq // Hkv
+    skv = p.shape[-1]
+
+    def mm(w, x):
+        return torch.matmul(w.reshape(B, Hkv, group, rows, skv), x.unsqueeze(2)).reshape(B, Hq, rows, -1)
+
+    if v_finite:
+        return mm(p, v)
+    finite = torch.isfinite(v)
+    out = mm(p, torch.where(finite, v, torch.zeros((), dtype=v.dtype, device=v.device)))
+    with torch.no_grad():
+        vd = v.detach()
+        weighted = (p.detach() > 0).to(v.dtype)
+        nan = mm(weighted, torch.isnan(vd).to(v.dtype)) > 0
+        pos = mm(weighted, (vd == math.inf).to(v.dtype)) > 0
+        neg = mm(weighted, (vd == -math.inf).to(v.dtype)) > 0
+    full = functools.partial(torch.full, (), dtype=out.dtype, device=out.device)
+    out = torch.where(pos, full(math.inf), out)
+    out = torch.where(neg, full(-math.inf), out)
+    return torch.where(nan | (pos & neg), full(math.nan), out)
+
+
 def _block(qc, k, v, score_expr, mask_expr, start, scale, fd, tensors, Sq, Skv, B, Hq, Hkv, guard=True,
-           score_source=None):
+           score_source=None, v_finite=True):
     rows = qc.shape[2]
     group = Hq // Hkv
     # [B, Hkv, group, rows, D] @ [B, Hkv, 1, D, Skv]: GQA without copying k and v per query head
@@ -179,7 +213,7 @@ def _block(qc, k, v, score_expr, mask_expr, start, scale, fd, tensors, Sq, Skv, 
         s3 = torch.where(empty, torch.zeros((), dtype=fd, device=qc.device), s3)
     p = torch.softmax(s3, dim=-1)  # one fused pass
     lse = torch.logsumexp(s3, dim=-1, keepdim=True)
-    out = torch.matmul(p.reshape(B, Hkv, group, rows, Skv), v.unsqueeze(2)).reshape(B, Hq, rows, -1)
+    out = _weights_times_v(p, v, B, Hq, Hkv, rows, v_finite)
     if any_empty:
         zero = torch.zeros((), dtype=fd, device=qc.device)
         out = torch.where(empty, zero, out)

@@ -263,3 +263,50 @@ def test_values_through_the_pipeline_match_python_float64(backend):
         expected = torch.tensor([want(i) for i in range(3)], dtype=torch.float64)
         torch.testing.assert_close(lse[0, 0], expected, rtol=1e-12, atol=1e-12, msg=text)
         assert torch.equal(out, torch.zeros_like(out)), text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LANGUAGE.md: out sums over the allowed keys only; a key of weight 0 adds nothing, whatever its row of v holds
+
+def _plain_attention(q, k, v, allowed):
+    """softmax over the allowed keys times v, summing only the allowed keys' rows (float64, one head)."""
+    s = (q @ k.T) / math.sqrt(q.shape[-1])
+    out = torch.zeros(q.shape[0], v.shape[-1], dtype=torch.float64)
+    for i in range(q.shape[0]):
+        keys = [j for j in range(k.shape[0]) if allowed(i, j)]
+        w = torch.softmax(s[i, keys], dim=0)
+        for wj, j in zip(w, keys):
+            out[i] += wj * v[j]
+    return out
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_v_row_of_a_key_no_row_attends_leaves_out_finite(bad):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 4, dtype=torch.float64) for _ in range(3))
+    v[0, :, 5] = bad            # the key beyond every row's window (a cache's unwritten tail)
+    v[0, 1, 3, 2] = bad         # attended by rows 3, 4 of head 1 only
+    variant = al.compile(mask="q_idx >= kv_idx & kv_idx < 5")
+    out = variant(q, k, v, backend="eager")
+    for h in range(2):
+        want = _plain_attention(q[0, h], k[0, h], v[0, h], lambda i, j: i >= j and j < 5)
+        torch.testing.assert_close(out[0, h], want, equal_nan=True)
+    assert torch.isfinite(out[0, 0]).all() and torch.isfinite(out[0, 1, :3]).all()
+    assert not torch.isfinite(out[0, 1, 3:5, 2]).any() and torch.isfinite(out[0, 1, 3:, [0, 1, 3]]).all()
+    # normalize=False: a NaN only in the unattended tail is no error (the numerator is finite)
+    v[0, 1, 3, 2] = 0.0
+    num = al.compile(mask="q_idx >= kv_idx & kv_idx < 5", normalize=False)(q, k, v, backend="eager")
+    assert torch.isfinite(num).all()
+
+
+def test_a_non_finite_v_row_of_a_masked_key_keeps_gradients_finite():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bad = v.detach().clone()
+    bad[0, :, 4] = float("nan")
+    vb = bad.requires_grad_()
+    out = al.compile(mask="kv_idx < 4", sink="0.0")(q, k, vb, backend="eager")
+    out.sum().backward()
+    ref = al.compile(mask="kv_idx < 4", sink="0.0")(q, k[:, :, :4], v[:, :, :4], backend="eager")
+    torch.testing.assert_close(out, ref)
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all() and torch.isfinite(vb.grad).all()
