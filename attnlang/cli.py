@@ -115,7 +115,7 @@ def cmd_explain(args) -> int:
     tensors = _tensors(args.tensor)  # loaded and checked with or without --png: a bad file is never ignored
     for name, t in tensors.items():
         check_named_tensor(name, t, v.checked.tensors)
-    print(v.explain(q_len=q_len, kv_len=kv_len, block_size=args.block_size, **tensors))
+    print(v.explain(q_len, kv_len, args.block_size, **tensors))  # by position: a tensor may be 'block_size'
     if args.png:
         from .picture import draw
         q_len = q_len or 1024

@@ -34,7 +34,7 @@ def draw(variant, path, q_len: int, kv_len: int, block_size=(128, 128), batch: i
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    bs = variant.block_sparsity(q_len, kv_len, batch=batch, heads=heads, block_size=block_size, **tensors)
+    bs = variant.block_sparsity(q_len, kv_len, batch, heads, block_size, **tensors)  # a tensor may be 'heads'
     fig, ax = plt.subplots(figsize=(6, 6 * min(2.0, max(0.25, q_len / kv_len))), dpi=120)
     try:
         if q_len * kv_len <= DENSE_LIMIT:

@@ -39,6 +39,16 @@ class _Required:
 
 
 _MISSING = _Required()
+
+
+class _Default:
+    """The default of an option of explain() / block_sparsity() left out (its value is in the docstring)."""
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+_DEFAULT = _Default()
 # packages whose code tests a Variant (a callable) for presence with bool(): they get True (see __bool__)
 _TRUTHY_CALLERS = frozenset({"torch", "functools", "inspect", "transformers", "typing", "dataclasses"})
 CONFIG_KEYS = ("score", "mask", "params", "sink", "normalize")
@@ -199,28 +209,59 @@ class Variant:
         return config
 
     # ----- explain -----
-    def explain(self, /, q_len: int | None = None, kv_len: int | None = None,
-                block_size: tuple[int, int] | int = (128, 128), **tensors) -> str:
+    def explain(self, q_len: int | None = _DEFAULT, kv_len: int | None = _DEFAULT,
+                block_size: tuple[int, int] | int = _DEFAULT, /, **tensors) -> str:
         """A human-readable report: parsed and simplified forms, types, tensors, rules that fired; with lengths,
-        the mask's block sparsity in ``block_size`` blocks (from the values of ``tensors``, bound by name, for a
-        mask that reads tensors). Raises AttnLangError for bad lengths, block sizes or tensors."""
+        the mask's block sparsity in ``block_size`` blocks (default 128 x 128; from the values of ``tensors``,
+        bound by name, for a mask that reads tensors). ``block_size=`` is that option unless the variant reads a
+        tensor named ``block_size`` (LANGUAGE.md reserves only the call's keywords): then the keyword binds the
+        tensor, and the option is given by position. Raises AttnLangError for bad lengths, block sizes or tensors."""
         from .explain import explain
+        q_len, kv_len, block_size = self._options(
+            "explain", {"q_len": q_len, "kv_len": kv_len, "block_size": block_size}, tensors,
+            {"q_len": None, "kv_len": None, "block_size": (128, 128)})
         return explain(self._score_source, self._mask_source, self._params, self._checked, self._simplified,
                        q_len=q_len, kv_len=kv_len, normalize=self._normalize, tensors=tensors,
                        block_size=block_size)
 
-    def block_sparsity(self, /, q_len: int, kv_len: int, batch: int = 1, heads: int = 1,
-                       block_size: tuple[int, int] | int = (128, 128), **tensors):
+    def block_sparsity(self, q_len: int = _MISSING, kv_len: int = _MISSING, batch: int = _DEFAULT,
+                       heads: int = _DEFAULT, block_size: tuple[int, int] | int = _DEFAULT, /, **tensors):
         """Classify every (query block, key block) tile as empty / partial / full; see attnlang.sparsity.
 
-        ``device=`` (where ``kind`` lives) and ``refine=`` are the options of attnlang.sparsity.block_sparsity,
-        unless the variant reads a tensor of that name.
+        ``q_len``, ``kv_len`` (required), ``batch``, ``heads`` (default 1) and ``block_size`` (default 128 x 128) by
+        position or keyword; ``device=`` (where ``kind`` lives) and ``refine=`` are the options of
+        attnlang.sparsity.block_sparsity. A keyword among batch, heads, block_size, device and refine that names a
+        tensor the variant reads binds that tensor (LANGUAGE.md reserves only the call's own keywords); such an
+        option is then given by position (or left at its default).
         """
         from .sparsity import mask_block_sparsity
+        q_len, kv_len, batch, heads, block_size = self._options(
+            "block_sparsity", {"q_len": q_len, "kv_len": kv_len, "batch": batch, "heads": heads,
+                               "block_size": block_size}, tensors,
+            {"batch": 1, "heads": 1, "block_size": (128, 128)})
         options = {name: tensors.pop(name) for name in ("device", "refine")
                    if name in tensors and name not in self._checked.tensors}
         return mask_block_sparsity(self._simplified.mask, self._checked.tensors, self._checked.sources, q_len,
                                    kv_len, batch, heads, block_size, tensors, **options)
+
+    def _options(self, what: str, given: dict, tensors: dict, defaults: dict) -> list:
+        """The values of ``what``'s options: each given by position (``given``; _MISSING or _DEFAULT if not), else
+        by keyword (popped from ``tensors``) unless the variant reads a tensor of that name, else its default (an
+        option without one is required)."""
+        out = []
+        for name, value in given.items():
+            by_keyword = name in tensors and name not in self._checked.tensors
+            unset = value is _MISSING or value is _DEFAULT
+            if by_keyword and not unset:
+                raise AttnLangError(f"{what}() got {name} both by position and by keyword")
+            if by_keyword:
+                value, unset = tensors.pop(name), False
+            if unset:
+                if name not in defaults:
+                    raise AttnLangError(f"{what}() needs {name}")
+                value = defaults[name]
+            out.append(value)
+        return out
 
     # ----- calling -----
     def __call__(self, q: torch.Tensor = _MISSING, k: torch.Tensor = _MISSING, v: torch.Tensor = _MISSING, /, *extra,

@@ -258,6 +258,30 @@ def test_block_sparsity_reads_tensors_named_like_its_options(name):
     torch.testing.assert_close(v(q, k, val, backend="flex", **{name: t}), ref)
 
 
+@pytest.mark.parametrize("name", ["batch", "heads", "block_size"])
+def test_block_sparsity_and_explain_read_tensors_named_like_their_keywords(name):
+    # LANGUAGE.md reserves only the call's keywords: a tensor may be called heads, and block_sparsity / explain
+    # (whose keywords these are) bind it by name, the options then by position
+    v = al.compile(mask=f"{name}[q_idx] >= {name}[kv_idx]")
+    t = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    want = [[[[2, 0, 0, 0], [2, 2, 0, 0], [2, 2, 2, 0], [2, 2, 2, 2]]]]
+    assert v.block_sparsity(8, 8, 1, 1, 2, **{name: t}).kind.tolist() == want
+    assert v.block_sparsity(q_len=8, kv_len=8, **{name: t}).kind.shape == (1, 1, 1, 1)
+    assert "6 empty, 0 partial, 10 full of 16" in v.explain(8, 8, 2, **{name: t})
+
+
+def test_block_sparsity_options_given_twice_or_missing_are_errors():
+    v = al.compile(mask="q_idx >= kv_idx")
+    with pytest.raises(AttnLangError, match="batch both by position and by keyword"):
+        v.block_sparsity(8, 8, 1, batch=2)
+    with pytest.raises(AttnLangError, match="needs kv_len"):
+        v.block_sparsity(8)
+    with pytest.raises(AttnLangError, match="block_size both"):
+        v.explain(8, 8, 4, block_size=2)
+    by_keyword = v.block_sparsity(q_len=8, kv_len=8, block_size=4).kind
+    assert v.block_sparsity(8, 8, 1, 1, 4).kind.tolist() == by_keyword.tolist()
+
+
 def test_block_sparsity_device_and_refine_options_still_work():
     v = al.compile(mask="q_idx >= kv_idx")
     assert v.block_sparsity(q_len=8, kv_len=8, block_size=2, device="cpu").kind.device.type == "cpu"
