@@ -509,6 +509,13 @@ def _infer(tree: Expr, tensor_dtypes, source: str, where: str) -> Expr:
     node), a reduction the balanced tree of its terms with the generator's variable as each constant in turn."""
     scope: dict[str, Expr] = {}
     budget = [8 * MAX_NODES]  # nodes visited; a runaway expansion stops long before it costs time
+    # A reduction's first term stands for all its terms (every later one costs at least as much: it differs only in
+    # the constant i, and a range(i) inside grows with i), so its visits are charged `mult` times, the later terms
+    # only for what they cost beyond the first: the budget counts the same visits as a plain count, but runs out
+    # at the first term of the innermost reduction of a runaway nest (sum(sum(... for i in range(2)) ...) 50
+    # deep), not after the budget's worth of work.
+    mult = [1]
+    seen = [0]  # visits made
 
     def fail(msg, node):
         raise AttnLangError.at(msg, source, node.span, where)
@@ -526,7 +533,8 @@ def _infer(tree: Expr, tensor_dtypes, source: str, where: str) -> Expr:
             fail(f"{what} expects an int, but this is {node.dtype.value}", node)
 
     def visit(node):
-        budget[0] -= 1
+        seen[0] += 1
+        budget[0] -= mult[0]
         if budget[0] < 0:
             fail(f"expression too large once its bindings and reductions are expanded (more than {MAX_NODES} "
                  f"nodes)", node)
@@ -672,9 +680,21 @@ def _infer(tree: Expr, tensor_dtypes, source: str, where: str) -> Expr:
             fail(f"{f}() of an empty range", node.count)
         saved = scope.get(node.var)
         terms = []
+        outer, first = mult[0], 0
         for i in range(k):
             scope[node.var] = Const(i, DType.INT, node.var_span)
+            start = seen[0]
+            mult[0] = outer * k if i == 0 else 0
             term = visit(node.body)
+            mult[0] = outer
+            cost = seen[0] - start
+            if i == 0:
+                first = cost
+            elif cost > first:
+                budget[0] -= (cost - first) * outer
+                if budget[0] < 0:
+                    fail(f"expression too large once its bindings and reductions are expanded (more than "
+                         f"{MAX_NODES} nodes)", node)
             if f in ("any", "all"):
                 if term.dtype in (DType.INT, DType.FLOAT):
                     fail(f"{f}() needs a bool for each term, but this is {term.dtype.value}", term)

@@ -174,6 +174,26 @@ def test_expansion_is_bounded_not_exponential():
         al.compile(mask=mask)
 
 
+def test_nested_reductions_are_refused_before_expanding(monkeypatch):
+    """50 nested sums of range(2) expand to 2**50 terms: the budget runs out at the innermost first term (it
+    stands for all the terms of every enclosing reduction), not after ~50000 terms built one by one, which took
+    1-2 s on a loaded machine (found by front-end fuzzing)."""
+    from attnlang import check as check_module
+    combined = []
+    real = check_module._combine
+    monkeypatch.setattr(check_module, "_combine", lambda *a: combined.append(1) or real(*a))
+
+    def nest(n):
+        return "sum(" * n + "score" + "".join(f" for i{j} in range(2))" for j in range(n))
+    with pytest.raises(al.AttnLangError, match="once its bindings and reductions are expanded"):
+        al.compile(nest(50))
+    assert len(combined) < 100
+    al.compile(nest(13))  # 8192 terms: within the limit, as before
+    with pytest.raises(al.AttnLangError, match="once its bindings and reductions are expanded"):
+        al.compile(nest(14))
+    al.compile("sum(sum(float(j) for j in range(i)) for i in range(100)) + score")  # later terms cost more
+
+
 def test_shift_amount_and_overflow_are_checked_at_call_time():
     q = torch.zeros(1, 1, 5, 4)
     v = al.compile(mask="(q_idx << (kv_idx - 2)) > 0")
