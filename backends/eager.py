@@ -62,8 +62,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan,
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *values))
     guard = needs_grad and _may_leak_nan(score, tensors)
     k, v = k.to(fd), v.to(fd)  # once, not per chunk
-    with torch.no_grad():
-        v_finite = bool(torch.isfinite(v).all())  # else keys of weight 0 must not spread v's NaN / inf
+    # else keys of weight 0 must not spread v's NaN / inf; while a CUDA graph is captured no value can be read
+    # (a sync), so the product that handles non-finite v always runs then
+    if v.is_cuda and torch.cuda.is_current_stream_capturing():
+        v_finite = False
+    else:
+        with torch.no_grad():
+            v_finite = bool(torch.isfinite(v).all())
     outs, lses = [], []
     for start in range(0, Sq, chunk_size):
         qc = q[:, :, start:start + chunk_size]
