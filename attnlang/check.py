@@ -225,6 +225,10 @@ def check_index_bounds(checked: Checked, env: Mapping[str, object], shapes: Mapp
                 continue
             shape = shapes[node.tensor]
             for axis, (index, size) in enumerate(zip(node.indices, shape)):
+                if size == 0:  # no index is valid, clamp or not
+                    raise AttnLangError.at(
+                        f"tensor {node.tensor!r} has size 0 along index {axis} (shape {tuple(shape)}): an empty "
+                        f"tensor has no element to read", checked.sources[where], index.span or node.span, where)
                 r = _device_bounds(index, env)
                 if r.lo < 0 or r.hi > size - 1:
                     got = _fmt_interval(r)

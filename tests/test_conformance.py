@@ -310,3 +310,13 @@ def test_a_non_finite_v_row_of_a_masked_key_keeps_gradients_finite():
     ref = al.compile(mask="kv_idx < 4", sink="0.0")(q, k[:, :, :4], v[:, :, :4], backend="eager")
     torch.testing.assert_close(out, ref)
     assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all() and torch.isfinite(vb.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["eager", "flex"])
+@pytest.mark.parametrize("score, shape", [("score + bias[h]", (0,)), ("score + bias[clamp(h, 0, 3)]", (0,)),
+                                          ("score + bias[h, q_idx]", (2, 0))])
+def test_reading_an_empty_tensor_says_it_is_empty_not_to_clamp(backend, score, shape):
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises(al.AttnLangError, match="has size 0 along index") as e:
+        al.compile(score=score)(q, q, q, backend=backend, bias=torch.zeros(shape))
+    assert "clamp" not in str(e.value).splitlines()[0] and "^" in str(e.value)
