@@ -805,6 +805,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
         # torch's flex refuses CPU inputs that require grad even under no_grad; nothing needs their graph here
         q, k, v, named = q.detach(), k.detach(), v.detach(), tuple(t.detach() for t in named)
     q, k, v = (t if t.is_contiguous() else t.contiguous() for t in (q, k, v))
+    if compiled and cpu:
+        # Inductor's CPU flex template takes no strided view as a captured buffer (LoweringException: "All the
+        # buffers in the score and mask subgraph should be in kernel_group.args.input_buffers")
+        named = tuple(t if t.is_contiguous() else t.contiguous() for t in named)
     bm = _block_mask(q, plan, mask_names, fd)
 
     def run(kern, tiles=None):

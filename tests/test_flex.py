@@ -322,6 +322,20 @@ def test_int_literals_meet_floats_on_compiled_cpu_flex():
     torch.testing.assert_close(out, variant(q, k, v, backend="eager"), atol=2e-5, rtol=1e-5)
 
 
+def test_strided_named_tensors_on_compiled_cpu_flex():
+    # Inductor's CPU flex template refused a strided view read by the score or the mask ("All the buffers in the
+    # score and mask subgraph should be in kernel_group.args.input_buffers"), so a valid call failed with
+    # KernelFailure (found by differential fuzzing): they go in contiguous
+    variant = al.compile(score="score + float(ik[kv_idx])", mask="mk[kv_idx] | q_idx >= kv_idx")
+    q, k, v = make_qkv(Shape(1, 2, 2, 16, 16, 8), seed=4)
+    ik = torch.randint(0, 4, (32,))[::2]
+    mk = (torch.rand(32) > 0.5)[::2]
+    assert not ik.is_contiguous() and not mk.is_contiguous()
+    with torch.no_grad():
+        out = variant(q, k, v, backend="flex", kernel_options={"CPU_COMPILED": True}, ik=ik, mk=mk)
+    torch.testing.assert_close(out, variant(q, k, v, backend="eager", ik=ik, mk=mk), atol=2e-5, rtol=1e-5)
+
+
 def test_float_literals_that_change_between_variants_run_on_uncompiled_flex():
     # Uncompiled flex (CPU with lse or float64) compiles torch's one shared wrapper around the mods: a literal that
     # differs from the previous variant's was traced as a symbolic float on that recompile, and min / max / clamp's
