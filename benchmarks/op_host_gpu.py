@@ -23,32 +23,12 @@ import cProfile
 import io
 import pstats
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.append(str(Path(__file__).resolve().parent))
-
-
-def _timed(fn, n: int) -> tuple[float, float]:
-    for _ in range(5):
-        fn()
-    host = []
-    for _ in range(3):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        host.append((time.perf_counter() - t0) / n * 1e6)
-        torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return round(sorted(host)[1], 1), round(start.elapsed_time(end) / n * 1e3, 1)
+from host_diag import _timed  # noqa: E402 (host and CUDA-event time per call, as host_diag measures it)
 
 
 def _profile(title: str, fn, n: int) -> str:
