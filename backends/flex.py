@@ -65,7 +65,8 @@ _block_masks: "OrderedDict[tuple, tuple]" = OrderedDict()
 _flash_failed: dict[tuple, str] = {}
 _first_lengths: "OrderedDict[tuple, tuple]" = OrderedDict()  # key without lengths -> the first (q_len, kv_len)
 _flash_lengths: dict[tuple, tuple] = {}  # automatic FLASH: variant and shape class -> the first lengths
-_stats = {"compiled": 0, "graphs": 0, "block_masks": 0, "flash_fallbacks": 0, "tile_retries": 0}
+_stats = {"compiled": 0, "graphs": 0, "block_masks": 0, "flash_fallbacks": 0, "tile_retries": 0,
+          "non_finite_v": 0}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -860,6 +861,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
         # compiled CPU flex returns no lse; the plan said it needs none, so zeros keep the contract's shape
         lse = torch.zeros(B, Hq, Sq, dtype=fd, device=q.device)
         if bool(torch.isnan(out).any()):
+            if not bool(torch.isfinite(v).all()):
+                return _non_finite_v(q, k, v, plan)
             raise _bad_score(plan, "the score expression gives NaN or +inf at an allowed position; scores must be "
                                    "finite or -inf")
         return out, lse
@@ -877,11 +880,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
         # which fails the replay (and the CUDA context) instead of raising AttnLangError
         torch._assert_async(~bad.any(), "attnlang flex: the score expression gives NaN or +inf at an allowed "
                                         "position; scores must be finite or -inf")
-    elif bool(bad.any()):
-        b, h, i = (int(x) for x in bad.nonzero()[0])
-        raise _bad_score(plan, f"the score expression gives NaN or +inf at an allowed position in row b={b}, "
-                               f"h={h}, q_idx={i}; scores must be finite or -inf",
-                         _raw_row_problem(q, k, plan, b, h, i))
+    else:
+        # one host read for both: NaN / +inf in lse (a bad score) and NaN in a row of out with allowed keys (v not
+        # finite; rows with none are zeroed below, whatever the kernel wrote there)
+        nan_rows = torch.isnan(out).any(-1) & (lse != -math.inf)
+        bad_score, nan_out = torch.stack((bad.any(), nan_rows.any())).tolist()
+        if bad_score:
+            b, h, i = (int(x) for x in bad.nonzero()[0])
+            raise _bad_score(plan, f"the score expression gives NaN or +inf at an allowed position in row b={b}, "
+                                   f"h={h}, q_idx={i}; scores must be finite or -inf",
+                             _raw_row_problem(q, k, plan, b, h, i))
+        if nan_out and not bool(torch.isfinite(v).all()):
+            return _non_finite_v(q, k, v, plan)
     # rows with no allowed key: out 0 and lse -inf whatever the kernel wrote into out there
     empty = lse == -math.inf
     lse = torch.where(empty, torch.full_like(lse, -math.inf), lse)
@@ -891,6 +901,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
         shift = row_values(plan.lse_shift, B, Hq, Sq, plan.kv_len, plan.tensors, fd, q.device)
         lse = lse + shift.to(lse.dtype)
     return out.to(q.dtype), lse_float32(lse)  # float64 stays float64 (API.md)
+
+
+def _non_finite_v(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan):
+    """(out, lse) of a call whose v holds NaN / inf, from the eager reference.
+
+    LANGUAGE.md sums over the allowed keys, so a masked key's row of v (a KV cache's unwritten tail, say) must
+    not reach out; FlexAttention multiplies whole tiles of weights by v, and 0 * NaN spread NaN into rows that
+    never attend that key. The eager backend takes the product with those entries 0 and gives NaN / inf only to
+    the rows whose keys of nonzero weight meet them (a rare, slower path: the common call pays one extra
+    reduction over out, read with the lse check)."""
+    from . import eager  # the reference, for this call only
+
+    _stats["non_finite_v"] += 1
+    return eager.attention(q, k, v, plan)
 
 
 _LENGTHS: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()

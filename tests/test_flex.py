@@ -348,3 +348,21 @@ def test_float_literals_that_change_between_variants_run_on_uncompiled_flex():
         ref_out, ref_lse = variant(q, q, q, backend="eager", return_lse=True)
         torch.testing.assert_close(out, ref_out)
         torch.testing.assert_close(lse, ref_lse)
+
+
+@pytest.mark.parametrize("return_lse", [False, True])  # compiled CPU flex (no lse) and uncompiled (lse)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_v_row_of_a_masked_key_does_not_reach_other_rows(return_lse, bad):
+    # FlexAttention multiplies a whole tile of weights by v: a masked key's NaN / inf (a KV cache's unwritten
+    # tail) made 0 * NaN = NaN in every row of its tile; LANGUAGE.md sums over the allowed keys only, so those
+    # rows are finite, as on the eager reference, and only rows that attend the key see it
+    variant = al.compile(mask="q_idx >= kv_idx & kv_idx < 6")
+    q, k, v = make_qkv(Shape(1, 2, 2, 8, 8, 16), seed=3)
+    v[0, :, 7] = bad            # no row attends key 7
+    v[0, 1, 4, 3] = bad         # rows 4 and 5 of head 1 attend key 4
+    got = variant(q, k, v, backend="flex", return_lse=return_lse)
+    want = variant(q, k, v, backend="eager", return_lse=return_lse)
+    got, want = (got[0], want[0]) if return_lse else (got, want)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5, equal_nan=True)
+    assert torch.isfinite(got[0, 0]).all() and torch.isfinite(got[0, 1, :4]).all()
+    assert not torch.isfinite(got[0, 1, 4:6, 3]).any()
