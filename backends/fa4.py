@@ -680,6 +680,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
         [B, Hq, Sq] (natural log, -inf for rows with no allowed key, the sink there with a sink; plus
         plan.lse_shift); lse is None when neither the caller (plan.return_lse), a sink or normalize=False, nor a
         backward needs it: the kernel then skips it.
+    v must be finite at the keys of every tile a row attends: FA4 multiplies whole tiles of weights by v, so a
+    masked key's NaN / inf (an unwritten KV-cache tail) in a tile that also holds allowed keys reaches out as NaN
+    (as with FA4 called directly); knowing it would take a host read per call. Zero a cache's unused tail, or use
+    backend "flex" / "eager", which sum over the allowed keys only.
     Raises:
         AttnLangError: the sink is NaN or +inf; KernelFailure (an AttnLangError): a value head dim FA4
             does not take.
