@@ -99,8 +99,12 @@ def _variant(args):
 
 def cmd_check(args) -> int:
     v = _variant(args)
+    score, mask, shift = v.canonical[:3]
+    # a term the simplifier moved out of the score (a per-row shift softmax ignores) is still part of the variant:
+    # it is added back to lse, so it is shown, not dropped from the line
+    shifted = f" | lse shift: {shift} (moved out of the score: softmax drops a per-row shift)" if shift else ""
     extra = "".join(f" | {part}" for part in v.canonical[3:])
-    print(f"ok: {v.canonical[0]!s} | mask {v.canonical[1]!s}{extra}")
+    print(f"ok: score: {score} | mask: {mask}{shifted}{extra}")
     return 0
 
 

@@ -15,6 +15,13 @@ def test_check_ok_exits_0(capsys):
     assert "ok" in capsys.readouterr().out
 
 
+def test_check_shows_a_score_term_moved_to_lse(capsys):
+    # score + bias[h] simplifies to score with bias[h] added back to lse: the line must still show bias[h]
+    assert main(["check", "--score", "score + bias[h]", "--mask", "q_idx >= kv_idx"]) == 0
+    out = capsys.readouterr().out
+    assert "lse shift: bias[h]" in out and "mask: q_idx >= kv_idx" in out
+
+
 def test_check_bad_input_exits_2_with_a_caret(capsys):
     assert main(["check", "--mask", "q_idx >= kv_idx & doc[q_idx] = doc[kv_idx]"]) == 2
     err = capsys.readouterr().err
