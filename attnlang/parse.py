@@ -237,7 +237,15 @@ def parse(text: str, where: str | None = None):
                 raise AttnLangError("'=' binds a name; a binding must be followed by ';' or a new line and then the "
                                     "result (to compare, write '==')", text, line, column, where=where) from None
             line, column = _end_position(text)
-            raise AttnLangError(f"unexpected end of expression; expected {_expected(e.accepts or e.expected)}",
+            accepts = e.accepts or e.expected
+            if text.rstrip().endswith(";"):
+                hint = " (the bindings must be followed by the result, the expression the variant computes)"
+            elif "SEMICOLON" in accepts:  # `b = a +` NEWLINE `b > 0`: the new line after '+' went on with the binding
+                hint = (" (the last binding runs to the end, so there is no result after it; a new line right "
+                        "after an operator or inside brackets does not end a binding)")
+            else:
+                hint = ""
+            raise AttnLangError(f"unexpected end of expression; expected {_expected(accepts)}{hint}",
                                 text, line, column, where=where) from None
         # `accepts` also lists the keyword terminals (not, inf, True, ...) that `expected` leaves out
         hint = " (to compare, write '==')" if tok.type == "EQUAL" else ""

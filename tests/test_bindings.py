@@ -167,6 +167,17 @@ def test_errors_inside_a_later_line_of_bindings():
     assert (info.value.line, info.value.column) == (2, 16)
 
 
+@pytest.mark.parametrize("mask, says", [
+    ("a = q_idx >= kv_idx;", "must be followed by the result"),
+    ("a = q_idx >= kv_idx;\n  ", "must be followed by the result"),
+    ("a = q_idx\nb = a +\nb > 0", "the last binding runs to the end"),  # the new line after '+' went on
+])
+def test_bindings_without_a_result_say_so(mask, says):
+    with pytest.raises(al.AttnLangError, match=says) as info:
+        al.compile(mask=mask)
+    assert "^" in str(info.value)
+
+
 def test_expansion_is_bounded_not_exponential():
     # every binding doubles the expanded size: refused quickly, with an error, instead of a hang
     mask = "a0 = q_idx\n" + "".join(f"a{i} = a{i - 1} + a{i - 1}\n" for i in range(1, 40)) + "a39 > kv_idx"
