@@ -553,7 +553,8 @@ def _call_key(q, k, v, scale, backend, return_lse, kernel_options, tensors):
         # torch.Size is a tuple (hashable, == to the same sizes): no copies, ~10 us a warm call matters on the H200
         key = (backend, scale, return_lse, opts, torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
                q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device,
-               v.device, q.requires_grad, k.requires_grad, v.requires_grad, tuple(named))
+               v.device, q.requires_grad, k.requires_grad, v.requires_grad, q.layout, k.layout, v.layout,
+               tuple(named))  # layouts: a sparse q of a warm call's shape is refused by the checks, not run
         hash(key)
     except (AttributeError, TypeError, RuntimeError):
         return None  # the call's checks say what is wrong

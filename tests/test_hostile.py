@@ -693,3 +693,16 @@ def test_reference_with_too_few_or_too_many_positional_arguments_is_an_attnlang_
     with pytest.raises(al.AttnLangError, match=f"takes four positional arguments \\(q, k, v, variant\\), got {given}"):
         al.reference(*positional)
     assert al.reference(x, x, x, variant, t=torch.ones(3)).shape == x.shape
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_a_sparse_input_after_a_warm_dense_call_is_refused_by_the_checks(which):
+    # the warm-plan key held shapes, dtypes and devices but not layouts: a sparse q / k / v of a warm call's shape
+    # skipped the checks and failed inside the backend ("Cannot access storage of SparseTensorImpl")
+    variant = al.compile(score="score + bias[h]", mask="q_idx >= kv_idx")
+    qkv = [torch.randn(1, 2, 8, 16) for _ in range(3)]
+    bias = torch.randn(2)
+    variant(*qkv, bias=bias, backend="eager")
+    qkv[which] = qkv[which].to_sparse()
+    with pytest.raises(al.AttnLangError, match="dense"):
+        variant(*qkv, bias=bias, backend="eager")
