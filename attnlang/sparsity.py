@@ -302,7 +302,7 @@ def mask_block_sparsity(mask: Expr, tensor_dims: Mapping[str, int], sources: Map
         check_named_tensor(name, t, tensor_dims)
     for name in wanted:
         if name not in tensors:
-            raise AttnLangError(f"the mask reads tensor {name!r}; pass it as {name}=<tensor> to block_sparsity")
+            raise AttnLangError(f"the mask reads tensor {name!r}; pass it by name ({name}=<tensor>)")
     used = {n: tensors[n] for n in wanted}
     if device is None:
         device = next(iter(used.values())).device if used else torch.device("cpu")

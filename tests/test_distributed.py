@@ -513,3 +513,10 @@ def _odd_case_check(case, group, rank, world):
         except AssertionError as e:
             failures.append(f"{name} recompute={recompute}: {e}")
     return failures
+
+
+def test_shard_positions_without_a_tensor_the_mask_reads_names_it_not_block_sparsity():
+    variant = al.compile(mask="doc[q_idx] == doc[kv_idx]")
+    with pytest.raises(al.AttnLangError, match=r"doc=<tensor>") as info:
+        ald.shard_positions(variant, seq_len=64, world_size=2)
+    assert "block_sparsity" not in str(info.value)  # the caller called shard_positions
