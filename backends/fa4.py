@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..ast import Binary, Call, Const, DType, Expr, Index, Op, Var, names_used, walk
 from ..denominator import finish, head_values, per_head, sink_finite
@@ -659,6 +660,7 @@ class _FlashTraining(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @once_differentiable  # FA4's backward kernels have no derivative: create_graph=True is an error, not zeros
     def backward(ctx, grad_out, grad_lse):
         ctx.saved_tensors  # noqa: B018 (the version check)
         if grad_out is None:  # only lse was used

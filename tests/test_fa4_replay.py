@@ -290,6 +290,19 @@ def test_an_eager_training_call_gives_lse_gradients_and_checks_versions(fake_fa4
         out.sum().backward()
 
 
+def test_a_second_derivative_of_an_eager_training_call_is_an_error_not_zeros(fake_fa4):
+    # FA4's backward is no differentiable function of its inputs: with create_graph=True the gradients would come
+    # back without a graph (a second derivative of 0, silently); once_differentiable makes it an error
+    import attnlang as al
+    variant = al.compile(mask="kv_idx <= q_idx + kv_len - q_len")
+    variant._warm.clear()
+    q, k, v, _ = _qkv(0, True)
+    out = variant(q, k, v, backend="fa4")
+    (dq,) = torch.autograd.grad((out ** 2).sum(), (q,), create_graph=True)  # the gradient of out needs a graph
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        (dq.square().sum() + q.sum()).backward()  # a gradient penalty: its second-order part would be dropped
+
+
 def test_a_program_that_fails_in_its_check_keeps_fa4s_own_call():
     fa = fake_interface()
     replay = Replay(exact=True)
