@@ -157,7 +157,8 @@ class Unary:
 @dataclass(frozen=True, slots=True)
 class Binary:
     """Arithmetic, a single comparison, or ``&`` / ``|``. Chained comparisons are parsed into ``&`` of pairs.
-    word: written as the word ``and`` / ``or`` (logic on bools only; the checker refuses ints), not ``&`` / ``|``."""
+    word: written as the word ``and`` / ``or`` (logic on bools only; the checker refuses ints), not ``&`` / ``|``.
+    of_sum: one of the ``+`` a ``sum(... for i in range(K))`` expands to (its type errors name sum(), not '+')."""
 
     op: Op
     left: "Expr"
@@ -165,6 +166,7 @@ class Binary:
     span: Span | None = field(**_SPAN)
     dtype: DType | None = field(**_DTYPE)
     word: bool = field(default=False, compare=False, hash=False, repr=False)
+    of_sum: bool = field(default=False, compare=False, hash=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -596,8 +596,9 @@ def _infer(tree: Expr, tensor_dtypes, source: str, where: str) -> Expr:
                     want_numeric(y, f"'{op.value}'")
                 return with_children(node, kids, DType.BOOL)
             assert op in ARITHMETIC
-            want_numeric(x, f"'{op.value}'")
-            want_numeric(y, f"'{op.value}'")
+            what = "sum()" if node.of_sum else f"'{op.value}'"  # a term of sum() that a bound tensor made bool
+            want_numeric(x, what)
+            want_numeric(y, what)
             if op is Op.TRUEDIV:
                 return with_children(node, kids, DType.FLOAT)
             if op is Op.POW and x.dtype is DType.INT and isinstance(y, Const) and y.dtype is DType.INT \
@@ -722,7 +723,7 @@ def _infer(tree: Expr, tensor_dtypes, source: str, where: str) -> Expr:
 
 def _combine(func: str, a: Expr, b: Expr, span) -> Expr:
     if func == "sum":
-        return Binary(Op.ADD, a, b, span, _join(a.dtype, b.dtype))
+        return Binary(Op.ADD, a, b, span, _join(a.dtype, b.dtype), of_sum=True)
     if func in ("any", "all"):
         return Binary(Op.OR if func == "any" else Op.AND, a, b, span, DType.BOOL)
     return Call(func, (a, b), span, _join(a.dtype, b.dtype))

@@ -288,6 +288,19 @@ def test_any_over_a_bool_tensor_and_an_int_tensor():
     w(q, q, q, backend="eager", t=t)
 
 
+def test_sum_over_a_bool_tensor_names_sum_not_its_expansion():
+    # at compile time a tensor read's type is open; the call that binds a bool tensor refuses sum() of it, naming
+    # sum() as written (as a known bool term does), not the '+' it expands to
+    v = al.compile(mask="sum(t[i] for i in range(3)) > kv_idx")
+    q = torch.zeros(1, 1, 3, 4)
+    with pytest.raises(al.AttnLangError, match=r"sum\(\) expects a number, but this is bool") as info:
+        v(q, q, q, backend="eager", t=torch.tensor([True, False, True]))
+    assert_points_at(info.value, v.mask, "t[i]", where="mask")
+    with pytest.raises(al.AttnLangError, match=r"'\+' expects a number"):
+        al.compile(mask="x = t[0]; x + 1 > 0")(q, q, q, backend="eager", t=torch.tensor([True, False, True]))
+    v(q, q, q, backend="eager", t=torch.tensor([1, 0, 1]))
+
+
 def test_a_binding_changes_nothing_but_the_text():
     a = al.compile(mask="d = q_idx - kv_idx; 0 <= d & d < w", params={"w": 4})
     b = al.compile(mask="0 <= q_idx - kv_idx < w", params={"w": 4})
