@@ -141,7 +141,7 @@ def _st():
 # ---------------------------------------------------------------------------------------------------------------
 # the examples of LANGUAGE.md
 
-# name -> (score, mask, params)
+# name -> al.compile's positional arguments: (score, mask, params), then (sink, normalize) where the example has them
 LANGUAGE_EXAMPLES = {
     "causal": ("score", "q_idx >= kv_idx", {}),
     "sliding_window": ("score", "0 <= q_idx - kv_idx < window", {"window": 33}),
@@ -150,6 +150,8 @@ LANGUAGE_EXAMPLES = {
     "document": ("score", "doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx", {}),
     "prefix_lm": ("score", "kv_idx < prefix | q_idx >= kv_idx", {"prefix": 20}),
     "decode_causal": ("score", "kv_idx <= q_idx + kv_len - q_len", {}),
+    "learned_sinks_window": ("score", "q_idx >= kv_idx & q_idx - kv_idx < 128", {}, "sinks[h]"),
+    "sigmoid": ("log(sigmoid(score - bias))", "True", {"bias": 2.0}, None, False),
 }
 
 
@@ -161,6 +163,8 @@ def _example_tensors(name: str, batch: int, q_heads: int, q_len: int, kv_len: in
         # sorted document ids over the longer sequence, several documents, so some rows see few keys
         n = max(q_len, kv_len)
         return {"doc": torch.randint(0, 4, (n,), generator=g).sort().values.to(device)}
+    if name == "learned_sinks_window":
+        return {"sinks": torch.randn(q_heads, generator=g).to(device)}
     return {}
 
 

@@ -55,6 +55,8 @@ _EXAMPLE_SHAPES = {
     "document": Shape(2, 4, 2, 200, 200, 64),
     "prefix_lm": Shape(1, 6, 2, 130, 130, 64),
     "decode_causal": Shape(2, 8, 2, 7, 300, 64),
+    "learned_sinks_window": Shape(1, 8, 2, 300, 300, 64),
+    "sigmoid": Shape(2, 4, 2, 130, 97, 64),
 }
 
 

@@ -80,7 +80,11 @@ def test_tensors_for_explicit_dtypes_and_unbounded_index():
 def test_language_examples_are_all_there():
     got = language_examples(1, 2, 7, 9)
     assert [n for n, _, _ in got] == list(LANGUAGE_EXAMPLES)
-    assert len(got) == 7
+    assert len(got) == 9  # the rows of LANGUAGE.md's table of examples, the sink and sigmoid ones included
+    named = {n: (var, t) for n, var, t in got}
+    sinks, tensors = named["learned_sinks_window"]
+    assert sinks.sink == "sinks[h]" and tensors["sinks"].shape == (2,) and tensors["sinks"].dtype == torch.float32
+    assert named["sigmoid"][0].normalize is False and named["sigmoid"][0].params == {"bias": 2.0}
 
 
 def test_agree_passes_for_eager_vs_eager_with_grads():
