@@ -188,7 +188,12 @@ def check(score: str = "score", mask: str = "True", params=None, sink: str | Non
                 first_use.setdefault(node.tensor, (where, node.span))
     for where, tree in trees.items():
         for node in walk(tree):
-            if isinstance(node, Var) and node.name not in local:
+            if isinstance(node, Var) and node.name not in local[where]:
+                other = [w for w in trees if node.name in local[w]]
+                if other:
+                    raise AttnLangError.at(f"{node.name!r} is bound in the {other[0]} expression, not in this one: "
+                                           f"each expression has its own bindings (give a value both use in "
+                                           f"params)", sources[where], node.span, where)
                 _check_var(node, where, sources, consts, tensors)
             elif isinstance(node, Call):
                 _check_call(node, where, sources)
@@ -199,7 +204,7 @@ def check(score: str = "score", mask: str = "True", params=None, sink: str | Non
                             + (f" (also unused: {', '.join(map(repr, unused[1:]))})" if unused[1:] else ""))
 
     typed = {w: _infer(_substitute(t, consts), None, sources[w], w) for w, t in trees.items()}
-    if local:
+    if any(local.values()):
         for where, tree in typed.items():
             _check_expanded_size(tree, sources[where], where)
     _check_roles(typed, sources)
@@ -761,11 +766,12 @@ def _check_expanded_size(tree: Expr, source: str, where: str) -> None:
                             f"levels; at most {MAX_DEPTH})", source, 1, 1, len(source), where=where)
 
 
-def _check_local_names(trees, sources, consts) -> set[str]:
+def _check_local_names(trees, sources, consts) -> dict[str, set[str]]:
     """Names bound by ``name = ...`` or by a generator's ``for name in``: each must be new (not built in, a
-    parameter, a tensor, a function or a keyword, and not bound already where it is bound). Returns them all."""
+    parameter, a tensor, a function or a keyword, and not bound already where it is bound). Returns them per
+    expression (a binding is local to its expression)."""
     tensors = {n.tensor for t in trees.values() for n in walk(t) if isinstance(n, Index)}
-    local: set[str] = set()
+    local: dict[str, set[str]] = {where: set() for where in trees}
 
     def new_name(name, span, scope, where):
         def fail(msg):
@@ -795,11 +801,11 @@ def _check_local_names(trees, sources, consts) -> set[str]:
                     stack.append((b.value, dict(inner)))
                     new_name(b.name, b.span, inner, where)
                     inner[b.name] = b.span
-                    local.add(b.name)
+                    local[where].add(b.name)
                 stack.append((node.body, inner))
             elif isinstance(node, Reduce):
                 new_name(node.var, node.var_span, scope, where)
-                local.add(node.var)
+                local[where].add(node.var)
                 stack.append((node.count, scope))
                 stack.append((node.body, {**scope, node.var: node.var_span}))
             else:

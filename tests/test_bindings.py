@@ -125,6 +125,20 @@ def test_errors_point_at_the_token(mask, params, token, word):
     assert_points_at(info.value, mask, token, where="mask")
 
 
+@pytest.mark.parametrize("kw, where, token, other", [
+    (dict(score="score * x", mask="x = 2; q_idx > x"), "score", "x", "mask"),
+    (dict(score="score * float(i)", mask="any(q_idx == i for i in range(2))"), "score", "i)", "mask"),
+    (dict(score="x = 2.0; score * x", sink="x + 1.0"), "sink", "x", "score"),
+])
+def test_a_name_bound_in_another_expression_says_so(kw, where, token, other):
+    # a binding is local to its expression; the use elsewhere was told "not bound here: a binding is visible after
+    # it", as for a use before the binding
+    with pytest.raises(al.AttnLangError, match=f"is bound in the {other} expression, not in this one") as info:
+        al.compile(**kw)
+    assert_points_at(info.value, kw[where], token, where=where)
+    al.compile(score="x = 2.0; score * x", mask="x = 1; q_idx > x")  # each its own x
+
+
 def test_words_and_or_stay_logical_on_bools():
     q = torch.randn(1, 1, 6, 4, dtype=torch.float64)
     for word, sym in (("and", "&"), ("or", "|")):
