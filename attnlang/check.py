@@ -233,14 +233,14 @@ def check_index_bounds(checked: Checked, env: Mapping[str, object], shapes: Mapp
                 if size == 0:  # no index is valid, clamp or not
                     raise AttnLangError.at(
                         f"tensor {node.tensor!r} has size 0 along index {axis} (shape {tuple(shape)}): an empty "
-                        f"tensor has no element to read", checked.sources[where], index.span or node.span, where)
+                        f"tensor has no element to read", checked.sources[where], _use_span(index, node), where)
                 r = _device_bounds(index, env)
                 if r.lo < 0 or r.hi > size - 1:
                     got = _fmt_interval(r)
                     raise AttnLangError.at(
                         f"index {axis} of {node.tensor!r} (size {size}) can take values in {got} for these "
                         f"lengths; it must stay in [0, {size - 1}] (wrap it in clamp(...) to bound it)",
-                        checked.sources[where], index.span or node.span, where)
+                        checked.sources[where], _use_span(index, node), where)
         _check_divisors(checked.expr(where), env, checked, where)
         _check_int_range(checked.expr(where), env, checked, where)
 
@@ -378,19 +378,29 @@ def _check_divisors(tree: Expr, env, checked: Checked, where: str) -> None:
             if r.contains(0):
                 raise AttnLangError.at(f"integer {'division' if node.op is Op.FLOORDIV else 'modulo'} by a "
                                        f"value that can be 0 (it ranges over {_fmt_interval(r)})",
-                                       checked.sources[where], node.right.span or node.span, where)
+                                       checked.sources[where], _use_span(node.right, node), where)
         if isinstance(node, Binary) and node.op in (Op.LSHIFT, Op.RSHIFT):
             r = bounds(node.right, env)
             if r.lo < 0 or r.hi > 63:  # torch gives 0 or garbage there, Python an error or a bigger int
                 raise AttnLangError.at(f"a shift by an amount that can take values in {_fmt_interval(r)}; shifts of "
                                        f"64-bit ints must lie in [0, 63] (clamp the amount)", checked.sources[where],
-                                       node.right.span or node.span, where)
+                                       _use_span(node.right, node), where)
         if isinstance(node, Binary) and node.op is Op.POW and node.dtype is DType.INT:
             r = bounds(node.right, env)
             if r.lo < 0:  # Python gives a float there; an int result cannot hold it
                 raise AttnLangError.at(f"an int raised to an int power that can be negative (the exponent ranges "
                                        f"over {_fmt_interval(r)}); use a float base, e.g. 2.0 ** ...",
-                                       checked.sources[where], node.right.span or node.span, where)
+                                       checked.sources[where], _use_span(node.right, node), where)
+
+
+def _use_span(operand: Expr, node: Expr):
+    """Where an error about ``operand`` of ``node`` points: the operand as written, or ``node`` when the operand is
+    the value of a bound name or a generator's variable, written elsewhere (``x = q_idx + 5`` on line 1,
+    ``t[x]`` on line 2: the caret goes under ``t[x]``, not under ``q_idx + 5``, a line that reads no ``t``)."""
+    o, n = operand.span, node.span
+    if o is None or (n is not None and not (n.start <= o.start and o.end <= n.end)):
+        return n
+    return o
 
 
 def _fmt_interval(r: Interval) -> str:

@@ -219,6 +219,23 @@ def test_nested_reductions_are_refused_before_expanding(monkeypatch):
     al.compile("sum(sum(float(j) for j in range(i)) for i in range(100)) + score")  # later terms cost more
 
 
+@pytest.mark.parametrize("mask, token, word", [
+    # the index / divisor / shift amount is a bound name or a generator's variable: the caret goes under the read
+    # or the operation (line 3), not under the bound value (line 1, which reads no tensor and divides nothing)
+    ("a = q_idx\nb2 = kv_idx\nt[a] > 0 & b2 >= 0", "t[a]", "index 0 of 't' (size 3)"),
+    ("a = kv_idx - 1\nb2 = q_idx\nb2 // a == 0", "b2 // a", "integer division by a value that can be 0"),
+    ("a = kv_idx - 1\nb2 = q_idx\n(b2 << a) > 0", "b2 << a", "a shift by an amount"),
+    ("any(t[i] == kv_idx for i in range(4))", "t[i]", "can take values in [3, 3]"),
+    ("a = q_idx + 1\nb2 = t[a + 0]\nb2 > 0", "a + 0", "index 0 of 't'"),  # written in the read: stays there
+])
+def test_call_time_errors_point_at_the_use_of_a_bound_name(mask, token, word):
+    q = torch.zeros(1, 1, 4, 4)
+    with pytest.raises(al.AttnLangError) as info:
+        al.compile(mask=mask)(q, q, q, backend="eager", **({"t": torch.arange(3)} if "t[" in mask else {}))
+    assert word in info.value.message, str(info.value)
+    assert_points_at(info.value, mask, token, where="mask")
+
+
 def test_shift_amount_and_overflow_are_checked_at_call_time():
     q = torch.zeros(1, 1, 5, 4)
     v = al.compile(mask="(q_idx << (kv_idx - 2)) > 0")
