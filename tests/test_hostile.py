@@ -161,6 +161,19 @@ def test_inference_tensors_on_the_cpu_are_checked_and_cached_by_their_values():
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("t", [torch.zeros(2)[::2], torch.zeros(3, 2, dtype=torch.int16)[:1, ::2],
+                               torch.zeros(4, 2)[:, ::2]])
+def test_a_strided_view_that_torch_calls_contiguous_binds(t):
+    # one element (or one column) of a strided tensor: is_contiguous() is True whatever the stride, and the
+    # checksum's byte view of it raised RuntimeError (found by differential fuzzing)
+    from attnlang.memo import fingerprint
+    assert fingerprint(t) == fingerprint(t.clone())
+    q = torch.randn(1, 1, t.shape[0], 4)
+    read = "t[kv_idx]" if t.dim() == 1 else "t[kv_idx, 0]"
+    out = al.compile(score=f"score + float({read})")(q, q, q, backend="eager", t=t)
+    torch.testing.assert_close(out, al.compile()(q, q, q, backend="eager"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 4. scores and lse that leave the compute dtype's range are errors on every backend; lse = -inf only where out = 0
 
