@@ -57,7 +57,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan,
     def block(start: int, qc: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, *vals):
         bound = dict(zip(names, vals))
         return _block(qc, kk, vv, score, mask, start, scale, fd, bound, Sq, Skv, B, Hq, Hkv, guard, source,
-                      v_finite)
+                      v_finite, overflow)
 
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *values))
     guard = needs_grad and _may_leak_nan(score, tensors)
@@ -69,6 +69,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan,
     else:
         with torch.no_grad():
             v_finite = bool(torch.isfinite(v).all())
+    overflow = "score" in names_used(score) and may_overflow(q, k, scale, fd)
     outs, lses = [], []
     for start in range(0, Sq, chunk_size):
         qc = q[:, :, start:start + chunk_size]
@@ -84,6 +85,33 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan,
         shift = row_values(lse_shift, B, Hq, Sq, Skv, tensors, fd, q.device)
         lse = lse + shift.to(lse.dtype)
     return out, lse_float32(lse)  # float64 stays float64 (API.md)
+
+
+def may_overflow(q: torch.Tensor, k: torch.Tensor, scale: float, fd: torch.dtype) -> bool:
+    """Whether scale * q·k can leave ``fd``'s range for these inputs: |scale| * D * max|q| * max|k| past it
+    (from the dtypes' ranges alone when that already rules it out, as for float16 at usual scales; else from the
+    values, one host read). False while a CUDA graph is captured (no value can be read then)."""
+    limit = torch.finfo(fd).max
+    head_dim = q.shape[-1]
+    by_dtype = abs(scale) * head_dim * torch.finfo(q.dtype).max * torch.finfo(k.dtype).max
+    if by_dtype < limit:
+        return False
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    with torch.no_grad():
+        qmax, kmax = torch.stack((q.detach().abs().amax().double(), k.detach().abs().amax().double())).tolist()
+    return not abs(scale) * head_dim * qmax * kmax < limit  # NaN / inf in q or k count as possible
+
+
+def _raise_overflow(s: torch.Tensor, bad: torch.Tensor, start: int, fd, source: tuple | None = None):
+    b, h, i, j = (int(x) for x in bad.nonzero()[0])
+    message = (f"the scaled dot product scale * q·k is -inf at b={b}, h={h}, q_idx={start + i}, kv_idx={j}, an "
+               f"allowed position, and the score expression keeps it -inf, which would mask that key silently: q "
+               f"or k holds inf, or scale * q·k overflows {str(fd).replace('torch.', '')} (scale q / k or scale= "
+               f"down, or compute in float64)")
+    if source is None:
+        raise AttnLangError(message)
+    raise AttnLangError.at(message, *source, where="score")
 
 
 def _raise_bad_score(s3: torch.Tensor, start: int, source: tuple | None = None, score_expr=None, raw=None):
@@ -179,7 +207,7 @@ def _weights_times_v(p, v, B, Hq, Hkv, rows, v_finite=True):
 
 
 def _block(qc, k, v, score_expr, mask_expr, start, scale, fd, tensors, Sq, Skv, B, Hq, Hkv, guard=True,
-           score_source=None, v_finite=True):
+           score_source=None, v_finite=True, overflow=False):
     rows = qc.shape[2]
     group = Hq // Hkv
     # [B, Hkv, group, rows, D] @ [B, Hkv, 1, D, Skv]: GQA without copying k and v per query head
@@ -201,6 +229,11 @@ def _block(qc, k, v, score_expr, mask_expr, start, scale, fd, tensors, Sq, Skv, 
     # amax propagates NaN and +inf, so one small reduction tells whether any allowed score is bad
     if not bool(torch.isfinite(m).logical_or(m == -math.inf).all()):
         _raise_bad_score(s3, start, score_source, score_expr, s)
+    if overflow:  # a -inf that only overflow made, kept by the expression, is no mask the user wrote
+        with torch.no_grad():
+            bad = (s3 == -math.inf) & allowed & (s.detach() == -math.inf)
+        if bool(bad.any()):
+            _raise_overflow(s, bad, start, fd, score_source)
     if grad and not guard:
         s2 = evaluate(score_expr, score_names, tensors, fd, qc.device).to(fd).expand(full)
         s3 = torch.where(allowed, s2, torch.tensor(-math.inf, dtype=fd, device=qc.device))

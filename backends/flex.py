@@ -785,6 +785,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
     if cpu and grads:
         raise AttnLangError("backend 'flex' cannot run this call: FlexAttention has no backward pass on the CPU "
                             "(k or v requires grad); use backend='eager' for gradients on the CPU")
+    if cpu and "score" in names_used(plan.score) and _eager().may_overflow(q, k, plan.scale, fd):
+        # scale * q·k can leave the compute dtype's range: an overflow to -inf would mask a key silently, which
+        # the eager reference tells from a -inf the expression writes (it raises); on the GPU that value read
+        # would stall every call before its kernel, so only the CPU checks
+        return _eager().attention(q, k, v, plan)
     if not cpu and v.shape[-1] < 16:
         raise AttnLangError(f"backend 'flex' cannot run this call: FlexAttention's GPU kernels need a value head dim "
                             f">= 16, got {v.shape[-1]}")
@@ -911,10 +916,13 @@ def _non_finite_v(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallP
     never attend that key. The eager backend takes the product with those entries 0 and gives NaN / inf only to
     the rows whose keys of nonzero weight meet them (a rare, slower path: the common call pays one extra
     reduction over out, read with the lse check)."""
-    from . import eager  # the reference, for this call only
-
     _stats["non_finite_v"] += 1
-    return eager.attention(q, k, v, plan)
+    return _eager().attention(q, k, v, plan)
+
+
+def _eager():
+    from . import eager  # the reference, for calls flex's kernels cannot give exactly (imported when needed)
+    return eager
 
 
 _LENGTHS: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()

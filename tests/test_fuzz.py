@@ -420,8 +420,6 @@ def test_numerical_extremes_match_float64_or_raise(score, mask, dtype, mag, scal
     tensors = {n: t for n, t in {"bias": bias, "mb": mb}.items() if n in var.tensor_names}
     scale_ = 1 / math.sqrt(D) if scale is None else scale
     s = q.double() @ k.double().transpose(-1, -2) * scale_
-    if dtype != torch.float64:  # float32's own overflow of scale * q·k to -inf masks silently (see the report)
-        assume(not ((q.float() @ k.float().transpose(-1, -2) * scale_).isinf() & s.isfinite()).any())
     try:
         out, lse = var(q, k, v, backend=backend, scale=scale, return_lse=True, **tensors)
     except al.AttnLangError:

@@ -719,3 +719,20 @@ def test_a_sparse_input_after_a_warm_dense_call_is_refused_by_the_checks(which):
     qkv[which] = qkv[which].to_sparse()
     with pytest.raises(al.AttnLangError, match="dense"):
         variant(*qkv, bias=bias, backend="eager")
+
+
+@pytest.mark.parametrize("backend", ["eager", "flex"])
+@pytest.mark.parametrize("return_lse", [True, False])
+def test_scale_times_qk_overflowing_to_minus_inf_is_an_error_not_a_masked_key(backend, return_lse):
+    # float32's scale * q·k of -1e40 is -inf, which softmax took for a masked key: out 0 and lse -inf where the
+    # float64 answer is out 1, lse -1e40 (found by differential fuzzing); now the overflow error, as for +inf
+    q, v = torch.full((1, 1, 1, 1), 1e20), torch.ones(1, 1, 1, 1)
+    with pytest.raises(al.AttnLangError, match="overflows float32") as info:
+        al.compile()(q, q, v, scale=-1.0, backend=backend, return_lse=return_lse)
+    assert info.value.where == "score"
+    # an expression that turns that -inf into a finite score computes what float64 does: no error
+    out = al.compile(score="max(score, -5.0)")(q, q, v, scale=-1.0, backend=backend)
+    assert out.item() == 1.0
+    # float64 inputs compute in float64: no overflow there
+    out, lse = al.compile()(q.double(), q.double(), v.double(), scale=-1.0, backend=backend, return_lse=True)
+    assert out.item() == 1.0 and math.isclose(lse.item(), -1e40, rel_tol=1e-6)
