@@ -232,7 +232,7 @@ def make_qkv(shape: Shape, dtype=torch.float32, device="cpu", seed: int = 0, req
 # variants: typed expression text, built bottom-up so every piece is well typed by construction
 
 def variants(max_depth: int = 3, tensors: bool = True, score: bool = True, mask: bool = True,
-             sinks: bool = False, unnormalized: bool = False):
+             sinks: bool = False, unnormalized: bool = False, extended: bool = False):
     """Strategy of random well-typed ``Variant``s over score, b, h, q_idx, kv_idx, q_len, kv_len, constants, the
     functions and operators of LANGUAGE.md and (with ``tensors``) reads of the tensors in ``TENSOR_POOL``.
 
@@ -241,15 +241,24 @@ def variants(max_depth: int = 3, tensors: bool = True, score: bool = True, mask:
     expression at its default. ``sinks=True``: about half the variants get a sink (LANGUAGE.md), a finite
     score-free expression of b, h, q_idx, q_len, kv_len and tensors (``0``, ``f_vec[h]``, ...). ``unnormalized=True``:
     about half get ``normalize=False`` (their scores are generated as for the others, so out stays finite).
+    ``extended=True`` also draws LANGUAGE.md's later section: int bit operations (``&``, ``|``, ``^``, shifts by
+    0-4), bounded reductions (``sum`` / ``max`` / ``min`` / ``any`` / ``all`` over ``range(1..4)``), ``erf`` /
+    ``cos`` / ``sin``, and bindings in front of the score and the mask (the default draws stay as they were).
     """
     if isinstance(max_depth, bool) or not isinstance(max_depth, int) or not 0 <= max_depth <= MAX_DEPTH:
         raise AttnLangError(f"max_depth must be an int in [0, {MAX_DEPTH}], got {max_depth!r}")
+    _need_flag("extended", extended)
     st = _st()
 
     @st.composite
     def draw_variant(draw):
-        score_src = draw(_float_expr(max_depth, with_score=True, with_tensors=tensors)) if score else "score"
-        mask_src = draw(_bool_expr(max_depth, with_tensors=tensors)) if mask else "True"
+        score_src = draw(_float_expr(max_depth, with_score=True, with_tensors=tensors, ext=extended)) \
+            if score else "score"
+        mask_src = draw(_bool_expr(max_depth, with_tensors=tensors, ext=extended)) if mask else "True"
+        if extended and mask and draw(st.booleans()):  # a binding the result reads
+            mask_src = f"mb = {draw(_int_expr(1, tensors, ext=True))}\n({mask_src}) | mb == kv_idx"
+        if extended and score and draw(st.booleans()):
+            score_src = f"sb = {draw(_pos_float(1, tensors, ext=True))}; {score_src} + tanh(sb)"
         sink_src = draw(st.one_of(st.none(), _sink_expr(max(0, max_depth - 1), tensors))) if sinks else None
         normalize = not draw(st.booleans()) if unnormalized else True
         return compile_variant(score_src, mask_src, sink=sink_src, normalize=normalize)
@@ -291,7 +300,7 @@ def _read(st, want: str, depth: int):
 _CLAMP_HI = 6   # tensors_for gives every axis at least _CLAMP_HI + 1 entries
 
 
-def _int_expr(depth: int, with_tensors: bool):
+def _int_expr(depth: int, with_tensors: bool, ext: bool = False):
     st = _st()
     leaves = [st.sampled_from(_INT_LEAVES), st.integers(-5, 20).map(str)]
     if with_tensors:
@@ -300,11 +309,12 @@ def _int_expr(depth: int, with_tensors: bool):
     if depth <= 0:
         return leaf
 
-    sub = _int_expr(depth - 1, with_tensors)
+    sub = _int_expr(depth - 1, with_tensors, ext)
+    kinds = ("leaf", "arith", "div", "func", "where", "int_of_float") + (("bits", "shift", "reduce") if ext else ())
 
     @st.composite
     def node(d):
-        kind = d(st.sampled_from(("leaf", "arith", "div", "func", "where", "int_of_float")))
+        kind = d(st.sampled_from(kinds))
         if kind == "leaf":
             return d(leaf)
         if kind == "arith":
@@ -322,14 +332,22 @@ def _int_expr(depth: int, with_tensors: bool):
                 return f"clamp({d(sub)}, {lo}, {lo + d(st.integers(0, 20))})"
             return f"{f}({d(sub)})"
         if kind == "where":
-            return f"where({d(_bool_expr(depth - 1, with_tensors))}, {d(sub)}, {d(sub)})"
+            return f"where({d(_bool_expr(depth - 1, with_tensors, ext))}, {d(sub)}, {d(sub)})"
+        if kind == "bits":
+            return f"({d(sub)} {d(st.sampled_from(('&', '|', '^')))} {d(sub)})"
+        if kind == "shift":
+            return f"({d(sub)} {d(st.sampled_from(('<<', '>>')))} {d(st.integers(0, 4))})"
+        if kind == "reduce":  # each depth its own variable: a nested reduction never rebinds one
+            var = f"r{depth}"
+            f = d(st.sampled_from(("sum", "max", "min")))
+            return f"{f}(({d(sub)}) * {var} for {var} in range({d(st.integers(1, 4))}))"
         # int() of a score-free float, bounded so the conversion is exact and identical everywhere
-        return f"int(clamp({d(_pos_float(depth - 1, with_tensors))}, -1000.0, 1000.0))"
+        return f"int(clamp({d(_pos_float(depth - 1, with_tensors, ext))}, -1000.0, 1000.0))"
 
     return node()
 
 
-def _pos_float(depth: int, with_tensors: bool):
+def _pos_float(depth: int, with_tensors: bool, ext: bool = False):
     """A float that does not depend on the score: safe under floor/ceil/sign/int/comparisons."""
     st = _st()
     leaves = [st.sampled_from(("0.5", "1.5", "-2.25", "3.0", "0.125")),
@@ -339,11 +357,12 @@ def _pos_float(depth: int, with_tensors: bool):
     leaf = st.one_of(*leaves)
     if depth <= 0:
         return leaf
-    sub = _pos_float(depth - 1, with_tensors)
+    sub = _pos_float(depth - 1, with_tensors, ext)
+    kinds = ("leaf", "arith", "round", "float_of_int") + (("trig",) if ext else ())
 
     @st.composite
     def node(d):
-        kind = d(st.sampled_from(("leaf", "arith", "round", "float_of_int")))
+        kind = d(st.sampled_from(kinds))
         if kind == "leaf":
             return d(leaf)
         if kind == "arith":
@@ -351,25 +370,28 @@ def _pos_float(depth: int, with_tensors: bool):
             return f"({d(sub)} {op} {d(sub)})"
         if kind == "round":
             return f"{d(st.sampled_from(('floor', 'ceil', 'sign', 'abs')))}({d(sub)})"
-        return f"float({d(_int_expr(depth - 1, with_tensors))})"
+        if kind == "trig":
+            return f"{d(st.sampled_from(('erf', 'cos', 'sin')))}({d(sub)})"
+        return f"float({d(_int_expr(depth - 1, with_tensors, ext))})"
 
     return node()
 
 
-def _float_expr(depth: int, with_score: bool, with_tensors: bool):
+def _float_expr(depth: int, with_score: bool, with_tensors: bool, ext: bool = False):
     """A float expression; with the score only through continuous, finite-preserving operations."""
     st = _st()
-    leaves = [_pos_float(0, with_tensors)]
+    leaves = [_pos_float(0, with_tensors, ext)]
     if with_score:
         leaves += [st.just("score")] * 3
     leaf = st.one_of(*leaves)
     if depth <= 0:
         return leaf
-    sub = _float_expr(depth - 1, with_score, with_tensors)
+    sub = _float_expr(depth - 1, with_score, with_tensors, ext)
+    kinds = ("leaf", "arith", "scale", "div", "func", "minmax", "where", "pos", "pow") + (("trig",) if ext else ())
 
     @st.composite
     def node(d):
-        kind = d(st.sampled_from(("leaf", "arith", "scale", "div", "func", "minmax", "where", "pos", "pow")))
+        kind = d(st.sampled_from(kinds))
         if kind == "leaf":
             return d(leaf)
         if kind == "arith":
@@ -392,19 +414,21 @@ def _float_expr(depth: int, with_score: bool, with_tensors: bool):
                 return f"clamp({d(sub)}, -4.0, 4.0)"
             return f"{f}({d(sub)}, {d(sub)})"
         if kind == "where":
-            return f"where({d(_bool_expr(depth - 1, with_tensors))}, {d(sub)}, {d(sub)})"
+            return f"where({d(_bool_expr(depth - 1, with_tensors, ext))}, {d(sub)}, {d(sub)})"
         if kind == "pow":
             return f"(tanh({d(sub)}) ** 2)"
-        return d(_pos_float(depth - 1, with_tensors))
+        if kind == "trig":  # bounded and smooth: the score stays finite
+            return f"{d(st.sampled_from(('erf', 'cos', 'sin')))}({d(sub)})"
+        return d(_pos_float(depth - 1, with_tensors, ext))
 
     return node()
 
 
-def _bool_expr(depth: int, with_tensors: bool):
+def _bool_expr(depth: int, with_tensors: bool, ext: bool = False):
     """A bool that never reads the score (masks, and conditions of where)."""
     st = _st()
     cmp = st.sampled_from(("<", "<=", ">", ">=", "==", "!="))
-    ints = _int_expr(max(0, depth - 1), with_tensors)
+    ints = _int_expr(max(0, depth - 1), with_tensors, ext)
     base = [st.tuples(ints, cmp, ints).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
             st.sampled_from(("q_idx >= kv_idx", "kv_idx <= q_idx + kv_len - q_len", "True"))]
     if with_tensors:
@@ -413,11 +437,12 @@ def _bool_expr(depth: int, with_tensors: bool):
     leaf = st.one_of(*base)
     if depth <= 0:
         return leaf
-    sub = _bool_expr(depth - 1, with_tensors)
+    sub = _bool_expr(depth - 1, with_tensors, ext)
+    kinds = ("leaf", "leaf", "and", "or", "not", "chain") + (("reduce",) if ext else ())
 
     @st.composite
     def node(d):
-        kind = d(st.sampled_from(("leaf", "leaf", "and", "or", "not", "chain")))
+        kind = d(st.sampled_from(kinds))
         if kind == "leaf":
             return d(leaf)
         if kind == "and":
@@ -426,6 +451,9 @@ def _bool_expr(depth: int, with_tensors: bool):
             return f"({d(sub)} | {d(sub)})"
         if kind == "not":
             return f"~({d(sub)})"
+        if kind == "reduce":
+            var, f = f"a{depth}", d(st.sampled_from(("any", "all")))
+            return f"{f}(({d(ints)}) == kv_idx + {var} for {var} in range({d(st.integers(1, 4))}))"
         lo = d(st.integers(-3, 5))
         return f"({lo} <= q_idx - kv_idx < {lo + d(st.integers(1, 40))})"
 

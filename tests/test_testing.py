@@ -135,3 +135,32 @@ def test_strategies_draw_sinks_and_unnormalized(variant):
     assert variant.sink is None or "kv_idx" not in variant.sink and "score" not in variant.sink
     # over the run both kinds appear (hypothesis explores them); every drawn one compiles
     assert isinstance(variant.normalize, bool)
+
+
+_LATER = ("<<", ">>", "^", "sum(", "max((", "min((", "any(", "all(", "erf(", "cos(", "sin(", "mb = ", "sb = ")
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@given(variant=variants(extended=True, sinks=True, unnormalized=True), shape=shapes(lengths=(1, 7, 33)))
+def test_extended_variants_draw_the_later_section_and_agree_on_flex(variant, shape):
+    # extended=True: bit operations, reductions, erf / cos / sin and bindings (LANGUAGE.md's later section), every
+    # draw runnable and in agreement between flex and the eager reference (float64, gradients of eager included)
+    q, k, v = make_qkv(shape, dtype=torch.float64)
+    tensors = tensors_for(variant, shape.batch, shape.q_heads, shape.q_len, shape.kv_len,
+                          float_dtype=torch.float64)
+    assert_backends_agree(variant, q, k, v, backend="flex", grads=False, **tensors)
+
+
+def test_extended_variants_reach_every_later_construct():
+    drawn = set()  # derandomized (tests/conftest.py): the same 300 draws on every run
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(variant=variants(extended=True))
+    def collect(variant):
+        text = variant.score + " " + variant.mask
+        drawn.update(c for c in _LATER if c in text)
+
+    collect()
+    assert drawn == set(_LATER), set(_LATER) - drawn
+    with pytest.raises(al.AttnLangError, match="extended must be True or False"):
+        variants(extended="yes")
