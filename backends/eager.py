@@ -103,7 +103,7 @@ def may_overflow(q: torch.Tensor, k: torch.Tensor, scale: float, fd: torch.dtype
     return not abs(scale) * head_dim * qmax * kmax < limit  # NaN / inf in q or k count as possible
 
 
-def _raise_overflow(s: torch.Tensor, bad: torch.Tensor, start: int, fd, source: tuple | None = None):
+def _raise_overflow(bad: torch.Tensor, start: int, fd, source: tuple | None = None):
     b, h, i, j = (int(x) for x in bad.nonzero()[0])
     message = (f"the scaled dot product scale * q·k is -inf at b={b}, h={h}, q_idx={start + i}, kv_idx={j}, an "
                f"allowed position, and the score expression keeps it -inf, which would mask that key silently: q "
@@ -233,7 +233,7 @@ def _block(qc, k, v, score_expr, mask_expr, start, scale, fd, tensors, Sq, Skv, 
         with torch.no_grad():
             bad = (s3 == -math.inf) & allowed & (s.detach() == -math.inf)
         if bool(bad.any()):
-            _raise_overflow(s, bad, start, fd, score_source)
+            _raise_overflow(bad, start, fd, score_source)
     if grad and not guard:
         s2 = evaluate(score_expr, score_names, tensors, fd, qc.device).to(fd).expand(full)
         s3 = torch.where(allowed, s2, torch.tensor(-math.inf, dtype=fd, device=qc.device))

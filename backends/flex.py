@@ -49,6 +49,7 @@ from ..memo import MEMO, IdentityMemo
 from ..plan import CallPlan
 from ..printer import to_source
 from ..sparsity import mask_block_sparsity
+from . import eager  # the reference, for the calls flex's kernels cannot give exactly
 
 __all__ = ["attention", "unsupported", "option_problem", "kernel_for", "cache_info", "clear_caches", "BLOCK_SIZE",
            "FLASH_HEAD_DIMS"]
@@ -785,11 +786,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
     if cpu and grads:
         raise AttnLangError("backend 'flex' cannot run this call: FlexAttention has no backward pass on the CPU "
                             "(k or v requires grad); use backend='eager' for gradients on the CPU")
-    if cpu and "score" in names_used(plan.score) and _eager().may_overflow(q, k, plan.scale, fd):
+    if cpu and "score" in names_used(plan.score) and eager.may_overflow(q, k, plan.scale, fd):
         # scale * q·k can leave the compute dtype's range: an overflow to -inf would mask a key silently, which
         # the eager reference tells from a -inf the expression writes (it raises); on the GPU that value read
         # would stall every call before its kernel, so only the CPU checks
-        return _eager().attention(q, k, v, plan)
+        return eager.attention(q, k, v, plan)
     if not cpu and v.shape[-1] < 16:
         raise AttnLangError(f"backend 'flex' cannot run this call: FlexAttention's GPU kernels need a value head dim "
                             f">= 16, got {v.shape[-1]}")
@@ -917,12 +918,7 @@ def _non_finite_v(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallP
     the rows whose keys of nonzero weight meet them (a rare, slower path: the common call pays one extra
     reduction over out, read with the lse check)."""
     _stats["non_finite_v"] += 1
-    return _eager().attention(q, k, v, plan)
-
-
-def _eager():
-    from . import eager  # the reference, for calls flex's kernels cannot give exactly (imported when needed)
-    return eager
+    return eager.attention(q, k, v, plan)
 
 
 _LENGTHS: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
