@@ -19,33 +19,18 @@ the top functions by own time and by cumulative time.
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
-import pstats
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.append(str(Path(__file__).resolve().parent))
+from host_diag import _profile as host_diag_profile  # noqa: E402 (cProfile of warm calls)
 from host_diag import _timed  # noqa: E402 (host and CUDA-event time per call, as host_diag measures it)
 
 
 def _profile(title: str, fn, n: int) -> str:
-    fn()
-    torch.cuda.synchronize()
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    prof.disable()
-    text = []
-    for order in ("tottime", "cumtime"):
-        s = io.StringIO()
-        pstats.Stats(prof, stream=s).sort_stats(order).print_stats(40)
-        text.append(s.getvalue())
-    return f"===== {title}: {n} calls\n" + "".join(text)
+    return f"===== {title}: {n} calls\n" + host_diag_profile(fn, n, top=(40, 40))
 
 
 def main(argv=None):
