@@ -79,6 +79,12 @@ def _run(variant, B, Hq, Hkv, Sq, Skv, D, grads, options=None):
     v = torch.randn(B, Hkv, Skv, D, generator=g).requires_grad_(grads)
     plan = variant._plan(q, k, v, None, "fa4", True, options, {})
     out, lse = fa4.attention(q, k, v, plan)
+    assert_matches_eager(variant, q, k, v, out, lse, grads, g)
+
+
+def assert_matches_eager(variant, q, k, v, out, lse, grads: bool, g: torch.Generator):
+    """out, lse and (with ``grads``) dq / dk / dv of a stand-in FA4 call against the eager reference (the
+    cotangent of out drawn from ``g``)."""
     ref, ref_lse = variant(q, k, v, backend="eager", return_lse=True)
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

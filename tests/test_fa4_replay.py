@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from test_fa4_guards import assert_matches_eager
 
 from attnlang.backends.fa4_replay import Replay, record
 
@@ -232,15 +233,7 @@ def test_the_fa4_backend_replays_warm_calls(fake_fa4, grads, path):
                 out, lse = op.call(variant, q, k, v, None, "fa4", True, None, {})
             else:  # an eager call: its own autograd node (fa4._FlashTraining)
                 out, lse = variant(q, k, v, backend="fa4", return_lse=True)
-        ref, ref_lse = variant(q, k, v, backend="eager", return_lse=True)
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
-        if grads:
-            dout = torch.randn(out.shape, generator=g)
-            got = torch.autograd.grad(out, (q, k, v), dout)
-            want = torch.autograd.grad(ref, (q, k, v), dout)
-            for a, b in zip(got, want):
-                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert_matches_eager(variant, q, k, v, out, lse, grads, g)
     assert fa.host_calls["fwd"] == 3  # warm, record, check: the other three calls replayed
     assert fa.host_calls["bwd"] == (3 if grads else 0)
 
