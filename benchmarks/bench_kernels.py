@@ -672,6 +672,12 @@ def suite_main(args):
     doc.update({"device": torch.cuda.get_device_name(), "versions": versions()})
     doc.setdefault("groups", {})
     ref: dict = {}
+
+    def save():  # after every cell: a run cut by its time limit keeps what it measured
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+        (out_dir / f"{args.name}.md").write_text(suite_markdown(doc))
+
     for gname, name, contender in jobs:
         if args.budget and time.time() - t_start > args.budget:
             print(f"suite: time budget of {args.budget} s spent; cells from {gname}/{name}/{contender} on not "
@@ -710,9 +716,8 @@ def suite_main(args):
               f"{'' if fwdbwd is None else f'{fwdbwd:8.3f}'}", flush=True)
         del fn, out
         torch.cuda.empty_cache()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-    (out_dir / f"{args.name}.md").write_text(suite_markdown(doc))
+        save()
+    save()
     print(suite_markdown(doc))
     print(f"suite: {time.time() - t_start:.0f} s in all", flush=True)
 

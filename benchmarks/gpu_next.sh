@@ -4,7 +4,8 @@
 #   source benchmarks/gpu_setup.sh > $OUT/all.log 2>&1 && bash benchmarks/gpu_next.sh STAGE $OUT
 # STAGE: tests    the replay / fa4 / varlen / compile GPU tests (pytest -n 12; the timings of later stages are void
 #                 while its xdist workers outlive a timeout, so run it last in a call or alone)
-#        suite    the shape suite with attnlang_auto (issue 15), written to $OUT/shapes.{json,md}
+#        suite    the shape suite with attnlang_auto (issue 15), written to $OUT/shapes.{json,md}; suite_train /
+#                 suite_infer: its training / inference groups, one call each
 #        compile  bench_compile (issue 18), $OUT/compile.{json,md}
 #        host     host_diag at hd64 (replay on / off side by side), $OUT/host_diag_s8.{json,md}
 set -u
@@ -14,12 +15,17 @@ export PYTHONUNBUFFERED=1
 case "$stage" in
   tests)
     (cd tests && timeout -k 5 450 python3 -m pytest -m gpu -v -p no:cacheprovider --tb=short -n 12 \
-      test_fa4_replay_gpu.py test_compile_gpu.py test_varlen_gpu.py test_fa4_gpu.py > "$out/tests.log" 2>&1)
+      test_fa4_replay_gpu.py test_compile_gpu.py test_varlen_gpu.py test_flex_gpu.py test_fa4_gpu.py \
+      > "$out/tests.log" 2>&1)
     grep -E "passed|failed" "$out/tests.log" | tail -1
     grep FAILED "$out/tests.log" | head -20 ;;
-  suite)
-    timeout 540 python3 benchmarks/bench_kernels.py --suite --groups gqa hd64 long decode_q1 decode_q16 \
-      --parallel-first 8 --out "$out" --name shapes > "$out/suite.log" 2>&1
+  suite|suite_train|suite_infer)
+    # the whole suite takes more than one call: suite_train (gqa, hd64) and suite_infer (long, decode) fit one each;
+    # the JSON is written after every cell, so a cut run keeps what it measured
+    case "$stage" in suite) groups="gqa hd64 long decode_q1 decode_q16" ;; suite_train) groups="gqa hd64" ;;
+      *) groups="long decode_q1 decode_q16" ;; esac
+    timeout 560 python3 benchmarks/bench_kernels.py --suite --groups $groups --budget 470 \
+      --parallel-first 12 --out "$out" --name shapes > "$out/suite.log" 2>&1
     tail -60 "$out/shapes.md" ;;
   compile)
     timeout 300 python3 benchmarks/bench_compile.py --out "$out" > "$out/compile.log" 2>&1

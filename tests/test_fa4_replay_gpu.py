@@ -42,6 +42,22 @@ def _tensors(name, Hq, S):
 @pytest.mark.parametrize("grads", [True, False], ids=["fwd_bwd", "fwd"])
 @pytest.mark.parametrize("name,score,mask,D,modifier", CASES, ids=[c[0] for c in CASES])
 def test_replayed_calls_agree_with_the_reference(name, score, mask, D, modifier, grads):
+    _replay_six_calls(name, score, mask, D, modifier, grads, through_op=True, options=None)
+
+
+EAGER_CASES = [c for c in CASES if c[0] in ("causal", "window", "alibi", "documents")]
+
+
+@pytest.mark.parametrize("grads", [True, False], ids=["fwd_bwd", "fwd"])
+@pytest.mark.parametrize("name,score,mask,D,modifier", EAGER_CASES, ids=[c[0] for c in EAGER_CASES])
+def test_replayed_eager_calls_agree_with_the_reference(name, score, mask, D, modifier, grads):
+    # plain variant calls (no op): training through fa4._FlashTraining; documents forced onto the varlen path
+    # both ways, so that fa4_varlen's forward and backward replays are reached too
+    options = {"varlen": True} if name == "documents" else None
+    _replay_six_calls(name, score, mask, D, modifier, grads, through_op=False, options=options)
+
+
+def _replay_six_calls(name, score, mask, D, modifier, grads, through_op, options):
     B, Hq, Hkv, S = 2, 8, 2, 300
     variant = al.compile(score=score, mask=mask)
     tensors = _tensors(name, Hq, S)
@@ -56,7 +72,10 @@ def test_replayed_calls_agree_with_the_reference(name, score, mask, D, modifier,
         ref, ref_lse = variant(qf, kf, vf, backend="eager", return_lse=True, **tensors)
         qb, kb, vb = (t.detach().requires_grad_(grads) for t in (q, k, v))
         with torch.set_grad_enabled(grads):
-            out, lse = op.call(variant, qb, kb, vb, None, "fa4", True, None, tensors)  # the op: direct backward
+            if through_op:  # the op: its backward calls FA4's backward itself (direct backward)
+                out, lse = op.call(variant, qb, kb, vb, None, "fa4", True, options, tensors)
+            else:  # an eager call: training runs through fa4._FlashTraining
+                out, lse = variant(qb, kb, vb, backend="fa4", return_lse=True, kernel_options=options, **tensors)
         assert _rel(out, ref) < OUT_TOL, f"call {call}: out rel err {_rel(out, ref):.2e}"
         finite = ~torch.isinf(ref_lse)
         assert torch.equal(torch.isinf(lse), ~finite)
