@@ -218,7 +218,11 @@ def grad_bits(q, k, v, tensors) -> int:
 
 
 def _leaves(inputs, wanted: int) -> list:
-    return [t.detach().requires_grad_(True) if wanted >> i & 1 else t.detach() for i, t in enumerate(inputs)]
+    # an input without gradients goes as itself, not as a new detached alias: the warm plan's key and the
+    # backends' per-tensor memos (cu_seqlens, aux conversions, FA4 replays) hold the named tensors by object, so a
+    # new alias per call planned every training call again and no replay was ever reached
+    return [t.detach().requires_grad_(True) if wanted >> i & 1 else (t.detach() if t.requires_grad else t)
+            for i, t in enumerate(inputs)]
 
 
 class _Graphs:

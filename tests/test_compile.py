@@ -479,3 +479,21 @@ def test_a_kept_graph_goes_when_its_backward_never_runs(monkeypatch):
     other = torch.empty(3)
     op.GRAPHS.put(other, ("next forward",))
     assert kept() is None and op.GRAPHS.take(other) == ("next forward",) and len(op.GRAPHS) == 0
+
+
+def test_training_calls_through_the_op_reuse_the_warm_plan(monkeypatch):
+    """A named tensor without gradients reaches the backend as itself in a training call through the op: the warm
+    plan (and with it the backends' per-plan memos: cu_seqlens, aux conversions, FA4's replays) is reused from
+    the second call on. A new detached alias per call planned every training call again."""
+    docs = al.compile(mask="doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx")
+    doc = torch.repeat_interleave(torch.arange(3), torch.tensor([5, 9, 5]))
+    key = op.call_key(docs._op_config, "eager", None, True, None, ("doc",))
+    plans = []
+    real = type(docs)._plan
+    monkeypatch.setattr(type(docs), "_plan", lambda self, *a, **kw: plans.append(1) or real(self, *a, **kw))
+    for _ in range(3):
+        q, k, v = _qkv()
+        out, lse = torch.ops.attnlang.attention(q, k, v, [doc], key, 7)
+        out.sum().backward()
+        assert q.grad is not None and k.grad is not None
+    assert len(plans) == 1

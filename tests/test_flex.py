@@ -299,6 +299,25 @@ def test_backward_is_compiled_once_per_key_with_the_graph_kept():
     assert not flex._backward_compiled
 
 
+def test_backward_probe_of_an_already_compiled_backward_with_donated_buffers(monkeypatch):
+    # AOTAutograd refuses retain_graph for a backward it compiled earlier with donated buffers, before running any
+    # of it (H200: alibi_learned through flex under an outer torch.compile): the probe's job is done, no error;
+    # any other failure of the probe still surfaces (where smaller tiles are retried)
+    flex._backward_compiled.clear()
+    x = torch.randn(4, requires_grad=True)
+    out = (x * 2).exp()
+    message = ("This backward function was compiled with non-empty donated buffers which requires "
+               "create_graph=False and retain_graph=False.")
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError(message)))
+    flex._compile_backward_now(out, (x,), "donated")
+    assert "donated" in flex._backward_compiled
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("out of resource")))
+    with pytest.raises(RuntimeError, match="out of resource"):
+        flex._compile_backward_now(out, (x,), "other")
+    assert "other" not in flex._backward_compiled
+    flex.clear_caches()
+
+
 def test_float64_lse_is_float64_on_eager_and_flex():
     # a float64 pipeline that uses lse (undoing the softmax, merging partial attention) keeps float64 digits
     variant = al.compile(score="score + slope[h] * (kv_idx - q_idx)", mask="q_idx >= kv_idx")
