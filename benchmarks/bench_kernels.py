@@ -678,17 +678,21 @@ def suite_main(args):
         path.write_text(json.dumps(doc, indent=2) + "\n")
         (out_dir / f"{args.name}.md").write_text(suite_markdown(doc))
 
-    for gname, name, contender in jobs:
+    # --rounds N: the whole job list N times over, round after round (the contenders of a cell interleave, so a
+    # drift of the GPU's clocks or of the host's speed spreads over all of them); a cell keeps its samples and
+    # their median
+    for rnd, (gname, name, contender) in ((r, j) for r in range(args.rounds) for j in jobs):
         if args.budget and time.time() - t_start > args.budget:
-            print(f"suite: time budget of {args.budget} s spent; cells from {gname}/{name}/{contender} on not "
-                  "measured", flush=True)
+            print(f"suite: time budget of {args.budget} s spent; cells from round {rnd}, {gname}/{name}/{contender} "
+                  "on not measured", flush=True)
             break
         group = SUITE_GROUPS[gname]
         entry = doc["groups"].setdefault(gname, {"shape": {k: group[k] for k in ("B", "Hq", "Hkv", "Sq", "Skv", "D")},
                                                  "variants": {}})
         row = entry["variants"].setdefault(name, {})
-        for key in [k for k in row if k.startswith(contender + "_")]:
-            del row[key]  # this run replaces the cell
+        if rnd == 0:
+            for key in [k for k in row if k.startswith(contender + "_")]:
+                del row[key]  # this run replaces the cell
         try:
             tensors = suite_tensors(name, group, "cuda")
             fn = suite_maker(contender, name, group, tensors)
@@ -701,10 +705,14 @@ def suite_main(args):
             print(f"{gname}/{name}/{contender} failed: {row[f'{contender}_error']}", flush=True)
             torch.cuda.empty_cache()
             continue
-        row[f"{contender}_fwd_ms"] = round(fwd, 4)
-        if fwdbwd is not None:
-            row[f"{contender}_fwdbwd_ms"] = round(fwdbwd, 4)
-        row[f"{contender}_first_s"] = round(first.get(f"{gname}/{name}/{contender}", first_s), 3)
+        for suffix, ms in (("fwd", fwd), ("fwdbwd", fwdbwd)):
+            if ms is None:
+                continue
+            samples = row.setdefault(f"{contender}_{suffix}_samples", [])
+            samples.append(round(ms, 4))
+            row[f"{contender}_{suffix}_ms"] = round(_median(samples), 4)
+        if rnd == 0:
+            row[f"{contender}_first_s"] = round(first.get(f"{gname}/{name}/{contender}", first_s), 3)
         key = (gname, name)
         if not contender.startswith("attnlang") and key not in ref:
             ref[key] = out.float()

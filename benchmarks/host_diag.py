@@ -129,8 +129,10 @@ def main(argv=None):
             calls["attnlang_op"] = lambda q, k, v: torch.ops.attnlang.attention(
                 q, k, v, [], key, op.grad_bits(q, k, v, []))[0]
         row = {}
+        from attnlang.backends import fa4_replay
         for who, call in calls.items():
             q, k, v, dout = base
+            before = {id(r) for r in fa4_replay._ALL}
             try:
                 with torch.no_grad():
                     row[f"{who}_host_us"], row[f"{who}_gpu_us"] = _timed(lambda: call(q, k, v), args.n)
@@ -150,6 +152,10 @@ def main(argv=None):
                     profiles.append(f"===== {name} {who} forward+backward, 10 calls\n" + _profile(train, 10))
             except Exception as exc:  # noqa: BLE001 - recorded, the other rows still run
                 row[f"{who}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            # where each FA4 host call of this contender ended up (fa4_replay: "replay", or "own" and why)
+            row[f"{who}_replays"] = sorted({f"{'fwd' if r.exact else 'bwd'}: {r.state}"
+                                            + (f" ({r.why})" if r.why else "")
+                                            for r in list(fa4_replay._ALL) if id(r) not in before})
             print(name, who, {k_: v_ for k_, v_ in row.items() if k_.startswith(who)}, flush=True)
         results[name] = row
     out = Path(args.out)
@@ -159,8 +165,8 @@ def main(argv=None):
     (out / f"{args.name}.json").write_text(json.dumps(doc, indent=2) + "\n")
     (out / f"{args.name}_profile.txt").write_text("\n".join(profiles))
     md = [f"# Host time of warm fa4 calls, {doc['device']}, B, H, S, D = {tuple(args.shape)} bf16", "",
-          "| row | who | host us | GPU us | train host us | train GPU us | sync (inference / train) |",
-          "|---|---|---|---|---|---|---|"]
+          "| row | who | host us | GPU us | train host us | train GPU us | sync (inference / train) | replays |",
+          "|---|---|---|---|---|---|---|---|"]
     for name, row in results.items():
         for who in ("attnlang_fa4", "attnlang_fa4_no_replay", "attnlang_auto", "attnlang_op", "fa4_attnlang_args",
                     "fa4_direct"):
@@ -168,7 +174,7 @@ def main(argv=None):
                 md.append(f"| {name} | {who} | {row.get(f'{who}_host_us', '')} | {row.get(f'{who}_gpu_us', '')} | "
                           f"{row.get(f'{who}_train_host_us', '')} | {row.get(f'{who}_train_gpu_us', '')} | "
                           f"{row.get(f'{who}_sync', row.get(f'{who}_error', ''))} / "
-                          f"{row.get(f'{who}_train_sync', '')} |")
+                          f"{row.get(f'{who}_train_sync', '')} | {'; '.join(row.get(f'{who}_replays', []))} |")
     (out / f"{args.name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -130,6 +130,14 @@ def test_suite_main_runs_with_stand_ins(tmp_path, monkeypatch):
     doc = json.loads((tmp_path / "shapes.json").read_text())
     assert "decode_q1" in doc["groups"] and "flex_flash_fwd_ms" in doc["groups"]["gqa"]["variants"]["causal"]
     assert "## gqa" in (tmp_path / "shapes.md").read_text()
+    # --rounds 3: every cell measured three times, round after round; it keeps the samples and their median
+    times = iter([1.0, 5.0, 4.0, 1.0, 3.0, 2.0])  # sdpa, fa4_builtin, sdpa, ...
+    monkeypatch.setattr(bk, "bench", lambda fn, q, k, v, dout, do_bwd, reps: (0.5, next(times), None, fn(q, k, v)))
+    bk.main(["--suite", "--groups", "gqa", "--variants", "causal", "--contenders", "sdpa", "fa4_builtin",
+             "--rounds", "3", "--out", str(tmp_path)])
+    row = json.loads((tmp_path / "shapes.json").read_text())["groups"]["gqa"]["variants"]["causal"]
+    assert row["sdpa_fwd_samples"] == [1.0, 4.0, 3.0] and row["sdpa_fwd_ms"] == 3.0
+    assert row["fa4_builtin_fwd_samples"] == [5.0, 1.0, 2.0] and row["fa4_builtin_fwd_ms"] == 2.0
 
 
 def test_suite_merge_unions_cells(tmp_path):
