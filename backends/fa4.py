@@ -609,25 +609,29 @@ def _training(fa, qt, kt, vt, fwd: dict, bwd: dict, plan: CallPlan | None = None
     softcap 0.0, deterministic False), each of its two host calls through the signature's Replay (``key``).
 
     ``qt`` / ``kt`` / ``vt``: [B, S, H, D] views. Returns (out [B, S, H, Dv], lse [B, H, S], backward), where
-    ``backward(dout [B, S, H, Dv], dlse [B, H, S] or None)`` gives (dq, dk, dv) in FA4's [B, S, H, D] layout."""
+    ``backward(out, lse, dout [B, S, H, Dv], dlse [B, H, S] or None)`` gives (dq, dk, dv) in FA4's [B, S, H, D]
+    layout. ``backward`` holds q / k / v but not out / lse: an autograd node keeping it (``_FlashTraining``) would
+    otherwise hold its own output, a reference cycle through the C++ graph that Python's collector cannot free (a
+    training step's out, lse and saved tensors leaked, every step: one cudaMalloc a step on the H200)."""
     qt, kt, vt = qt.detach(), kt.detach(), vt.detach()
     forward = dict(fwd, return_lse=True)  # the backward needs lse
     out, lse = _replayed(plan, None if key is None else key + ("fwd",), True,
                          lambda: fa._flash_attn_fwd(qt, kt, vt, **forward), (qt, kt, vt), _constants(fwd), fa)[:2]
+    return out, lse, functools.partial(_training_backward, fa, qt, kt, vt, fwd, bwd, plan, key)
 
-    def backward(dout, dlse):
-        def call():
-            return fa._flash_attn_bwd(
-                qt, kt, vt, out, dout, lse, fwd["softmax_scale"], False, 0.0,
-                window_size_left=fwd["window_size_left"], window_size_right=fwd["window_size_right"],
-                score_mod=fwd["score_mod"], score_mod_bwd=bwd["score_mod_bwd"], mask_mod=fwd["mask_mod"],
-                aux_tensors=fwd["aux_tensors"], block_sparse_tensors=bwd["block_sparse_tensors"], dlse=dlse)
-        # dq accumulates with fp32 atomics: two runs agree to a tolerance, not bit for bit
-        return _replayed(plan, None if key is None else key + ("bwd",), False, call,
-                         (qt, kt, vt, out, dout, lse, dlse),
-                         _constants(fwd) + (bwd["block_sparse_tensors"],), fa)[:3]
 
-    return out, lse, backward
+def _training_backward(fa, qt, kt, vt, fwd: dict, bwd: dict, plan, key, out, lse, dout, dlse):
+    """``_training``'s backward: FA4's _flash_attn_bwd, through the signature's Replay."""
+    def call():
+        return fa._flash_attn_bwd(
+            qt, kt, vt, out, dout, lse, fwd["softmax_scale"], False, 0.0,
+            window_size_left=fwd["window_size_left"], window_size_right=fwd["window_size_right"],
+            score_mod=fwd["score_mod"], score_mod_bwd=bwd["score_mod_bwd"], mask_mod=fwd["mask_mod"],
+            aux_tensors=fwd["aux_tensors"], block_sparse_tensors=bwd["block_sparse_tensors"], dlse=dlse)
+    # dq accumulates with fp32 atomics: two runs agree to a tolerance, not bit for bit
+    return _replayed(plan, None if key is None else key + ("bwd",), False, call,
+                     (qt, kt, vt, out, dout, lse, dlse),
+                     _constants(fwd) + (bwd["block_sparse_tensors"],), fa)[:3]
 
 
 def _direct_training(fa, qt, kt, vt, fwd: dict, bwd: dict, plan: CallPlan | None = None, key: tuple | None = None):
@@ -637,9 +641,9 @@ def _direct_training(fa, qt, kt, vt, fwd: dict, bwd: dict, plan: CallPlan | None
     [B, H, S, D] views of FA4's."""
     out, lse, backward = _training(fa, qt, kt, vt, fwd, bwd, plan, key)
 
-    def handed_over(grad_out, grad_lse):
+    def handed_over(grad_out, grad_lse):  # FA4's out / lse are not the op's outputs: no cycle here
         dlse = None if grad_lse is None else grad_lse.contiguous()
-        return tuple(g.transpose(1, 2) for g in backward(grad_out.transpose(1, 2), dlse))
+        return tuple(g.transpose(1, 2) for g in backward(out, lse, grad_out.transpose(1, 2), dlse))
 
     give_direct_backward(handed_over)
     return out, lse
@@ -662,12 +666,12 @@ class _FlashTraining(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # FA4's backward kernels have no derivative: create_graph=True is an error, not zeros
     def backward(ctx, grad_out, grad_lse):
-        ctx.saved_tensors  # noqa: B018 (the version check)
+        out, lse = ctx.saved_tensors[3:]  # also the version check
         if grad_out is None:  # only lse was used
             shape, dtype, device = ctx.out_meta
             grad_out = torch.zeros(shape, dtype=dtype, device=device)
         dlse = None if grad_lse is None else grad_lse.contiguous()
-        dq, dk, dv = ctx.flash_backward(grad_out, dlse)
+        dq, dk, dv = ctx.flash_backward(out, lse, grad_out, dlse)
         return dq, dk, dv, None
 
 

@@ -200,3 +200,22 @@ def test_the_op_keeps_the_autograd_graph_where_fa4s_call_is_not_plain(fake, monk
     want = torch.autograd.grad(CAUSAL(q, k, v, backend="eager"), (q, k, v), torch.ones_like(out))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_an_eager_training_call_frees_its_output_and_saved_tensors(fake, monkeypatch):
+    # fa4._FlashTraining's node must not hold its own outputs (a closure over out / lse kept on ctx): that reference
+    # cycle runs through the C++ autograd graph, which Python's collector cannot free, so every training step
+    # leaked out, lse and the saved q / k / v (H200: one cudaMalloc a step, 10 in 10 steps)
+    import gc
+    import weakref
+    monkeypatch.setattr(fa4, "unsupported", lambda q, plan: None)  # a CPU stand-in for the kernel
+    q, k, v = (torch.randn(1, 2, 16, 32).requires_grad_() for _ in range(3))
+    refs = []
+    for _ in range(3):
+        out = CAUSAL(q, k, v, backend="fa4")
+        out.sum().backward()
+        refs.append(weakref.ref(out._base if out._base is not None else out))  # FA4's own [B, S, H, D] out
+        del out
+    gc.collect()
+    assert fake.direct.count("bwd") == 3  # the _FlashTraining path ran (FA4's _flash_attn_bwd)
+    assert all(r() is None for r in refs), "a training call's output outlived it"

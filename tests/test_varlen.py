@@ -733,3 +733,23 @@ def test_route_replays_warm_calls(monkeypatch, grads, direction):
     if grads and direction == "tile_list_forward":
         assert fa.calls[:2] == ["fwd dense", "bwd varlen"]
     assert fa.host_calls == {"fwd": 3, "bwd": 3 if grads else 0}
+
+
+def test_training_calls_on_the_varlen_path_free_their_outputs(fake):
+    # no autograd node of the varlen path may hold its own outputs (a reference cycle through the C++ graph,
+    # which Python's collector cannot free: fa4._FlashTraining leaked every training step that way)
+    import gc
+    import weakref
+    fake()
+    doc = _doc_ids(LENGTHS)
+    refs = []
+    for seed in range(3):
+        out, lse, _, _ = _run("doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx", {"doc": doc}, options={"varlen": True},
+                              seed=seed)
+        base = out
+        while base._base is not None:
+            base = base._base
+        refs.append(weakref.ref(base))
+        del out, lse, base
+    gc.collect()
+    assert all(r() is None for r in refs), "a varlen training call's output outlived it"
