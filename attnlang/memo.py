@@ -32,12 +32,19 @@ def fingerprint(t: torch.Tensor):
     return raw.size, zlib.crc32(raw)
 
 
+_SELF = object()  # an entry's value that is its tensor itself (held weakly, as the key)
+
+
 class TensorMemo:
     """An LRU of ``fn(t)`` keyed by (tensor object, tag), valid while ``t._version`` and ``fingerprint(t)`` are
     unchanged.
 
     Inference-mode tensors keep no version counter: on the CPU their checksum alone keys the entry; elsewhere
     nothing is cached for them and ``fn`` runs every time.
+
+    An entry goes with its tensor: it holds ``t`` weakly (a value that is ``t`` itself, as ``t.contiguous()`` of a
+    contiguous tensor, is not held), and is dropped when ``t`` is freed, so a value derived from it (an int32
+    copy) is freed with it.
     """
 
     def __init__(self, size: int = 256):
@@ -57,9 +64,15 @@ class TensorMemo:
         hit = self._entries.get(key)
         if hit is not None and hit[0]() is t and hit[1] == version:
             self._entries.move_to_end(key)
-            return hit[2]
+            return t if hit[2] is _SELF else hit[2]
         value = fn(t)
-        self._entries[key] = (weakref.ref(t), version, value)
+        entries = self._entries
+
+        def forget(ref, key=key):  # t was freed: its entry (and what it derived) goes now, not 256 entries later
+            got = entries.get(key)
+            if got is not None and got[0] is ref:
+                del entries[key]
+        self._entries[key] = (weakref.ref(t, forget), version, _SELF if value is t else value)
         while len(self._entries) > self._size:
             self._entries.popitem(last=False)
         return value

@@ -161,6 +161,34 @@ def test_inference_tensors_on_the_cpu_are_checked_and_cached_by_their_values():
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("dtype, derive", [(torch.int32, lambda t: t.contiguous()),
+                                           (torch.int64, lambda t: t.to(torch.int32))], ids=["itself", "copy"])
+def test_a_memo_entry_goes_with_its_tensor(dtype, derive):
+    # an entry held its value strongly until 255 newer ones pushed it out: fa4's "aux" of a contiguous int32 / float
+    # named tensor is that tensor itself (t.contiguous()), so MEMO kept the user's tensor alive, and an int32 copy
+    # of an int64 one outlived it (found by the lifetime audit)
+    import gc
+    import weakref
+
+    from attnlang.memo import TensorMemo
+    memo = TensorMemo()
+    t = torch.arange(6, dtype=dtype)
+    got = memo.get(t, "aux", derive)
+    assert memo.get(t, "aux", lambda _: pytest.fail("not cached")) is got
+    refs = weakref.ref(t), weakref.ref(got)
+    del t, got
+    gc.collect()
+    assert [r() for r in refs] == [None, None] and not memo._entries
+    t = torch.arange(6, dtype=dtype)
+    memo.get(t, "aux", derive)
+    t.add_(1)  # a new version: the entry is replaced, and the new one still goes with t
+    got = memo.get(t, "aux", derive)
+    assert torch.equal(got, torch.arange(1, 7).to(got.dtype))
+    del t, got
+    gc.collect()
+    assert not memo._entries
+
+
 @pytest.mark.parametrize("t", [torch.zeros(2)[::2], torch.zeros(3, 2, dtype=torch.int16)[:1, ::2],
                                torch.zeros(4, 2)[:, ::2]])
 def test_a_strided_view_that_torch_calls_contiguous_binds(t):
