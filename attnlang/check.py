@@ -207,7 +207,7 @@ def check(score: str = "score", mask: str = "True", params=None, sink: str | Non
     if any(local.values()):
         for where, tree in typed.items():
             _check_expanded_size(tree, sources[where], where)
-    _check_roles(typed, sources)
+    _check_roles(typed, sources, trees=trees)
     return Checked(typed["score"], typed["mask"], dict(tensors), sources, typed.get("sink"))
 
 
@@ -500,19 +500,56 @@ def _substitute(tree: Expr, consts: Mapping[str, Const]) -> Expr:
     return sub(tree)
 
 
-def _check_roles(typed, sources, final: bool = False) -> None:
+def _result_name(tree) -> tuple | None:
+    """(name, span of its use) where an expression's result is a bare bound name (``x = q_idx * 2.0; x``)."""
+    if isinstance(tree, Let) and isinstance(tree.body, Var) and any(b.name == tree.body.name for b in tree.bindings):
+        return tree.body.name, tree.body.span
+    return None
+
+
+def _check_roles(typed, sources, final: bool = False, trees=None) -> None:
+    """The roles' types: score and sink numbers, mask bool. ``trees`` (compile time): the unexpanded expressions,
+    so that a result that is a bare bound name gets the caret under that name, not under its binding."""
+    if trees is not None:
+        typed = dict(typed)
+        for w, tree in trees.items():
+            got = _result_name(tree)
+            if got is not None and typed.get(w) is not None:
+                name, span = got
+                typed[w] = _Use(typed[w].dtype, span, name, typed[w].span)
     s, m = typed["score"], typed["mask"]
     if s.dtype is DType.BOOL:
         raise AttnLangError.at("the score expression must be a number (float), but it is bool; a condition "
-                               "belongs in the mask, or use where(cond, score, -inf)", sources["score"], s.span,
-                               "score")
+                               "belongs in the mask, or use where(cond, score, -inf)" + _bound_note(s),
+                               sources["score"], s.span, "score")
     k = typed.get("sink")
     if k is not None and k.dtype is DType.BOOL:
         raise AttnLangError.at("the sink expression must be a number (float: the logit of the extra key), but it "
-                               "is bool", sources["sink"], k.span, "sink")
+                               "is bool" + _bound_note(k), sources["sink"], k.span, "sink")
     if m.dtype in (DType.INT, DType.FLOAT):
         raise AttnLangError.at(f"the mask must be bool, but it is {m.dtype.value}; compare it, e.g. "
-                               f"'... != 0'", sources["mask"], m.span, "mask")
+                               f"'... != 0'" + _bound_note(m), sources["mask"], m.span, "mask")
+
+
+@dataclass(frozen=True)
+class _Use:
+    """A result that is a bare bound name, for _check_roles' messages: its type, the span of the name's use, the
+    name and the span of its value in the binding."""
+    dtype: DType
+    span: object
+    name: str
+    bound: object
+
+
+def _bound_note(node) -> str:
+    if not isinstance(node, _Use):
+        return ""
+    at = f" at line {node.bound.line}, column {node.bound.column}" if node.bound is not None else ""
+    return f" ({node.name!r} is bound to {_a(node.dtype)}{at})"
+
+
+def _a(dtype: DType) -> str:
+    return ("an " if dtype is DType.INT else "a ") + dtype.value
 
 
 def _join(a: DType, b: DType) -> DType:
@@ -535,8 +572,19 @@ def _infer(tree: Expr, tensor_dtypes, source: str, where: str) -> Expr:
     # deep), not after the budget's worth of work.
     mult = [1]
     seen = [0]  # visits made
+    # a bound name's value is one shared node with the binding's span; where a check fails on it as an operand,
+    # the caret goes under the name where it is used (its last use: operands are visited right before their
+    # parent's checks), and the message says what the name was bound to. id -> (value, use span, name)
+    uses: dict[int, tuple] = {}
 
     def fail(msg, node):
+        use = uses.get(id(node))
+        if use is not None and use[0] is node:
+            value, span, name = use
+            bound = value.span
+            raise AttnLangError.at(f"{msg} ({name!r} is bound to {_a(value.dtype)} "
+                                   + (f"at line {bound.line}, column {bound.column})" if bound else "value)"),
+                                   source, span, where)
         raise AttnLangError.at(msg, source, node.span, where)
 
     def want_numeric(node, what):
@@ -568,6 +616,9 @@ def _infer(tree: Expr, tensor_dtypes, source: str, where: str) -> Expr:
         if isinstance(node, Var) and node.name in scope:
             return scope[node.name]
         kids = tuple(visit(k) for k in children(node))
+        for child, kid in zip(children(node), kids):  # this node's own operands that are bound names
+            if isinstance(child, Var) and child.name in scope:
+                uses[id(kid)] = (kid, child.span, child.name)
         if isinstance(node, Var):
             if node.name not in BUILTIN_VARS:
                 fail(f"{node.name!r} is not bound here: a binding is visible after it, a generator's variable only "

@@ -86,7 +86,11 @@ ERRORS = [
     ("sum(i for i in range(3)) + i > q_idx", None, "i > q_idx", "not bound here"),
     ("x = kv_idx + wid; q_idx < x", None, "wid", "was not given"),
     ("x = score; q_idx < x", None, "score", "cannot be used in a mask"),
-    ("x = q_idx > 0; x + 1 > 2", None, "q_idx > 0", "bool"),
+    # a bound value's type error as an operand: the caret under the name where it is used, the binding named
+    ("x = q_idx > 0; x + 1 > 2", None, "x + 1", "'x' is bound to a bool at line 1, column 5"),
+    ("x = q_idx // 2; x & (x > 1)", None, "x &", "'x' is bound to an int"),
+    ("i = 1.5; doc[i] == doc[kv_idx]", None, "i]", "'i' is bound to a float"),
+    ("x = (q_idx >\n 2) + 1; x > 0", None, "q_idx >", "expects a number"),  # inside the binding: caret there
     ("any(q_idx + i for i in range(3))", None, "q_idx + i", "needs a bool"),
     ("sum(q_idx > i for i in range(3)) > 0", None, "q_idx > i", "bool"),
     ("any(q_idx == i for i in range(n))", {"n": 2.5}, "n))", "int literal or an int parameter"),
@@ -123,6 +127,16 @@ def test_errors_point_at_the_token(mask, params, token, word):
         al.compile(mask=mask, params=params)
     assert word in info.value.message, str(info.value)
     assert_points_at(info.value, mask, token, where="mask")
+
+
+@pytest.mark.parametrize("kw, where", [(dict(mask="x = q_idx * 1.5; x"), "mask"),
+                                       (dict(score="x = q_idx > kv_idx; x"), "score")])
+def test_a_result_that_is_a_bound_name_of_the_wrong_type_points_at_the_name(kw, where):
+    with pytest.raises(al.AttnLangError) as info:
+        al.compile(**kw)
+    text = kw[where]
+    assert (info.value.line, info.value.column) == (1, text.rindex("x") + 1), str(info.value)
+    assert "'x' is bound to" in info.value.message and "column 5" in info.value.message
 
 
 @pytest.mark.parametrize("kw, where, token, other", [
