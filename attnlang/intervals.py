@@ -396,6 +396,10 @@ def _r_floordiv(ops, c, x, y):  # floor of the quotient's bounds; a float inf //
         if not ops.tensor:
             return _top(True)
         nan = True
+    if c.integer and not ops.tensor and all(math.isfinite(v) for v in (x[0], x[1], y[0], y[1])):
+        # exact Python ints: a float quotient rounds past 2**53 (and across an integer: (2**60 - 1) / 2**60 == 1.0)
+        lo, hi = ops.corners([int(a) // int(b) for a in (x[0], x[1]) for b in (y[0], y[1])])
+        return (lo, hi, nan)
     lo, hi = ops.corners([ops.div(a, b) for a in (x[0], x[1]) for b in (y[0], y[1])])
     lo, hi = ops.floor(lo), ops.floor(hi)
     if c.device and not c.integer:  # float32 quotients round across an integer

@@ -320,3 +320,22 @@ def test_reading_an_empty_tensor_says_it_is_empty_not_to_clamp(backend, score, s
     with pytest.raises(al.AttnLangError, match="has size 0 along index") as e:
         al.compile(score=score)(q, q, q, backend=backend, bias=torch.zeros(shape))
     assert "clamp" not in str(e.value).splitlines()[0] and "^" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ints past 2**53 in the bounds analysis: bounds are exact Python ints, never rounded through float64
+
+_BIG = 1 << 60
+
+
+def test_int_floor_division_bounds_are_exact_past_2_53():
+    # (2**60 - 1) / 2**60 rounds to 1.0 in float64, but (2**60 - 1) // 2**60 == 0: the index reaches -1, an error,
+    # not a silent read of t[-1] (it was: the bounds said [0, 0])
+    q = torch.zeros(1, 1, 2, 4, dtype=torch.float64)
+    with pytest.raises(al.AttnLangError, match=r"can take values in \[-1, 0\]") as e:
+        al.compile(f"score + t[(kv_idx + {_BIG - 1}) // {_BIG} - 1]")(q, q, q, backend="eager", t=torch.zeros(3))
+    assert "^" in str(e.value)
+    # -(2**63 - 1) // -1 == 2**63 - 1 fits in 64 bits (it was an overflow error: the float quotient is 2**63)
+    out, lse = al.compile(mask="False", sink="float(-9223372036854775807 // -1) * 0.0")(
+        q, q, q, backend="eager", return_lse=True)
+    assert torch.equal(lse, torch.zeros_like(lse))
