@@ -865,12 +865,15 @@ def _saturate(r: Interval) -> Interval:
 
 
 def tensor_range(t) -> Interval:
-    """The interval of a torch tensor's values (bools as 0/1; unbounded when it holds NaN; [0, 0] when empty)."""
+    """The interval of a torch tensor's values (ints as exact Python ints, bools as 0/1; unbounded when it holds
+    NaN; [0, 0] when empty)."""
     if t.numel() == 0:
         return Interval(0, 0)
     x = t.detach()
     if x.dtype == torch.bool:
         x = x.to(torch.int8)
+    if not x.dtype.is_floating_point:  # exact Python ints: float() rounds int64 values past 2**53
+        return Interval(int(x.min()), int(x.max()))
     lo, hi = float(x.min()), float(x.max())
     if math.isnan(lo) or math.isnan(hi):
         return TOP

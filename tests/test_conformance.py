@@ -339,3 +339,21 @@ def test_int_floor_division_bounds_are_exact_past_2_53():
     out, lse = al.compile(mask="False", sink="float(-9223372036854775807 // -1) * 0.0")(
         q, q, q, backend="eager", return_lse=True)
     assert torch.equal(lse, torch.zeros_like(lse))
+
+
+def test_int_tensor_value_bounds_are_exact_past_2_53():
+    q = torch.zeros(1, 2, 2, 4, dtype=torch.float64)
+    # x[h] - 2**60 is 1 for x = 2**60 + 1, outside t's one element (float(2**60 + 1) == 2**60: bounds said [0, 0],
+    # and torch raised a bare IndexError)
+    with pytest.raises(al.AttnLangError, match=r"can take values in \[1, 1\]") as e:
+        al.compile(f"score + t[x[h] - {_BIG}]")(q, q, q, backend="eager", t=torch.zeros(1),
+                                               x=torch.tensor([_BIG + 1, _BIG + 1]))
+    assert "^" in str(e.value)
+    # (0 + 2**60 - 1) // 2**60 - 1 == -1: an index error, not a silent read of t[-1]
+    with pytest.raises(al.AttnLangError, match=r"can take values in \[-1, -1\]"):
+        al.compile(f"score + t[(x[h] + {_BIG - 1}) // {_BIG} - 1]")(q, q, q, backend="eager", t=torch.zeros(3),
+                                                                    x=torch.tensor([0, 0]))
+    # int64's largest value minus 1 fits (float(2**63 - 1) is 2**63: it was an overflow error)
+    _, lse = al.compile(mask="x[h] - 1 > 0")(q, q, q, backend="eager", return_lse=True,
+                                             x=torch.tensor([2 ** 63 - 1, 1]))
+    assert torch.isfinite(lse[0, 0]).all() and torch.isneginf(lse[0, 1]).all()
