@@ -600,6 +600,8 @@ class _Analysis:
                 return _kmax(x, y)
             if node.op in COMPARISONS:
                 return self._compare(node, x, y)
+            if _int_past_exact((node.left, node.right), kids):
+                return _TOP(False)
             return apply(node.op, TENSOR, ctx(node.dtype is DType.INT, True), [_as_num(x), _as_num(y)])
         return self._call(node, kids)
 
@@ -654,6 +656,8 @@ class _Analysis:
         if node.dtype is DType.BOOL:
             return 1  # no other function gives a bool
         xs = [_as_num(k) for k in kids]
+        if _int_past_exact(node.args, kids):
+            return _TOP(False)
         if f in RULES:
             return apply(f, TENSOR, ctx(node.dtype is DType.INT, True, node.args[0].dtype is DType.FLOAT), xs)
         return _TOP(True)
@@ -836,6 +840,12 @@ def _finite(v) -> bool:
 
 def _too_big(lo, hi) -> bool:
     return _absmax(lo, hi) >= _EXACT
+
+
+def _int_past_exact(args, kids) -> bool:
+    """An int argument with a finite bound past 2**52: its float64 bounds are rounded (a literal 2**60 + 1 is
+    2**60), so a rule that maps it back to small values (% 2**60, // 2**60, & 1, ...) could miss the real values."""
+    return any(a.dtype is DType.INT and isinstance(k, tuple) and _too_big(k[0], k[1]) for a, k in zip(args, kids))
 
 
 # ---------------------------------------------------------------------------------------------------------------

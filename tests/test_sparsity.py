@@ -437,3 +437,26 @@ def test_sound_on_random_masks_with_bindings_reductions_and_bits(mask, shape, re
     assert_sound(bs, truth)
     if refine:
         assert torch.equal(bs.kind.expand_as(truth), truth)
+
+
+@pytest.mark.parametrize("mask", [
+    f"(kv_idx + {2 ** 60 + 1}) % {2 ** 60} == 1 + kv_idx",        # always true; 2**60 + 1 is 2**60 in float64
+    f"(kv_idx + {2 ** 60 + 1}) % {2 ** 60} != 0",
+    f"(kv_idx + {2 ** 60 + 1}) % 7 == {(2 ** 60 + 1) % 7}",       # true at kv_idx = 0, 7, 14, ...
+    f"(kv_idx + {2 ** 60 - 1}) // {2 ** 60} == 1",                 # false at kv_idx = 0 only
+    f"max(kv_idx, {2 ** 60 + 1}) - {2 ** 60} == 1",
+])
+@pytest.mark.parametrize("refine", [True, False])
+def test_int_operations_past_2_52_are_never_called_empty_or_full_wrongly(mask, refine):
+    # the per-block bounds are float64: an int past 2**52 rounds, and % / // / - map it back to small wrong values
+    # (the first three were called empty everywhere)
+    v = al.compile(mask=mask)
+    bs = v.block_sparsity(40, 40, 1, 1, (8, 8), refine=refine)
+    dense = evaluate(v.checked.mask, {"b": torch.zeros(1, 1, 1, 1, dtype=torch.long),
+                                      "h": torch.zeros(1, 1, 1, 1, dtype=torch.long),
+                                      "q_idx": torch.arange(40).view(1, 1, 40, 1),
+                                      "kv_idx": torch.arange(40).view(1, 1, 1, 40),
+                                      "q_len": torch.tensor(40), "kv_len": torch.tensor(40)}, {}, torch.float32)
+    tiles = dense.expand(1, 1, 40, 40)[0, 0].reshape(5, 8, 5, 8).permute(0, 2, 1, 3).reshape(5, 5, 64)
+    kind = bs.kind[0, 0]
+    assert not tiles[kind == 0].any() and tiles[kind == 2].all()
