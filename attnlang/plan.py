@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -10,8 +11,9 @@ import torch
 
 from .ast import Expr
 from .check import Checked
+from .errors import AttnLangError
 
-__all__ = ["CallPlan", "request_direct_backward", "direct_backward_requested", "give_direct_backward",
+__all__ = ["CallPlan", "WeakTensors", "request_direct_backward", "direct_backward_requested", "give_direct_backward",
            "take_direct_backward"]
 
 
@@ -58,6 +60,51 @@ class CallPlan:
     sink: Expr | None = None
     normalize: bool = True
     memo: dict = field(default_factory=dict, repr=False)
+
+
+class WeakTensors(Mapping):
+    """A CallPlan's named tensors (name -> tensor), held weakly. A Variant keeps its recent plans for reuse
+    (``Variant._warm_plan``), and a plan holding its call's tensors kept them alive after the caller dropped them:
+    the last 8 calls' named tensors of every variant (a per-step bias or mask; through a tensor with a grad_fn,
+    the graph that made it). A plan is only reused by a call passing these very tensors, alive."""
+
+    __slots__ = ("_refs",)
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self._refs = {n: weakref.ref(t) for n, t in tensors.items()}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        t = self._refs[name]()
+        if t is None:
+            raise self._freed(name)
+        return t
+
+    def _freed(self, name=None) -> AttnLangError:
+        if name is None:
+            name = next(n for n, r in self._refs.items() if r() is None)
+        return AttnLangError(f"the named tensor {name!r} of this call was freed while its call plan was in use")
+
+    def __iter__(self):
+        return iter(self._refs)
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    def __contains__(self, name) -> bool:
+        return name in self._refs
+
+    def items(self):
+        return list(zip(self._refs, self.values()))
+
+    def values(self):
+        out = [r() for r in self._refs.values()]
+        for t in out:
+            if t is None:
+                raise self._freed()
+        return out
+
+    def __repr__(self) -> str:
+        return f"WeakTensors({ {n: r() for n, r in self._refs.items()}!r})"  # None: freed
 
 
 # ----- a backward handed over without autograd (attnlang.op <-> a backend; per thread) -----

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -20,7 +21,7 @@ from .errors import AttnLangError
 from .intervals import Interval, bounds, tensor_range
 from .memo import MEMO, IdentityMemo
 from .parse import MAX_LENGTH, parse
-from .plan import CallPlan
+from .plan import CallPlan, WeakTensors
 from .printer import to_source
 from .simplify import Simplified, simplify_variant
 
@@ -353,6 +354,9 @@ class Variant:
                 warm.move_to_end(key)
             return plan
         plan = self._plan(q, k, v, scale, backend, return_lse, kernel_options, tensors)
+        if plan.tensors:
+            # kept for reuse, the plan must not keep the call's named tensors alive (a warm call passes them again)
+            plan = dataclasses.replace(plan, tensors=WeakTensors(plan.tensors))
         warm[key] = plan
         if len(warm) > _WARM_PLANS:
             warm.popitem(last=False)
@@ -561,7 +565,7 @@ def _call_key(q, k, v, scale, backend, return_lse, kernel_options, tensors):
     return key
 
 
-_WARM_PLANS = 8  # CallPlans a Variant keeps for its recent call keys (plans hold their calls' named tensors)
+_WARM_PLANS = 8  # CallPlans a Variant keeps for its recent call keys (weakly holding their calls' named tensors)
 _NAMES = IdentityMemo()  # bound expressions -> the names they read
 _BOUNDS_OK = IdentityMemo(1024)  # (bound expressions, sizes and value ranges) that passed check_index_bounds
 

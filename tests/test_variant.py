@@ -395,6 +395,31 @@ def test_a_warm_call_reuses_its_plan_and_a_changed_call_plans_again(monkeypatch)
     assert not torch.allclose(first, again)
 
 
+def test_a_kept_plan_does_not_keep_its_calls_named_tensors_alive(monkeypatch):
+    # a Variant keeps its last 8 plans for warm calls, and each held its call's named tensors: a per-step bias or
+    # mask outlived the step by 8 calls, and a non-leaf one with it the graph that made it (found by the lifetime
+    # audit: weakrefs to a step's tensors after del)
+    import gc
+    import weakref
+    var = al.compile(score="score + bias[h, q_idx, kv_idx]", mask="doc[q_idx] == doc[kv_idx]")
+    made = _counting_plans(monkeypatch, var)
+    q = torch.randn(1, 2, 6, 4, requires_grad=True)
+    refs = []
+    for step in range(3):
+        made_by = torch.randn(6, 6, requires_grad=True)  # bias is not a leaf: its grad_fn holds made_by
+        bias = (made_by * 2.0).expand(2, 6, 6)
+        doc = torch.tensor([0, 0, 0, 1, 1, 1])
+        out = var(q, q, q, backend="eager", bias=bias, doc=doc)
+        again = var(q, q, q, backend="eager", bias=bias, doc=doc)  # warm: the kept plan reads them again
+        torch.testing.assert_close(again, out)
+        if step == 0:
+            out.sum().backward()
+        refs += [weakref.ref(bias), weakref.ref(doc), weakref.ref(made_by)]
+        del bias, doc, made_by, out, again
+    gc.collect()
+    assert len(made) == 3 and [r() for r in refs] == [None] * len(refs)
+
+
 def test_a_warm_call_still_checks_a_tensor_written_in_place():
     # the index bounds were proved for the old values: after the write the call must check again and refuse
     var = al.compile(score="score + table[idx[kv_idx]]")
