@@ -37,6 +37,7 @@ import math
 import sys
 import types
 import warnings
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -62,7 +63,7 @@ _MAX_BLOCK_MASKS = 64                # block masks kept (LRU)
 _RECOMPILE_LIMIT = 64                # Dynamo's per-code-object limit, raised once, for stride / grad-mode changes
 
 _compiled: "OrderedDict[tuple, object]" = OrderedDict()
-_block_masks: "OrderedDict[tuple, tuple]" = OrderedDict()
+_block_masks: "OrderedDict[tuple, tuple]" = OrderedDict()  # -> (BlockMask, weakrefs to its mask tensors)
 _flash_failed: dict[tuple, str] = {}
 _first_lengths: "OrderedDict[tuple, tuple]" = OrderedDict()  # key without lengths -> the first (q_len, kv_len)
 _flash_lengths: dict[tuple, tuple] = {}  # automatic FLASH: variant and shape class -> the first lengths
@@ -504,7 +505,7 @@ def _block_mask(q, plan: CallPlan, mask_names: tuple[str, ...], fd):
     hit = _block_masks.get(key)
     if hit is not None:
         _block_masks.move_to_end(key)
-        return hit
+        return hit[0]
     if q.is_cuda and torch.cuda.is_current_stream_capturing():
         raise AttnLangError("backend 'flex' inside a CUDA graph (capture, or torch.compile mode='reduce-overhead') "
                             "needs this call's BlockMask built ahead: call the variant once outside the graph with "
@@ -517,7 +518,9 @@ def _block_mask(q, plan: CallPlan, mask_names: tuple[str, ...], fd):
                              plan.batch, plan.q_heads, BLOCK_SIZE, detached)
     bm = bs.to_flex(mask_mod=mask_mod, device=q.device)
     if not _in_graph_pool(q.device):
-        _block_masks[key] = bm
+        def gone(_, key=key):  # a mask tensor was freed: its block mask (whose mask_mod holds its memory) goes too
+            _block_masks.pop(key, None)
+        _block_masks[key] = (bm, [weakref.ref(t, gone) for t in mask_tensors.values()])
     _stats["block_masks"] += 1
     while len(_block_masks) > _MAX_BLOCK_MASKS:
         _block_masks.popitem(last=False)

@@ -125,6 +125,28 @@ def test_kernel_choice_and_override():
     assert flex.kernel_for(q, plan) == "TRITON"      # options override
 
 
+def test_a_cached_block_mask_goes_with_its_mask_tensors():
+    # the cache held a block mask (its mask_mod holds a detached alias of the mask tensors) until 64 newer ones
+    # pushed it out: a new document-id tensor per batch kept the last 64 batches' ids and block tables alive
+    # (found by the lifetime audit: the storage of a dropped doc tensor was still alive)
+    import gc
+    flex.clear_caches()
+    variant = al.compile(mask="doc[q_idx] == doc[kv_idx]")
+    q, k, v = make_qkv(Shape(1, 1, 1, 40, 40, 8))
+    doc = torch.repeat_interleave(torch.arange(2), 20)
+    with torch.no_grad():
+        variant(q, k, v, backend="flex", doc=doc)
+        variant(q, k, v, backend="flex", doc=doc)
+    assert flex.cache_info()["block_masks_cached"] == 1
+    memory = doc.untyped_storage()._weak_ref()
+    try:
+        del doc
+        gc.collect()
+        assert torch.UntypedStorage._expired(memory) and flex.cache_info()["block_masks_cached"] == 0
+    finally:
+        torch.UntypedStorage._free_weak_ref(memory)
+
+
 def test_block_mask_cache_tracks_tensor_identity_and_version():
     flex.clear_caches()
     built = flex.cache_info()["block_masks"]
