@@ -56,6 +56,7 @@ import torch.distributed as dist
 from .ast import Const, DType, Index, Var, children, with_children
 from .denominator import check_numerator
 from .errors import AttnLangError
+from .memo import MEMO
 from .printer import to_source
 
 __all__ = ["shard_positions", "attention", "plan_communication", "CommPlan", "position_variant", "sink_variant",
@@ -558,6 +559,24 @@ def _fingerprint(t: torch.Tensor) -> tuple:
         return (tuple(t.shape), str(t.dtype), repr(float(x.sum())), repr(float((x * w.remainder(1009)).sum())))
 
 
+def _plan_key(v, positions: list[torch.Tensor], batch: int, heads: int, tensors: Mapping) -> tuple:
+    """What a communication plan depends on: the mask tensors by their exact values. (``_fingerprint``'s two
+    sums are the same for tensors that differ, e.g. by values swapped at positions 1009 apart, and a cached plan
+    of the other tensor skipped steps this one needs: a silently wrong out.)"""
+    return (v, _positions_digest(positions), batch, heads,
+            tuple((n, MEMO.get(t, "ring plan", _digest)) for n, t in sorted(tensors.items()) if n in _mask_tensors(v)))
+
+
+def _digest(t: torch.Tensor) -> str:
+    """A digest of a tensor's shape, dtype and bytes (read on the host)."""
+    x = t.detach().reshape(-1).cpu()
+    if x.numel() and x.stride(0) != 1:
+        x = x.clone(memory_format=torch.contiguous_format)
+    h = hashlib.sha1(f"{tuple(t.shape)} {t.dtype}".encode())
+    h.update(x.view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def _positions_digest(positions: list[torch.Tensor]) -> str:
     h = hashlib.sha1()
     for p in positions:
@@ -1044,8 +1063,7 @@ def attention(v, q_local: torch.Tensor, k_local: torch.Tensor, v_local: torch.Te
     rank, world, pos = _agree(v, q_local, k_local, v_local, positions, group, backend, scale, tensors,
                               (return_lse, recompute, comm_stats))
     S = sum(len(p) for p in pos)
-    key = (v, _positions_digest(pos), q_local.shape[0], q_local.shape[1],
-           tuple((n, _fingerprint(t)) for n, t in sorted(tensors.items()) if n in _mask_tensors(v)))
+    key = _plan_key(v, pos, q_local.shape[0], q_local.shape[1], tensors)
     plan = _cached_plan(key, lambda: _plan(v, pos, q_local.shape[0], q_local.shape[1], tensors))
     names = tuple(sorted(tensors))
     stats = comm_stats if comm_stats is not None else {}

@@ -240,6 +240,20 @@ def test_plan_is_sound_for_documents():
                 assert not bool(allowed[positions[r]][:, positions[s]].any())
 
 
+def test_the_cached_plan_is_keyed_by_the_mask_tensors_values():
+    # the ring's plan cache keyed mask tensors by two sums, equal for these two (one key allowed, at positions 1009
+    # apart): the second call got the first's plan, whose rank 0 skips the shard holding its key, and rank 0's
+    # out was silently wrong on gloo (found by the lifetime / staleness audit)
+    v = al.compile(mask="allow[kv_idx] | q_idx == kv_idx")
+    positions = [torch.arange(0, 1024), torch.arange(1024, 2048)]
+    a, b = torch.zeros(2048, dtype=torch.bool), torch.zeros(2048, dtype=torch.bool)
+    a[100], b[1109] = True, True
+    assert not torch.equal(ald.plan_communication(v, positions, allow=a).needed,
+                           ald.plan_communication(v, positions, allow=b).needed)
+    assert ald._plan_key(v, positions, 1, 1, {"allow": a}) != ald._plan_key(v, positions, 1, 1, {"allow": b})
+    assert ald._plan_key(v, positions, 1, 1, {"allow": a}) == ald._plan_key(v, positions, 1, 1, {"allow": a.clone()})
+
+
 def test_positions_errors():
     v = al.compile(mask="q_idx >= kv_idx")
     with pytest.raises(AttnLangError, match="permutation"):
