@@ -550,26 +550,20 @@ def _cached_plan(key, make) -> CommPlan:
 # ---------------------------------------------------------------------------------------------------------------
 # checks that every rank agrees on
 
-def _fingerprint(t: torch.Tensor) -> tuple:
-    """A cheap content check of a tensor (equal tensors on every rank must give equal plans)."""
-    with torch.no_grad():
-        x = t.detach().reshape(-1).to(torch.float64)
-        w = torch.arange(1, x.numel() + 1, dtype=torch.float64, device=x.device)
-        # repr: a NaN (or an inf - inf sum) compares equal to itself, so that equal tensors agree
-        return (tuple(t.shape), str(t.dtype), repr(float(x.sum())), repr(float((x * w.remainder(1009)).sum())))
-
-
 def _plan_key(v, positions: list[torch.Tensor], batch: int, heads: int, tensors: Mapping) -> tuple:
-    """What a communication plan depends on: the mask tensors by their exact values. (``_fingerprint``'s two
-    sums are the same for tensors that differ, e.g. by values swapped at positions 1009 apart, and a cached plan
-    of the other tensor skipped steps this one needs: a silently wrong out.)"""
+    """What a communication plan depends on: the mask tensors by their exact values. (Two sums, as keyed before,
+    are the same for tensors that differ, e.g. by values swapped at positions 1009 apart, and a cached plan of the
+    other tensor skipped steps this one needs: a silently wrong out.)"""
     return (v, _positions_digest(positions), batch, heads,
             tuple((n, MEMO.get(t, "ring plan", _digest)) for n, t in sorted(tensors.items()) if n in _mask_tensors(v)))
 
 
 def _digest(t: torch.Tensor) -> str:
-    """A digest of a tensor's shape, dtype and bytes (read on the host)."""
+    """A digest of a tensor's shape, dtype and values (its bytes, read on the host; -0.0 as 0.0 and every NaN as
+    one NaN, so that equal tensors on every rank agree)."""
     x = t.detach().reshape(-1).cpu()
+    if x.is_floating_point():
+        x = torch.where(x.isnan(), torch.nan, x + 0.0)
     if x.numel() and x.stride(0) != 1:
         x = x.clone(memory_format=torch.contiguous_format)
     h = hashlib.sha1(f"{tuple(t.shape)} {t.dtype}".encode())
@@ -629,7 +623,7 @@ def _local_checks(v, q, k, vv, positions, rank, world, backend, scale, tensors, 
     signature = (v.canonical, S, world, _positions_digest(pos), (B, Hq, Hkv, D, k.shape[3], Dv), str(q.dtype),
                  str(k.dtype), str(vv.dtype), backend, plan.scale,
                  tuple((n, tuple(tensors[n].shape), str(tensors[n].dtype)) for n in sorted(tensors)),
-                 tuple((n, _fingerprint(tensors[n])) for n in sorted(tensors)), grads, recompute)
+                 tuple((n, MEMO.get(tensors[n], "ring plan", _digest)) for n in sorted(tensors)), grads, recompute)
     return signature, pos
 
 

@@ -9,6 +9,7 @@ and errors that only one rank's blocks meet, are checked in the same processes: 
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import time
 import traceback
@@ -252,6 +253,24 @@ def test_the_cached_plan_is_keyed_by_the_mask_tensors_values():
                            ald.plan_communication(v, positions, allow=b).needed)
     assert ald._plan_key(v, positions, 1, 1, {"allow": a}) != ald._plan_key(v, positions, 1, 1, {"allow": b})
     assert ald._plan_key(v, positions, 1, 1, {"allow": a}) == ald._plan_key(v, positions, 1, 1, {"allow": a.clone()})
+
+
+def test_ranks_whose_named_tensors_differ_disagree():
+    # the ranks' agreement check compared the named tensors by the same two sums, equal for these two: a rank with
+    # other values went undetected (found by the lifetime / staleness audit); -0.0 and 0.0, NaNs, still agree
+    v = al.compile(score="score + bias[kv_idx]", mask="allow[kv_idx] | q_idx == kv_idx")
+    positions = [torch.arange(0, 1024), torch.arange(1024, 2048)]
+    q = torch.randn(1, 1, 1024, 8)
+    a, b = torch.zeros(2048, dtype=torch.bool), torch.zeros(2048, dtype=torch.bool)
+    a[100], b[1109] = True, True
+    bias = torch.zeros(2048)
+    bias[7] = math.nan
+
+    def signature(allow, bias):
+        return ald._local_checks(v, q, q, q, positions, 0, 2, "eager", None, {"allow": allow, "bias": bias},
+                                 (True, None, None))[0]
+    assert signature(a, bias) != signature(b, bias)
+    assert signature(a, bias) == signature(a.clone(), torch.where(bias == 0, -0.0, bias))
 
 
 def test_positions_errors():
