@@ -133,7 +133,7 @@ _SCALAR_FUNCS = {
     "floor": lambda v: math.floor(v) if math.isfinite(v) else v,
     "ceil": lambda v: math.ceil(v) if math.isfinite(v) else v,
     "sign": lambda v: (v > 0) - (v < 0), "float": float,
-    "int": lambda v: float(math.trunc(v)) if math.isfinite(v) else v,
+    "int": lambda v: math.trunc(v) if math.isfinite(v) else v,  # an exact Python int, like every int bound
     "cos": math.cos, "sin": math.sin,
 }
 

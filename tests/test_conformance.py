@@ -357,3 +357,15 @@ def test_int_tensor_value_bounds_are_exact_past_2_53():
     _, lse = al.compile(mask="x[h] - 1 > 0")(q, q, q, backend="eager", return_lse=True,
                                              x=torch.tensor([2 ** 63 - 1, 1]))
     assert torch.isfinite(lse[0, 0]).all() and torch.isneginf(lse[0, 1]).all()
+
+
+def test_int_of_a_float_has_exact_int_bounds():
+    # int(1e18) is exactly 10**18; its bounds were the float 1e18, so 1e18 - (10**18 - 1) rounded to 0.0
+    q = torch.zeros(1, 1, 2, 4, dtype=torch.float64)
+    with pytest.raises(al.AttnLangError, match=r"can take values in \[1, 1\]") as e:  # was a bare IndexError
+        al.compile("score + t[int(1e18) - 999999999999999999]")(q, q, q, backend="eager", t=torch.ones(1))
+    assert "^" in str(e.value)
+    # index 0: runs (was an index error: the bounds said -1)
+    _, lse = al.compile("score + t[int(1e18) - 999999999999999999 - 1]")(q, q, q, backend="eager",
+                                                                         return_lse=True, t=torch.ones(1))
+    torch.testing.assert_close(lse, torch.full_like(lse, 1.0 + math.log(2.0)))
