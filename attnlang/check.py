@@ -218,11 +218,13 @@ def bind(checked: Checked, tensor_dtypes: Mapping[str, DType]) -> Checked:
     return Checked(typed["score"], typed["mask"], checked.tensors, checked.sources, typed.get("sink"))
 
 
-def check_index_bounds(checked: Checked, env: Mapping[str, object], shapes: Mapping[str, tuple]) -> None:
+def check_index_bounds(checked: Checked, env: Mapping[str, object], shapes: Mapping[str, tuple],
+                       float32: bool = True) -> None:
     """Raise if any tensor index can fall outside its tensor.
 
     env: intervals of the built-in names (b, h, q_idx, kv_idx, q_len, kv_len) and of each tensor's values.
     shapes: tensor name -> shape.
+    float32: floats may be computed in float32 (False: float64 throughout, as a float64 call computes them).
     """
     for where in checked.wheres:
         for node in walk(checked.expr(where)):
@@ -234,14 +236,14 @@ def check_index_bounds(checked: Checked, env: Mapping[str, object], shapes: Mapp
                     raise AttnLangError.at(
                         f"tensor {node.tensor!r} has size 0 along index {axis} (shape {tuple(shape)}): an empty "
                         f"tensor has no element to read", checked.sources[where], _use_span(index, node), where)
-                r = _device_bounds(index, env)
+                r = _device_bounds(index, env, float32)
                 if r.lo < 0 or r.hi > size - 1:
                     got = _fmt_interval(r)
                     raise AttnLangError.at(
                         f"index {axis} of {node.tensor!r} (size {size}) can take values in {got} for these "
                         f"lengths; it must stay in [0, {size - 1}] (wrap it in clamp(...) to bound it)",
                         checked.sources[where], _use_span(index, node), where)
-        _check_divisors(checked.expr(where), env, checked, where)
+        _check_divisors(checked.expr(where), env, checked, where, float32)
         _check_int_range(checked.expr(where), env, checked, where)
 
 
@@ -339,7 +341,7 @@ def _beyond_int64(r: Interval) -> bool:
 _F32_MARGIN = 2.0 ** -20
 
 
-def _device_bounds(expr: Expr, env) -> Interval:
+def _device_bounds(expr: Expr, env, float32: bool = True) -> Interval:
     """``bounds(expr, env)``, covering float32's rounding where a float becomes an int (int, floor, ceil)."""
     if not any(isinstance(n, Call) and n.func in ("int", "floor", "ceil") and n.args[0].dtype is DType.FLOAT
                for n in walk(expr)):
@@ -348,7 +350,11 @@ def _device_bounds(expr: Expr, env) -> Interval:
     memo: dict[int, Expr] = {}
 
     def widen(x: float, down: bool) -> float:
-        if not math.isfinite(x) or float(x).is_integer():
+        if not math.isfinite(x):
+            return x
+        if float32 and abs(x) >= 2.0 ** 24:  # float32 holds no longer every integer: rounding moves any value
+            return x - abs(x) * _F32_MARGIN if down else x + abs(x) * _F32_MARGIN
+        if float(x).is_integer():
             return x
         # onto the nearest integer at most (rounding lands on it, not past it)
         return max(x - abs(x) * _F32_MARGIN, math.floor(x)) if down else min(x + abs(x) * _F32_MARGIN, math.ceil(x))
@@ -371,10 +377,10 @@ def _device_bounds(expr: Expr, env) -> Interval:
     return bounds(sub(expr), env)
 
 
-def _check_divisors(tree: Expr, env, checked: Checked, where: str) -> None:
+def _check_divisors(tree: Expr, env, checked: Checked, where: str, float32: bool = True) -> None:
     for node in walk(tree):
         if isinstance(node, Binary) and node.op in (Op.FLOORDIV, Op.MOD) and node.dtype is DType.INT:
-            r = _device_bounds(node.right, env)
+            r = _device_bounds(node.right, env, float32)
             if r.contains(0):
                 raise AttnLangError.at(f"integer {'division' if node.op is Op.FLOORDIV else 'modulo'} by a "
                                        f"value that can be 0 (it ranges over {_fmt_interval(r)})",

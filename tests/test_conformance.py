@@ -369,3 +369,21 @@ def test_int_of_a_float_has_exact_int_bounds():
     _, lse = al.compile("score + t[int(1e18) - 999999999999999999 - 1]")(q, q, q, backend="eager",
                                                                          return_lse=True, t=torch.ones(1))
     torch.testing.assert_close(lse, torch.full_like(lse, 1.0 + math.log(2.0)))
+
+
+def test_int_of_a_float_past_2_24_covers_float32_rounding_in_the_index_check():
+    # a float32 call computes f in float32: 2**25 + 3 becomes 2**25 + 4 (no float32 lies between), so the index
+    # int(f[h]) - (2**25 - 4) is 8, outside t's 8 elements, though float64 says 7 (the lse's row term raised a bare
+    # IndexError)
+    f = torch.tensor([2.0 ** 25 + 3] * 2, dtype=torch.float64)
+    t = torch.arange(8.0)
+    score = f"score + t[int(f[h]) - {2 ** 25 - 4}]"
+    q = torch.zeros(1, 2, 2, 4)
+    for backend in ("eager", "flex"):
+        with pytest.raises(al.AttnLangError, match="index 0 of 't'") as e:
+            al.compile(score)(q, q, q, backend=backend, return_lse=True, t=t, f=f)
+        assert "^" in str(e.value)
+    # a float64 call computes it in float64: index 7, no error
+    q = q.double()
+    _, lse = al.compile(score)(q, q, q, backend="eager", return_lse=True, t=t, f=f)
+    torch.testing.assert_close(lse, torch.full_like(lse, 7.0 + math.log(2.0)))
