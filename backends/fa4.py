@@ -654,11 +654,12 @@ class _FlashTraining(torch.autograd.Function):
     runs the same two FA4 host calls, but never through a Replay)."""
 
     @staticmethod
-    def forward(ctx, qt, kt, vt, run):
+    def forward(ctx, qt, kt, vt, run, aux: tuple):
         out, lse, ctx.flash_backward = run(qt, kt, vt)
         # in-place changes of q / k / v, out or lse before the backward are errors, as with FlashAttnFunc (FA4's
-        # backward reads out and lse)
-        ctx.save_for_backward(qt, kt, vt, out, lse)
+        # backward reads out and lse); so are those of the aux tensors the backward's score_mod_bwd reads (often
+        # the caller's named tensor itself): else its gradients were silently those of the new values
+        ctx.save_for_backward(qt, kt, vt, out, lse, *aux)
         ctx.set_materialize_grads(False)
         ctx.out_meta = (out.shape, out.dtype, out.device)
         return out, lse
@@ -666,13 +667,13 @@ class _FlashTraining(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # FA4's backward kernels have no derivative: create_graph=True is an error, not zeros
     def backward(ctx, grad_out, grad_lse):
-        out, lse = ctx.saved_tensors[3:]  # also the version check
+        out, lse = ctx.saved_tensors[3:5]  # also the version check
         if grad_out is None:  # only lse was used
             shape, dtype, device = ctx.out_meta
             grad_out = torch.zeros(shape, dtype=dtype, device=device)
         dlse = None if grad_lse is None else grad_lse.contiguous()
         dq, dk, dv = ctx.flash_backward(out, lse, grad_out, dlse)
-        return dq, dk, dv, None
+        return dq, dk, dv, None, None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan):
@@ -762,7 +763,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
             out, lse = _direct_training(fa, qt, kt, vt, *split, plan=plan, key=replay_key)
         else:
             out, lse = _FlashTraining.apply(
-                qt, kt, vt, lambda a, b, c: _training(fa, a, b, c, *split, plan=plan, key=replay_key))
+                qt, kt, vt, lambda a, b, c: _training(fa, a, b, c, *split, plan=plan, key=replay_key),
+                tuple(split[0].get("aux_tensors") or ()))
         out = out.transpose(1, 2)
     else:
         out, lse = fa.flash_attn_func(qt, kt, vt, **kwargs)

@@ -342,14 +342,16 @@ class _Documents(torch.autograd.Function):
             saved = tuple(_to_varlen(t, layout) for t in (q, k, v))
             out, lse = _replayed(run, "fwd", True, lambda: fa._flash_attn_fwd(
                 *saved, causal=False, return_lse=True, **run["varlen"]), saved, _constants(run["varlen"]))[:2]
-        ctx.save_for_backward(*saved, out, lse)
+        # the aux tensors too (often the caller's named tensor itself): the backward's score_mod_bwd reads them
+        # again, so an in-place write before it is autograd's error, as in eager, not gradients of new values
+        ctx.save_for_backward(*saved, out, lse, *(run["varlen"]["aux_tensors"] or ()))
         ctx.run, ctx.shapes = run, (q.shape, k.shape, v.shape)
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors[:5]
         run = ctx.run
         layout = run["layout"]
         if dout is None:

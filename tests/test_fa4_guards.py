@@ -219,3 +219,24 @@ def test_an_eager_training_call_frees_its_output_and_saved_tensors(fake, monkeyp
     gc.collect()
     assert fake.direct.count("bwd") == 3  # the _FlashTraining path ran (FA4's _flash_attn_bwd)
     assert all(r() is None for r in refs), "a training call's output outlived it"
+
+
+def test_an_in_place_write_to_an_aux_tensor_before_the_backward_is_an_error():
+    # FA4's backward reads the aux tensors again (score_mod_bwd), often the caller's named tensor itself: written in
+    # place between the forward and the backward, the gradients would silently be those of the new values (eager
+    # raises autograd's in-place error there; _FlashTraining now saves them for the same check)
+    bias = torch.randn(8)
+    qt, kt, vt = (torch.randn(1, 8, 2, 4, requires_grad=True) for _ in range(3))
+
+    def run(a, b, c):
+        def backward(out, lse, dout, dlse):
+            return torch.ones_like(a), torch.ones_like(b), torch.ones_like(c)
+        return a.detach() * 1.0, torch.zeros(1, 2, 8), backward
+
+    out, lse = fa4._FlashTraining.apply(qt, kt, vt, run, (bias,))
+    out.sum().backward()  # untouched: fine
+    assert qt.grad is not None
+    out, lse = fa4._FlashTraining.apply(qt, kt, vt, run, (bias,))
+    bias.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

@@ -753,3 +753,27 @@ def test_training_calls_on_the_varlen_path_free_their_outputs(fake):
         del out, lse, base
     gc.collect()
     assert all(r() is None for r in refs), "a varlen training call's output outlived it"
+
+
+def test_an_in_place_write_to_a_score_tensor_before_the_varlen_backward_is_an_error(fake, monkeypatch):
+    # the varlen backward's score_mod_bwd reads the aux tensors again (a position-indexed table is one: not baked
+    # into the module, often the caller's tensor itself): written in place between forward and backward, the
+    # gradients would silently be the new values'; now autograd's in-place error, as in eager
+    from types import SimpleNamespace
+
+    from attnlang.backends import fa4, fa4_varlen
+    fake()
+
+    def score_mod(s, seq, h, i, j, offset_q, offset_k, aux):
+        return s + aux[0][(offset_k + j) % 48]
+    monkeypatch.setattr(fa4, "_load", lambda module: SimpleNamespace(score_mod=score_mod, score_mod_bwd=object()))
+    variant = al.compile(score="score + bias[kv_idx]", mask="doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx")
+    bias = torch.randn(48)  # float32: the kernel reads it as it is (no converted copy)
+    tensors = {"doc": _doc_ids(LENGTHS), "bias": bias}
+    q, k, v = (torch.randn(2, 4, 48, 32, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    plan = variant._plan(q, k, v, None, "fa4", True, {"varlen": True}, tensors)
+    out, _ = fa4_varlen.route(q, k, v, plan, fa4.VARLEN_HOST)
+    assert plan.tensors["bias"] is bias
+    bias.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
