@@ -337,7 +337,8 @@ def _beyond_int64(r: Interval) -> bool:
 # float32, where a value that float64 puts just below an integer can round onto it (erf(4.0) * 4 is 3.99999994 in
 # float64, 4.0 in float32): for the checks that keep a read inside its tensor or a divisor off 0, a non-integer end
 # of the float argument's range is widened by this relative margin (8 float32 ulps), onto the next integer at most,
-# before it is converted.
+# before it is converted; an integer end is widened past the integer where float arithmetic computes it (float32 can
+# land just below or above it), and every end past 2**24 (float32 rounds across integers there).
 _F32_MARGIN = 2.0 ** -20
 
 
@@ -349,13 +350,17 @@ def _device_bounds(expr: Expr, env, float32: bool = True) -> Interval:
     env = dict(env)
     memo: dict[int, Expr] = {}
 
-    def widen(x: float, down: bool) -> float:
+    def widen(x: float, down: bool, exact: bool) -> float:
         if not math.isfinite(x):
             return x
         if float32 and abs(x) >= 2.0 ** 24:  # float32 holds no longer every integer: rounding moves any value
             return x - abs(x) * _F32_MARGIN if down else x + abs(x) * _F32_MARGIN
         if float(x).is_integer():
-            return x
+            if exact or not float32:
+                return x
+            # float32 arithmetic can land just off an integer that float64 gives exactly, on either side (5.0 *
+            # 0.01 * 100.0 is 5.0 in float64, 4.9999995 in float32)
+            return x - abs(x) * _F32_MARGIN if down else x + abs(x) * _F32_MARGIN
         # onto the nearest integer at most (rounding lands on it, not past it)
         return max(x - abs(x) * _F32_MARGIN, math.floor(x)) if down else min(x + abs(x) * _F32_MARGIN, math.ceil(x))
 
@@ -368,13 +373,27 @@ def _device_bounds(expr: Expr, env, float32: bool = True) -> Interval:
         if isinstance(out, Call) and out.func in ("int", "floor", "ceil") and out.args[0].dtype is DType.FLOAT:
             r = bounds(out.args[0], env)
             name = f"\0float32 {len(memo)}"  # no identifier: never a name of the expression
-            wide = Interval(widen(r.lo, True), widen(r.hi, False))
+            exact = _f32_exact(out.args[0])
+            wide = Interval(widen(r.lo, True, exact), widen(r.hi, False, exact))
             env[name] = bounds(with_children(out, (Var(name, None, DType.FLOAT),)), {**env, name: wide})
             out = Var(name, out.span, out.dtype)
         memo[id(node)] = out
         return out
 
     return bounds(sub(expr), env)
+
+
+def _f32_exact(node: Expr) -> bool:
+    """float32 gives this float's value as float64 does, give or take rounding onto a neighbouring integer: a
+    literal, a name, a read, float() of an int, and -, abs, min, max, clamp, where, floor, ceil of such."""
+    if isinstance(node, (Const, Var, Index)):
+        return True
+    if isinstance(node, Unary):
+        return _f32_exact(node.operand)
+    if isinstance(node, Call) and node.func in ("float", "abs", "min", "max", "clamp", "where", "floor", "ceil",
+                                                "int", "sign"):
+        return all(_f32_exact(a) for a in node.args if a.dtype is DType.FLOAT)
+    return False
 
 
 def _check_divisors(tree: Expr, env, checked: Checked, where: str, float32: bool = True) -> None:

@@ -387,3 +387,20 @@ def test_int_of_a_float_past_2_24_covers_float32_rounding_in_the_index_check():
     q = q.double()
     _, lse = al.compile(score)(q, q, q, backend="eager", return_lse=True, t=t, f=f)
     torch.testing.assert_close(lse, torch.full_like(lse, 7.0 + math.log(2.0)))
+
+
+@pytest.mark.parametrize("backend", ["eager", "flex"])
+def test_int_of_float_arithmetic_covers_float32_landing_below_an_integer(backend):
+    # 5.0 * 0.01 * 100.0 is 5.0 in float64 but 4.9999995 in float32, so int() gives 4 and the index -1: a float32
+    # call read t[-1] silently (the checks widened only non-integer ends of the float's range)
+    q = torch.zeros(1, 2, 2, 4)
+    t = torch.tensor([10.0, 20.0, 30.0])
+    for score, tensors in [("score + t[int(f[h] * 0.01 * 100.0) - 5]", {"f": torch.tensor([5.0, 5.0])}),
+                           ("score + t[int(float(q_idx + 5) * 0.01 * 100.0) - 5]", {})]:
+        with pytest.raises(al.AttnLangError, match="index 0 of 't'") as e:
+            al.compile(score)(q, q, q, backend=backend, return_lse=True, t=t, **tensors)
+        assert "^" in str(e.value)
+    # a read converted as it is stays exact: t[int(f[h]) - 3] with f >= 3.0 is no error
+    _, lse = al.compile("score + t[int(f[h]) - 3]")(q, q, q, backend=backend, return_lse=True, t=t,
+                                                   f=torch.tensor([3.0, 5.0]))
+    torch.testing.assert_close(lse[0, :, 0], torch.tensor([10.0, 30.0]) + math.log(2.0))
