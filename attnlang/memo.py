@@ -82,7 +82,9 @@ class TensorMemo:
         return self.get(t, "token", lambda _: object())
 
 
-MEMO = TensorMemo()
+# entries go with their tensors (weakly held), so the size only bounds live ones: a model's per-layer tensors times
+# the tags read per call (token, value range, aux copy, ...) must fit, or warm calls recompute them
+MEMO = TensorMemo(4096)
 
 
 class IdentityMemo:

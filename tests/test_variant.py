@@ -446,3 +446,16 @@ def test_unhashable_kernel_options_plan_every_call(monkeypatch):
         except al.AttnLangError:
             pass  # whatever the options mean here: the point is that nothing was reused
     assert len(made) == 3
+
+
+def test_a_model_of_many_layers_with_their_own_tensors_reuses_its_plans(monkeypatch):
+    # al.compile interns variants, so 40 layers share one Variant, each passing its own sink tensor: with only 8
+    # plans kept, every call of every step planned again
+    var = al.compile(mask="q_idx >= kv_idx", sink="sinks[h]")
+    made = _counting_plans(monkeypatch, var)
+    sinks = [torch.randn(2) for _ in range(40)]
+    q = torch.randn(1, 2, 6, 4)
+    for _ in range(3):
+        for layer in range(40):
+            var(q, q, q, backend="eager", sinks=sinks[layer])
+    assert len(made) == 40
