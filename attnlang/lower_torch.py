@@ -290,7 +290,13 @@ def evaluate(expr: Expr, names: Mapping[str, torch.Tensor], tensors: Mapping[str
             out = out.index_put((pick,), _cast(vals, DType.FLOAT, float_dtype).expand(count))
         return out
 
-    return visit(expr)
+    try:
+        return visit(expr)
+    finally:
+        # the nested functions reach one another through their closures' cells (visit calls itself): a reference
+        # cycle holding names (the [B, H, Sq, Skv] score among them) and tensors until Python's cyclic collector
+        # happens to run, which tensor bytes do not prompt; emptying the cells frees them on return
+        _cast = guarded = const = operand = visit = _call = _guarded_select = _guarded_where = _picked_where = None
 
 
 def positions(batch: int, heads: int, q_start: int, q_rows: int, kv_len: int, device=None) -> dict:

@@ -412,3 +412,25 @@ def test_chunking_of_the_guarded_gradient_path(chunk, monkeypatch):
     got = torch.autograd.grad(out.sum() + lse.sum(), (q, k, v, x))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_a_call_frees_its_tensors_on_return_without_the_cyclic_collector():
+    # lower_torch.evaluate's nested functions reached one another through their closures (visit calls itself): a
+    # reference cycle holding the names (the [B, H, Sq, Skv] score) and the named tensors until Python's cyclic
+    # collector ran, which tensor bytes do not prompt
+    import gc
+    import weakref
+    variant = al.compile(score="score + bias[kv_idx] + where(q_idx > 2, 1.0, 0.0)", mask="q_idx >= kv_idx")
+    q = torch.randn(1, 2, 6, 4, requires_grad=True)
+    bias = torch.randn(6)
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        out = variant(q, q, q, backend="eager", bias=bias)
+        out.sum().backward()
+        refs = [weakref.ref(bias), weakref.ref(out)]
+        del bias, out
+        assert [r() for r in refs] == [None, None]
+    finally:
+        if was:
+            gc.enable()
