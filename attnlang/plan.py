@@ -93,6 +93,10 @@ class WeakTensors(Mapping):
     def __contains__(self, name) -> bool:
         return name in self._refs
 
+    def alive(self) -> bool:
+        """Whether every tensor is still alive (a plan with a freed one can never be reused)."""
+        return all(r() is not None for r in self._refs.values())
+
     def items(self):
         return list(zip(self._refs, self.values()))
 

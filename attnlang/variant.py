@@ -357,6 +357,11 @@ class Variant:
         if plan.tensors:
             # kept for reuse, the plan must not keep the call's named tensors alive (a warm call passes them again)
             plan = dataclasses.replace(plan, tensors=WeakTensors(plan.tensors))
+        # plans whose tensors were freed can never be hit again; their memos may hold what backends derived from
+        # those tensors (fa4's kernel arguments hold its aux tensors, often the named tensor itself): drop them
+        dead = [k_ for k_, p in warm.items() if isinstance(p.tensors, WeakTensors) and not p.tensors.alive()]
+        for k_ in dead:
+            del warm[k_]
         warm[key] = plan
         if len(warm) > _WARM_PLANS:
             warm.popitem(last=False)

@@ -459,3 +459,22 @@ def test_a_model_of_many_layers_with_their_own_tensors_reuses_its_plans(monkeypa
         for layer in range(40):
             var(q, q, q, backend="eager", sinks=sinks[layer])
     assert len(made) == 40
+
+
+def test_plans_of_freed_tensors_leave_the_warm_cache_with_what_their_memos_hold():
+    # a backend's per-plan memo may hold what it derived from a named tensor (fa4's kernel arguments: an int32
+    # copy of an int64 table): a plan whose tensors were freed can never be hit again, and is dropped at the next
+    # new plan, with what its memo holds
+    import gc
+    import weakref
+    var = al.compile(score="score + bias[kv_idx]", mask="True")
+    q = torch.randn(1, 2, 6, 4)
+    bias = torch.randn(6)
+    var(q, q, q, backend="eager", bias=bias)
+    (plan,) = [p for p in var._warm.values() if "bias" in p.tensors]
+    derived = plan.memo["derived"] = bias.to(torch.float64)
+    refs = [weakref.ref(plan), weakref.ref(derived)]
+    del bias, plan, derived
+    gc.collect()
+    var(q, q, q, backend="eager", bias=torch.randn(6))  # another step's tensor: a new plan
+    assert [r() for r in refs] == [None, None]
