@@ -385,8 +385,11 @@ def _device_bounds(expr: Expr, env, float32: bool = True) -> Interval:
 
 def _f32_exact(node: Expr) -> bool:
     """float32 gives this float's value as float64 does, give or take rounding onto a neighbouring integer: a
-    literal, a name, a read, float() of an int, and -, abs, min, max, clamp, where, floor, ceil of such."""
+    literal, a name, a read, float() of an int, and -, abs, min, max, clamp, where, floor, ceil of such; and any
+    constant subexpression (no name, no read), which the simplifier folds in float64 before any kernel runs."""
     if isinstance(node, (Const, Var, Index)):
+        return True
+    if not any(isinstance(n, (Var, Index)) for n in walk(node)):
         return True
     if isinstance(node, Unary):
         return _f32_exact(node.operand)

@@ -404,3 +404,13 @@ def test_int_of_float_arithmetic_covers_float32_landing_below_an_integer(backend
     _, lse = al.compile("score + t[int(f[h]) - 3]")(q, q, q, backend=backend, return_lse=True, t=t,
                                                    f=torch.tensor([3.0, 5.0]))
     torch.testing.assert_close(lse[0, :, 0], torch.tensor([10.0, 30.0]) + math.log(2.0))
+
+
+@pytest.mark.parametrize("backend", ["eager", "flex"])
+def test_int_of_constant_float_arithmetic_is_checked_as_the_simplifier_folds_it(backend):
+    # a constant subexpression is folded in float64 before any kernel runs (int(5.0 * 0.01 * 100.0) is 5), so the
+    # float32 widening of computed ends must not apply to it: t[int(5.0 * 0.01 * 100.0) - 5] reads t[0], no error
+    q = torch.zeros(1, 2, 2, 4)
+    t = torch.tensor([10.0, 20.0, 30.0])
+    _, lse = al.compile("score + t[int(5.0 * 0.01 * 100.0) - 5]")(q, q, q, backend=backend, return_lse=True, t=t)
+    torch.testing.assert_close(lse, torch.full_like(lse, 10.0 + math.log(2.0)))
