@@ -23,7 +23,7 @@ from typing import Mapping
 
 import torch
 
-from .ast import Call, Const, DType, Expr, Index, Op, Unary, Var
+from .ast import Binary, Call, Const, DType, Expr, Index, Op, Unary, Var
 
 __all__ = ["Interval", "bounds", "tensor_range", "TOP", "TRUE", "FALSE", "BOOL", "BlockKind", "RULES", "apply",
            "decide", "ctx", "SCALAR", "TENSOR"]
@@ -843,18 +843,65 @@ def _is_int(*nodes) -> bool:
 
 
 def _call(expr: Call, env: Env) -> Interval:
-    f, args = expr.func, [bounds(a, env) for a in expr.args]
+    f = expr.func
     if f == "where":
-        c, a, b = args
-        if c == TRUE:
-            return a
-        if c == FALSE:
-            return b
-        return a.join(b)
+        # each branch's value under its condition: where(q_idx < 4, q_idx, 0) is in [0, 3]. Values only: an index
+        # check of a read inside a branch still sees the whole range (kernels evaluate both branches everywhere)
+        cond, a, b = expr.args
+        c = bounds(cond, env)
+        env_a = env if c == TRUE else _refine(cond, env, True) if c != FALSE else None
+        env_b = env if c == FALSE else _refine(cond, env, False) if c != TRUE else None
+        got = [bounds(x, e) for x, e in ((a, env_a), (b, env_b)) if e is not None]
+        if not got:  # neither branch can be taken: no value (an empty range); stay sound with the plain join
+            return bounds(a, env).join(bounds(b, env))
+        return got[0] if len(got) == 1 else got[0].join(got[1])
+    args = [bounds(a, env) for a in expr.args]
     if f in RULES:
         integer = expr.dtype is DType.INT
         return _scalar_result(apply(f, SCALAR, ctx(integer), [_b(a) for a in args]))
     return TOP
+
+
+_FLIP = {Op.LT: Op.GT, Op.LE: Op.GE, Op.GT: Op.LT, Op.GE: Op.LE, Op.EQ: Op.EQ, Op.NE: Op.NE}
+_NEGATE = {Op.LT: Op.GE, Op.LE: Op.GT, Op.GT: Op.LE, Op.GE: Op.LT, Op.EQ: Op.NE, Op.NE: Op.EQ}
+
+
+def _refine(cond: Expr, env: Env, truth: bool) -> Env | None:
+    """``env`` narrowed by knowing that ``cond`` is ``truth`` (None where that cannot hold). Narrows the int
+    names (q_idx, kv_idx, b, h, ...: one value at a position, so every use in the branch agrees) compared with an
+    int, through &, | and ~ (ints only: a float comparison with NaN is false both ways); anything else leaves
+    ``env`` as it is (sound, not tight)."""
+    if isinstance(cond, Unary) and cond.op is Op.NOT:
+        return _refine(cond.operand, env, not truth)
+    if isinstance(cond, Binary) and cond.dtype is DType.BOOL and cond.op in (Op.AND, Op.OR):
+        if (cond.op is Op.AND) == truth:  # both hold: a & b true, or a | b false
+            first = _refine(cond.left, env, truth)
+            return None if first is None else _refine(cond.right, first, truth)
+        return env  # one of them holds: nothing known of either alone
+    if not (isinstance(cond, Binary) and cond.op in _FLIP):
+        return env
+    op = cond.op if truth else _NEGATE[cond.op]
+    for var, other, o in ((cond.left, cond.right, op), (cond.right, cond.left, _FLIP[op])):
+        if (isinstance(var, Var) and isinstance(env.get(var.name), Interval) and var.dtype is DType.INT
+                and other.dtype is DType.INT):
+            x, y = env[var.name], bounds(other, env)
+            lo, hi = x.lo, x.hi
+            if o is Op.LT:  # ints: x < y is x <= y - 1
+                hi = min(hi, y.hi - 1)
+            elif o is Op.LE:
+                hi = min(hi, y.hi)
+            elif o is Op.GT:
+                lo = max(lo, y.lo + 1)
+            elif o is Op.GE:
+                lo = max(lo, y.lo)
+            elif o is Op.EQ:
+                lo, hi = max(lo, y.lo), min(hi, y.hi)
+            if lo > hi:
+                return None
+            if (lo, hi) != (x.lo, x.hi):
+                env = {**env, var.name: Interval(lo, hi)}
+            return env
+    return env
 
 
 def _saturate(r: Interval) -> Interval:

@@ -414,3 +414,14 @@ def test_int_of_constant_float_arithmetic_is_checked_as_the_simplifier_folds_it(
     t = torch.tensor([10.0, 20.0, 30.0])
     _, lse = al.compile("score + t[int(5.0 * 0.01 * 100.0) - 5]")(q, q, q, backend=backend, return_lse=True, t=t)
     torch.testing.assert_close(lse, torch.full_like(lse, 10.0 + math.log(2.0)))
+
+
+@pytest.mark.parametrize("backend", ["eager", "flex"])
+def test_an_index_guarded_by_where_is_in_range_where_its_condition_holds(backend):
+    # t[where(q_idx < 4, q_idx, 0)] never reads past t[3]: the index check bounds each branch's value under its
+    # condition (it joined the branches' whole ranges and refused the call)
+    q = torch.zeros(1, 2, 8, 4)
+    t = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    _, lse = al.compile("score + t[where(q_idx < 4, q_idx, 0)]")(q, q, q, backend=backend, return_lse=True, t=t)
+    want = torch.tensor([1.0, 2.0, 3.0, 4.0, 1.0, 1.0, 1.0, 1.0]) + math.log(8.0)
+    torch.testing.assert_close(lse[0, 0], want)

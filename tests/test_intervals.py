@@ -350,3 +350,37 @@ def test_every_rule_has_a_row_name():
     assert arithmetic <= set(RULES)
     from attnlang.ast import FUNCTIONS
     assert set(FUNCTIONS) - {"where"} <= set(RULES)
+
+
+_POS = st.sampled_from(["q_idx", "kv_idx", "q_idx + kv_idx", "q_idx - 3", "2 * kv_idx", "5", "-1"])
+_CMP = st.sampled_from(["<", "<=", ">", ">=", "==", "!="])
+
+
+@st.composite
+def _guarded(draw):
+    """where(<a condition on q_idx / kv_idx>, x, y) with int x, y: the branch values are bounded under their
+    conditions (where(q_idx < 4, q_idx, 0) is in [0, 3])."""
+    def cmp():
+        return f"({draw(_POS)} {draw(_CMP)} {draw(_POS)})"
+    cond = cmp()
+    for _ in range(draw(st.integers(0, 2))):
+        cond = f"({cond} {draw(st.sampled_from(['&', '|']))} {'~' if draw(st.booleans()) else ''}{cmp()})"
+    return f"where({cond}, {draw(_POS)}, {draw(_POS)})"
+
+
+@settings(max_examples=300, deadline=None)
+@given(expr=_guarded(), lo=st.integers(0, 6), width=st.integers(0, 6))
+def test_where_values_bounded_under_their_conditions_are_sound(expr, lo, width):
+    e = bind(check("score", f"{expr} == 0"), {}).mask.left
+    q, kv = torch.arange(lo, lo + width + 1).view(-1, 1), torch.arange(0, 9).view(1, -1)
+    with torch.no_grad():
+        val = evaluate(e, {"q_idx": q, "kv_idx": kv}, {}, torch.float64).expand(q.shape[0], kv.shape[1])
+    got = bounds(e, {"q_idx": Interval(lo, lo + width), "kv_idx": Interval(0, 8)})
+    assert got.lo <= int(val.min()) and int(val.max()) <= got.hi, (expr, got, val)
+
+
+def test_where_narrows_a_branch_by_its_condition():
+    e = bind(check("score", "where(q_idx < 4, q_idx, 0) == 0"), {}).mask.left
+    assert bounds(e, {"q_idx": Interval(0, 99)}) == Interval(0, 3)
+    e = bind(check("score", "where(~(q_idx > 3) & (kv_idx >= 2), q_idx + kv_idx, 1) == 0"), {}).mask.left
+    assert bounds(e, {"q_idx": Interval(0, 99), "kv_idx": Interval(0, 5)}) == Interval(1, 8)
