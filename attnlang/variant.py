@@ -449,6 +449,11 @@ class Variant:
     def _check_tensors(self, tensors: Mapping[str, Any], device) -> None:
         wanted = self._checked.tensors
         for name, t in tensors.items():
+            if name in self._params and name not in wanted:
+                raise AttnLangError(f"{name!r} is a parameter of this variant (params={{{name!r}: "
+                                    f"{self._params[name]!r}}}, fixed when it was compiled), not a tensor to pass "
+                                    f"at call time; compile another variant for another value, or read a tensor "
+                                    f"{name}[...] in the expression instead")
             try:
                 check_named_tensor(name, t, wanted, device)
             except AttnLangError as e:

@@ -217,3 +217,10 @@ def test_named_tensors_draws_fresh_values_with_the_strategies():
         seen.add(tuple(t["slope"].tolist()))
     draw()
     assert len(seen) > 1
+
+
+def test_a_tensor_passed_under_a_params_name_says_it_is_a_param():
+    v = al.compile(score="score * w", mask="True", params={"w": 2.0})
+    q = torch.randn(1, 2, 4, 4)
+    with pytest.raises(al.AttnLangError, match="'w' is a parameter of this variant"):
+        v(q, q, q, w=torch.randn(2))
