@@ -65,7 +65,7 @@ class CallPlan:
 class WeakTensors(Mapping):
     """A CallPlan's named tensors (name -> tensor), held weakly. A Variant keeps its recent plans for reuse
     (``Variant._warm_plan``), and a plan holding its call's tensors kept them alive after the caller dropped them:
-    the last 8 calls' named tensors of every variant (a per-step bias or mask; through a tensor with a grad_fn,
+    the recent calls' named tensors of every variant (a per-step bias or mask; through a tensor with a grad_fn,
     the graph that made it). A plan is only reused by a call passing these very tensors, alive."""
 
     __slots__ = ("_refs",)
