@@ -570,10 +570,14 @@ class _Use:
 
 
 def _bound_note(node) -> str:
-    if not isinstance(node, _Use):
-        return ""
-    at = f" at line {node.bound.line}, column {node.bound.column}" if node.bound is not None else ""
-    return f" ({node.name!r} is bound to {_a(node.dtype)}{at})"
+    return _bound_to(node.name, node.dtype, node.bound) if isinstance(node, _Use) else ""
+
+
+def _bound_to(name: str, dtype: DType, bound) -> str:
+    """The note of a type error on a bound name's value: what the name is bound to, and where (``bound``, the
+    value's span)."""
+    at = f" at line {bound.line}, column {bound.column}" if bound is not None else ""
+    return f" ({name!r} is bound to {_a(dtype)}{at})"
 
 
 def _a(dtype: DType) -> str:
@@ -609,10 +613,7 @@ def _infer(tree: Expr, tensor_dtypes, source: str, where: str) -> Expr:
         use = uses.get(id(node))
         if use is not None and use[0] is node:
             value, span, name = use
-            bound = value.span
-            raise AttnLangError.at(f"{msg} ({name!r} is bound to {_a(value.dtype)} "
-                                   + (f"at line {bound.line}, column {bound.column})" if bound else "value)"),
-                                   source, span, where)
+            raise AttnLangError.at(msg + _bound_to(name, value.dtype, value.span), source, span, where)
         raise AttnLangError.at(msg, source, node.span, where)
 
     def want_numeric(node, what):

@@ -97,6 +97,7 @@ def main(argv=None):
     import bench_kernels as bk
 
     import attnlang.backends.fa4 as fa4
+    from attnlang.backends import fa4_replay
     fa4._flash()
     B, H, S, D = args.shape
     torch.manual_seed(0)
@@ -129,7 +130,6 @@ def main(argv=None):
             calls["attnlang_op"] = lambda q, k, v: torch.ops.attnlang.attention(
                 q, k, v, [], key, op.grad_bits(q, k, v, []))[0]
         row = {}
-        from attnlang.backends import fa4_replay
         for who, call in calls.items():
             q, k, v, dout = base
             before = {id(r) for r in fa4_replay._ALL}
