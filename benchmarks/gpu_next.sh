@@ -8,6 +8,7 @@
 #                 suite_infer: its training / inference groups, one call each
 #        cells    session 9's over-target training cells, 3 rounds, and train_kernels_profile (after the leak fix)
 #        compile  bench_compile (issue 18), $OUT/compile.{json,md}
+#        latest   the BENCHMARKS.md-shape kernel benchmark (every row, 3 rounds), $OUT/latest.{json,md}
 #        host     host_diag at hd64 (replay on / off side by side), $OUT/host_diag_s8.{json,md}
 set -u
 stage=$1
@@ -37,6 +38,10 @@ case "$stage" in
       --parallel-first 12 --warm-timeout 120 --out "$out" --name shapes_cells > "$out/cells.log" 2>&1
     timeout 120 python3 benchmarks/train_kernels_profile.py --out "$out" >> "$out/cells.log" 2>&1
     grep -E "=====|cudaMalloc " "$out/train_kernels_profile.txt"; tail -40 "$out/shapes_cells.md" ;;
+  latest)
+    timeout 560 python3 benchmarks/bench_kernels.py --rounds 3 --parallel-first 12 --second-process \
+      --out "$out" --name latest > "$out/latest.log" 2>&1
+    tail -40 "$out/latest.md" ;;
   compile)
     timeout 300 python3 benchmarks/bench_compile.py --out "$out" > "$out/compile.log" 2>&1
     cat "$out/compile.md" ;;
@@ -45,6 +50,6 @@ case "$stage" in
       --n 50 --out "$out" --name host_diag_s8 > "$out/host.log" 2>&1
     cat "$out/host_diag_s8.md" ;;
   *)
-    echo "unknown stage $stage: tests, suite, suite_train, suite_infer, cells, compile or host" >&2
+    echo "unknown stage $stage: tests, suite, suite_train, suite_infer, cells, latest, compile or host" >&2
     exit 2 ;;
 esac
