@@ -33,7 +33,10 @@ table's fixes for configurations the kernel's backward gets wrong: zero-padding 
 multiples of 32, expanding grouped k / v; False runs the kernel as is, for benchmarks/gpu_matrix.py's
 evidence), ``replay`` (default True: a warm call of a signature seen before runs FA4's recorded allocations and
 kernel launches without FA4's Python between them, once checked against FA4's own call; see
-``attnlang.backends.fa4_replay``; False always calls FA4's host functions). FA4's split-KV (``num_splits`` > 1)
+``attnlang.backends.fa4_replay``; False always calls FA4's host functions), ``short_q_tile`` (default True: an
+inference call with at most 64 query rows per kv head, q_len x Hq / Hkv under FA4's pack_gqa, as in decoding,
+runs FA4's Hopper forward with 64 x 128 tiles instead of its 128- or 192-row ones, whose rows past the real ones are
+padding the score_mod is computed on all the same; see ``_short_q_tile``). FA4's split-KV (``num_splits`` > 1)
 is not used: FA4 4.0.0b36 asserts "SplitKV not supported on SM 9.0" on Hopper (H200, session 5).
 
 Gradients flow to q, k and v through FA4's backward. Gradients to floating tensors bound by name that the score or
@@ -74,6 +77,7 @@ __all__ = ["unsupported", "attention", "kernel_arguments", "cache_dir", "lowerin
 
 _TILE = (128, 128)          # Hopper forward tile for head dims up to 128: block-sparsity granularity
 _SPARSE_MAX_HEAD_DIM = 128  # larger head dims use other tile widths; they run with the mask_mod alone
+_SHORT_Q_TILE = (64, 128)   # Hopper forward tile for calls of at most 64 query rows per kv head (decoding)
 _TABLE_MAX = 64             # tensors of at most this many elements, read at b/h-only indices, are baked in
 _TABLE_VERSIONS = 8         # distinct baked value sets per variant before falling back to aux_tensors loads
 _LOCK = threading.Lock()
@@ -83,7 +87,7 @@ _BAKED: dict = {}  # variant canonical -> set of baked value sets seen
 
 OPTIONS = {"fastmath": True, "bake": True, "dense": False, "keep_mask_mod": False, "window_flags": True,
            "dense_tile_list": False, "bhsd_out": False, "varlen": None, "native_sink": True,
-           "guards": True, "replay": True}
+           "guards": True, "replay": True, "short_q_tile": True}
 
 
 # ----- guards: configurations the kernel gets wrong, as data -----
@@ -406,6 +410,13 @@ def _capability(index: int) -> tuple:
     return torch.cuda.get_device_capability(index)
 
 
+def _sm_major(t: torch.Tensor) -> int:
+    """The compute capability's major number of ``t``'s CUDA device (9: Hopper), 0 off CUDA."""
+    if not t.is_cuda:
+        return 0
+    return _capability(t.device.index if t.device.index is not None else torch.cuda.current_device())[0]
+
+
 def _device_problem(q: torch.Tensor) -> str | None:
     """Why q's device cannot run FA4 (None if it can); the capability is asked once per device."""
     if not q.is_cuda or not torch.cuda.is_available():
@@ -594,6 +605,23 @@ def _forward_arguments(kwargs: dict) -> tuple[dict, dict]:
     return fwd, bwd
 
 
+def _short_q_tile(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, fwd: dict, plan: CallPlan) -> dict:
+    """_flash_attn_fwd's ``fwd`` arguments with ``tile_mn`` = 64 x 128 where the call has at most 64 query rows per
+    kv head (q_len x Hq / Hkv: FA4 packs grouped heads into the query tile on Hopper), on Hopper, with head dim <= 64
+    or in 97..128 (where FA4's own tile has register-sourced P @ V too, so only the row count changes) and no tile
+    lists. qt / kt / vt: [B, S, H, D] as FA4 gets them. FA4's 128- (192- at head dim <= 64) row tile is then mostly
+    padding rows, whose score_mod is evaluated all the same. decode_tiles.md (benchmarks/results/s10, H200, B=16
+    Hq=32 Hkv=8 kv_len 16384 D=128, checked against float64): rel_table 0.457 -> 0.302 ms at q_len 1 and 16,
+    softcap 0.264 -> 0.249 (q_len 1) and 0.283 -> 0.250 (16), causal and alibi unchanged."""
+    if not _option(plan, "short_q_tile") or fwd.get("block_sparse_tensors") is not None:
+        return fwd
+    D, Dv = qt.shape[-1], vt.shape[-1]
+    rows = qt.shape[1] * max(1, qt.shape[2] // kt.shape[2])
+    if rows > _SHORT_Q_TILE[0] or not (D <= 64 or 96 < D <= 128) or Dv > 128 or _sm_major(qt) != 9:
+        return fwd
+    return {**fwd, "tile_mn": _SHORT_Q_TILE}
+
+
 def _replayed(plan: CallPlan, key: tuple | None, exact: bool, call, inputs: tuple, constants: tuple, fa):
     """``call()`` (an FA4 host call on ``inputs``), through the signature's Replay where ``key`` is given."""
     return replayed(plan.memo, key, exact, call, inputs, constants, (fa,))
@@ -747,7 +775,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
     replay_key = shapes + ("replay",) if reuse and _option(plan, "replay") else None
     if not grads and not tensor_grads:
         # inference: _flash_attn_fwd itself, as flash_attn_func's autograd.Function calls it (~10-20 us less host)
-        fwd = split[0]
+        fwd = _short_q_tile(qt, kt, vt, split[0], plan)
         if _option(plan, "bhsd_out"):
             # out written straight into a [B, H, S, Dv] buffer (the layout of q), as flex's FA4 path does
             out = torch.empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1], dtype=q.dtype, device=q.device)

@@ -26,6 +26,8 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--groups", nargs="*", default=["decode_q1", "decode_q16"])
     ap.add_argument("--variants", nargs="*", default=["rel_table", "alibi", "causal", "softcap"])
+    ap.add_argument("--head-dim", type=int, default=None, help="D instead of the group's (128)")
+    ap.add_argument("--name", default="decode_tiles", help="file stem of the results")
     args = ap.parse_args()
     from triton.testing import do_bench
 
@@ -34,7 +36,7 @@ def main():
     fa = fa4._flash()
     rows = []
     for gname in args.groups:
-        g = SUITE_GROUPS[gname]
+        g = dict(SUITE_GROUPS[gname], **({"D": args.head_dim} if args.head_dim else {}))
         gen = torch.Generator(device="cuda").manual_seed(0)
         q = torch.randn(g["B"], g["Hq"], g["Sq"], g["D"], device="cuda", dtype=torch.bfloat16, generator=gen)
         k, v = (torch.randn(g["B"], g["Hkv"], g["Skv"], g["D"], device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -50,7 +52,7 @@ def main():
             fwd = fa4._forward_arguments(kwargs)[0]
             qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             for tile in TILES:
-                row = {"group": gname, "variant": name, "tile_mn": tile}
+                row = {"group": gname, "D": g["D"], "variant": name, "tile_mn": tile}
                 try:
                     def call(t=tile):
                         return fa._flash_attn_fwd(qt, kt, vt, tile_mn=t, **fwd)
@@ -62,21 +64,21 @@ def main():
                     row.update(error=f"{type(e).__name__}: {str(e)[:200]}")
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-            row = {"group": gname, "variant": name, "tile_mn": "attnlang"}
+            row = {"group": gname, "D": g["D"], "variant": name, "tile_mn": "attnlang"}
             row["ms"] = do_bench(lambda: variant(q, k, v, backend="fa4", **tensors), warmup=25, rep=100,
                                  return_mode="median")
             rows.append(row)
             print(json.dumps(row), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "decode_tiles.json").write_text(json.dumps(rows, indent=1))
+    (out / f"{args.name}.json").write_text(json.dumps(rows, indent=1))
     lines = ["# FA4 forward tile_mn at decode shapes (attnlang's kernel arguments), H200", "",
-             "| group | variant | tile_mn | ms | err / max ref | ok |", "|---|---|---|---|---|---|"]
+             "| group | D | variant | tile_mn | ms | err / max ref | ok |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         ms = f"{r['ms']:.4f}" if "ms" in r else r.get("error", "")
-        lines.append(f"| {r['group']} | {r['variant']} | {r['tile_mn']} | {ms} | {r.get('err', '')} | "
+        lines.append(f"| {r['group']} | {r['D']} | {r['variant']} | {r['tile_mn']} | {ms} | {r.get('err', '')} | "
                      f"{r.get('ok', '')} |")
-    (out / "decode_tiles.md").write_text("\n".join(lines) + "\n")
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

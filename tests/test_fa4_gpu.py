@@ -294,3 +294,28 @@ def test_new_constructs_on_flex(name, score, mask, kernel):
         out = v(q, k, w, backend="flex", kernel_options={"BACKEND": kernel})
     assert _rel(out, ref) < OUT_TOL, f"out: rel err {_rel(out, ref):.2e}"
 
+
+
+SHORT_Q = [  # decoding variants whose score_mod FA4 evaluates on every row of its query tile
+    ("rel_table", "score + rel[h, clamp(q_idx + kv_len - q_len - kv_idx, 0, 255)]",
+     "kv_idx <= q_idx + kv_len - q_len"),
+    ("softcap", "30 * tanh(score / 30)", "kv_idx <= q_idx + kv_len - q_len"),
+    ("window", "score", "0 <= q_idx + kv_len - q_len - kv_idx < 300"),
+]
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("Hq,Hkv,Sq", [(32, 8, 1), (32, 8, 16), (8, 8, 1)])
+@pytest.mark.parametrize("name,score,mask", SHORT_Q, ids=[c[0] for c in SHORT_Q])
+def test_decoding_on_the_short_query_tile(name, score, mask, Hq, Hkv, Sq, D):
+    from attnlang.backends import fa4
+    variant = al.compile(score=score, mask=mask)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    tensors = {"rel": torch.randn(Hq, 256, device="cuda", generator=g)} if name == "rel_table" else {}
+    q = torch.empty(2, Hq, Sq, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.empty(2, Hkv, 1000, D, device="cuda", dtype=torch.bfloat16)
+    plan = variant._plan(q, k, k, None, "fa4", False, None, tensors)
+    # the call really runs the 64-row tile on this device (an H200)
+    assert fa4._short_q_tile(q.transpose(1, 2), k.transpose(1, 2), k.transpose(1, 2), {}, plan) \
+        == {"tile_mn": fa4._SHORT_Q_TILE}
+    check_agreement(variant, tensors, B=2, Hq=Hq, Hkv=Hkv, Sq=Sq, Skv=1000, D=D, grads=False)

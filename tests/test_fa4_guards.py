@@ -240,3 +240,50 @@ def test_an_in_place_write_to_an_aux_tensor_before_the_backward_is_an_error():
     bias.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+class TiledFlash(FakeFlash):
+    """FakeFlash whose _flash_attn_fwd also takes ``tile_mn`` (recorded), as FA4's does."""
+
+    def __init__(self):
+        super().__init__()
+        self.tiles = []
+
+    def _flash_attn_fwd(self, *args, tile_mn=None, **kwargs):
+        self.tiles.append(tile_mn)
+        return super()._flash_attn_fwd(*args, **kwargs)
+
+
+@pytest.fixture
+def tiled(monkeypatch):
+    f = TiledFlash()
+    monkeypatch.setattr(fa4, "_flash", lambda: types.SimpleNamespace(
+        flash_attn_func=f.flash_attn_func, _flash_attn_fwd=f._flash_attn_fwd, _flash_attn_bwd=f._flash_attn_bwd))
+    monkeypatch.setattr(fa4, "_sm_major", lambda t: 9)  # a Hopper device, as far as the tile choice asks
+    return f
+
+
+@pytest.mark.parametrize("Hq, Hkv, Sq, D, short", [
+    (8, 2, 1, 128, True),    # decoding: 1 query x 4 grouped heads = 4 rows of FA4's tile
+    (8, 2, 16, 128, True),   # 64 rows: exactly the short tile
+    (8, 2, 17, 128, False),  # 68 rows: FA4's own tile
+    (4, 4, 64, 64, True),    # no grouping, head dim 64
+    (8, 2, 1, 80, False),    # head dim 80: FA4's own tile uses a different P @ V; not measured with a short one
+])
+def test_few_query_rows_run_the_short_forward_tile(tiled, Hq, Hkv, Sq, D, short):
+    with torch.no_grad():
+        _run(CAUSAL, 2, Hq, Hkv, Sq, 300, D, grads=False)
+    assert tiled.tiles == [fa4._SHORT_Q_TILE if short else None]
+
+
+def test_short_forward_tile_is_an_option(tiled):
+    with torch.no_grad():
+        _run(CAUSAL, 2, 8, 2, 1, 300, 128, grads=False, options={"short_q_tile": False})
+    assert tiled.tiles == [None]
+
+
+def test_short_forward_tile_needs_hopper(tiled, monkeypatch):
+    monkeypatch.setattr(fa4, "_sm_major", lambda t: 10)
+    with torch.no_grad():
+        _run(CAUSAL, 2, 8, 2, 1, 300, 128, grads=False)
+    assert tiled.tiles == [None]
