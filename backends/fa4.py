@@ -78,6 +78,7 @@ __all__ = ["unsupported", "attention", "kernel_arguments", "cache_dir", "lowerin
 _TILE = (128, 128)          # Hopper forward tile for head dims up to 128: block-sparsity granularity
 _SPARSE_MAX_HEAD_DIM = 128  # larger head dims use other tile widths; they run with the mask_mod alone
 _SHORT_Q_TILE = (64, 128)   # Hopper forward tile for calls of at most 64 query rows per kv head (decoding)
+_PIN_MAX_BYTES = 2 << 20    # named tensors a plan's memo (kernel arguments, replays) may hold: see _pinnable
 _TABLE_MAX = 64             # tensors of at most this many elements, read at b/h-only indices, are baked in
 _TABLE_VERSIONS = 8         # distinct baked value sets per variant before falling back to aux_tensors loads
 _LOCK = threading.Lock()
@@ -570,7 +571,8 @@ def kernel_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Ca
 VARLEN_HOST = Host(flash=lambda: _flash(), load=lambda m: _load(m), aux=lambda t: _aux(t),
                    tables=lambda p: _tables(p), option=lambda p, n: _option(p, n),
                    native_window=lambda *a: _native_window(*a),
-                   kernel_arguments=lambda q, k, v, p: kernel_arguments(q, k, v, p))
+                   kernel_arguments=lambda q, k, v, p: kernel_arguments(q, k, v, p),
+                   pinnable=lambda p: _pinnable(p))
 
 
 def _wants_lse(plan: CallPlan) -> bool:
@@ -603,6 +605,20 @@ def _forward_arguments(kwargs: dict) -> tuple[dict, dict]:
     bwd = {"score_mod_bwd": fwd.pop("score_mod_bwd"), "block_sparse_tensors": fwd.pop("block_sparse_tensors_bwd")}
     fwd["softcap"] = 0.0
     return fwd, bwd
+
+
+def _pinnable(plan: CallPlan) -> bool:
+    """Whether this plan's memo may keep its kernel arguments and replays, which hold the aux tensors (often the
+    caller's named tensors themselves) strongly: only while those come to at most _PIN_MAX_BYTES. A Variant keeps up
+    to 64 recent plans (Variant._warm_plan), each holding its call's named tensors weakly so that a plan goes when its
+    tensors do; kernel arguments in its memo would keep them alive instead: a per-call [H, S, S] bias made fresh in
+    every inference step stayed on the device for the next 63 steps. Larger tensors run without the memo and the
+    replay (one kernel-argument build and FA4's own host call per call, ~0.1 ms, beside a kernel that reads them)."""
+    got = plan.memo.get("pinnable")
+    if got is None:
+        size = sum(t.numel() * t.element_size() for t in plan.tensors.values())
+        got = plan.memo["pinnable"] = size <= _PIN_MAX_BYTES
+    return got
 
 
 def _short_q_tile(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, fwd: dict, plan: CallPlan) -> dict:
@@ -761,7 +777,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
     # kernel arguments are the plan's alone, except while a CUDA graph is captured (aux conversions are captured
     # then) and when a named tensor needs gradients (the learnable sink is a node of this call's autograd graph)
     tensor_grads = torch.is_grad_enabled() and any(t.requires_grad for t in plan.tensors.values())
-    reuse = not fixes and not (q.is_cuda and torch.cuda.is_current_stream_capturing()) and not tensor_grads
+    reuse = (not fixes and not (q.is_cuda and torch.cuda.is_current_stream_capturing()) and not tensor_grads
+             and _pinnable(plan))
     # flash_attn_func's kwargs, and their split for _flash_attn_fwd / _flash_attn_bwd
     arguments = plan.memo.get(shapes + ("kwargs",)) if reuse else None
     if arguments is None:

@@ -66,7 +66,7 @@ class Host:
     flash() -> flash_attn.cute.interface; load(CuteModule) -> the imported module; aux(tensor) -> the tensor as
     aux_tensors hold it; tables(plan) -> the baked tables; option(plan, name) -> bool; native_window(score, mask,
     q_len, kv_len) -> FA4's (left, right) or None; kernel_arguments(q, k, v, plan) -> (k, v, flash_attn_func
-    kwargs) of the tile-list path."""
+    kwargs) of the tile-list path; pinnable(plan) -> whether the plan's memo may hold its named tensors (replays)."""
 
     flash: object
     load: object
@@ -75,6 +75,7 @@ class Host:
     option: object
     native_window: object
     kernel_arguments: object
+    pinnable: object
 
 
 @dataclass(frozen=True)
@@ -408,7 +409,8 @@ def route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, host: Host):
     # warm signatures replay FA4's recorded launches (attnlang.backends.fa4_replay): everything the calls take
     # besides q / k / v is the plan's (cu_seqlens and aux tensors per tensor version, the lowering per plan)
     replay = None
-    if host.option(plan, "replay") and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if (host.option(plan, "replay") and not (q.is_cuda and torch.cuda.is_current_stream_capturing())
+            and host.pinnable(plan)):
         replay = ("varlen", grads, forward, layout, plan.return_lse, q.shape, k.shape, v.shape, q.dtype, q.device)
     if not grads:
         ins = tuple(_to_varlen(t, layout) for t in (qt, kt, vt))

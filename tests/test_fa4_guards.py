@@ -287,3 +287,42 @@ def test_short_forward_tile_needs_hopper(tiled, monkeypatch):
     with torch.no_grad():
         _run(CAUSAL, 2, 8, 2, 1, 300, 128, grads=False)
     assert tiled.tiles == [None]
+
+
+@pytest.fixture
+def modded(monkeypatch):
+    """fa4 on the CPU with a score_mod: FA4's forward a stand-in returning zeros (nothing of it is checked here)."""
+    from types import SimpleNamespace
+
+    def forward(q, k, v, **kwargs):
+        forward.aux.append(kwargs.get("aux_tensors") is not None)  # not the tensors: this list would hold them
+        return (torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype), None, None, None, None)
+    forward.aux = []
+    monkeypatch.setattr(fa4, "_flash", lambda: SimpleNamespace(_flash_attn_fwd=forward))
+    monkeypatch.setattr(fa4, "unsupported", lambda q, plan: None)
+    monkeypatch.setattr(fa4, "_load", lambda module: SimpleNamespace(score_mod=object(), score_mod_bwd=object()))
+    return forward
+
+
+BIASED = al.compile(score="score + bias[h, q_idx, kv_idx]", mask="q_idx >= kv_idx")
+
+
+@pytest.mark.parametrize("S, pinned", [(1024, 0), (64, 5)])
+def test_a_plan_keeps_only_small_named_tensors_alive(modded, S, pinned):
+    # a Variant keeps its recent plans (64), holding their named tensors weakly; fa4's per-plan kernel arguments
+    # and replays held them strongly, so a bias made fresh for every inference call stayed alive for the next 63
+    # calls (an [H, S, S] bias on the GPU, 63 times over). Now only named tensors of at most 2 MiB per plan are
+    # held (here 8 MiB at S=1024, 32 KiB at S=64)
+    import gc
+    import weakref
+    q = torch.randn(1, 2, S, 16, dtype=torch.bfloat16)
+    refs = []
+    with torch.no_grad():
+        for _ in range(5):
+            bias = torch.randn(2, S, S)
+            refs.append(weakref.ref(bias))
+            BIASED(q, q, q, backend="fa4", bias=bias)
+            del bias
+    gc.collect()
+    assert sum(r() is not None for r in refs) == pinned
+    assert modded.aux == [True] * 5  # every call got its bias as an aux tensor

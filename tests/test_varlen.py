@@ -777,3 +777,26 @@ def test_an_in_place_write_to_a_score_tensor_before_the_varlen_backward_is_an_er
     bias.mul_(2.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+def test_route_does_not_replay_plans_whose_named_tensors_are_too_large_to_pin(monkeypatch):
+    # a replay holds the plan's aux tensors (here doc itself) strongly, which would keep a plan's named tensors
+    # alive after the caller dropped them (fa4._pinnable); over the limit a call runs FA4's own host call each time
+    from attnlang.backends import fa4, fa4_varlen
+    doc = _doc_ids(LENGTHS)
+    dense = (doc[:, None] == doc[None, :]) & (torch.arange(48)[:, None] >= torch.arange(48)[None, :])
+    fa = ReplayableFakeFA4(dense)
+    monkeypatch.setattr(fa4, "_flash", lambda: fa)
+    monkeypatch.setattr(fa4, "_load", lambda module: None)
+    monkeypatch.setattr(fa4, "_PIN_MAX_BYTES", doc.numel() * doc.element_size() - 1)
+    variant = al.compile(mask="doc[q_idx] == doc[kv_idx] & q_idx >= kv_idx")
+    plan = None
+    with torch.no_grad():
+        for call in range(6):
+            g = torch.Generator().manual_seed(call)
+            q, k, v = (torch.randn(2, H, 48, 32, dtype=torch.float64, generator=g) for H in (4, 2, 2))
+            if plan is None:
+                plan = variant._plan(q, k, v, None, "fa4", True, {"varlen": True}, {"doc": doc})
+            out, _ = fa4_varlen.route(q, k, v, plan, fa4.VARLEN_HOST)
+            torch.testing.assert_close(out, variant(q, k, v, backend="eager", doc=doc), atol=1e-9, rtol=1e-9)
+    assert fa.host_calls["fwd"] == 6
