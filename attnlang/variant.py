@@ -773,7 +773,7 @@ def from_config(config) -> Variant:
     score = _constant_text(config.get("score", "score"), "score")
     mask = _constant_text(config.get("mask", "True"), "mask")
     params = config.get("params", {})
-    sink = config.get("sink")
+    sink = _constant_text(config.get("sink"), "sink")
     normalize = config.get("normalize", True)
     for key, value in (("score", score), ("mask", mask)):
         if not isinstance(value, str):
@@ -794,11 +794,11 @@ def from_config(config) -> Variant:
 
 
 def _constant_text(value, key: str):
-    """A constant written as a YAML / JSON value (``mask: True``, ``score: 0.5``) as the expression it spells;
-    anything else unchanged (the type checks that follow report it)."""
+    """A constant written as a YAML / JSON value (``mask: True``, ``score: 0.5``, ``sink: 0``) as the expression it
+    spells; anything else unchanged (the type checks that follow report it)."""
     if key == "mask" and isinstance(value, bool):
         return "True" if value else "False"
-    if key == "score" and isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+    if key in ("score", "sink") and isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
         return repr(float(value)) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
     return value
 

@@ -419,6 +419,17 @@ def test_config_constants_as_values(text, score, mask):
     assert al.from_config(text) == al.compile(score, mask)
 
 
+@pytest.mark.parametrize("text, sink", [
+    ("mask: q_idx >= kv_idx\nsink: 0\n", "0.0"),          # softmax plus one, as a YAML number
+    ("sink: -1.5\n", "-1.5"),
+    ("sink: -.inf\n", "-inf"),
+    ('{"sink": 2}', "2.0"),
+])
+def test_config_sink_constants_as_values(text, sink):
+    cfg = al.from_config(text)
+    assert cfg == al.compile(mask=cfg.to_config()["mask"], sink=sink)
+
+
 def test_config_yaml_merge_keys():
     text = "base: &b\n  window: 4\nmask: 0 <= q_idx - kv_idx < window\nparams:\n  <<: *b\n"
     with pytest.raises(al.AttnLangError, match="unknown key 'base'"):   # merge keys load; 'base' is still unknown
