@@ -8,6 +8,8 @@
 #                 suite_infer: its training / inference groups, one call each
 #        cells    session 9's over-target training cells, 3 rounds, and train_kernels_profile (after the leak fix)
 #        compile  bench_compile (issue 18), $OUT/compile.{json,md}
+#        rest     the GPU tests `tests` leaves out: sinks, hostile, trust, gpu_matrix's test and the sandwich example
+#                 (its 32 cos terms compile for minutes), $OUT/tests_rest.log
 #        latest   the BENCHMARKS.md-shape kernel benchmark (every row, 3 rounds), $OUT/latest.{json,md}
 #        host     host_diag at hd64 (replay on / off side by side), $OUT/host_diag_s8.{json,md}
 set -u
@@ -38,6 +40,12 @@ case "$stage" in
       --parallel-first 12 --warm-timeout 120 --out "$out" --name shapes_cells > "$out/cells.log" 2>&1
     timeout 120 python3 benchmarks/train_kernels_profile.py --out "$out" >> "$out/cells.log" 2>&1
     grep -E "=====|cudaMalloc " "$out/train_kernels_profile.txt"; tail -40 "$out/shapes_cells.md" ;;
+  rest)
+    (cd tests && timeout -k 5 540 python3 -m pytest -m gpu -v -p no:cacheprovider --tb=short -n 12 \
+      test_sinks_gpu.py test_hostile_gpu.py test_gpu_trust.py test_gpu_matrix.py "test_fa4_gpu.py::test_every_example" \
+      -k "sandwich or not test_every_example" > "$out/tests_rest.log" 2>&1)
+    grep -E "passed|failed" "$out/tests_rest.log" | tail -1
+    grep FAILED "$out/tests_rest.log" | head -20 ;;
   latest)
     timeout 560 python3 benchmarks/bench_kernels.py --rounds 3 --parallel-first 12 --second-process \
       --out "$out" --name latest > "$out/latest.log" 2>&1
@@ -50,6 +58,6 @@ case "$stage" in
       --n 50 --out "$out" --name host_diag_s8 > "$out/host.log" 2>&1
     cat "$out/host_diag_s8.md" ;;
   *)
-    echo "unknown stage $stage: tests, suite, suite_train, suite_infer, cells, latest, compile or host" >&2
+    echo "unknown stage $stage: tests, rest, suite, suite_train, suite_infer, cells, latest, compile or host" >&2
     exit 2 ;;
 esac
