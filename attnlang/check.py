@@ -35,6 +35,7 @@ from .ast import (
     Var,
     children,
     const,
+    names_used,
     walk,
     with_children,
 )
@@ -219,19 +220,29 @@ def bind(checked: Checked, tensor_dtypes: Mapping[str, DType]) -> Checked:
 
 
 def check_index_bounds(checked: Checked, env: Mapping[str, object], shapes: Mapping[str, tuple],
-                       float32: bool = True) -> None:
+                       float32: bool = True, empty: frozenset = frozenset()) -> None:
     """Raise if any tensor index can fall outside its tensor.
 
     env: intervals of the built-in names (b, h, q_idx, kv_idx, q_len, kv_len) and of each tensor's values.
     shapes: tensor name -> shape.
     float32: floats may be computed in float32 (False: float64 throughout, as a float64 call computes them).
+    empty: the names that take no value in this call (b, h, q_idx or kv_idx of a size-0 axis; q_len or kv_len of
+        0); env's entries for them are not read. An expression whose positions include one of them is evaluated
+        nowhere, so of its reads only the indices that mention none of them are checked (``bias[h, 5]`` with
+        bias of size 3 is wrong for any length, ``doc[b, q_idx]`` of a [0, S] doc at batch 0 is fine); its
+        divisors and int ranges are not checked (no value is computed). The sink has no ``kv_idx``: with
+        kv_len 0 it is evaluated on every row.
     """
     for where in checked.wheres:
+        grid = _SINK_GRID if where == "sink" else _GRID
+        skip = empty if empty & grid else frozenset()
         for node in walk(checked.expr(where)):
             if not isinstance(node, Index):
                 continue
             shape = shapes[node.tensor]
             for axis, (index, size) in enumerate(zip(node.indices, shape)):
+                if skip and names_used(index) & skip:
+                    continue
                 if size == 0:  # no index is valid, clamp or not
                     raise AttnLangError.at(
                         f"tensor {node.tensor!r} has size 0 along index {axis} (shape {tuple(shape)}): an empty "
@@ -243,8 +254,14 @@ def check_index_bounds(checked: Checked, env: Mapping[str, object], shapes: Mapp
                         f"index {axis} of {node.tensor!r} (size {size}) can take values in {got} for these "
                         f"lengths; it must stay in [0, {size - 1}] (wrap it in clamp(...) to bound it)",
                         checked.sources[where], _use_span(index, node), where)
+        if skip:
+            continue
         _check_divisors(checked.expr(where), env, checked, where, float32)
         _check_int_range(checked.expr(where), env, checked, where)
+
+
+_GRID = frozenset({"b", "h", "q_idx", "kv_idx"})  # the positions the score and the mask are evaluated at
+_SINK_GRID = frozenset({"b", "h", "q_idx"})  # the sink's: one per row
 
 
 def check_float_range(checked: Checked, env: Mapping[str, object], fmax: float) -> None:

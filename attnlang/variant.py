@@ -17,6 +17,7 @@ import torch
 from . import op as _op
 from .ast import DType, Index, names_used, walk
 from .check import Checked, bind, check, check_float_range, check_index_bounds, check_named_tensor, dtype_of_torch
+from .denominator import finish, lse_float32
 from .errors import AttnLangError
 from .intervals import Interval, bounds, tensor_range
 from .memo import MEMO, IdentityMemo
@@ -273,7 +274,8 @@ class Variant:
 
         Args:
             q: [B, Hq, Sq, D]; k: [B, Hkv, Skv, D]; v: [B, Hkv, Skv, Dv]. One floating dtype (float16, bfloat16,
-                float32, float64), one device; Hq a multiple of Hkv (grouped-query attention).
+                float32, float64), one device; Hq a multiple of Hkv (grouped-query attention). Any size but D may
+                be 0 (Hkv only with Hq): see "Empty inputs" below.
             scale: multiplies q·k before the score expression; default 1/sqrt(D).
             backend: "auto" (default), "eager", "flex" or "fa4".
             return_lse: also return lse, [B, Hq, Sq], natural log (-inf for rows with no allowed key; the sink's
@@ -283,7 +285,7 @@ class Variant:
         Returns:
             out [B, Hq, Sq, Dv] in q's dtype, or (out, lse) with return_lse.
         Raises:
-            AttnLangError: bad shapes, dtypes or devices (an empty input too: B, Hq, Hkv, Sq, Skv or D of 0); q, k
+            AttnLangError: bad shapes, dtypes or devices (a head dim D of 0 too, or Hkv of 0 with Hq > 0); q, k
                 and v not all given by position; missing, extra or mis-shaped tensors; an index that can
                 fall outside its tensor; a backend that cannot run this variant here; int() of inf or NaN, or an
                 int that overflows int64; a float literal, param or tensor value past the compute dtype's range
@@ -299,6 +301,16 @@ class Variant:
         inf is NaN, which rows that is beyond those attending the key depends on the backend's tiling (eager's
         matmul meets every key; fa4 and flex skip empty blocks); rows with no allowed key stay 0. With
         normalize=False, whose numerator is checked anyway, it is an AttnLangError naming the row.
+
+        Empty inputs, on every backend (fa4 without a GPU and flex with gradients on the CPU included: no kernel
+        runs, the result is built before any backend is asked; kernel_options are still checked): with B, Hq or Sq
+        of 0, out [B, Hq, Sq, Dv] and lse [B, Hq, Sq] hold no element, as torch's scaled_dot_product_attention
+        gives. With Skv of 0 (and Sq > 0) no row has an allowed key: out is 0 and lse -inf, or the sink's value
+        with a sink (LANGUAGE.md), exactly as the eager backend gives a row whose mask is all False. Gradients are
+        zeros for q, k, v and the named tensors (``out.sum().backward()`` works), plus what flows through the
+        sink. Named tensors are checked as usual, except the reads at positions that do not exist: with B = 0 a
+        ``doc`` of shape [0, S] read as ``doc[b, q_idx]`` is fine, while ``bias[h, 5]`` of a bias of size 3 is an
+        error at any size; the same holds inside torch.compile.
 
         Float values (literals, params, float named tensors of any float dtype) are computed in the compute dtype:
         float64 for float64 inputs, else float32. A value past its range is an error (above); a tiny one rounds
@@ -326,6 +338,8 @@ class Variant:
     def _eager_call(self, q, k, v, scale, backend, return_lse, kernel_options, tensors):
         """(out, lse) of one call, checks included: the call outside torch.compile, and the custom op's body."""
         plan = self._warm_plan(q, k, v, scale, backend, return_lse, kernel_options, tensors)
+        if not (plan.batch and plan.q_heads and plan.q_len and plan.kv_len):
+            return _empty_call(q, k, v, plan, backend, tensors)
         from .backends import run
         out, lse = run(backend, q, k, v, plan)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values()):
@@ -389,9 +403,10 @@ class Variant:
         B, Hq, Sq, _ = q.shape
         Hkv, Skv = k.shape[1], k.shape[2]
         bound_original, bound_simple, bound_shift = self._bind(dtypes)
-        env: dict[str, object] = {
-            "b": Interval(0, B - 1), "h": Interval(0, Hq - 1), "q_idx": Interval(0, Sq - 1),
-            "kv_idx": Interval(0, Skv - 1), "q_len": Interval(Sq, Sq), "kv_len": Interval(Skv, Skv),
+        empty = _empty_names(B, Hq, Sq, Skv)
+        env: dict[str, object] = {  # an empty axis's entry, [0, 0], is never read (check_index_bounds' empty)
+            "b": Interval(0, max(B - 1, 0)), "h": Interval(0, max(Hq - 1, 0)), "q_idx": Interval(0, max(Sq - 1, 0)),
+            "kv_idx": Interval(0, max(Skv - 1, 0)), "q_len": Interval(Sq, Sq), "kv_len": Interval(Skv, Skv),
         }
         declared = _declared_ranges(kernel_options, tensors)
         env.update({n: declared[n] if n in declared else _value_range(t) for n, t in tensors.items()})
@@ -402,11 +417,15 @@ class Variant:
         fmax = _compute_max(q)
 
         def checks():
-            check_index_bounds(bound_original, env, shapes, float32=fmax < 1e300)
+            check_index_bounds(bound_original, env, shapes, float32=fmax < 1e300, empty=empty)
             check_float_range(bound_original, env, fmax)
-        _BOUNDS_OK.get((bound_original,), (tuple(env.items()), tuple(shapes.items()), fmax), checks)
+        _BOUNDS_OK.get((bound_original,), (tuple(env.items()), tuple(shapes.items()), fmax, empty), checks)
         score, sink = bound_simple.score, bound_simple.sink
-        if bound_shift is not None and not _finite_rows(bound_shift, env, q, B, Hq, Sq, Skv, tensors):
+        if bound_shift is not None and empty:
+            # an empty call computes no score; with kv_len 0 its rows' lse is the sink itself (LANGUAGE.md), not
+            # the shifted sink plus the shift
+            (score, sink), bound_shift = self._bind_unshifted(dtypes), None
+        elif bound_shift is not None and not _finite_rows(bound_shift, env, q, B, Hq, Sq, Skv, tensors):
             # A row term that is not finite masks its whole row: dropping it would change the result.
             (score, sink), bound_shift = self._bind_unshifted(dtypes), None
         # names_used walks the tree: a third of a warm call's host time before it was cached per bound expression
@@ -481,6 +500,46 @@ class _ZeroGrads(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return (grad, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.like))
+
+
+def _empty_names(B: int, Hq: int, Sq: int, Skv: int) -> frozenset:
+    """The built-in names that take no value in a call of these sizes (check_index_bounds' ``empty``)."""
+    return frozenset(name for name, size in (("b", B), ("h", Hq), ("q_idx", Sq), ("kv_idx", Skv), ("q_len", Sq),
+                                             ("kv_len", Skv)) if size == 0)
+
+
+def _empty_call(q, k, v, plan: CallPlan, backend: str, tensors):
+    """(out, lse) of a call with B, Hq, Sq or Skv of 0, built here for every backend (no kernel runs, so none is
+    asked whether it could: fa4 without a GPU and flex with gradients on the CPU give this result too; the
+    backend's kernel_options are checked all the same).
+
+    B, Hq or Sq of 0: out [B, Hq, Sq, Dv] and lse [B, Hq, Sq] hold no element. Skv of 0: no row has an allowed
+    key, so (LANGUAGE.md) out is 0 and lse -inf, or with a sink lse = sink (out 0), as ``finish`` gives the eager
+    backend's rows whose mask is all False. Gradients: zeros for q, k, v and the named tensors, plus what flows
+    through the sink."""
+    from .backends import option_problem
+    bad = option_problem(backend, plan.options)
+    if bad is not None:
+        raise AttnLangError(bad)
+    fd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    B, Hq, Sq = plan.batch, plan.q_heads, plan.q_len
+    out = torch.zeros((B, Hq, Sq, v.shape[-1]), dtype=fd, device=q.device)
+    lse = torch.full((B, Hq, Sq), -math.inf, dtype=fd, device=q.device)
+    if out.numel() or lse.numel():
+        out, lse = finish(out, lse, plan, fd, out_dtype=q.dtype)
+    return with_zero_grads(out.to(q.dtype), lse_float32(lse), (q, k, v, *(tensors[n] for n in sorted(tensors))),
+                           plan.return_lse)
+
+
+def with_zero_grads(out, lse, inputs, with_lse: bool = True):
+    """(out, lse) giving a zero gradient to each of ``inputs`` that requires grad (lse too when ``with_lse``), so
+    that an empty call's ``out.sum().backward()`` works and fills every leaf's .grad, as a computed call does."""
+    needing = [t for t in inputs if t.requires_grad] if torch.is_grad_enabled() else []
+    if needing:
+        out = _ZeroGrads.apply(out, *needing)
+        if with_lse:
+            lse = _ZeroGrads.apply(lse, *needing)
+    return out, lse
 
 
 def _connect_unread(out, lse, plan: CallPlan, tensors):
@@ -665,9 +724,13 @@ def _check_qkv(q, k, v) -> None:
         raise AttnLangError(f"k and v must have the same heads and length: k {tuple(k.shape)}, v {tuple(v.shape)}")
     if Dk != D:
         raise AttnLangError(f"q and k head dims differ: {D} and {Dk}")
-    if min(B, Hq, Sq, Skv, D, Hkv) < 1:  # before the head ratio: no heads at all is an empty input, not GQA's fault
-        raise AttnLangError(f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}; every size must be at least 1")
-    if Hq % Hkv:
+    if D == 0:
+        raise AttnLangError(f"q and k have head dim 0 (q {tuple(q.shape)}, k {tuple(k.shape)}): a score is a dot "
+                            f"product over the head dim, and its default scale 1/sqrt(D) is undefined")
+    if Hkv == 0 and Hq:
+        raise AttnLangError(f"k and v have no heads (k {tuple(k.shape)}) for q's {Hq} query heads; layout is "
+                            f"[B, H, S, D]")
+    if Hkv and Hq % Hkv:  # no heads at all (Hq = Hkv = 0) is an empty call, as is Hq = 0 (a multiple of Hkv)
         raise AttnLangError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv}); layout is "
                             f"[B, H, S, D]")
 

@@ -20,7 +20,7 @@ from ..errors import AttnLangError
 from ..memo import MEMO
 from ..plan import CallPlan
 
-__all__ = ["run", "select", "NAMES", "KernelFailure", "clear_choices"]
+__all__ = ["run", "select", "NAMES", "KernelFailure", "clear_choices", "option_problem"]
 
 NAMES = ("eager", "flex", "fa4")
 _CUDA_ORDER = ("fa4", "flex", "eager")
@@ -158,6 +158,18 @@ def _option_problem(backend: str, options) -> str | None:
         return (f"{flex.option_problem({k: None for k in unknown})}; backend 'fa4' takes "
                 f"{', '.join(fa4.OPTIONS)}")
     return flex.value_problem(options)
+
+
+def option_problem(backend: str, options) -> str | None:
+    """What is wrong with ``kernel_options`` for ``backend`` (unknown keys, bad values; a named backend's own
+    check), else None: for a call that runs no kernel (an empty one, ``attnlang.variant._empty_call``), whose
+    backend is never asked whether it could run it."""
+    bad = _option_problem(backend, options)
+    if bad is None and options and backend == "flex":
+        bad = _module("flex").option_problem(options)
+    if bad is None and options and backend == "fa4":
+        bad = _module("fa4")._check_options(options)
+    return bad
 
 
 def _call_facts(q, k, v) -> tuple:

@@ -497,3 +497,23 @@ def test_training_calls_through_the_op_reuse_the_warm_plan(monkeypatch):
         out.sum().backward()
         assert q.grad is not None and k.grad is not None
     assert len(plans) == 1
+
+
+@pytest.mark.parametrize("B, Skv", [(0, 7), (2, 0)])
+def test_empty_calls_inside_compile(B, Skv):
+    """An empty batch, and no keys with a sink (whose rows' lse is the sink): the op's real implementation reaches
+    the same empty result as the eager call, with gradients (the sink's tensor gets d lse / d sink = 1 per row)."""
+    var = al.compile(score="score + slope[h] * (kv_idx - q_idx)", mask="q_idx >= kv_idx", sink="sinks[h]")
+    q, k, v = _qkv(B=B, Skv=Skv)
+    slope, sinks = torch.rand(4, requires_grad=True), torch.randn(4, requires_grad=True)
+    compiled = torch.compile(lambda q, k, v, slope, sinks: var(q, k, v, backend="eager", return_lse=True,
+                                                               slope=slope, sinks=sinks),
+                             fullgraph=True, backend="aot_eager")
+    out, lse = compiled(q, k, v, slope, sinks)
+    ref_out, ref_lse = var(q, k, v, backend="eager", return_lse=True, slope=slope, sinks=sinks)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse)
+    (out.sum() + lse.sum()).backward()
+    for t in (q, k, v, slope):
+        assert t.grad.shape == t.shape and not t.grad.any()
+    torch.testing.assert_close(sinks.grad, torch.full((4,), float(B * 19)))

@@ -213,10 +213,8 @@ def test_shape_checks():
         var(q, k, v[:, :, :3], backend="eager")
     with pytest.raises(al.AttnLangError, match="head dims"):
         var(q, k[..., :4], v, backend="eager")
-    with pytest.raises(al.AttnLangError, match="empty"):
-        var(q[:, :, :0], k, v, backend="eager")
-    with pytest.raises(al.AttnLangError, match="empty"):
-        var(q, k[:, :, :0], v[:, :, :0], backend="eager")
+    with pytest.raises(al.AttnLangError, match="head dim 0"):  # empty lengths are results (below); D = 0 is not
+        var(q[..., :0], k[..., :0], v, backend="eager")
     with pytest.raises(al.AttnLangError, match="torch.Tensor"):
         var(q.tolist(), k, v, backend="eager")
     out = var(q, k, v[..., :3], backend="eager")  # v may have its own head dim
@@ -478,3 +476,121 @@ def test_plans_of_freed_tensors_leave_the_warm_cache_with_what_their_memos_hold(
     gc.collect()
     var(q, q, q, backend="eager", bias=torch.randn(6))  # another step's tensor: a new plan
     assert [r() for r in refs] == [None, None]
+
+
+# ----- empty inputs (size 0): the result built before any backend, as torch's scaled_dot_product_attention -----
+
+EMPTY_SHAPES = [  # (B, Hq, Hkv, Sq, Skv)
+    (0, 4, 2, 5, 7),   # an empty batch (dynamic batching)
+    (2, 0, 0, 5, 7),   # no heads at all
+    (2, 0, 2, 5, 7),   # no query heads (0 is a multiple of Hkv)
+    (2, 4, 2, 0, 7),   # an empty query block
+]
+BACKENDS_ALL = ["auto", "eager", "flex", "fa4"]  # fa4 and flex run no kernel for an empty call: no GPU needed
+
+
+@pytest.mark.parametrize("backend", BACKENDS_ALL)
+@pytest.mark.parametrize("shape", EMPTY_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_an_empty_batch_heads_or_queries_give_an_empty_result_with_gradients(shape, backend, dtype):
+    B, Hq, Hkv, Sq, Skv = shape
+    q, k, v = (t.requires_grad_() for t in qkv(B, Hq, Hkv, Sq, Skv, dtype=dtype))
+    v_ = torch.randn(B, Hkv, Skv, 3, dtype=dtype, requires_grad=True)  # Dv != D
+    slope = torch.rand(Hq, requires_grad=True)
+    out, lse = al.compile(*ALIBI)(q, k, v_, backend=backend, return_lse=True, slope=slope)
+    assert out.shape == (B, Hq, Sq, 3) and out.dtype == dtype and out.device == q.device
+    assert lse.shape == (B, Hq, Sq) and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    (out.sum() + lse.sum()).backward()
+    for t in (q, k, v_, slope):
+        assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS_ALL)
+def test_no_keys_gives_out_0_and_lse_minus_inf_as_a_row_with_no_allowed_key(backend):
+    q, k, v = (t.requires_grad_() for t in qkv(Sq=5, Skv=0))
+    out, lse = al.compile(mask="q_idx >= kv_idx")(q, k, v, backend=backend, return_lse=True)
+    assert out.shape == q.shape and not out.any() and (lse == -math.inf).all() and lse.shape == q.shape[:3]
+    out.sum().backward()
+    assert not q.grad.any() and k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
+NO_KEY_SINKS = [  # (score, sink, normalize): mask "q_idx + 100 <= kv_idx" allows no key at these lengths
+    ("score", "sk[h]", True),
+    ("score + bias[q_idx]", "0.1 * q_idx - sk[h]", True),  # a per-row term the simplifier moves into lse_shift
+    ("log(sigmoid(score))", "sk[h] + bias[q_idx]", False),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS_ALL)
+@pytest.mark.parametrize("score, sink, normalize", NO_KEY_SINKS)
+def test_no_keys_with_a_sink_gives_what_eager_gives_a_row_whose_mask_is_all_false(score, sink, normalize, backend):
+    var = al.compile(score=score, mask="q_idx + 100 <= kv_idx", sink=sink, normalize=normalize)
+    q, k, v = qkv(Sq=5, Skv=3, dtype=torch.float64)
+    named = {"sk": torch.randn(4, dtype=torch.float64), "bias": torch.randn(5, dtype=torch.float64)}
+    named = {n: t for n, t in named.items() if n in var.tensor_names}
+    ref_out, ref_lse = var(q, k, v, backend="eager", return_lse=True, **named)  # keys, none allowed
+    out, lse = var(q, k[:, :, :0], v[:, :, :0], backend=backend, return_lse=True, **named)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse)
+    assert not out.any() and torch.isfinite(lse).all() and lse.dtype == torch.float64
+
+
+def test_no_keys_with_a_sink_gradients_reach_the_sinks_tensors():
+    var = al.compile(mask="q_idx >= kv_idx", sink="sk[h] * sk[h] + 0.5 * q_idx")
+    q = torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    kv = torch.randn(1, 1, 0, 4, dtype=torch.float64, requires_grad=True)
+    sk = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, kv, sk: var(q, kv, kv, return_lse=True, sk=sk), (q, kv, sk))
+    out, lse = var(q, kv, kv, return_lse=True, sk=sk)
+    (out.sum() + lse.sum()).backward()
+    assert not q.grad.any() and kv.grad.shape == kv.shape
+    torch.testing.assert_close(sk.grad, 2 * sk.detach() * 3)  # d lse / d sink = 1 in each of 3 rows
+
+
+@pytest.mark.parametrize("scale", [None, 1.0])
+def test_head_dim_0_stays_an_error(scale):
+    q = torch.randn(1, 2, 3, 0)
+    with pytest.raises(al.AttnLangError, match="head dim 0"):
+        al.compile(mask="q_idx >= kv_idx")(q, q, q, scale=scale)
+
+
+def test_query_heads_without_key_value_heads_are_an_error():
+    q, kv = torch.randn(1, 2, 3, 4), torch.randn(1, 0, 3, 4)
+    with pytest.raises(al.AttnLangError, match="no heads"):
+        al.compile(mask="q_idx >= kv_idx")(q, kv, kv)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_ALL)
+def test_an_empty_call_checks_named_tensors_where_no_position_is_needed(backend):
+    doc_mask = al.compile(mask="doc[b, q_idx] == doc[b, kv_idx]")
+    q, k, v = qkv(B=0, Sq=5, Skv=5)
+    # at batch 0 a per-batch doc has no row: nothing is read, nothing is wrong
+    assert doc_mask(q, k, v, backend=backend, doc=torch.zeros(0, 5, dtype=torch.int64)).shape == (0, 4, 5, 8)
+    with pytest.raises(al.AttnLangError, match="index 1 of 'doc'") as e:  # too short along q_idx, any batch
+        doc_mask(q, k, v, backend=backend, doc=torch.zeros(0, 4, dtype=torch.int64))
+    assert "^" in str(e.value)
+    with pytest.raises(al.AttnLangError, match="index it with 2"):
+        doc_mask(q, k, v, backend=backend, doc=torch.zeros(5, dtype=torch.int64))
+    with pytest.raises(al.AttnLangError, match="dtype"):
+        doc_mask(q, k, v, backend=backend, doc=torch.zeros(0, 5, dtype=torch.complex64))
+    with pytest.raises(al.AttnLangError, match="was not given"):
+        doc_mask(q, k, v, backend=backend)
+    with pytest.raises(al.AttnLangError, match="index 1 of 'bias'"):  # a constant index: wrong at any size
+        al.compile(score="score + bias[h, 5]")(q, k, v, backend=backend, bias=torch.zeros(4, 3))
+    # no keys: the sink is computed on every row, so its reads are checked
+    q, k, v = qkv(Sq=5, Skv=0)
+    with pytest.raises(al.AttnLangError, match="index 0 of 'sk'"):
+        al.compile(mask="q_idx >= kv_idx", sink="sk[h]")(q, k, v, backend=backend, sk=torch.zeros(3))
+    with pytest.raises(al.AttnLangError, match="kernel_options"):
+        al.compile(mask="q_idx >= kv_idx")(q, k, v, backend=backend, kernel_options={"no_such_option": 1})
+
+
+def test_the_bounds_checks_of_an_empty_call_are_not_reused_for_a_call_with_positions():
+    # the bounds checks of an empty call are weaker (no position, no read): a later call of other sizes checks
+    # its own reads
+    var = al.compile(score="score + bias[b]")
+    q, k, v = qkv(B=0)
+    var(q, k, v, bias=torch.zeros(0))
+    q, k, v = qkv(B=1)
+    with pytest.raises(al.AttnLangError, match="size 0"):
+        var(q, k, v, bias=torch.zeros(0))
