@@ -109,6 +109,13 @@ def positive_int(name: str, value) -> int:
     return int(value)
 
 
+def _length(name: str, value) -> int:
+    """``value`` as an int, or AttnLangError naming ``name`` unless it is an int >= 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise AttnLangError(f"{name} must be an int >= 0, got {value!r}")
+    return int(value)
+
+
 def _as_device(device) -> torch.device:
     """``device`` as a torch.device that exists here."""
     try:
@@ -128,7 +135,8 @@ class BlockSparsity:
     kind: int8 ``[batch, heads, q_blocks, kv_blocks]``; 0 empty, 1 partial, 2 full (BlockKind). The batch / heads
         dimensions are 1 when the mask depends on neither ``b`` nor ``h``.
     density (a property, computed on first use): fraction of the real (q, kv) pairs that lie in non-empty blocks
-        (ragged last blocks counted by their real size), averaged over batch and heads.
+        (ragged last blocks counted by their real size), averaged over batch and heads; 0.0 when q_len or kv_len
+        is 0 (``kind`` then has 0 query or key blocks).
     block_size: (query rows, key columns) per block. q_len, kv_len: the lengths analysed.
     mask: the bound (fully typed) simplified mask that was analysed. tensors: the tensors it reads.
     refined: blocks whose kind was decided by evaluating the mask on their positions.
@@ -254,7 +262,7 @@ def block_sparsity(variant, /, q_len: int, kv_len: int, batch: int = 1, heads: i
 
     Args:
         variant: an attnlang Variant (read for its ``simplified.mask`` and ``checked``).
-        q_len, kv_len: sequence lengths (positive ints).
+        q_len, kv_len: sequence lengths (ints >= 0; with a 0, ``kind`` has no block along that axis).
         batch, heads: sizes of ``b`` and ``h`` (query heads); only used when the mask reads them.
         block_size: int or (q rows, kv columns).
         device: device of ``kind`` (default: that of the tensors, else the CPU); the analysis itself runs on the
@@ -294,7 +302,7 @@ def mask_block_sparsity(mask: Expr, tensor_dims: Mapping[str, int], sources: Map
     """
     if not isinstance(refine, bool):
         raise AttnLangError(f"refine must be True or False, got {refine!r}")
-    q_len, kv_len = positive_int("q_len", q_len), positive_int("kv_len", kv_len)
+    q_len, kv_len = _length("q_len", q_len), _length("kv_len", kv_len)
     batch, heads = positive_int("batch", batch), positive_int("heads", heads)
     bq, bk = _as_block_size(block_size)
     wanted = sorted({n.tensor for n in walk(mask) if isinstance(n, Index)})
@@ -310,11 +318,15 @@ def mask_block_sparsity(mask: Expr, tensor_dims: Mapping[str, int], sources: Map
 
     dtypes = {n: dtype_of_torch(t.dtype) for n, t in used.items()}
     mask = bind(Checked(Const(0.0, DType.FLOAT), mask, tensor_dims, sources), dtypes).mask
-    env = {"b": Interval(0, batch - 1), "h": Interval(0, heads - 1), "q_idx": Interval(0, q_len - 1),
-           "kv_idx": Interval(0, kv_len - 1), "q_len": Interval(q_len, q_len), "kv_len": Interval(kv_len, kv_len)}
+    # a length of 0: no position exists, so only reads whose index names none are checked (check_index_bounds)
+    empty = frozenset(n for n, size in (("q_idx", q_len), ("kv_idx", kv_len), ("q_len", q_len), ("kv_len", kv_len))
+                      if size == 0)
+    env = {"b": Interval(0, batch - 1), "h": Interval(0, heads - 1), "q_idx": Interval(0, max(q_len - 1, 0)),
+           "kv_idx": Interval(0, max(kv_len - 1, 0)), "q_len": Interval(q_len, q_len),
+           "kv_len": Interval(kv_len, kv_len)}
     env.update({n: tensor_range(t) for n, t in used.items()})
     check_index_bounds(Checked(Const(0.0, DType.FLOAT), mask, tensor_dims, sources), env,
-                       {n: tuple(t.shape) for n, t in used.items()})
+                       {n: tuple(t.shape) for n, t in used.items()}, empty=empty)
 
     for name, n in (("q_len", q_len), ("kv_len", kv_len)):
         if n > _MAX_LEN:
@@ -326,6 +338,11 @@ def mask_block_sparsity(mask: Expr, tensor_dims: Mapping[str, int], sources: Map
         raise AttnLangError(f"{q_len}x{kv_len} in {bq}x{bk} blocks makes {blocks} blocks; at most {MAX_BLOCKS} "
                             f"are classified at once: use a larger block_size")
 
+    if not (q_len and kv_len):  # no (q, kv) pair: no block on the empty axis, none to classify
+        B, H = (batch if "b" in mask_names else 1), (heads if "h" in mask_names else 1)
+        kind = torch.zeros((B, H, -(-q_len // bq), -(-kv_len // bk)), dtype=torch.int8, device=device)
+        return BlockSparsity(kind=kind, block_size=(bq, bk), q_len=q_len, kv_len=kv_len, mask=mask,
+                             tensors=dict(used))
     # the analysis runs on the CPU (its inputs are O(S) summaries and its output O(blocks)); kind moves at the end
     cpu = torch.device("cpu")
     grid = _Grid(q_len, kv_len, batch, heads, bq, bk, names_used(mask), cpu)
@@ -888,7 +905,10 @@ def _refine(kind: torch.Tensor, unsure: torch.Tensor, mask: Expr, g: _Grid, tens
 
 def _density(kind: torch.Tensor, q_len: int, kv_len: int, bq: int, bk: int) -> float:
     """Real pairs in non-empty blocks / all real pairs, without a float copy of ``kind``: every block holds
-    bq x bk pairs except those of the ragged last row and column of blocks."""
+    bq x bk pairs except those of the ragged last row and column of blocks; 0.0 where there is no pair (a length
+    of 0): no pair needs computing."""
+    if kind.numel() == 0:
+        return 0.0
     per_row = torch.count_nonzero(kind, dim=-1)                          # [B, H, Qb]
     last_col = (kind[..., -1] != 0).to(torch.int64)                     # [B, H, Qb]
     Qb, Kb = kind.shape[2], kind.shape[3]

@@ -255,12 +255,29 @@ def test_large_lengths_are_cheap():
     assert bs.counts()["partial"] == 2048 + 2040  # the diagonal and the window's far edge
 
 
-@pytest.mark.parametrize("bad", [dict(q_len=0, kv_len=4), dict(q_len=4, kv_len=4, block_size=(0, 4)),
+@pytest.mark.parametrize("bad", [dict(q_len=-1, kv_len=4), dict(q_len=4, kv_len=4, block_size=(0, 4)),
                                  dict(q_len=4, kv_len=4, block_size="x"), dict(q_len=4.5, kv_len=4)])
 def test_bad_arguments(bad):
     v = al.compile(mask="q_idx >= kv_idx")
     with pytest.raises(al.AttnLangError):
         block_sparsity(v, **bad)
+
+
+@pytest.mark.parametrize("q_len, kv_len", [(0, 300), (300, 0), (0, 0)])
+def test_a_length_of_0_gives_no_blocks_along_it(q_len, kv_len):
+    v = al.compile(mask="doc[b, q_idx] == doc[b, kv_idx] & q_idx >= kv_idx")
+    doc = torch.zeros(3, max(q_len, kv_len), dtype=torch.int64)
+    bs = v.block_sparsity(q_len=q_len, kv_len=kv_len, batch=3, block_size=128, doc=doc)
+    assert bs.kind.shape == (3, 1, -(-q_len // 128), -(-kv_len // 128)) and bs.kind.dtype == torch.int8
+    assert (bs.q_len, bs.kv_len, bs.block_size) == (q_len, kv_len, (128, 128))
+    assert bs.density == 0.0 and bs.counts() == {"empty": 0, "partial": 0, "full": 0} and "density" in bs.summary()
+    assert bs.to_flex().shape[-2:] == (q_len, kv_len)
+
+
+def test_a_length_of_0_still_checks_the_reads_along_the_other():
+    v = al.compile(mask="doc[q_idx] == doc[kv_idx]")
+    with pytest.raises(al.AttnLangError, match="index 0 of 'doc'"):  # doc[kv_idx] of 299 for kv_len 300
+        v.block_sparsity(q_len=0, kv_len=300, doc=torch.zeros(299, dtype=torch.int64))
 
 
 def test_bad_tensors():
