@@ -1038,8 +1038,9 @@ def attention(v, q_local: torch.Tensor, k_local: torch.Tensor, v_local: torch.Te
     Returns:
         out [B, Hq, len(positions[rank]), Dv] in q's dtype (and lse [B, Hq, len(positions[rank])], natural log,
         float32, float64 when q is float64, as a single-process call gives it): the rows at positions[rank] of the
-        single-process result, on a rank with no rows too (W > S: empty tensors). Autograd reaches q_local,
-        k_local, v_local and floating named tensors (their gradient summed over ranks, the same on every rank).
+        single-process result, on a rank with no rows too (W > S: empty tensors), and with B or Hq of 0 (empty
+        tensors on every rank, zero gradients, nothing sent). Autograd reaches q_local, k_local, v_local and
+        floating named tensors (their gradient summed over ranks, the same on every rank).
         The backward is collective too: every rank of the group backpropagates through its out (a rank whose
         loss leaves out aside would leave the others waiting; its out may be multiplied by 0).
     Raises:
@@ -1056,6 +1057,16 @@ def attention(v, q_local: torch.Tensor, k_local: torch.Tensor, v_local: torch.Te
                             "(torch.distributed.init_process_group)")
     rank, world, pos = _agree(v, q_local, k_local, v_local, positions, group, backend, scale, tensors,
                               (return_lse, recompute, comm_stats))
+    if not (q_local.shape[0] and q_local.shape[1]):
+        # batch or query heads of 0 (on every rank: the ranks agreed on the shapes): no row on any rank, nothing
+        # to send; zero gradients, with no all_reduce in the backward (every rank's is zero)
+        from .variant import with_zero_grads
+        acc = torch.float64 if q_local.dtype == torch.float64 else torch.float32
+        B, Hq, rows, _ = q_local.shape
+        out, lse = with_zero_grads(q_local.new_zeros((B, Hq, rows, v_local.shape[3])),
+                                   torch.empty((B, Hq, rows), dtype=acc, device=q_local.device),
+                                   (q_local, k_local, v_local, *(tensors[n] for n in sorted(tensors))), return_lse)
+        return (out, lse) if return_lse else out
     S = sum(len(p) for p in pos)
     key = _plan_key(v, pos, q_local.shape[0], q_local.shape[1], tensors)
     plan = _cached_plan(key, lambda: _plan(v, pos, q_local.shape[0], q_local.shape[1], tensors))

@@ -491,7 +491,8 @@ def test_needs_a_process_group():
 
 def _odd_cases():
     """(name, variant, tensors, S, B, Hq, Hkv, D, Dv, dtype): an odd world size, lengths that no chunk or world size
-    divides, ranks with no rows (W > S) or with no allowed key for any of their rows, float32 and float64."""
+    divides, ranks with no rows (W > S) or with no allowed key for any of their rows, float32 and float64, an
+    empty batch and no heads."""
     g = torch.Generator().manual_seed(7)
     f64 = torch.float64
     causal = al.compile(mask="q_idx >= kv_idx")
@@ -509,6 +510,10 @@ def _odd_cases():
          {"sk": torch.randn(37, generator=g, dtype=f64)}, 37, 1, 2, 1, 4, 4, f64),
         ("sigmoid_len_score", al.compile(score="log(sigmoid(score + 0.1 * (q_len - q_idx)))", normalize=False), {},
          23, 1, 2, 1, 4, 4, f64),
+        # empty results on every rank, with zero gradients (the named tensor's too), and no communication
+        ("empty_batch_sink", al.compile(mask="q_idx >= kv_idx", sink="sk[h]"),
+         {"sk": torch.randn(2, generator=g, dtype=f64)}, 37, 0, 2, 1, 4, 4, f64),
+        ("no_heads", causal, {}, 37, 1, 0, 0, 4, 4, torch.float32),
     ]
 
 
