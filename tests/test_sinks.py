@@ -378,8 +378,9 @@ def test_configs():
     assert al.from_config(json.dumps(cfg)) == var
     assert al.from_config({"score": "score", "mask": "q_idx >= kv_idx", "params": {}}) == plain_v
     assert al.from_config("sink: '0'\nnormalize: false\n") == al.compile(sink="0", normalize=False)
+    assert al.from_config({"sink": 1}) == al.compile(sink="1")  # a YAML / JSON number spells its expression
     with pytest.raises(al.AttnLangError, match="'sink' must be a string"):
-        al.from_config({"sink": 1})
+        al.from_config({"sink": [1]})
     with pytest.raises(al.AttnLangError, match="'normalize' must be true or false"):
         al.from_config({"normalize": "no"})
     with pytest.raises(al.AttnLangError) as e:
