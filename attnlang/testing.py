@@ -46,6 +46,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -75,6 +76,16 @@ def _need_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed < 2 ** 64:
         raise AttnLangError(f"seed must be an int in [-2**63, 2**64), got {seed!r}")
     return seed
+
+
+def _need_int_range(int_range) -> tuple[int, int]:
+    """``int_range`` as (lo, hi): ints with lo < hi (hi excluded), both in int64 (torch.randint's bounds)."""
+    ok = isinstance(int_range, (tuple, list)) and len(int_range) == 2 and all(
+        isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in int_range)
+    if not ok or not -2 ** 63 <= int_range[0] < int_range[1] <= 2 ** 63 - 1:
+        raise AttnLangError(f"int_range must be a pair of ints (lo, hi) with lo < hi (hi excluded), both in int64, "
+                            f"got {int_range!r}")
+    return int(int_range[0]), int(int_range[1])
 
 
 def _need_device(device) -> torch.device:
@@ -590,14 +601,16 @@ def tensors_for(variant: Variant, batch: int, q_heads: int, q_len: int, kv_len: 
 
     Raises:
         AttnLangError: an index whose range is unbounded for these sizes (it reads another tensor's values
-            without clamp), no element types that type-check, a strategy that is not a known name or a callable,
-            or one that returns something other than a tensor of the shape and element kind asked for.
+            without clamp), an int_range that is not ints lo < hi, no element types that type-check, a strategy
+            that is not a known name or a callable, or one that returns something other than a tensor of the shape
+            and element kind asked for.
     """
     _need_variant("tensors_for", variant)
     for name, value in (("batch", batch), ("q_heads", q_heads), ("q_len", q_len), ("kv_len", kv_len)):
         positive_int(name, value)
     _need_seed(seed)
     _need_device(device)
+    lo, hi = _need_int_range(int_range)
     for arg, value in (("strategies", strategies), ("dtypes", dtypes)):
         if value is not None and not isinstance(value, Mapping):
             raise AttnLangError(f"{arg} must be a dict {{tensor name: ...}}, got {type(value).__name__}")
@@ -615,7 +628,6 @@ def tensors_for(variant: Variant, batch: int, q_heads: int, q_len: int, kv_len: 
                             frozenset(equal))
     env = {"b": Interval(0, batch - 1), "h": Interval(0, q_heads - 1), "q_idx": Interval(0, q_len - 1),
            "kv_idx": Interval(0, kv_len - 1), "q_len": Interval(q_len, q_len), "kv_len": Interval(kv_len, kv_len)}
-    lo, hi = int_range
     for n, dt in types_.items():
         if dt == torch.bool:
             env[n] = Interval(0, 1)

@@ -77,6 +77,14 @@ def test_tensors_for_explicit_dtypes_and_unbounded_index():
     assert t["ids"].dtype == torch.int64 and t["ids"].shape == (9,) and t["w"].dtype == torch.float32
 
 
+@pytest.mark.parametrize("int_range", [(2, 2), (5, 1), (0.5, 3), (True, 3), (3,), "ab", None, (0, 2 ** 63)])
+def test_tensors_for_a_bad_int_range_is_an_attnlang_error(int_range):
+    variant = al.compile(mask="doc[q_idx] == doc[kv_idx]")
+    with pytest.raises(al.AttnLangError, match="int_range"):
+        tensors_for(variant, 1, 1, 5, 5, int_range=int_range)
+    assert tensors_for(variant, 1, 1, 5, 5, int_range=[-3, -1])["doc"].max() <= -2
+
+
 def test_language_examples_are_all_there():
     got = language_examples(1, 2, 7, 9)
     assert [n for n, _, _ in got] == list(LANGUAGE_EXAMPLES)
