@@ -34,6 +34,7 @@ import contextlib
 import functools
 import hashlib
 import math
+import numbers
 import sys
 import types
 import warnings
@@ -229,13 +230,40 @@ def _kernel_names() -> tuple:
         return ()
 
 
+@functools.lru_cache(maxsize=1)
+def _option_types() -> dict:
+    """The int / bool kernel_options of FlexKernelOptions (also with fwd_ / bwd_ prefixes) and CPU_COMPILED, by
+    the type torch gives them; {} where torch does not say."""
+    try:
+        import typing
+
+        from torch.nn.attention.flex_attention import FlexKernelOptions
+        hints = typing.get_type_hints(FlexKernelOptions)
+    except (ImportError, NameError, TypeError):  # pragma: no cover - a torch without the TypedDict
+        hints = {}
+    kinds = {n: t for n, t in hints.items() if t in (int, bool)}
+    return {**kinds, **{f"{p}{n}": t for p in ("fwd_", "bwd_") for n, t in kinds.items()}, "CPU_COMPILED": bool}
+
+
 def value_problem(options) -> str | None:
-    """None unless kernel_options["BACKEND"] names no flex kernel: checked before any backend runs, so "auto"
-    (which may run another backend, which ignores it) does not take a misspelt kernel silently."""
+    """None unless kernel_options["BACKEND"] names no flex kernel, or an int / bool option (FlexKernelOptions'
+    types; tile sizes, num_warps and num_stages positive) has a value of another kind: checked before any backend
+    runs, so "auto" (which may run another backend, which ignores it) does not take a misspelt kernel silently, and
+    the CPU (whose kernel ignores the tile sizes) refuses the BLOCK_M="64" a GPU's Triton would fail on."""
     names = _kernel_names()
     kernel = (options or {}).get("BACKEND")
     if kernel is not None and names and kernel not in names:
         return f"kernel_options['BACKEND'] must be one of {', '.join(map(repr, names))}; got {kernel!r}"
+    for key, value in (options or {}).items():
+        kind = _option_types().get(key)
+        if kind is None or value is None:
+            continue
+        if kind is bool and not isinstance(value, bool):
+            return f"kernel_options[{key!r}] must be True or False; got {value!r}"
+        if kind is int:
+            positive = key.removeprefix("fwd_").removeprefix("bwd_").startswith(("BLOCK_", "num_"))
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < int(positive):
+                return f"kernel_options[{key!r}] must be a{' positive' if positive else 'n'} int; got {value!r}"
     return None
 
 

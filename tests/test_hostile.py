@@ -722,6 +722,25 @@ def test_a_misspelt_flex_kernel_is_an_error_also_where_auto_runs_another_backend
         == x.shape
 
 
+@pytest.mark.parametrize("backend", ["auto", "flex"])
+@pytest.mark.parametrize("options, says", [
+    ({"BLOCK_M": "64"}, "'BLOCK_M'\\] must be a positive int"),
+    ({"fwd_BLOCK_N": 0}, "'fwd_BLOCK_N'\\] must be a positive int"),
+    ({"BLOCK_M": 64.0}, "'BLOCK_M'\\] must be a positive int"),
+    ({"num_warps": True}, "'num_warps'\\] must be a positive int"),
+    ({"CPU_COMPILED": "false"}, "'CPU_COMPILED'\\] must be True or False"),
+    ({"PRESCALE_QK": 1}, "'PRESCALE_QK'\\] must be True or False"),
+])
+def test_flex_kernel_options_of_the_wrong_kind_are_an_error(backend, options, says):
+    # the CPU's flex kernel ignores the tile sizes and took these silently ("false" even compiled the kernel);
+    # a GPU's Triton failed on them
+    x = torch.randn(1, 1, 4, 8)
+    v = al.compile(mask="q_idx >= kv_idx")
+    with pytest.raises(al.AttnLangError, match=says):
+        v(x, x, x, backend=backend, kernel_options=options)
+    assert v(x, x, x, backend=backend, kernel_options={"BLOCK_M": 16, "CPU_COMPILED": False}).shape == x.shape
+
+
 @pytest.mark.parametrize("backend", ["eager", "flex"])
 @pytest.mark.parametrize("score", ["score", "log(score)", "2.0 * score"])
 def test_a_nan_score_from_q_or_k_itself_says_so_rather_than_blaming_the_expression(backend, score):
