@@ -157,7 +157,9 @@ def _option_problem(backend: str, options) -> str | None:
     if unknown:
         return (f"{flex.option_problem({k: None for k in unknown})}; backend 'fa4' takes "
                 f"{', '.join(fa4.OPTIONS)}")
-    return flex.value_problem(options)
+    # fa4's values too, as flex's: auto on a machine without FA4 runs another backend, which ignores them
+    fa4_only = {k: val for k, val in options.items() if k in fa4.OPTIONS}
+    return (fa4._check_options(fa4_only) if fa4_only else None) or flex.value_problem(options)
 
 
 def option_problem(backend: str, options) -> str | None:

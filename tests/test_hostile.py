@@ -741,6 +741,15 @@ def test_flex_kernel_options_of_the_wrong_kind_are_an_error(backend, options, sa
     assert v(x, x, x, backend=backend, kernel_options={"BLOCK_M": 16, "CPU_COMPILED": False}).shape == x.shape
 
 
+def test_fa4_kernel_options_of_the_wrong_kind_are_an_error_also_where_auto_runs_another_backend():
+    # auto on the CPU runs eager: fastmath="no" was taken silently (fa4 checks its values only when it runs)
+    x = torch.randn(1, 1, 4, 8)
+    v = al.compile(mask="q_idx >= kv_idx")
+    with pytest.raises(al.AttnLangError, match="take True or False; got fastmath='no'"):
+        v(x, x, x, backend="auto", kernel_options={"fastmath": "no"})
+    assert v(x, x, x, backend="auto", kernel_options={"fastmath": False, "BLOCK_M": 16}).shape == x.shape
+
+
 @pytest.mark.parametrize("backend", ["eager", "flex"])
 @pytest.mark.parametrize("score", ["score", "log(score)", "2.0 * score"])
 def test_a_nan_score_from_q_or_k_itself_says_so_rather_than_blaming_the_expression(backend, score):
