@@ -617,14 +617,17 @@ def _call_key(q, k, v, scale, backend, return_lse, kernel_options, tensors):
     """What a call's CallPlan depends on, hashable and compared with == (tokens by identity); None when some part
     cannot be keyed (not a tensor, unhashable options, an inference tensor on CUDA): the call then plans afresh."""
     try:
-        opts = None if kernel_options is None else tuple(sorted(kernel_options.items()))
+        # values with their types: True == 1 == 1.0 and hash alike, so a warm scale=1 let scale=True (refused by
+        # the checks) through, and a warm CPU_COMPILED=True the CPU_COMPILED=1 that flex's checks refuse
+        opts = None if kernel_options is None else tuple(sorted((k_, type(x), x) for k_, x in kernel_options.items()))
         named = []
         for name, t in sorted(tensors.items()):
             if t.is_inference() and t.device.type != "cpu":
                 return None  # no version counter and no checksum: nothing says its values are unchanged
             named.append((name, t.shape, t.dtype, t.device, t.requires_grad, MEMO.token(t)))
         # torch.Size is a tuple (hashable, == to the same sizes): no copies, ~10 us a warm call matters on the H200
-        key = (backend, scale, return_lse, opts, torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+        key = (backend, type(scale), scale, type(return_lse), return_lse, opts, torch.is_grad_enabled(),
+               torch.is_inference_mode_enabled(),
                q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device,
                v.device, q.requires_grad, k.requires_grad, v.requires_grad, q.layout, k.layout, v.layout,
                tuple(named))  # layouts: a sparse q of a warm call's shape is refused by the checks, not run

@@ -741,6 +741,22 @@ def test_flex_kernel_options_of_the_wrong_kind_are_an_error(backend, options, sa
     assert v(x, x, x, backend=backend, kernel_options={"BLOCK_M": 16, "CPU_COMPILED": False}).shape == x.shape
 
 
+@pytest.mark.parametrize("good, bad, says", [
+    (dict(scale=1), dict(scale=True), "scale must be a real number"),
+    (dict(return_lse=True), dict(return_lse=1), "return_lse must be True or False"),
+    (dict(backend="flex", kernel_options={"CPU_COMPILED": False}), dict(backend="flex", kernel_options={
+        "CPU_COMPILED": 0}), "must be True or False"),
+])
+def test_a_warm_call_does_not_let_an_equal_value_of_the_wrong_type_through(good, bad, says):
+    # the warm plan's key compared scale / return_lse / options with ==: True == 1, so after a call with scale=1
+    # the refused scale=True ran (and return_lse=1 returned a tuple)
+    x = torch.randn(1, 1, 4, 8)
+    v = al.compile(mask="q_idx >= kv_idx - 1")
+    v(x, x, x, **good)
+    with pytest.raises(al.AttnLangError, match=says):
+        v(x, x, x, **bad)
+
+
 def test_fa4_kernel_options_of_the_wrong_kind_are_an_error_also_where_auto_runs_another_backend():
     # auto on the CPU runs eager: fastmath="no" was taken silently (fa4 checks its values only when it runs)
     x = torch.randn(1, 1, 4, 8)
