@@ -41,6 +41,7 @@ class AttnLangError(ValueError):
             return self.message
         lines = self.source.split("\n")
         text = lines[self.line - 1] if 0 < self.line <= len(lines) else ""
+        text = text.removesuffix("\r")  # a CRLF source: the shown line ends before its '\r'
         start = self.column - 1
         length = min(self.length, max(1, len(text) - start))
         if len(text) > _WIDTH:  # show a window of a long line around the fault

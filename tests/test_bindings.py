@@ -195,6 +195,14 @@ def test_errors_inside_a_later_line_of_bindings():
     assert (info.value.line, info.value.column) == (2, 16)
 
 
+def test_an_error_in_a_crlf_source_shows_its_line_without_the_carriage_return():
+    # the shown line kept the '\r' of a Windows line end: a terminal returned to the line's start there
+    with pytest.raises(al.AttnLangError) as info:
+        al.compile(mask="qb = q_idx // 4\r\nkb = kv_idx // bad\r\nqb >= kb")
+    assert (info.value.line, info.value.column) == (2, 16) and "\r" not in str(info.value)
+    assert str(info.value).endswith("    kb = kv_idx // bad\n                   ^^^")
+
+
 @pytest.mark.parametrize("mask, says", [
     ("a = q_idx >= kv_idx;", "must be followed by the result"),
     ("a = q_idx >= kv_idx;\n  ", "must be followed by the result"),
