@@ -70,6 +70,9 @@ class Checked:
     tensors: name -> number of indices of every tensor the expressions read.
     sources: {"score": text, "mask": text} (and "sink" when there is one), for error carets.
     sink: the typed sink expression (LANGUAGE.md: the logit of one extra key per row), or None.
+    unused: where -> the typed values of bindings its result never uses: they compute nothing, but a binding means
+        what Python's does, so their reads and divisions are checked as the others' (``x = doc[q_idx + 100]; True``
+        is an index error, not a variant that needs doc and never looks at it).
     """
 
     score: Expr
@@ -77,6 +80,7 @@ class Checked:
     tensors: Mapping[str, int]
     sources: Mapping[str, str] = field(compare=False)
     sink: Expr | None = None
+    unused: Mapping[str, tuple] = field(default_factory=dict, compare=False)
 
     def expr(self, where: str) -> Expr:
         return self.sink if where == "sink" else self.score if where == "score" else self.mask
@@ -85,6 +89,14 @@ class Checked:
     def wheres(self) -> tuple[str, ...]:
         """The expressions present: ("score", "mask") and "sink" when there is one."""
         return ("score", "mask") if self.sink is None else ("score", "mask", "sink")
+
+    def checked_trees(self):
+        """(where, tree) of each expression, then of each unused binding's value: what the call checks read."""
+        for where in self.wheres:
+            yield where, self.expr(where)
+        for where, values in self.unused.items():
+            for value in values:
+                yield where, value
 
 
 def dtype_of_torch(t) -> DType | None:
@@ -204,19 +216,23 @@ def check(score: str = "score", mask: str = "True", params=None, sink: str | Non
         raise AttnLangError(f"parameter {unused[0]!r} is given but neither expression uses it"
                             + (f" (also unused: {', '.join(map(repr, unused[1:]))})" if unused[1:] else ""))
 
-    typed = {w: _infer(_substitute(t, consts), None, sources[w], w) for w, t in trees.items()}
+    unused: dict[str, list] = {w: [] for w in trees}
+    typed = {w: _infer(_substitute(t, consts), None, sources[w], w, unused[w]) for w, t in trees.items()}
     if any(local.values()):
         for where, tree in typed.items():
             _check_expanded_size(tree, sources[where], where)
     _check_roles(typed, sources, trees=trees)
-    return Checked(typed["score"], typed["mask"], dict(tensors), sources, typed.get("sink"))
+    return Checked(typed["score"], typed["mask"], dict(tensors), sources, typed.get("sink"),
+                   {w: tuple(values) for w, values in unused.items() if values})
 
 
 def bind(checked: Checked, tensor_dtypes: Mapping[str, DType]) -> Checked:
     """Re-type a checked variant with the element types of the tensors given at call time."""
     typed = {w: _infer(checked.expr(w), tensor_dtypes, checked.sources[w], w) for w in checked.wheres}
     _check_roles(typed, checked.sources, final=True)
-    return Checked(typed["score"], typed["mask"], checked.tensors, checked.sources, typed.get("sink"))
+    unused = {w: tuple(_infer(x, tensor_dtypes, checked.sources[w], w) for x in values)
+              for w, values in checked.unused.items()}
+    return Checked(typed["score"], typed["mask"], checked.tensors, checked.sources, typed.get("sink"), unused)
 
 
 def check_index_bounds(checked: Checked, env: Mapping[str, object], shapes: Mapping[str, tuple],
@@ -233,10 +249,10 @@ def check_index_bounds(checked: Checked, env: Mapping[str, object], shapes: Mapp
         divisors and int ranges are not checked (no value is computed). The sink has no ``kv_idx``: with
         kv_len 0 it is evaluated on every row.
     """
-    for where in checked.wheres:
+    for where, tree in checked.checked_trees():
         grid = _SINK_GRID if where == "sink" else _GRID
         skip = empty if empty & grid else frozenset()
-        for node in walk(checked.expr(where)):
+        for node in walk(tree):
             if not isinstance(node, Index):
                 continue
             shape = shapes[node.tensor]
@@ -256,8 +272,8 @@ def check_index_bounds(checked: Checked, env: Mapping[str, object], shapes: Mapp
                         checked.sources[where], _use_span(index, node), where)
         if skip:
             continue
-        _check_divisors(checked.expr(where), env, checked, where, float32)
-        _check_int_range(checked.expr(where), env, checked, where)
+        _check_divisors(tree, env, checked, where, float32)
+        _check_int_range(tree, env, checked, where)
 
 
 _GRID = frozenset({"b", "h", "q_idx", "kv_idx"})  # the positions the score and the mask are evaluated at
@@ -272,8 +288,8 @@ def check_float_range(checked: Checked, env: Mapping[str, object], fmax: float) 
         return math.isfinite(x) and abs(x) > fmax
 
     name = "float64" if fmax > 1e300 else "float32"
-    for where in checked.wheres:
-        for node in walk(checked.expr(where)):
+    for where, tree in checked.checked_trees():
+        for node in walk(tree):
             if isinstance(node, Const) and node.dtype is DType.FLOAT and beyond(node.value):
                 raise AttnLangError.at(f"{node.value!r} is outside {name}'s range (largest {fmax:.4g}), the dtype "
                                        f"this call computes scores in; it would become inf",
@@ -607,12 +623,14 @@ def _join(a: DType, b: DType) -> DType:
     return DType.FLOAT if DType.FLOAT in (a, b) else DType.INT
 
 
-def _infer(tree: Expr, tensor_dtypes, source: str, where: str) -> Expr:
-    """Type every node bottom-up. ``tensor_dtypes`` None means compile time (tensor reads UNKNOWN).
+def _infer(tree: Expr, tensor_dtypes, source: str, where: str, unused: list | None = None) -> Expr:
+    """Type every node bottom-up. ``tensor_dtypes`` None means compile time (tensor reads UNKNOWN). ``unused``
+    (a list) receives the typed values of the bindings that no later binding and not the result use.
 
     Bindings and reductions (compile time only) are expanded here: a bound name becomes its typed value (one shared
     node), a reduction the balanced tree of its terms with the generator's variable as each constant in turn."""
     scope: dict[str, Expr] = {}
+    looked_up: set[str] = set()  # bound names used (by a later binding or the result)
     budget = [8 * MAX_NODES]  # nodes visited; a runaway expansion stops long before it costs time
     # A reduction's first term stands for all its terms (every later one costs at least as much: it differs only in
     # the constant i, and a range(i) inside grows with i), so its visits are charged `mult` times, the later terms
@@ -660,6 +678,7 @@ def _infer(tree: Expr, tensor_dtypes, source: str, where: str) -> Expr:
         if isinstance(node, Reduce):
             return visit_reduce(node)
         if isinstance(node, Var) and node.name in scope:
+            looked_up.add(node.name)
             return scope[node.name]
         kids = tuple(visit(k) for k in children(node))
         for child, kid in zip(children(node), kids):  # this node's own operands that are bound names
@@ -776,6 +795,8 @@ def _infer(tree: Expr, tensor_dtypes, source: str, where: str) -> Expr:
         for b in node.bindings:
             scope[b.name] = visit(b.value)
         out = visit(node.body)
+        if unused is not None:
+            unused.extend(scope[b.name] for b in node.bindings if b.name not in looked_up)
         scope.clear()
         scope.update(saved)
         return out

@@ -637,8 +637,8 @@ def tensors_for(variant: Variant, batch: int, q_heads: int, q_len: int, kv_len: 
             env[n] = Interval(lo, hi - 1)
     checked = bind(variant.checked, {n: _kind(dt) for n, dt in types_.items()})
     sizes: dict[str, list[int]] = {n: [_CLAMP_HI + 1] * variant.checked.tensors[n] for n in types_}
-    for where in checked.wheres:
-        for node in walk(checked.expr(where)):
+    for _, tree in checked.checked_trees():  # unused bindings' reads too: the call checks them
+        for node in walk(tree):
             if isinstance(node, Index):
                 for axis, ix in enumerate(node.indices):
                     r = bounds(ix, env)

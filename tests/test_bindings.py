@@ -195,6 +195,22 @@ def test_errors_inside_a_later_line_of_bindings():
     assert (info.value.line, info.value.column) == (2, 16)
 
 
+@pytest.mark.parametrize("mask, says", [
+    ("x = doc[q_idx + 100]; True", "index 0 of 'doc' \\(size 4\\) can take values in \\[100, 103\\]"),
+    ("x = doc[q_idx + 100]\ny = x\nTrue", "index 0 of 'doc'"),       # used only by an unused binding
+    ("x = 1 // 0; True", "integer division by a value that can be 0"),
+    ("x = 1 << q_idx * 30; q_idx >= kv_idx", "shifts of 64-bit ints must lie in \\[0, 63\\]"),
+    ("x = q_idx * 4611686018427387904; True", "outside 64 bits"),
+])
+def test_an_unused_binding_is_checked_as_a_used_one(mask, says):
+    # its value was dropped with the expansion, so its reads and divisions went unchecked although the variant
+    # required its tensors: x = doc[q_idx + 100] ran with a doc of size 4
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(al.AttnLangError, match=says):
+        al.compile(mask=mask)(q, q, q, **({"doc": torch.arange(4)} if "doc" in mask else {}))
+    assert al.compile(mask="x = doc[q_idx + 1]; y = kv_idx; True")(q, q, q, doc=torch.arange(5)).shape == q.shape
+
+
 def test_an_error_in_a_crlf_source_shows_its_line_without_the_carriage_return():
     # the shown line kept the '\r' of a Windows line end: a terminal returned to the line's start there
     with pytest.raises(al.AttnLangError) as info:
