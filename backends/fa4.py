@@ -783,16 +783,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan)
     arguments = plan.memo.get(shapes + ("kwargs",)) if reuse else None
     if arguments is None:
         k, v, kwargs = kernel_arguments(q, k, v, plan, fixes=())  # fixed above
-        arguments = (kwargs, _forward_arguments(kwargs))
+        split = _forward_arguments(kwargs)
+        # an inference call's _flash_attn_fwd arguments: FA4's short query tile where it applies (decoding)
+        inference = _short_q_tile(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), split[0], plan)
+        arguments = (kwargs, split, inference)
         if reuse:
             plan.memo[shapes + ("kwargs",)] = arguments
-    kwargs, split = arguments
+    kwargs, split, inference = arguments
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     # a warm signature's calls replay FA4's recorded launches (fa4_replay), where the arguments are the plan's
     replay_key = shapes + ("replay",) if reuse and _option(plan, "replay") else None
     if not grads and not tensor_grads:
         # inference: _flash_attn_fwd itself, as flash_attn_func's autograd.Function calls it (~10-20 us less host)
-        fwd = _short_q_tile(qt, kt, vt, split[0], plan)
+        fwd = inference
         if _option(plan, "bhsd_out"):
             # out written straight into a [B, H, S, Dv] buffer (the layout of q), as flex's FA4 path does
             out = torch.empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1], dtype=q.dtype, device=q.device)
