@@ -5,10 +5,13 @@ tells a slower kernel from host or launch overhead. ``python benchmarks/fwd_kern
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_kernels_profile import profiled, write  # noqa: E402
 
 
 def main():
@@ -17,7 +20,6 @@ def main():
     ap.add_argument("--shape", type=int, nargs=4, default=(4, 16, 4096, 64))
     args = ap.parse_args()
     from flash_attn.cute import flash_attn_func
-    from triton.testing import do_bench
 
     import attnlang as al
     B, H, S, D = args.shape
@@ -32,21 +34,8 @@ def main():
     lines = []
     with torch.no_grad():
         for who, call in calls.items():
-            for _ in range(5):
-                call()
-            torch.cuda.synchronize()
-            ms = do_bench(call, warmup=25, rep=100, return_mode="median")
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(20):
-                    call()
-                torch.cuda.synchronize()
-            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=6, max_name_column_width=70)
-            lines += [f"===== {who}: do_bench fwd {ms:.4f} ms; kernels of 20 calls", table]
-            print(lines[-2], flush=True)
-            print(table, flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fwd_kernel_profile.txt").write_text("\n".join(lines) + "\n")
+            lines += profiled(who, "fwd", call, 20, "calls", 6, ms_digits=4)
+    write(args.out, "fwd_kernel_profile.txt", lines)
 
 
 if __name__ == "__main__":

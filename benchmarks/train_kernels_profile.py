@@ -16,7 +16,6 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--shape", type=int, nargs=4, default=(4, 16, 4096, 64))
     args = ap.parse_args()
-    from triton.testing import do_bench
 
     import attnlang as al
     import attnlang.backends.fa4 as fa4
@@ -39,21 +38,36 @@ def main():
 
         def step():
             call(qg, kg, vg).backward(dout)
-        for _ in range(10):
+        lines += profiled(who, "fwd+bwd", step, 10, "steps", 14, grad_to_none=[qg, kg, vg])
+    write(args.out, "train_kernels_profile.txt", lines)
+
+
+def profiled(who: str, what: str, step, n: int, unit: str, rows: int, grad_to_none=None,
+             ms_digits: int = 3) -> list[str]:
+    """``step`` warmed up (``n`` calls), timed by do_bench (median, ms), and its CUDA kernels over ``n`` calls
+    ("steps" or "calls": ``unit``) tabled by torch.profiler (``rows`` rows): the report's two entries, printed as
+    they come."""
+    from triton.testing import do_bench
+    for _ in range(n):
+        step()
+    torch.cuda.synchronize()
+    ms = do_bench(step, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
             step()
         torch.cuda.synchronize()
-        ms = do_bench(step, warmup=25, rep=100, grad_to_none=[qg, kg, vg], return_mode="median")
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(10):
-                step()
-            torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70)
-        lines += [f"===== {who}: do_bench fwd+bwd {ms:.3f} ms; kernels of 10 steps", table]
-        print(lines[-2], flush=True)
-        print(table, flush=True)
-    out = Path(args.out)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
+    head = f"===== {who}: do_bench {what} {ms:.{ms_digits}f} ms; kernels of {n} {unit}"
+    print(head, flush=True)
+    print(table, flush=True)
+    return [head, table]
+
+
+def write(out_dir: str, name: str, lines: list[str]) -> None:
+    """``lines`` as the text file ``out_dir/name``."""
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_kernels_profile.txt").write_text("\n".join(lines) + "\n")
+    (out / name).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
